@@ -1,0 +1,1 @@
+//! The imgfleet agent: content store, transfer engine, registry mirror.

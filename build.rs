@@ -1,0 +1,19 @@
+//! Compiles the wire contract in `proto/` into Rust with protox, so no system
+//! `protoc` is needed to build the root package.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "proto/imgfleet/v1/resources.proto",
+        "proto/imgfleet/v1/admin.proto",
+        "proto/imgfleet/v1/agent.proto",
+    ];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

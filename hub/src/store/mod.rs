@@ -1,0 +1,112 @@
+//! The policy store: one trait, two real backends (etcd and an embedded redb
+//! file) that behave the same. Values are opaque bytes; the admin layer decides
+//! what they hold (JSON of the resource model, with secrets already encrypted).
+
+use std::pin::Pin;
+
+use futures::Stream;
+
+/// Where an object lives: its kind ("registrysecrets", "repositories",
+/// "clusters", or an internal kind such as "generations"), namespace (empty for
+/// cluster-scoped kinds) and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Key {
+    pub fn new(
+        kind: impl Into<String>,
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
+        Self {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// A stored value with the revision that last wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub key: Key,
+    pub value: Vec<u8>,
+    /// Store revision of the last write of this key (etcd mod_revision).
+    pub revision: u64,
+    /// Store revision that created this key (etcd create_revision).
+    pub create_revision: u64,
+}
+
+/// One change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// Created or updated; `create_revision == revision` means created.
+    Put(Versioned),
+    /// Deleted; `revision` is the store revision of the deletion and `value`
+    /// the last value before it.
+    Delete(Versioned),
+}
+
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, StoreError>> + Send>>;
+
+/// Errors of the policy store. `Unavailable` is worth a retry; the others are not.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0:?} already exists")]
+    AlreadyExists(Key),
+    #[error("{0:?} not found")]
+    NotFound(Key),
+    /// Optimistic concurrency failed: the object changed since `expected`.
+    #[error("conflict on {key:?}: expected revision {expected}, stored revision is {actual}")]
+    Conflict {
+        key: Key,
+        expected: u64,
+        actual: u64,
+    },
+    /// The watch start revision is older than the store can replay: list again.
+    #[error("revision {requested} is too old to replay (oldest is {oldest}): relist")]
+    Compacted { requested: u64, oldest: u64 },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store corrupt or unreadable: {0}")]
+    Internal(String),
+}
+
+/// The policy store. Both backends give every write a store-wide revision that
+/// only grows, as etcd does.
+#[async_trait::async_trait]
+pub trait PolicyStore: Send + Sync + 'static {
+    /// The store's current revision.
+    async fn revision(&self) -> Result<u64, StoreError>;
+    async fn get(&self, key: &Key) -> Result<Option<Versioned>, StoreError>;
+    /// Objects of one kind, in one namespace or (None) all, sorted by key, and
+    /// the revision the list was read at.
+    async fn list(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+    ) -> Result<(Vec<Versioned>, u64), StoreError>;
+    /// Create; fails with AlreadyExists. Returns the new revision.
+    async fn create(&self, key: &Key, value: Vec<u8>) -> Result<u64, StoreError>;
+    /// Update. With `expected_revision`, fails with Conflict unless the stored
+    /// revision matches; fails with NotFound if absent. Returns the new revision.
+    async fn update(
+        &self,
+        key: &Key,
+        value: Vec<u8>,
+        expected_revision: Option<u64>,
+    ) -> Result<u64, StoreError>;
+    /// Delete, returning the last value. With `expected_revision`, fails with Conflict on mismatch.
+    async fn delete(
+        &self,
+        key: &Key,
+        expected_revision: Option<u64>,
+    ) -> Result<Versioned, StoreError>;
+    /// Changes to one kind with revision > `after_revision`, in order, then live.
+    /// Fails with Compacted when `after_revision` is too old to replay.
+    async fn watch(&self, kind: &str, after_revision: u64) -> Result<WatchStream, StoreError>;
+}

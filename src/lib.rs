@@ -1,0 +1,12 @@
+//! imgfleet: the resource model, the wire contract and the CLI.
+//!
+//! - [`api`] is the generated wire contract (`proto/imgfleet/v1`). Only the API
+//!   edge knows these types; everything else works on the resource model.
+
+/// The generated wire contract, package `imgfleet.v1`.
+pub mod api {
+    #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        tonic::include_proto!("imgfleet.v1");
+    }
+}

@@ -1,0 +1,1 @@
+//! The real-component test harness shared by every end-to-end test.
