@@ -14,6 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // `AgentService.Connect` would clash with the generated
+        // `AgentServiceClient::connect(dst)` constructor; clients are built
+        // from a `Channel` with `new` instead.
+        .build_transport(false)
         .compile_fds(fds)?;
     Ok(())
 }
