@@ -1,2 +1,7 @@
 //! The imgfleet hub: policy store, admin and agent services, placement, tag resolution.
 pub mod store;
+pub mod placement;
+pub mod secrets;
+pub mod ca;
+pub mod config;
+pub mod resolver;

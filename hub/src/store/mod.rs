@@ -2,6 +2,12 @@
 //! file) that behave the same. Values are opaque bytes; the admin layer decides
 //! what they hold (JSON of the resource model, with secrets already encrypted).
 
+pub mod etcd;
+pub mod redb;
+
+pub use self::etcd::EtcdStore;
+pub use self::redb::RedbStore;
+
 use std::pin::Pin;
 
 use futures::Stream;
@@ -100,7 +106,9 @@ pub trait PolicyStore: Send + Sync + 'static {
         value: Vec<u8>,
         expected_revision: Option<u64>,
     ) -> Result<u64, StoreError>;
-    /// Delete, returning the last value. With `expected_revision`, fails with Conflict on mismatch.
+    /// Delete, returning the last value. With `expected_revision`, fails with Conflict on mismatch;
+    /// fails with NotFound if absent. The returned `revision` is the revision of the deletion
+    /// (as in `WatchEvent::Delete`), `create_revision` that of the deleted object.
     async fn delete(
         &self,
         key: &Key,

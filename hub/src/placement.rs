@@ -1,0 +1,1 @@
+//! Placement: which clusters receive which repositories (a pure function).

@@ -1,0 +1,182 @@
+//! Tag resolution and registry health against the real distribution registry:
+//! fixed tags, tag patterns with keep-latest-N, platform filters, and each
+//! failure reason the status can show.
+
+use imgfleet_common::registry::{Credentials, RegistryClient, RegistryConfig};
+use imgfleet_hub::resolver::{
+    FailureReason, HealthPhase, ResolveSpec, TagChoice, check_health, resolve,
+};
+use imgfleet_tests::images::{ImageSpec, push_image, push_index};
+use imgfleet_tests::{Registry, RegistryOptions};
+
+fn client(registry: &Registry, credentials: Option<(&str, &str)>) -> RegistryClient {
+    RegistryClient::new(RegistryConfig {
+        host: registry.addr(),
+        credentials: credentials.map(|(u, p)| Credentials::new(u, p)),
+        insecure: true,
+        ..Default::default()
+    })
+    .expect("client for a loopback registry")
+}
+
+fn fixed(repository: &str, tags: &[&str]) -> ResolveSpec {
+    ResolveSpec {
+        repository: repository.into(),
+        tags: TagChoice::Fixed(tags.iter().map(|t| t.to_string()).collect()),
+        digest: None,
+        platforms: vec![],
+    }
+}
+
+#[tokio::test]
+async fn resolves_tags_patterns_and_platforms() -> anyhow::Result<()> {
+    let registry = Registry::start(RegistryOptions::plain()).await?;
+    let mut pushed = Vec::new();
+    for (i, tag) in ["v1.2.0", "v1.9.0", "v1.10.0", "latest"].iter().enumerate() {
+        let image = push_image(
+            &registry,
+            "demo/app",
+            tag,
+            &ImageSpec::random(&[1024], i as u64),
+        )
+        .await?;
+        pushed.push((tag.to_string(), image.manifest_digest));
+    }
+    let index = push_index(
+        &registry,
+        "demo/multi",
+        "v1",
+        &[("linux", "amd64"), ("linux", "arm64")],
+        &ImageSpec::random(&[512], 99),
+    )
+    .await?;
+    let client = client(&registry, None);
+
+    let got = resolve(&client, &fixed("demo/app", &["v1.9.0"]))
+        .await
+        .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].digest, pushed[1].1,
+        "v1.9.0 resolves to the digest that was pushed"
+    );
+
+    let pattern = ResolveSpec {
+        tags: TagChoice::Pattern {
+            pattern: r"v1\.\d+\.\d+".into(),
+            keep_latest: 2,
+        },
+        ..fixed("demo/app", &[])
+    };
+    let got = resolve(&client, &pattern)
+        .await
+        .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    let tags: Vec<&str> = got.iter().map(|r| r.tag.as_str()).collect();
+    assert_eq!(
+        tags,
+        ["v1.10.0", "v1.9.0"],
+        "keep-latest-2 picks the two newest versions"
+    );
+    assert_eq!(got[0].digest, pushed[2].1);
+
+    let multi = ResolveSpec {
+        platforms: vec!["linux/arm64".into()],
+        ..fixed("demo/multi", &["v1"])
+    };
+    let got = resolve(&client, &multi)
+        .await
+        .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    assert_eq!(got[0].digest, index.index_digest);
+    assert!(got[0].media_type.contains("index"), "{}", got[0].media_type);
+
+    let missing_platform = ResolveSpec {
+        platforms: vec!["linux/s390x".into()],
+        ..fixed("demo/multi", &["v1"])
+    };
+    let failure = resolve(&client, &missing_platform)
+        .await
+        .expect_err("s390x is not in the index");
+    assert_eq!(failure.reason, FailureReason::NotFound);
+    assert!(
+        failure.message.contains("linux/s390x"),
+        "{}",
+        failure.message
+    );
+
+    let failure = resolve(&client, &fixed("demo/app", &["nope"]))
+        .await
+        .expect_err("tag nope does not exist");
+    assert_eq!(failure.reason, FailureReason::NotFound);
+
+    let pinned = ResolveSpec {
+        digest: Some(pushed[0].1.clone()),
+        ..fixed("demo/app", &["pinned"])
+    };
+    let got = resolve(&client, &pinned)
+        .await
+        .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    assert_eq!(
+        got[0].digest, pushed[0].1,
+        "a pinned digest is kept as given"
+    );
+
+    let health = check_health(&client).await;
+    assert_eq!(health.phase, HealthPhase::Connected, "{}", health.message);
+    Ok(())
+}
+
+#[tokio::test]
+async fn reports_auth_failures_and_unreachable_registries() -> anyhow::Result<()> {
+    let mut registry =
+        Registry::start(RegistryOptions::plain().with_auth("puller", "s3cret-pass")).await?;
+    push_image(&registry, "demo/app", "v1", &ImageSpec::random(&[256], 1)).await?;
+
+    let good = client(&registry, Some(("puller", "s3cret-pass")));
+    let got = resolve(&good, &fixed("demo/app", &["v1"]))
+        .await
+        .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(check_health(&good).await.phase, HealthPhase::Connected);
+
+    let bad = client(&registry, Some(("puller", "wrong-pass")));
+    let failure = resolve(&bad, &fixed("demo/app", &["v1"]))
+        .await
+        .expect_err("wrong password");
+    assert_eq!(
+        failure.reason,
+        FailureReason::AuthFailed,
+        "{}",
+        failure.message
+    );
+    assert!(
+        !failure.message.contains("wrong-pass"),
+        "the password leaked: {}",
+        failure.message
+    );
+    let health = check_health(&bad).await;
+    assert_eq!(health.phase, HealthPhase::AuthFailed, "{}", health.message);
+
+    let anonymous = client(&registry, None);
+    let failure = resolve(&anonymous, &fixed("demo/app", &["v1"]))
+        .await
+        .expect_err("anonymous is refused");
+    assert_eq!(
+        failure.reason,
+        FailureReason::AuthFailed,
+        "{}",
+        failure.message
+    );
+
+    registry.kill();
+    let failure = resolve(&good, &fixed("demo/app", &["v1"]))
+        .await
+        .expect_err("registry is down");
+    assert_eq!(
+        failure.reason,
+        FailureReason::Unreachable,
+        "{}",
+        failure.message
+    );
+    assert_eq!(check_health(&good).await.phase, HealthPhase::Unreachable);
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Runs the real `imgfleet validate` binary against seed and malformed files.
