@@ -87,11 +87,18 @@ mod tests {
 
     #[test]
     fn crds_carry_names_and_scope() {
-        let [rs, repo, cluster] = [crd(Kind::RegistrySecret), crd(Kind::Repository), crd(Kind::Cluster)];
+        let [rs, repo, cluster] = [
+            crd(Kind::RegistrySecret),
+            crd(Kind::Repository),
+            crd(Kind::Cluster),
+        ];
         assert_eq!(rs.spec.names.short_names, Some(vec!["rs".to_owned()]));
         assert_eq!(repo.spec.names.short_names, Some(vec!["repo".to_owned()]));
         assert_eq!(rs.spec.scope, "Namespaced");
         assert_eq!(cluster.spec.scope, "Cluster");
-        assert_eq!(repo.metadata.name.as_deref(), Some("repositories.image.theriseunion.io"));
+        assert_eq!(
+            repo.metadata.name.as_deref(),
+            Some("repositories.image.theriseunion.io")
+        );
     }
 }

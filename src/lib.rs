@@ -2,6 +2,14 @@
 //!
 //! - [`api`] is the generated wire contract (`proto/imgfleet/v1`). Only the API
 //!   edge knows these types; everything else works on the resource model.
+//! - [`model`] is the resource model: RegistrySecret, Repository and Cluster,
+//!   strict YAML reading and validation.
+//! - [`convert`] maps the model to and from the wire contract.
+//! - [`crd`] generates the Kubernetes CRDs in `deploy/crds/` from the model.
+
+pub mod convert;
+pub mod crd;
+pub mod model;
 
 /// The generated wire contract, package `imgfleet.v1`.
 pub mod api {

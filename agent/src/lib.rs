@@ -5,6 +5,18 @@
 //! - [`transfer`] fetches desired images into the store: only the requested
 //!   platforms, only missing blobs, several at once, resumable and verified.
 //! - [`mirror`] serves what the store holds as a read-only OCI registry.
-//! - [`gc`] removes content that is no longer desired.
+//! - [`gc`] removes content that is no longer desired, after a grace period,
+//!   keeping the last versions of each repository for rollback.
+//! - [`standalone`] turns RegistrySecret and Repository YAML into desired
+//!   images for `imgfleet-agent sync --from FILE`.
+//! - [`desired`] is the desired set received from the hub, kept on disk.
+//!
+//! Invariant: the mirror serves only what the store records, and the store
+//! records a manifest only after every blob it needs was verified by digest.
 
 pub mod store;
+pub mod transfer;
+pub mod desired;
+pub mod mirror;
+pub mod standalone;
+pub mod gc;

@@ -156,12 +156,11 @@ impl CertificateAuthority {
             reason: e.to_string(),
         })?;
         let der = first_certificate_der(cert_pem, "CA certificate")?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
-            PkiError::InvalidPem {
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::InvalidPem {
                 what: "CA certificate".into(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
             return Err(PkiError::CaKeyMismatch);
         }
@@ -206,13 +205,12 @@ impl CertificateAuthority {
                 names.push(n.to_string());
             }
         }
-        let mut params = CertificateParams::new(names.clone()).map_err(|_| {
-            PkiError::InvalidName {
+        let mut params =
+            CertificateParams::new(names.clone()).map_err(|_| PkiError::InvalidName {
                 field: "server name",
                 value: names.join(","),
                 expected: "DNS names or IP addresses",
-            }
-        })?;
+            })?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "imgfleet hub");
         params.distinguished_name = dn;
@@ -523,7 +521,9 @@ mod tests {
             identity_from_pem(&admin.cert_pem).expect("identity"),
             Identity::Admin("admin".into())
         );
-        let server = ca.issue_server(&["hub.example".into()], 30).expect("server");
+        let server = ca
+            .issue_server(&["hub.example".into()], 30)
+            .expect("server");
         let err = identity_from_pem(&server.cert_pem).expect_err("server cert is no identity");
         assert!(matches!(err, PkiError::NoIdentity(_)), "{err}");
         assert!(matches!(

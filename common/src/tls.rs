@@ -158,8 +158,17 @@ impl TlsMaterial {
             .host()
             .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
             .ok_or_else(|| bad("expected https://HOST:PORT".into()))?;
-        ep.tls_config(self.client_config(Some(&host)))
-            .map_err(|e| bad(e.to_string()))
+        // A hub that vanishes without closing the connection (power cut,
+        // cut link) is noticed by HTTP/2 pings rather than after minutes of
+        // TCP retransmissions.
+        Ok(ep
+            .tls_config(self.client_config(Some(&host)))
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .tcp_keepalive(Some(std::time::Duration::from_secs(30)))
+            .http2_keep_alive_interval(std::time::Duration::from_secs(20))
+            .keep_alive_timeout(std::time::Duration::from_secs(10))
+            .keep_alive_while_idle(true))
     }
 
     /// Connect a channel to `url` now, failing if the hub is unreachable.
@@ -272,7 +281,10 @@ mod tests {
         let msg = TlsMaterial::from_dir(dir.path())
             .expect_err("bad key")
             .to_string();
-        assert!(msg.contains("key.pem") && msg.contains("PRIVATE KEY"), "{msg}");
+        assert!(
+            msg.contains("key.pem") && msg.contains("PRIVATE KEY"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -10,10 +10,9 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use imgfleet_common::pki::{
-    self, CertificateAuthority, DEFAULT_LEAF_VALIDITY_DAYS, PkiError,
-};
+use imgfleet_common::pki::{self, CertificateAuthority, DEFAULT_LEAF_VALIDITY_DAYS, PkiError};
 use imgfleet_common::tls::{TlsError, TlsMaterial};
 
 use crate::config::Config;
@@ -44,7 +43,9 @@ pub enum CaError {
     Write(#[source] PkiError),
     #[error("issuing a certificate: {0}")]
     Issue(#[source] PkiError),
-    #[error("no CA to issue the server certificate: give --ca-cert/--ca-key or --tls-cert/--tls-key/--client-ca")]
+    #[error(
+        "no CA to issue the server certificate: give --ca-cert/--ca-key or --tls-cert/--tls-key/--client-ca"
+    )]
     NoCa,
 }
 
@@ -54,7 +55,7 @@ pub struct HubPki {
     pub server: TlsMaterial,
     /// Signs enrolled clusters' certificates; `None` when production flags
     /// give a server certificate but no `--ca-cert/--ca-key`.
-    pub ca: Option<CertificateAuthority>,
+    pub ca: Option<Arc<CertificateAuthority>>,
     /// True when this start generated a new CA (first start in development mode).
     pub generated: bool,
     /// The admin bundle directory, in development mode.
@@ -83,13 +84,13 @@ impl HubPki {
             Some(files) => {
                 let cert = read(&files.cert, "--ca-cert")?;
                 let key = read(&files.key, "--ca-key")?;
-                Some(CertificateAuthority::from_pem(&cert, &key).map_err(|source| {
-                    CaError::Pki {
+                Some(
+                    CertificateAuthority::from_pem(&cert, &key).map_err(|source| CaError::Pki {
                         setting: "--ca-cert/--ca-key",
                         path: files.cert.clone(),
                         source,
-                    }
-                })?)
+                    })?,
+                )
             }
             // With a given server certificate but no signing CA, the hub
             // serves but cannot enroll; generating a CA here would create one
@@ -153,7 +154,7 @@ impl HubPki {
 
         Ok(HubPki {
             server,
-            ca,
+            ca: ca.map(Arc::new),
             generated,
             admin_dir,
         })

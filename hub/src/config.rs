@@ -168,7 +168,11 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(setting: &'static str, value: impl Into<String>, expected: impl Into<String>) -> Self {
+    fn invalid(
+        setting: &'static str,
+        value: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
         ConfigError::Invalid {
             setting,
             value: value.into(),
@@ -286,9 +290,8 @@ impl Config {
             (None, None) => SecretKeySource::File(data_dir.join("secret.key")),
         };
 
-        let path_env = |flag: Option<PathBuf>, var: &str| {
-            flag.or_else(|| env_get(var).map(PathBuf::from))
-        };
+        let path_env =
+            |flag: Option<PathBuf>, var: &str| flag.or_else(|| env_get(var).map(PathBuf::from));
         let tls_cert = path_env(cli.tls_cert, "IMGFLEET_TLS_CERT");
         let tls_key = path_env(cli.tls_key, "IMGFLEET_TLS_KEY");
         let client_ca = path_env(cli.client_ca, "IMGFLEET_CLIENT_CA");
@@ -374,11 +377,7 @@ impl Config {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => {
-                return Err(ConfigError::invalid(
-                    "--log-format",
-                    other,
-                    "text or json",
-                ));
+                return Err(ConfigError::invalid("--log-format", other, "text or json"));
             }
         };
 
@@ -484,7 +483,10 @@ mod tests {
                 path: PathBuf::from("./hub-data/policy.redb")
             }
         );
-        assert_eq!(c.metrics_listen.map(|a| a.to_string()).as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(
+            c.metrics_listen.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:9464")
+        );
         assert_eq!(
             c.secret_key,
             SecretKeySource::File(PathBuf::from("./hub-data/secret.key"))
@@ -495,8 +497,16 @@ mod tests {
     #[test]
     fn flags_env_and_precedence() {
         let c = parse(
-            &["--listen", "0.0.0.0:8443", "--etcd-endpoints", "http://127.0.0.1:2379,127.0.0.1:2380"],
-            &[("IMGFLEET_HUB_LISTEN", "127.0.0.1:1"), ("IMGFLEET_ETCD_PREFIX", "/fleet")],
+            &[
+                "--listen",
+                "0.0.0.0:8443",
+                "--etcd-endpoints",
+                "http://127.0.0.1:2379,127.0.0.1:2380",
+            ],
+            &[
+                ("IMGFLEET_HUB_LISTEN", "127.0.0.1:1"),
+                ("IMGFLEET_ETCD_PREFIX", "/fleet"),
+            ],
         )
         .expect("parse");
         assert_eq!(c.listen.to_string(), "0.0.0.0:8443");
@@ -508,7 +518,11 @@ mod tests {
             }
         );
         let key = "ab".repeat(32);
-        let c = parse(&["--metrics-listen", "off"], &[("IMGFLEET_SECRET_KEY", &key)]).expect("parse");
+        let c = parse(
+            &["--metrics-listen", "off"],
+            &[("IMGFLEET_SECRET_KEY", &key)],
+        )
+        .expect("parse");
         assert_eq!(c.metrics_listen, None);
         assert!(matches!(c.secret_key, SecretKeySource::Raw(ref k) if k.len() == 32));
         assert!(!format!("{c:?}").contains(&key));
@@ -517,16 +531,30 @@ mod tests {
     /// Each bad setting is refused with an error naming it.
     #[test]
     fn bad_settings_are_named() {
-        let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
-            (&["--listen", "abc"], &[], "--listen \"abc\": expected HOST:PORT"),
+        // (flags, environment, text the error must contain)
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            (
+                &["--listen", "abc"],
+                &[],
+                "--listen \"abc\": expected HOST:PORT",
+            ),
             (&["--listen", "127.0.0.1:99999"], &[], "--listen"),
             (&[], &[("IMGFLEET_HUB_LISTEN", "nope")], "--listen \"nope\""),
             (&["--metrics-listen", "x:y"], &[], "--metrics-listen"),
             (&["--etcd-endpoints", "http://h"], &[], "--etcd-endpoints"),
             (&["--etcd-endpoints", ","], &[], "--etcd-endpoints"),
-            (&["--etcd-endpoints", "h:1", "--etcd-prefix", "x"], &[], "--etcd-prefix"),
+            (
+                &["--etcd-endpoints", "h:1", "--etcd-prefix", "x"],
+                &[],
+                "--etcd-prefix",
+            ),
             (&["--secret-key", "zz"], &[], "--secret-key"),
-            (&["--secret-key", "ab", "--secret-key-file", "/k"], &[], "--secret-key"),
+            (
+                &["--secret-key", "ab", "--secret-key-file", "/k"],
+                &[],
+                "--secret-key",
+            ),
             (&["--tls-cert", "/c"], &[], "missing --tls-key, --client-ca"),
             (&["--ca-cert", "/c"], &[], "--ca-key"),
             (&["--server-name", "a b"], &[], "--server-name"),
@@ -538,7 +566,9 @@ mod tests {
             let msg = err.to_string();
             assert!(msg.contains(want), "{args:?}: {msg:?} lacks {want:?}");
         }
-        let msg = parse(&["--secret-key", "0123456789"], &[]).expect_err("short").to_string();
+        let msg = parse(&["--secret-key", "0123456789"], &[])
+            .expect_err("short")
+            .to_string();
         assert!(!msg.contains("0123456789"), "{msg}");
     }
 }

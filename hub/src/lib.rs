@@ -5,3 +5,8 @@ pub mod secrets;
 pub mod ca;
 pub mod config;
 pub mod resolver;
+pub mod admin;
+pub mod metrics;
+pub mod objects;
+pub mod selector;
+pub mod server;

@@ -18,9 +18,17 @@ use imgfleet_tests::Etcd;
 /// How long one watch event may take to arrive.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+// One per test: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
-    Etcd { etcd: Etcd, store: EtcdStore },
-    Redb { _dir: tempfile::TempDir, store: RedbStore },
+    Etcd {
+        etcd: Etcd,
+        store: EtcdStore,
+    },
+    Redb {
+        _dir: tempfile::TempDir,
+        store: RedbStore,
+    },
 }
 
 struct Backend {
@@ -176,10 +184,15 @@ async fn update_checks_revision(b: &Backend) -> Result<()> {
     for expected in [None, Some(r3)] {
         match s.update(&missing, b"x".to_vec(), expected).await {
             Err(StoreError::NotFound(got)) => assert_eq!(got, missing),
-            other => bail!("update of a missing key ({expected:?}): expected NotFound, got {other:?}"),
+            other => {
+                bail!("update of a missing key ({expected:?}): expected NotFound, got {other:?}")
+            }
         }
     }
-    ensure!(s.get(&missing).await?.is_none(), "a failed update must not create");
+    ensure!(
+        s.get(&missing).await?.is_none(),
+        "a failed update must not create"
+    );
     Ok(())
 }
 
@@ -196,10 +209,16 @@ async fn delete_with_and_without_precondition(b: &Backend) -> Result<()> {
         }) => assert_eq!((expected, actual), (ra + 100, ra)),
         other => bail!("delete with a stale revision: expected Conflict, got {other:?}"),
     }
-    ensure!(s.get(&a).await?.is_some(), "a refused delete must keep the object");
+    ensure!(
+        s.get(&a).await?.is_some(),
+        "a refused delete must keep the object"
+    );
 
     let gone = s.delete(&a, Some(ra)).await?;
-    assert_eq!((gone.key.clone(), gone.value.as_slice()), (a.clone(), &b"A"[..]));
+    assert_eq!(
+        (gone.key.clone(), gone.value.as_slice()),
+        (a.clone(), &b"A"[..])
+    );
     assert_eq!(gone.create_revision, ra);
     ensure!(gone.revision > rc, "the deletion gets a new revision");
     ensure!(s.get(&a).await?.is_none());
@@ -217,7 +236,10 @@ async fn delete_with_and_without_precondition(b: &Backend) -> Result<()> {
     }
     // Re-creating a deleted key starts a new life.
     let again = s.create(&c, b"C2".to_vec()).await?;
-    assert_eq!(s.get(&c).await?.context("recreated")?.create_revision, again);
+    assert_eq!(
+        s.get(&c).await?.context("recreated")?.create_revision,
+        again
+    );
     Ok(())
 }
 
@@ -245,7 +267,10 @@ async fn list_by_kind_and_namespace_sorted(b: &Backend) -> Result<()> {
     let mut want: Vec<Key> = keys.to_vec();
     want.sort();
     assert_eq!(all.iter().map(|v| v.key.clone()).collect::<Vec<_>>(), want);
-    ensure!(rev >= last, "list revision {rev} older than the last write {last}");
+    ensure!(
+        rev >= last,
+        "list revision {rev} older than the last write {last}"
+    );
     for v in &all {
         assert_eq!(v.value, v.key.name.as_bytes());
     }
@@ -288,7 +313,15 @@ async fn revisions_grow_store_wide(b: &Backend) -> Result<()> {
     let s = &b.store;
     let mut last = s.revision().await?;
     for i in 0..5 {
-        let k = Key::new(if i % 2 == 0 { "repositories" } else { "clusters" }, "", format!("n{i}"));
+        let k = Key::new(
+            if i % 2 == 0 {
+                "repositories"
+            } else {
+                "clusters"
+            },
+            "",
+            format!("n{i}"),
+        );
         for rev in [
             s.create(&k, b"1".to_vec()).await?,
             s.update(&k, b"2".to_vec(), None).await?,
@@ -326,7 +359,9 @@ async fn watch_replays_then_goes_live(b: &Backend) -> Result<()> {
         ("delete", a.clone(), b"a2".to_vec(), del.revision, ra),
     ];
     for (i, want) in expect.iter().enumerate() {
-        let ev = next_event(&mut w).await.with_context(|| format!("replayed event {i}"))?;
+        let ev = next_event(&mut w)
+            .await
+            .with_context(|| format!("replayed event {i}"))?;
         check_event(&ev, want).with_context(|| format!("replayed event {i}: {ev:?}"))?;
     }
 
@@ -344,7 +379,9 @@ async fn watch_replays_then_goes_live(b: &Backend) -> Result<()> {
     .iter()
     .enumerate()
     {
-        let ev = next_event(&mut w).await.with_context(|| format!("live event {i}"))?;
+        let ev = next_event(&mut w)
+            .await
+            .with_context(|| format!("live event {i}"))?;
         check_event(&ev, want).with_context(|| format!("live event {i}: {ev:?}"))?;
     }
     no_event(&mut w).await?;
@@ -366,7 +403,13 @@ fn check_event(ev: &WatchEvent, want: &(&str, Key, Vec<u8>, u64, u64)) -> Result
         WatchEvent::Put(v) => ("put", v),
         WatchEvent::Delete(v) => ("delete", v),
     };
-    let got = (kind, v.key.clone(), v.value.clone(), v.revision, v.create_revision);
+    let got = (
+        kind,
+        v.key.clone(),
+        v.value.clone(),
+        v.revision,
+        v.create_revision,
+    );
     ensure!(
         got == (want.0, want.1.clone(), want.2.clone(), want.3, want.4),
         "got {got:?}, want {want:?}"
@@ -386,7 +429,10 @@ async fn watch_from_compacted_revision_is_refused(b: &Backend) -> Result<()> {
     match s.watch("repositories", first).await {
         Err(StoreError::Compacted { requested, oldest }) => {
             assert_eq!(requested, first);
-            ensure!(oldest > first, "oldest {oldest} must be after the requested {first}");
+            ensure!(
+                oldest > first,
+                "oldest {oldest} must be after the requested {first}"
+            );
         }
         Ok(_) => bail!("watch from a compacted revision must fail"),
         Err(e) => bail!("expected Compacted, got {e}"),
@@ -438,7 +484,10 @@ async fn redb_data_survives_reopen() -> Result<()> {
         (r1, r2)
     };
     let s = RedbStore::open(&path).await?;
-    let got = s.get(&key("a", "kept")).await?.context("lost after reopen")?;
+    let got = s
+        .get(&key("a", "kept"))
+        .await?
+        .context("lost after reopen")?;
     assert_eq!((got.value.as_slice(), got.revision), (&b"kept"[..], r1));
     ensure!(s.get(&key("a", "gone")).await?.is_none());
     assert_eq!(s.revision().await?, r2 + 1);
@@ -461,14 +510,19 @@ async fn redb_bounded_log_answers_compacted() -> Result<()> {
         rev = s.update(&k, format!("{i}").into_bytes(), None).await?;
     }
     match s.watch("repositories", 0).await {
-        Err(StoreError::Compacted { requested: 0, oldest }) => assert_eq!(oldest, rev - 5),
+        Err(StoreError::Compacted {
+            requested: 0,
+            oldest,
+        }) => assert_eq!(oldest, rev - 5),
         Ok(_) => bail!("watch from 0 after the log was cut must fail"),
         Err(e) => bail!("expected Compacted, got {e}"),
     }
     let mut w = s.watch("repositories", rev - 5).await?;
     for want in rev - 4..=rev {
         let ev = next_event(&mut w).await?;
-        let WatchEvent::Put(v) = ev else { bail!("expected put") };
+        let WatchEvent::Put(v) = ev else {
+            bail!("expected put")
+        };
         assert_eq!(v.revision, want);
     }
     Ok(())
@@ -490,7 +544,9 @@ async fn redb_slow_watcher_loses_nothing() -> Result<()> {
     }
     for i in 0..n {
         let ev = next_event(&mut w).await?;
-        let WatchEvent::Put(v) = ev else { bail!("expected put") };
+        let WatchEvent::Put(v) = ev else {
+            bail!("expected put")
+        };
         assert_eq!(v.revision, start + 1 + i);
         assert_eq!(v.value, i.to_string().into_bytes());
     }
@@ -506,7 +562,9 @@ async fn etcd_survives_restart_and_reports_outage() -> Result<()> {
     let r = s.create(&k, b"v".to_vec()).await?;
     let mut w = s.watch("repositories", r).await?;
 
-    let Kind::Etcd { etcd, .. } = &mut b.kind else { bail!("not etcd") };
+    let Kind::Etcd { etcd, .. } = &mut b.kind else {
+        bail!("not etcd")
+    };
     etcd.kill();
 
     // The open watch reports the outage instead of going quiet.
@@ -517,14 +575,21 @@ async fn etcd_survives_restart_and_reports_outage() -> Result<()> {
     // A call while etcd is down fails promptly with Unavailable.
     let t = Instant::now();
     match s.get(&k).await {
-        Err(StoreError::Unavailable(msg)) => ensure!(msg.contains("127.0.0.1"), "message names the endpoint: {msg}"),
+        Err(StoreError::Unavailable(msg)) => ensure!(
+            msg.contains("127.0.0.1"),
+            "message names the endpoint: {msg}"
+        ),
         other => bail!("get while etcd is down: expected Unavailable, got {other:?}"),
     }
     match s.create(&key("team-a", "new"), b"x".to_vec()).await {
         Err(StoreError::Unavailable(_)) => {}
         other => bail!("create while etcd is down: expected Unavailable, got {other:?}"),
     }
-    ensure!(t.elapsed() < Duration::from_secs(15), "outage took {:?} to report", t.elapsed());
+    ensure!(
+        t.elapsed() < Duration::from_secs(15),
+        "outage took {:?} to report",
+        t.elapsed()
+    );
 
     etcd.restart().await?;
     // The same client reconnects on its own; the data is still there.

@@ -83,10 +83,26 @@ mod tests {
             ("7d", 604_800),
             ("1d12h", 129_600),
         ] {
-            assert_eq!(parse_duration(text), Ok(Duration::from_secs(secs)), "{text}");
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
         }
         for text in [
-            "", "0", "0s", "1x", "-1h", "1", "h", "1.5h", "30m1h", "1h1h", " 1h", "1h ", "1H",
+            "",
+            "0",
+            "0s",
+            "1x",
+            "-1h",
+            "1",
+            "h",
+            "1.5h",
+            "30m1h",
+            "1h1h",
+            " 1h",
+            "1h ",
+            "1H",
             "99999999999999h",
         ] {
             assert_eq!(parse_duration(text), Err(DurationError), "{text:?}");

@@ -10,6 +10,10 @@
 //! - [`Object::validate`] runs the semantic rules on an object that is already
 //!   typed, e.g. one that arrived over gRPC.
 
+// kube's `printcolumn(..)` attributes repeat keys such as `type_ = "string"`,
+// which clippy mistakes for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 mod duration;
 mod parse;
 mod validate;
@@ -100,6 +104,7 @@ impl fmt::Display for Provider {
     group = "image.theriseunion.io",
     version = "v1alpha1",
     kind = "RegistrySecret",
+    doc = "Credentials and endpoint of an upstream registry (imgfleet).",
     plural = "registrysecrets",
     namespaced,
     status = "RegistrySecretStatus",
@@ -108,7 +113,11 @@ impl fmt::Display for Provider {
     printcolumn(name = "Domain", type_ = "string", json_path = ".spec.domain"),
     printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider"),
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RegistrySecretSpec {
@@ -189,6 +198,7 @@ pub struct RegistrySecretStatus {
     group = "image.theriseunion.io",
     version = "v1alpha1",
     kind = "Repository",
+    doc = "An image repository and the tags of it to keep in edge clusters (imgfleet).",
     plural = "repositories",
     namespaced,
     status = "RepositoryStatus",
@@ -196,9 +206,21 @@ pub struct RegistrySecretStatus {
     derive = "PartialEq",
     printcolumn(name = "Repository", type_ = "string", json_path = ".spec.repository"),
     printcolumn(name = "Tag", type_ = "string", json_path = ".spec.tag"),
-    printcolumn(name = "Synced", type_ = "integer", json_path = ".status.syncedClusters"),
-    printcolumn(name = "Targets", type_ = "integer", json_path = ".status.targetClusters"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Synced",
+        type_ = "integer",
+        json_path = ".status.syncedClusters"
+    ),
+    printcolumn(
+        name = "Targets",
+        type_ = "integer",
+        json_path = ".status.targetClusters"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RepositorySpec {
@@ -482,12 +504,17 @@ pub struct RepositoryStatus {
     group = "image.theriseunion.io",
     version = "v1alpha1",
     kind = "Cluster",
+    doc = "An enrolled edge cluster: labels, tenants and agent status (imgfleet).",
     plural = "clusters",
     status = "ClusterStatus",
     derive = "PartialEq",
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Last-Seen", type_ = "date", json_path = ".status.lastSeen"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterSpec {
@@ -561,9 +588,7 @@ pub enum Kind {
 
 /// A kind name that is none of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown kind {0:?}: expected one of registrysecret (rs), repository (repo), cluster"
-)]
+#[error("unknown kind {0:?}: expected one of registrysecret (rs), repository (repo), cluster")]
 pub struct UnknownKind(pub String);
 
 impl Kind {
@@ -623,8 +648,10 @@ impl std::str::FromStr for Kind {
     }
 }
 
-/// Any one object. Serializes as the object itself (with apiVersion and kind).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// Any one object. Serializes as the object itself (with apiVersion and kind);
+/// deserializes by its `kind` field (lenient: no unknown-field checks, for
+/// stored objects; user input goes through [`parse_documents`]).
+#[derive(Serialize, Clone, Debug, PartialEq)]
 #[serde(untagged)]
 #[allow(clippy::large_enum_variant)]
 pub enum Object {
@@ -634,6 +661,33 @@ pub enum Object {
     Repository(Repository),
     /// A Cluster.
     Cluster(Cluster),
+}
+
+impl<'de> Deserialize<'de> for Object {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        // Dispatch on `kind` rather than trying each variant: the variants'
+        // shapes overlap (a Cluster's spec is all optional), so guessing could
+        // type an object as the wrong kind.
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let kind = value
+            .get("kind")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| {
+                D::Error::custom("kind: missing; expected RegistrySecret, Repository or Cluster")
+            })?;
+        match Kind::from_kind_field(kind) {
+            Some(Kind::RegistrySecret) => serde_json::from_value(value).map(Object::RegistrySecret),
+            Some(Kind::Repository) => serde_json::from_value(value).map(Object::Repository),
+            Some(Kind::Cluster) => serde_json::from_value(value).map(Object::Cluster),
+            None => {
+                return Err(D::Error::custom(format!(
+                    "kind {kind:?}: expected RegistrySecret, Repository or Cluster"
+                )));
+            }
+        }
+        .map_err(D::Error::custom)
+    }
 }
 
 impl Object {
@@ -667,7 +721,12 @@ impl Object {
     /// The namespace; `None` for a Cluster. A parsed namespaced object always has one.
     pub fn namespace(&self) -> Option<&str> {
         if self.kind().namespaced() {
-            Some(self.metadata().namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE))
+            Some(
+                self.metadata()
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(DEFAULT_NAMESPACE),
+            )
         } else {
             None
         }
@@ -687,7 +746,11 @@ impl Object {
     /// selectors, combinations of fields) and returns all violations.
     pub fn validate(&self) -> Result<(), Vec<ValidationError>> {
         let errors = validate::validate_object(self);
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
     /// A copy with secrets removed, for output (`get -o yaml`, API responses).

@@ -44,10 +44,17 @@ pub fn check_documents(text: &str) -> Checked {
     let docs: Vec<Value> = match serde_saphyr::from_str_multiple::<Value, Vec<Value>>(text) {
         Ok(docs) => docs,
         Err(e) => {
+            // The parser's text is written for developers; keep the position
+            // and the snippet, drop the advice about parser options.
+            let text = e.to_string();
+            let text = text
+                .strip_prefix("error: ")
+                .unwrap_or(&text)
+                .replace(", set DuplicateKeyPolicy in Options if acceptable", "");
             out.errors.push(ValidationError::new(
                 "input",
                 "",
-                format!("not valid YAML: {e}"),
+                format!("not valid YAML: {text}"),
             ));
             return out;
         }
@@ -95,10 +102,7 @@ fn check_document(number: usize, mut doc: Value) -> Result<Object, Vec<Validatio
         )]);
     };
 
-    let kind = match check_header(&label, map) {
-        Ok(kind) => kind,
-        Err(errors) => return Err(errors),
-    };
+    let kind = check_header(&label, map)?;
 
     // Name the object as early as possible so every later message can use it.
     let meta = map.get("metadata").and_then(Value::as_object);
@@ -145,7 +149,9 @@ fn check_document(number: usize, mut doc: Value) -> Result<Object, Vec<Validatio
     }
 
     let typed = match kind {
-        Kind::RegistrySecret => serde_json::from_value::<RegistrySecret>(doc).map(Object::RegistrySecret),
+        Kind::RegistrySecret => {
+            serde_json::from_value::<RegistrySecret>(doc).map(Object::RegistrySecret)
+        }
         Kind::Repository => serde_json::from_value::<Repository>(doc).map(Object::Repository),
         Kind::Cluster => serde_json::from_value::<Cluster>(doc).map(Object::Cluster),
     };
@@ -296,7 +302,12 @@ struct Walker<'a> {
 }
 
 impl Walker<'_> {
-    fn error(&mut self, field: &str, message: String) {
+    fn error(&mut self, field: &str, mut message: String) {
+        // Whatever was written as a password is never echoed, not even when it
+        // has the wrong type; keep only what was expected.
+        if field.ends_with("password") && field.starts_with("spec.") {
+            message = message.split(", got").next().unwrap_or_default().to_owned();
+        }
         self.errors
             .push(ValidationError::new(self.id, field, message));
     }
@@ -317,16 +328,14 @@ impl Walker<'_> {
                 let Some(item_schema) = schema.get("items") else {
                     return true;
                 };
-                let mut index = 0;
                 let mut keep = Vec::with_capacity(items.len());
-                for mut item in std::mem::take(items) {
+                for (index, mut item) in std::mem::take(items).into_iter().enumerate() {
                     let item_path = format!("{path}[{index}]");
                     if self.check(&mut item, item_schema, &item_path) {
                         keep.push(item);
                     } else {
                         self.poisoned.push(item_path);
                     }
-                    index += 1;
                 }
                 *items = keep;
                 true
@@ -336,13 +345,13 @@ impl Walker<'_> {
                     self.error(path, format!("expected a string, got {}", describe(value)));
                     return false;
                 };
-                if let Some(allowed) = enum_values(schema) {
-                    if !allowed.iter().any(|a| a == s) {
-                        let list = allowed.join(", ");
-                        let hint = hint(s, allowed.iter().map(String::as_str));
-                        self.error(path, format!("{s:?}: expected one of {list}{hint}"));
-                        return false;
-                    }
+                if let Some(allowed) = enum_values(schema)
+                    && !allowed.iter().any(|a| a == s)
+                {
+                    let list = allowed.join(", ");
+                    let hint = hint(s, allowed.iter().map(String::as_str));
+                    self.error(path, format!("{s:?}: expected one of {list}{hint}"));
+                    return false;
                 }
                 if schema.get("format").and_then(Value::as_str) == Some("date-time")
                     && s.parse::<k8s_openapi::jiff::Timestamp>().is_err()
@@ -377,7 +386,10 @@ impl Walker<'_> {
                         false
                     }
                     None => {
-                        self.error(path, format!("expected an integer, got {}", describe(value)));
+                        self.error(
+                            path,
+                            format!("expected an integer, got {}", describe(value)),
+                        );
                         false
                     }
                 }
@@ -631,7 +643,10 @@ mod tests {
             hint("syncIntervall", fields.iter().copied()),
             ", did you mean syncInterval?"
         );
-        assert_eq!(hint("regstryRef", fields.iter().copied()), ", did you mean registryRef?");
+        assert_eq!(
+            hint("regstryRef", fields.iter().copied()),
+            ", did you mean registryRef?"
+        );
         assert_eq!(hint("completelydifferent", fields.iter().copied()), "");
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }

@@ -97,12 +97,15 @@ pub(crate) fn is_label_value(s: &str) -> bool {
 /// Checks a registry domain: `host` or `host:port`, without scheme or path.
 /// Returns what is wrong, phrased to follow the quoted value.
 pub(crate) fn check_domain(domain: &str) -> Result<(), String> {
-    const EXPECTED: &str = "expected a host or host:port such as harbor.example.com or 127.0.0.1:5000";
+    const EXPECTED: &str =
+        "expected a host or host:port such as harbor.example.com or 127.0.0.1:5000";
     if domain.is_empty() {
         return Err("must not be empty; expected a host or host:port".to_owned());
     }
     if domain.contains("://") {
-        return Err(format!("{EXPECTED}, without a scheme (http:// or https://); use insecure: true for plain HTTP"));
+        return Err(format!(
+            "{EXPECTED}, without a scheme (http:// or https://); use insecure: true for plain HTTP"
+        ));
     }
     if domain.contains('/') {
         return Err(format!("{EXPECTED}, without a path"));
@@ -131,7 +134,11 @@ pub(crate) fn check_domain(domain: &str) -> Result<(), String> {
     if let Some(port) = port {
         match port.parse::<u32>() {
             Ok(p) if (1..=65535).contains(&p) => {}
-            Ok(p) => return Err(format!("port {p} is out of range; {EXPECTED}, with a port from 1 to 65535")),
+            Ok(p) => {
+                return Err(format!(
+                    "port {p} is out of range; {EXPECTED}, with a port from 1 to 65535"
+                ));
+            }
             Err(_) => return Err(format!("port {port:?} is not a number; {EXPECTED}")),
         }
     }
@@ -140,7 +147,9 @@ pub(crate) fn check_domain(domain: &str) -> Result<(), String> {
             && host.split('.').all(|label| {
                 !label.is_empty()
                     && label.len() <= 63
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                     && !label.starts_with('-')
                     && !label.ends_with('-')
             });
@@ -212,7 +221,7 @@ impl Errors {
             ),
             (Some(_), None) => self.push(
                 "spec.password",
-                "required field is missing: username is set, so password is expected too (or neither, for anonymous pulls)",
+                "required field is missing: username is set, so password is expected too (or neither, for anonymous pulls); the hub never returns passwords, so add it back when re-applying `get -o yaml` output",
             ),
             (None, Some(_)) => self.push(
                 "spec.username",
@@ -233,7 +242,10 @@ impl Errors {
         let spec = &o.spec;
         let repo = &spec.repository;
         if repo.is_empty() {
-            self.push("spec.repository", "required field is missing; expected a path like library/nginx");
+            self.push(
+                "spec.repository",
+                "required field is missing; expected a path like library/nginx",
+            );
         } else if !is_repository_path(repo) {
             let extra = if repo.contains(':') || repo.contains('@') {
                 "; put the tag in spec.tag and the digest in spec.digest, not in the path"
@@ -260,14 +272,21 @@ impl Errors {
                 "required field is missing: expected one of tag, tags, tagPattern or digest",
             );
         }
-        let chosen: Vec<&str> = [(has_tag, "tag"), (has_tags, "tags"), (has_pattern, "tagPattern")]
-            .into_iter()
-            .filter_map(|(set, name)| set.then_some(name))
-            .collect();
+        let chosen: Vec<&str> = [
+            (has_tag, "tag"),
+            (has_tags, "tags"),
+            (has_pattern, "tagPattern"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
         if chosen.len() > 1 {
             self.push(
                 format!("spec.{}", chosen[1]),
-                format!("set together with spec.{}: expected only one of tag, tags or tagPattern", chosen[0]),
+                format!(
+                    "set together with spec.{}: expected only one of tag, tags or tagPattern",
+                    chosen[0]
+                ),
             );
         }
         if has_digest && (has_tags || has_pattern) {
@@ -292,21 +311,39 @@ impl Errors {
                     format!("{tag:?}: expected a tag: letters, digits, '_', '.' and '-', not starting with '.' or '-', at most 128 characters"),
                 );
             } else if !seen.insert(tag) {
-                self.push(format!("spec.tags[{i}]"), format!("{tag:?}: listed twice; expected each tag once"));
+                self.push(
+                    format!("spec.tags[{i}]"),
+                    format!("{tag:?}: listed twice; expected each tag once"),
+                );
             }
         }
         if let Some(p) = &spec.tag_pattern {
             if p.pattern.is_empty() {
-                self.push("spec.tagPattern.pattern", "must not be empty; expected a regular expression like ^v1\\.[0-9]+\\.[0-9]+$");
-            } else if let Err(e) = Regex::new(&p.pattern) {
-                let first = e.to_string().lines().last().unwrap_or_default().trim().to_owned();
                 self.push(
                     "spec.tagPattern.pattern",
-                    format!("{:?}: expected a valid regular expression ({first})", p.pattern),
+                    "must not be empty; expected a regular expression like ^v1\\.[0-9]+\\.[0-9]+$",
+                );
+            } else if let Err(e) = Regex::new(&p.pattern) {
+                let first = e
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                self.push(
+                    "spec.tagPattern.pattern",
+                    format!(
+                        "{:?}: expected a valid regular expression ({first})",
+                        p.pattern
+                    ),
                 );
             }
             if p.keep_latest == Some(0) {
-                self.push("spec.tagPattern.keepLatest", "0 is too small: expected at least 1");
+                self.push(
+                    "spec.tagPattern.keepLatest",
+                    "0 is too small: expected at least 1",
+                );
             }
         }
         if let Some(d) = &spec.digest
@@ -325,17 +362,26 @@ impl Errors {
                     format!("{p:?}: expected os/arch or os/arch/variant, e.g. linux/amd64 or linux/arm64/v8"),
                 );
             } else if !seen.insert(p) {
-                self.push(format!("spec.platforms[{i}]"), format!("{p:?}: listed twice; expected each platform once"));
+                self.push(
+                    format!("spec.platforms[{i}]"),
+                    format!("{p:?}: listed twice; expected each platform once"),
+                );
             }
         }
 
         let r = &spec.registry_ref;
         if r.name.is_empty() {
-            self.push("spec.registryRef.name", "required field is missing; expected the name of a RegistrySecret");
+            self.push(
+                "spec.registryRef.name",
+                "required field is missing; expected the name of a RegistrySecret",
+            );
         } else if !is_dns_subdomain(&r.name) {
             self.push(
                 "spec.registryRef.name",
-                format!("{:?}: expected the DNS-1123 name of a RegistrySecret", r.name),
+                format!(
+                    "{:?}: expected the DNS-1123 name of a RegistrySecret",
+                    r.name
+                ),
             );
         }
         if let Some(ns) = &r.namespace
@@ -359,13 +405,19 @@ impl Errors {
                 if !is_dns_subdomain(c) {
                     self.push(field, format!("{c:?}: expected a cluster name (DNS-1123)"));
                 } else if !seen.insert(c) {
-                    self.push(field, format!("{c:?}: listed twice; expected each cluster once"));
+                    self.push(
+                        field,
+                        format!("{c:?}: listed twice; expected each cluster once"),
+                    );
                 }
             }
         }
         if let Some(retention) = &spec.retention {
             if retention.keep_versions == Some(0) {
-                self.push("spec.retention.keepVersions", "0 is too small: expected at least 1");
+                self.push(
+                    "spec.retention.keepVersions",
+                    "0 is too small: expected at least 1",
+                );
             }
             if let Some(g) = &retention.grace_period {
                 self.duration("spec.retention.gracePeriod", g, None);
@@ -382,7 +434,10 @@ impl Errors {
                 {
                     self.push(
                         field,
-                        format!("{text:?}: too short; expected at least {}", format_duration(min)),
+                        format!(
+                            "{text:?}: too short; expected at least {}",
+                            format_duration(min)
+                        ),
                     );
                 }
             }
@@ -396,16 +451,20 @@ impl Errors {
             if !is_label_key(&e.key) {
                 self.push(
                     format!("{base}.key"),
-                    format!("{:?}: expected a label key like env or example.com/tier", e.key),
+                    format!(
+                        "{:?}: expected a label key like env or example.com/tier",
+                        e.key
+                    ),
                 );
             }
             match e.operator {
-                SelectorOperator::In | SelectorOperator::NotIn if e.values.is_empty() => self
-                    .push(
-                        format!("{base}.values"),
-                        format!("expected at least one value for operator {:?}", e.operator),
-                    ),
-                SelectorOperator::Exists | SelectorOperator::DoesNotExist if !e.values.is_empty() => {
+                SelectorOperator::In | SelectorOperator::NotIn if e.values.is_empty() => self.push(
+                    format!("{base}.values"),
+                    format!("expected at least one value for operator {:?}", e.operator),
+                ),
+                SelectorOperator::Exists | SelectorOperator::DoesNotExist
+                    if !e.values.is_empty() =>
+                {
                     self.push(
                         format!("{base}.values"),
                         format!("expected no values for operator {:?}", e.operator),
@@ -429,9 +488,15 @@ impl Errors {
         for (i, t) in o.spec.tenants.iter().enumerate() {
             let field = format!("spec.tenants[{i}]");
             if !is_dns_label(t) {
-                self.push(field, format!("{t:?}: expected a namespace name (DNS-1123 label)"));
+                self.push(
+                    field,
+                    format!("{t:?}: expected a namespace name (DNS-1123 label)"),
+                );
             } else if !seen.insert(t) {
-                self.push(field, format!("{t:?}: listed twice; expected each namespace once"));
+                self.push(
+                    field,
+                    format!("{t:?}: listed twice; expected each namespace once"),
+                );
             }
         }
     }

@@ -34,16 +34,38 @@ impl Etcd {
     /// waits until `GET /health` answers `{"health":"true"}` (at most 20 s).
     pub async fn start() -> Result<Etcd> {
         let binary = require_binary("etcd", "etcd-server");
-        let dir = tempfile::Builder::new().prefix("imgfleet-etcd-").tempdir().context("create etcd temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("imgfleet-etcd-")
+            .tempdir()
+            .context("create etcd temp dir")?;
         install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .no_proxy()
             .build()
             .context("build HTTP client for etcd")?;
-        let mut etcd =
-            Etcd { child: None, binary, client_port: free_port(), peer_port: free_port(), dir, http };
-        etcd.spawn().await?;
+        let mut etcd = Etcd {
+            child: None,
+            binary,
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir,
+            http,
+        };
+        // Another process may grab a port between free_port() and etcd binding it; then try
+        // again on new ones.
+        for attempt in 1.. {
+            match etcd.spawn().await {
+                Ok(()) => break,
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    etcd.client_port = free_port();
+                    etcd.peer_port = free_port();
+                    // A half-initialised member dir would pin the old peer URL.
+                    let _ = std::fs::remove_dir_all(etcd.data_dir());
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(etcd)
     }
 
@@ -98,6 +120,11 @@ impl Etcd {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
+    /// `[endpoint()]`, the shape etcd clients take.
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.endpoint()]
+    }
+
     /// The client port.
     pub fn port(&self) -> u16 {
         self.client_port
@@ -134,51 +161,88 @@ impl Etcd {
 
     async fn gateway(&self, path: &str, body: Value) -> Result<Value> {
         let url = format!("{}/v3/{path}", self.endpoint());
-        let resp = self.http.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
+        let resp = self
+            .http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
         let status = resp.status();
-        let text = resp.text().await.with_context(|| format!("read body of POST {url}"))?;
+        let text = resp
+            .text()
+            .await
+            .with_context(|| format!("read body of POST {url}"))?;
         if !status.is_success() {
             bail!("etcd POST {url}: HTTP {status}: {text}");
         }
-        serde_json::from_str(&text).with_context(|| format!("etcd POST {url}: body is not JSON: {text}"))
+        serde_json::from_str(&text)
+            .with_context(|| format!("etcd POST {url}: body is not JSON: {text}"))
     }
 
     /// Puts `key` = `value` through the v3 JSON gateway; returns the new revision.
     pub async fn put(&self, key: &str, value: &[u8]) -> Result<i64> {
-        let v = self.gateway("kv/put", json!({"key": B64.encode(key), "value": B64.encode(value)})).await?;
+        let v = self
+            .gateway(
+                "kv/put",
+                json!({"key": B64.encode(key), "value": B64.encode(value)}),
+            )
+            .await?;
         header_revision(&v)
     }
 
     /// Gets `key` through the v3 JSON gateway; `None` when absent.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let v = self.gateway("kv/range", json!({"key": B64.encode(key)})).await?;
-        let Some(kv) = v.get("kvs").and_then(Value::as_array).and_then(|a| a.first()) else {
+        let v = self
+            .gateway("kv/range", json!({"key": B64.encode(key)}))
+            .await?;
+        let Some(kv) = v
+            .get("kvs")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+        else {
             return Ok(None);
         };
         // etcd leaves out empty values entirely.
         let value = kv.get("value").and_then(Value::as_str).unwrap_or("");
-        Ok(Some(B64.decode(value).context("etcd returned a value that is not base64")?))
+        Ok(Some(
+            B64.decode(value)
+                .context("etcd returned a value that is not base64")?,
+        ))
     }
 
     /// The current revision of the store.
     pub async fn revision(&self) -> Result<i64> {
-        let v = self.gateway("kv/range", json!({"key": B64.encode("\0"), "count_only": true})).await?;
+        let v = self
+            .gateway(
+                "kv/range",
+                json!({"key": B64.encode("\0"), "count_only": true}),
+            )
+            .await?;
         header_revision(&v)
     }
 
     /// Compacts the history up to `revision` (physically), so that watches and reads at
     /// older revisions fail with "required revision has been compacted".
     pub async fn compact(&self, revision: i64) -> Result<()> {
-        self.gateway("kv/compaction", json!({"revision": revision.to_string(), "physical": true})).await?;
+        self.gateway(
+            "kv/compaction",
+            json!({"revision": revision.to_string(), "physical": true}),
+        )
+        .await?;
         Ok(())
     }
 }
 
 fn header_revision(v: &Value) -> Result<i64> {
     // The gateway renders int64 as a JSON string.
-    let rev = v.pointer("/header/revision").context("etcd response has no header.revision")?;
+    let rev = v
+        .pointer("/header/revision")
+        .context("etcd response has no header.revision")?;
     match rev {
-        Value::String(s) => s.parse().with_context(|| format!("etcd revision {s:?} is not an integer")),
+        Value::String(s) => s
+            .parse()
+            .with_context(|| format!("etcd revision {s:?} is not an integer")),
         Value::Number(n) => n.as_i64().context("etcd revision is not an i64"),
         other => bail!("etcd revision has unexpected JSON type: {other}"),
     }

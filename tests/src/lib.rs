@@ -5,16 +5,33 @@
 //! to `target/test-logs/<test-binary>/`, waits on readiness (never a fixed sleep) and is
 //! killed on drop. A missing component makes the test fail with the apt-get command that
 //! installs it; nothing is skipped.
+//!
+//! ```text
+//! let etcd = Etcd::start().await?;                       // etcd.endpoint() = http://127.0.0.1:P
+//! let reg = Registry::start(RegistryOptions::default().with_auth("u", "p").with_tls()).await?;
+//! let img = images::push_image(&reg, "team/app", "v1", &ImageSpec::random(&[1 << 20], 7)).await?;
+//! let idx = images::push_index(&reg, "team/multi", "v1",
+//!     &[("linux", "amd64"), ("linux", "arm64")], &ImageSpec::random(&[4096], 8)).await?;
+//! let proxy = FaultProxy::start(reg.addr().parse()?).await?;   // point clients at proxy.addr()
+//! proxy.set_throttle(Some(256 * 1024)); proxy.cut(); proxy.set_refuse(true); proxy.set_stall(true);
+//! let digest = skopeo::inspect_digest(&reg.docker_ref("team/app:v1"),
+//!     &reg.skopeo_args().iter().map(String::as_str).collect::<Vec<_>>()).await?;
+//! ```
+//!
+//! The fault proxy and the skopeo helpers run on the caller's tokio runtime: do not block it
+//! (std::process, std::thread::sleep) while they are in use.
 
 pub mod etcd;
+pub mod fault;
+pub mod images;
 pub mod process;
 pub mod registry;
 pub mod skopeo;
 
 pub use etcd::Etcd;
+pub use fault::FaultProxy;
 pub use process::{
-    ChildGuard, find_binary, free_port, install_crypto_provider, log_dir, log_file, require_binary, tail_file,
-    target_dir, test_log_dir, wait_until,
+    ChildGuard, find_binary, free_port, install_crypto_provider, log_dir, log_file, require_binary,
+    tail_file, target_dir, test_log_dir, wait_until,
 };
 pub use registry::{Registry, RegistryOptions};
-pub mod images;

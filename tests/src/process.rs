@@ -71,7 +71,10 @@ static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 pub fn free_port() -> u16 {
     for _ in 0..1000 {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 for a free port");
-        let port = listener.local_addr().expect("local_addr of a bound socket").port();
+        let port = listener
+            .local_addr()
+            .expect("local_addr of a bound socket")
+            .port();
         let mut guard = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         if guard.get_or_insert_with(HashSet::new).insert(port) {
             return port;
@@ -112,7 +115,9 @@ pub fn test_log_dir() -> PathBuf {
         .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
         .map(|stem| match stem.rsplit_once('-') {
             // cargo names test binaries `<name>-<16 hex digits>`.
-            Some((base, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some((base, hash))
+                if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
                 base.to_string()
             }
             _ => stem,
@@ -171,17 +176,21 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
-    /// Spawns `cmd` in a new process group with stdin closed and stdout/stderr appended to a
-    /// fresh [`log_file`] for `component`.
+    /// Spawns `cmd` in a new process group with stdin closed and stdout/stderr written to a
+    /// fresh [`log_file`] for `component` (truncating a log of an earlier test run).
     pub fn spawn(component: &str, cmd: Command) -> Result<ChildGuard> {
-        Self::spawn_with_log(component, cmd, log_file(component))
+        let log = log_file(component);
+        // The numbering restarts with each test run; drop what an earlier run left there.
+        let _ = std::fs::remove_file(&log);
+        Self::spawn_with_log(component, cmd, log)
     }
 
     /// Like [`ChildGuard::spawn`] but appends to the given log file (used by restarts that
     /// want one log per component run, or callers that chose the path).
     pub fn spawn_with_log(component: &str, mut cmd: Command, log: PathBuf) -> Result<ChildGuard> {
         if let Some(dir) = log.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("create log dir {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("create log dir {}", dir.display()))?;
         }
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -194,10 +203,18 @@ impl ChildGuard {
             .stderr(Stdio::from(err))
             // Own process group, so that SIGKILL to the group also takes any grandchildren.
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {component} ({:?}); log {}", cmd.get_program(), log.display()))?;
-        Ok(ChildGuard { child: Some(child), component: component.to_string(), log })
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "spawn {component} ({:?}); log {}",
+                cmd.get_program(),
+                log.display()
+            )
+        })?;
+        Ok(ChildGuard {
+            child: Some(child),
+            component: component.to_string(),
+            log,
+        })
     }
 
     /// The OS process id (also the process group id), or `None` once killed.
@@ -222,7 +239,9 @@ impl ChildGuard {
 
     /// Returns the exit status if the child has exited (reaping it), `None` while it runs.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// True while the child has not exited and has not been killed.
@@ -245,9 +264,13 @@ impl ChildGuard {
     /// Sends `signal` to the child's process group without reaping (e.g. SIGSTOP/SIGCONT to
     /// freeze a component, SIGTERM for a graceful stop).
     pub fn signal(&self, signal: Signal) -> Result<()> {
-        let child = self.child.as_ref().ok_or_else(|| anyhow!("{} is not running", self.component))?;
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| anyhow!("{} is not running", self.component))?;
         let pid = i32::try_from(child.id()).context("pid out of range")?;
-        killpg(Pid::from_raw(pid), signal).with_context(|| format!("send {signal} to {}", self.component))
+        killpg(Pid::from_raw(pid), signal)
+            .with_context(|| format!("send {signal} to {}", self.component))
     }
 
     /// An error saying `what` failed for this component, with the last
@@ -264,7 +287,12 @@ impl ChildGuard {
     /// Polls `probe` every 50 ms until it returns `Ok(true)`, for at most `timeout`.
     /// Fails early if the child exits. The error carries the last lines of the log and the
     /// last probe error, so a failed start explains itself.
-    pub async fn wait_ready<F, Fut>(&mut self, what: &str, timeout: Duration, mut probe: F) -> Result<()>
+    pub async fn wait_ready<F, Fut>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut probe: F,
+    ) -> Result<()>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<bool>>,

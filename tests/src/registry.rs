@@ -13,6 +13,9 @@ use tempfile::TempDir;
 
 use crate::process::{ChildGuard, free_port, install_crypto_provider, require_binary};
 
+/// Stands for the port in the config template.
+const PORT_PLACEHOLDER: &str = "@PORT@";
+
 /// How long the registry may take to answer `GET /v2/`.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -30,7 +33,10 @@ impl fmt::Debug for RegistryOptions {
     // The password never appears in Debug output.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RegistryOptions")
-            .field("auth", &self.auth.as_ref().map(|(u, _)| format!("{u}:<redacted>")))
+            .field(
+                "auth",
+                &self.auth.as_ref().map(|(u, _)| format!("{u}:<redacted>")),
+            )
             .field("tls", &self.tls)
             .finish()
     }
@@ -60,6 +66,8 @@ pub struct Registry {
     child: Option<ChildGuard>,
     binary: PathBuf,
     port: u16,
+    /// config.yml with [`PORT_PLACEHOLDER`] for the port.
+    config: String,
     options: RegistryOptions,
     ca_pem: Option<String>,
     http: reqwest::Client,
@@ -84,9 +92,13 @@ impl Registry {
     pub async fn start(options: RegistryOptions) -> Result<Registry> {
         let binary = require_binary("docker-registry", "docker-registry");
         install_crypto_provider();
-        let dir = tempfile::Builder::new().prefix("imgfleet-registry-").tempdir().context("create registry temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("imgfleet-registry-")
+            .tempdir()
+            .context("create registry temp dir")?;
         let port = free_port();
-        std::fs::create_dir_all(dir.path().join("storage")).context("create registry storage dir")?;
+        std::fs::create_dir_all(dir.path().join("storage"))
+            .context("create registry storage dir")?;
 
         let mut tls_yaml = String::new();
         let mut ca_pem = None;
@@ -114,7 +126,10 @@ impl Registry {
             let hash = bcrypt::hash(pass, 5).context("bcrypt the registry password")?;
             let path = dir.path().join("htpasswd");
             std::fs::write(&path, format!("{user}:{hash}\n")).context("write htpasswd")?;
-            auth_yaml = format!("auth:\n  htpasswd:\n    realm: imgfleet-test\n    path: {}\n", yaml_str(&path));
+            auth_yaml = format!(
+                "auth:\n  htpasswd:\n    realm: imgfleet-test\n    path: {}\n",
+                yaml_str(&path)
+            );
         }
 
         let config = format!(
@@ -122,25 +137,53 @@ impl Registry {
              log:\n  level: info\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
              maintenance:\n    uploadpurging:\n      enabled: false\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: imgfleet-test-secret\n{tls_yaml}\
+             http:\n  addr: 127.0.0.1:@PORT@\n  secret: imgfleet-test-secret\n{tls_yaml}\
              {auth_yaml}",
             storage = yaml_str(&dir.path().join("storage")),
         );
-        std::fs::write(dir.path().join("config.yml"), config).context("write registry config.yml")?;
 
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30)).no_proxy();
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .no_proxy();
         if let Some(ca) = &ca_pem {
-            let cert = reqwest::Certificate::from_pem(ca.as_bytes()).context("parse generated CA")?;
+            let cert =
+                reqwest::Certificate::from_pem(ca.as_bytes()).context("parse generated CA")?;
             builder = builder.tls_certs_only([cert]);
         }
-        let http = builder.build().context("build HTTP client for the registry")?;
+        let http = builder
+            .build()
+            .context("build HTTP client for the registry")?;
 
-        let mut reg = Registry { child: None, binary, port, options, ca_pem, http, dir };
-        reg.spawn().await?;
+        let mut reg = Registry {
+            child: None,
+            binary,
+            port,
+            config,
+            options,
+            ca_pem,
+            http,
+            dir,
+        };
+        // Another process may grab a port between free_port() and the registry binding it;
+        // then try again on a new one.
+        for attempt in 1.. {
+            match reg.spawn().await {
+                Ok(()) => break,
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    reg.port = free_port();
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(reg)
     }
 
     async fn spawn(&mut self) -> Result<()> {
+        let config = self
+            .config
+            .replace(PORT_PLACEHOLDER, &self.port.to_string());
+        std::fs::write(self.dir.path().join("config.yml"), config)
+            .context("write registry config.yml")?;
         let mut cmd = Command::new(&self.binary);
         cmd.arg("serve").arg(self.dir.path().join("config.yml"));
         let mut child = ChildGuard::spawn("registry", cmd)?;
@@ -165,6 +208,12 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// `docker://127.0.0.1:PORT/<repo_and_reference>` for skopeo, e.g.
+    /// `reg.docker_ref("team/app:v1")` or `reg.docker_ref("team/app@sha256:...")`.
+    pub fn docker_ref(&self, repo_and_reference: &str) -> String {
+        format!("docker://{}/{repo_and_reference}", self.addr())
+    }
+
     /// The port.
     pub fn port(&self) -> u16 {
         self.port
@@ -183,7 +232,10 @@ impl Registry {
 
     /// The basic-auth credentials, if the registry requires them.
     pub fn credentials(&self) -> Option<(&str, &str)> {
-        self.options.auth.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+        self.options
+            .auth
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
     /// The PEM of the CA that signed the server certificate (TLS registries only).
@@ -272,15 +324,24 @@ fn yaml_str(p: &Path) -> String {
 pub fn generate_tls() -> Result<(String, String, String)> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(DnType::CommonName, "imgfleet test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "imgfleet test CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
-    params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+    let mut params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "127.0.0.1");
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let cert = params.signed_by(&key, &issuer)?;
     Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))

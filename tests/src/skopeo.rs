@@ -28,8 +28,15 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_os_string()).collect();
-    let shown = args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+    let args: Vec<std::ffi::OsString> = args
+        .into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect();
+    let shown = args
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
     // Never show passwords given with --creds/--src-creds/--dest-creds.
     let shown = redact_creds(&shown);
     let mut cmd = tokio::process::Command::new(binary());
@@ -96,13 +103,16 @@ pub async fn list_tags(repo_ref: &str, extra: &[&str]) -> Result<Vec<String>> {
     args.extend_from_slice(extra);
     args.push(repo_ref);
     let out = run(args).await?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&out).with_context(|| format!("skopeo list-tags {repo_ref}: output is not JSON"))?;
+    let v: serde_json::Value = serde_json::from_slice(&out)
+        .with_context(|| format!("skopeo list-tags {repo_ref}: output is not JSON"))?;
     let tags = v
         .get("Tags")
         .and_then(|t| t.as_array())
         .with_context(|| format!("skopeo list-tags {repo_ref}: no Tags array"))?;
-    Ok(tags.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+    Ok(tags
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect())
 }
 
 /// Every blob digest present in an OCI image layout directory (`<dir>/blobs/sha256/*`).

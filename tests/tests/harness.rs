@@ -3,5 +3,6 @@
 
 mod harness {
     pub mod components;
+    pub mod fault;
     pub mod images;
 }

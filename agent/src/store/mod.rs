@@ -306,7 +306,10 @@ impl Store {
     /// The size of a complete blob, if present.
     pub fn blob_size(&self, digest: &str) -> Option<u64> {
         let p = self.blob_path(digest).ok()?;
-        fs::metadata(p).ok().filter(|m| m.is_file()).map(|m| m.len())
+        fs::metadata(p)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
     }
 
     /// Reads a whole blob (for manifests, which are small).
@@ -501,6 +504,12 @@ impl Store {
         tags.sort();
         tags.dedup();
         tags
+    }
+
+    /// Writes a small file under the data dir atomically (temp, fsync, rename).
+    pub fn write_file_atomic(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.check_writable()?;
+        write_atomic(&self.root, &self.root.join(name), bytes)
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {

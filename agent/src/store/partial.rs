@@ -92,9 +92,9 @@ impl PartialBlob {
             return Ok(());
         }
         let (Some(mut file), Some(mut hasher)) = (self.file.take(), self.hasher.take()) else {
-            return Err(io_err("writing partial", &self.path)(std::io::Error::other(
-                "partial already finished",
-            )));
+            return Err(io_err("writing partial", &self.path)(
+                std::io::Error::other("partial already finished"),
+            ));
         };
         let buf = std::mem::take(&mut self.buf);
         let path = self.path.clone();
@@ -121,9 +121,9 @@ impl PartialBlob {
         let file = self.file.take();
         let hasher = self.hasher.take();
         let (Some(mut file), Some(mut hasher)) = (file, hasher) else {
-            return Err(io_err("finishing partial", &self.path)(std::io::Error::other(
-                "partial in an unusable state",
-            )));
+            return Err(io_err("finishing partial", &self.path)(
+                std::io::Error::other("partial in an unusable state"),
+            ));
         };
         if !self.buf.is_empty() {
             hasher.update(&self.buf);
@@ -134,6 +134,23 @@ impl PartialBlob {
         file.sync_all().map_err(io_err("fsync", &self.path))?;
         let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
         Ok((self.path.clone(), digest, self.written))
+    }
+
+    /// Empties the partial to start the blob over (its bytes were wrong, or
+    /// the registry ignored Range and sends everything again).
+    pub fn truncate(&mut self) -> Result<(), StoreError> {
+        let file = self.file.as_mut().ok_or_else(|| {
+            io_err("truncating partial", &self.path)(std::io::Error::other(
+                "partial in an unusable state",
+            ))
+        })?;
+        file.set_len(0)
+            .map_err(io_err("truncating partial", &self.path))?;
+        self.hasher = Some(Sha256::new());
+        self.buf.clear();
+        self.written = 0;
+        self.resumed_from = 0;
+        Ok(())
     }
 
     /// Deletes the partial (its bytes were wrong or are not wanted).

@@ -84,7 +84,10 @@ fn open_cleans_temp_keeps_partials_and_locks() {
         let store = Store::open(dir.path()).unwrap();
         std::fs::write(dir.path().join("tmp/index.json.123"), b"half").unwrap();
         std::fs::write(store.partial_path(&d).unwrap(), b"").unwrap();
-        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked(_))));
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Locked(_))
+        ));
     }
     let _store = Store::open(dir.path()).unwrap();
     assert!(!dir.path().join("tmp/index.json.123").exists());
@@ -99,26 +102,48 @@ fn records_replace_by_tag_and_survive_reopen() {
     let b = sha256_digest(b"b");
     {
         let store = Store::open(dir.path()).unwrap();
-        store.record(vec![record("demo/app", Some("v1"), &a)]).unwrap();
-        store.record(vec![record("demo/app", Some("v1"), &b)]).unwrap();
+        store
+            .record(vec![record("demo/app", Some("v1"), &a)])
+            .unwrap();
+        store
+            .record(vec![record("demo/app", Some("v1"), &b)])
+            .unwrap();
         store.record(vec![record("demo/app", None, &a)]).unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
     let reader = Store::open_read_only(dir.path()).unwrap();
     assert_eq!(store.records().len(), 2);
     assert_eq!(
-        reader.find_manifest("r.example:5000", "demo/app", "v1").unwrap().digest,
+        reader
+            .find_manifest("r.example:5000", "demo/app", "v1")
+            .unwrap()
+            .digest,
         b
     );
-    assert!(reader.find_manifest("r.example:5000", "demo/app", &a).is_some());
-    assert_eq!(reader.tags("r.example:5000", "demo/app"), vec!["v1".to_string()]);
-    assert_eq!(reader.registries_for("demo/app"), vec!["r.example:5000".to_string()]);
+    assert!(
+        reader
+            .find_manifest("r.example:5000", "demo/app", &a)
+            .is_some()
+    );
+    assert_eq!(
+        reader.tags("r.example:5000", "demo/app"),
+        vec!["v1".to_string()]
+    );
+    assert_eq!(
+        reader.registries_for("demo/app"),
+        vec!["r.example:5000".to_string()]
+    );
     assert!(matches!(reader.record(vec![]), Err(StoreError::ReadOnly)));
     // The index is a valid OCI index.
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).unwrap()).unwrap();
     assert_eq!(v["schemaVersion"], 2);
     // A reader sees a later write.
-    store.record(vec![record("demo/other", Some("v2"), &a)]).unwrap();
-    assert_eq!(reader.tags("r.example:5000", "demo/other"), vec!["v2".to_string()]);
+    store
+        .record(vec![record("demo/other", Some("v2"), &a)])
+        .unwrap();
+    assert_eq!(
+        reader.tags("r.example:5000", "demo/other"),
+        vec!["v2".to_string()]
+    );
 }

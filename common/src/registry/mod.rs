@@ -115,6 +115,31 @@ pub fn sha256_hex(digest: &str) -> Option<&str> {
     (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(hex)
 }
 
+/// Whether a repository name follows the distribution grammar: lowercase
+/// path components of `[a-z0-9._-]`, separated by `/`. Anything else could
+/// change the meaning of the URL it is put in.
+pub fn valid_repository(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        })
+}
+
+/// Whether a tag follows the distribution grammar `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+}
+
 /// Whether a manifest reference is a digest rather than a tag.
 pub fn is_digest(reference: &str) -> bool {
     reference.contains(':')
@@ -157,6 +182,30 @@ impl std::fmt::Debug for RegistryClient {
 }
 
 impl RegistryClient {
+    /// Refuses names that would change the URL they are put in.
+    fn check_names(&self, repository: &str, reference: Option<&str>) -> Result<(), RegistryError> {
+        let bad = |message: String| {
+            Err(RegistryError::Malformed {
+                registry: self.registry.clone(),
+                message,
+            })
+        };
+        if !valid_repository(repository) {
+            return bad(format!(
+                "repository {repository:?}: expected lowercase path components of [a-z0-9._-]"
+            ));
+        }
+        match reference {
+            Some(r) if is_digest(r) && sha256_hex(r).is_none() => bad(format!(
+                "{repository}@{r}: expected a digest of the form sha256:<64 hex>"
+            )),
+            Some(r) if !is_digest(r) && !valid_tag(r) => bad(format!(
+                "{repository}:{r}: expected a tag of [A-Za-z0-9_.-], at most 128"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Builds a client. Installs rustls' ring provider if none is installed.
     pub fn new(config: RegistryConfig) -> Result<Self, RegistryError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -255,13 +304,8 @@ impl RegistryClient {
         repository: &str,
         reference: &str,
     ) -> Result<Manifest, RegistryError> {
+        self.check_names(repository, Some(reference))?;
         let what = format!("manifest {repository}:{reference}");
-        if is_digest(reference) && sha256_hex(reference).is_none() {
-            return Err(RegistryError::Malformed {
-                registry: self.registry.clone(),
-                message: format!("{what}: expected a digest of the form sha256:<64 hex>"),
-            });
-        }
         let url = format!("{}/v2/{repository}/manifests/{reference}", self.base_url);
         let resp = self
             .send(Method::GET, &url, Some(repository), accept_headers(), &what)
@@ -330,6 +374,7 @@ impl RegistryClient {
         digest: &str,
         offset: u64,
     ) -> Result<BlobStream, RegistryError> {
+        self.check_names(repository, None)?;
         let what = format!("blob {repository}@{digest}");
         if sha256_hex(digest).is_none() {
             return Err(RegistryError::Malformed {
@@ -378,6 +423,7 @@ impl RegistryClient {
 
     /// All tags of a repository, following `Link: <..>; rel="next"` pages.
     pub async fn list_tags(&self, repository: &str) -> Result<Vec<String>, RegistryError> {
+        self.check_names(repository, None)?;
         let what = format!("tags of {repository}");
         let mut url = format!("{}/v2/{repository}/tags/list?n=1000", self.base_url);
         let mut tags = Vec::new();
@@ -691,6 +737,20 @@ mod tests {
             Some("/v2/a/tags/list?n=2&last=b")
         );
         assert_eq!(parse_next_link("<x>; rel=\"prev\""), None);
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_repository("library/nginx"));
+        assert!(valid_repository("a.b/c_d-e"));
+        assert!(!valid_repository("Library/nginx"));
+        assert!(!valid_repository("a//b"));
+        assert!(!valid_repository("a/../b"));
+        assert!(!valid_repository("a?x=1"));
+        assert!(valid_tag("v1.2.3-rc_1"));
+        assert!(!valid_tag(".hidden"));
+        assert!(!valid_tag("a/b"));
+        assert!(!valid_tag(""));
     }
 
     #[test]

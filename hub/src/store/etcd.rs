@@ -59,7 +59,9 @@ impl EtcdStore {
             .map_err(|_| {
                 StoreError::Unavailable(format!("connecting to etcd {endpoints:?}: timed out"))
             })?
-            .map_err(|e| StoreError::Unavailable(format!("connecting to etcd {endpoints:?}: {e}")))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!("connecting to etcd {endpoints:?}: {e}"))
+            })?;
         let store = EtcdStore {
             client,
             prefix,
@@ -174,7 +176,11 @@ impl EtcdStore {
     fn preconditions(ek: &str, expected: Option<u64>) -> Result<Vec<Compare>, StoreError> {
         let mut cmp = vec![Compare::create_revision(ek, CompareOp::Greater, 0)];
         if let Some(expected) = expected {
-            cmp.push(Compare::mod_revision(ek, CompareOp::Equal, to_i64(expected)?));
+            cmp.push(Compare::mod_revision(
+                ek,
+                CompareOp::Equal,
+                to_i64(expected)?,
+            ));
         }
         Ok(cmp)
     }
@@ -307,7 +313,11 @@ impl PolicyStore for EtcdStore {
         let first = self.call("watch", stream.message()).await?;
         match first {
             Some(resp) if resp.compact_revision() > 0 || resp.canceled() => {
-                return Err(compacted(after_revision, resp.compact_revision(), resp.cancel_reason()));
+                return Err(compacted(
+                    after_revision,
+                    resp.compact_revision(),
+                    resp.cancel_reason(),
+                ));
             }
             Some(resp) if resp.created() && is_compacted => {
                 // The cancellation that follows names the compaction revision.
@@ -331,7 +341,12 @@ impl PolicyStore for EtcdStore {
             }
         }
         let this = self.clone();
-        let state = (this, stream, std::collections::VecDeque::<WatchEvent>::new(), false);
+        let state = (
+            this,
+            stream,
+            std::collections::VecDeque::<WatchEvent>::new(),
+            false,
+        );
         let events = futures::stream::unfold(
             state,
             move |(this, mut stream, mut buffer, done)| async move {
@@ -345,7 +360,11 @@ impl PolicyStore for EtcdStore {
                     match stream.message().await {
                         Ok(Some(resp)) => {
                             if resp.compact_revision() > 0 {
-                                let e = compacted(after_revision, resp.compact_revision(), resp.cancel_reason());
+                                let e = compacted(
+                                    after_revision,
+                                    resp.compact_revision(),
+                                    resp.cancel_reason(),
+                                );
                                 return Some((Err(e), (this, stream, buffer, true)));
                             }
                             if resp.canceled() {

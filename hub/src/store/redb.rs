@@ -210,9 +210,7 @@ impl Inner {
                 }
                 Op::Delete(expected) => {
                     check(expected)?;
-                    objects
-                        .remove(skey.as_str())
-                        .map_err(|e| internal(p, e))?;
+                    objects.remove(skey.as_str()).map_err(|e| internal(p, e))?;
                     let (value, _, create_revision) = existing.unwrap_or_default();
                     WatchEvent::Delete(versioned(key, value, revision, create_revision))
                 }
@@ -396,9 +394,7 @@ struct WatchState {
     failed: bool,
 }
 
-async fn next_event(
-    mut st: WatchState,
-) -> Option<(Result<WatchEvent, StoreError>, WatchState)> {
+async fn next_event(mut st: WatchState) -> Option<(Result<WatchEvent, StoreError>, WatchState)> {
     if st.failed {
         return None;
     }
@@ -465,7 +461,12 @@ fn read_meta(
 /// Refuses key parts that would make stored keys ambiguous.
 fn check_key(key: &Key) -> Result<(), StoreError> {
     let bad = |s: &str| s.contains('\0') || s.contains('/');
-    if key.kind.is_empty() || key.name.is_empty() || bad(&key.kind) || bad(&key.namespace) || bad(&key.name) {
+    if key.kind.is_empty()
+        || key.name.is_empty()
+        || bad(&key.kind)
+        || bad(&key.namespace)
+        || bad(&key.name)
+    {
         return Err(StoreError::Internal(format!(
             "invalid store key {key:?}: expected a non-empty kind and name without '/' or NUL"
         )));
@@ -576,7 +577,11 @@ mod tests {
         for ev in [WatchEvent::Put(v.clone()), WatchEvent::Delete(v)] {
             assert_eq!(decode_event(&encode_event(&ev)), Some(ev.clone()));
             let enc = encode_event(&ev);
-            assert_eq!(decode_event(&enc[..enc.len() - 1]), None, "truncated entry must not decode");
+            assert_eq!(
+                decode_event(&enc[..enc.len() - 1]),
+                None,
+                "truncated entry must not decode"
+            );
         }
     }
 

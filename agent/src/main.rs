@@ -1,0 +1,402 @@
+//! The `imgfleet-agent` binary: standalone sync, the mirror server, and the
+//! containerd `hosts.toml` generator.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use imgfleet_agent::gc::{self, GcPolicy, ImageId};
+use imgfleet_agent::standalone::{self, ResolveFailure};
+use imgfleet_agent::store::Store;
+use imgfleet_agent::transfer::{Engine, EngineConfig, Phase, Progress, SyncReport};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imgfleet-agent",
+    version,
+    about = "imgfleet edge agent: image sync and registry mirror"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Sync the images named by RegistrySecret and Repository YAML once, then exit.
+    Sync {
+        /// The YAML file (the same the hub takes).
+        #[arg(long = "from", value_name = "FILE")]
+        from: PathBuf,
+        /// The content store directory.
+        #[arg(long, env = "IMGFLEET_DATA_DIR", default_value = "./agent-data")]
+        data_dir: PathBuf,
+        /// Images transferred at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency_images: usize,
+        /// Blobs transferred at once, across all images.
+        #[arg(long, default_value_t = 8)]
+        concurrency_blobs: usize,
+        /// Combined bandwidth limit in bytes per second.
+        #[arg(long, value_name = "BYTES")]
+        bandwidth_limit: Option<u64>,
+        /// Extra CA certificate (PEM) to trust for registries; repeatable.
+        #[arg(long, value_name = "PEM")]
+        ca_file: Vec<PathBuf>,
+        /// Retries of a failing request before the image fails.
+        #[arg(long, default_value_t = 6)]
+        retries: usize,
+        /// How long content no longer in the file stays, e.g. 30m, 24h, 0s.
+        #[arg(long, default_value = "24h", value_parser = parse_duration_arg)]
+        grace_period: Duration,
+        /// Older versions kept per repository still in the file, for rollback.
+        #[arg(long, default_value_t = 1)]
+        keep_versions: usize,
+        /// Do not collect content that is no longer desired.
+        #[arg(long)]
+        no_gc: bool,
+    },
+    /// Serve the content store as a read-only registry mirror (no hub).
+    Serve {
+        /// The content store directory.
+        #[arg(long, env = "IMGFLEET_DATA_DIR", default_value = "./agent-data")]
+        data_dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, env = "IMGFLEET_MIRROR_LISTEN", default_value = "127.0.0.1:5050")]
+        mirror_listen: String,
+    },
+    /// Print the containerd hosts.toml that points nodes at the mirror.
+    HostsToml {
+        /// The mirror's URL as nodes reach it, e.g. http://10.0.0.5:5050.
+        #[arg(long)]
+        mirror: String,
+        /// Upstream registry host to mirror; repeatable. None: every registry.
+        #[arg(long)]
+        upstream: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Sync {
+            from,
+            data_dir,
+            concurrency_images,
+            concurrency_blobs,
+            bandwidth_limit,
+            ca_file,
+            retries,
+            grace_period,
+            keep_versions,
+            no_gc,
+        } => {
+            let mut config = EngineConfig {
+                concurrency_images,
+                concurrency_blobs,
+                bandwidth_limit,
+                ..EngineConfig::default()
+            };
+            config.retry.max_retries = retries;
+            for f in &ca_file {
+                config.extra_roots_pem.push(
+                    std::fs::read(f)
+                        .with_context(|| format!("reading --ca-file {}", f.display()))?,
+                );
+            }
+            let gc = (!no_gc).then_some(GcPolicy {
+                grace_period,
+                keep_versions,
+            });
+            sync(from, data_dir, config, gc).await
+        }
+        Command::Serve {
+            data_dir,
+            mirror_listen,
+        } => serve(data_dir, mirror_listen)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::HostsToml { mirror, upstream } => {
+            if !(mirror.starts_with("http://") || mirror.starts_with("https://")) {
+                eprintln!("error: --mirror {mirror:?}: expected a URL like http://10.0.0.5:5050");
+                return Ok(ExitCode::from(64));
+            }
+            print!("{}", standalone::hosts_toml(&mirror, &upstream));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    // The model's durations are never zero; a zero grace period is useful here.
+    if s.trim_end_matches(['s', 'm', 'h', 'd']) == "0" {
+        return Ok(Duration::ZERO);
+    }
+    imgfleet::model::parse_duration(s)
+        .map_err(|_| format!("{s:?}: expected a duration like 30m, 24h or 0s"))
+}
+
+async fn sync(
+    from: PathBuf,
+    data_dir: PathBuf,
+    config: EngineConfig,
+    gc: Option<GcPolicy>,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let text =
+        std::fs::read_to_string(&from).with_context(|| format!("reading {}", from.display()))?;
+    let targets = match standalone::targets_from_yaml(&text) {
+        Ok(t) => t,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("error: {}: {e}", from.display());
+            }
+            return Ok(ExitCode::from(64));
+        }
+    };
+    if targets.is_empty() {
+        println!("No Repository to sync in {}.", from.display());
+    }
+    let store = Arc::new(
+        tokio::task::spawn_blocking({
+            let d = data_dir.clone();
+            move || Store::open(d)
+        })
+        .await?
+        .with_context(|| format!("opening the content store {}", data_dir.display()))?,
+    );
+    let engine = Engine::new(store, config);
+    tracing::debug!(elapsed = ?started.elapsed(), targets = targets.len(), "Store opened");
+    let (images, failures) = standalone::resolve(&engine, &targets).await;
+    tracing::debug!(elapsed = ?started.elapsed(), images = images.len(), "Tags resolved");
+
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let tty = std::io::stderr().is_terminal();
+    let display = tokio::spawn(show_progress(rx, tty));
+    let mut reports = engine.sync(images, Some(tx)).await;
+    reports.sort_by(|a, b| a.image.key.cmp(&b.image.key));
+    tracing::debug!(elapsed = ?started.elapsed(), "Images synced");
+    let _ = display.await;
+
+    let ok = print_summary(&reports, &failures, started.elapsed());
+    match gc {
+        // Collect only after a complete sync: an image that failed to resolve
+        // must not look undesired.
+        Some(policy) if ok => {
+            let desired: Vec<ImageId> = reports
+                .iter()
+                .map(|r| {
+                    (
+                        r.image.registry.clone(),
+                        r.image.repository.clone(),
+                        r.image.digest.clone(),
+                    )
+                })
+                .collect();
+            let store = engine.store().clone();
+            let report =
+                tokio::task::spawn_blocking(move || gc::collect(&store, &desired, &policy))
+                    .await?
+                    .context("collecting unwanted content")?;
+            println!(
+                "GC: removed {} images, {} blobs, {} freed; store holds {} in {} blobs{}",
+                report.images_removed.len(),
+                report.blobs_removed,
+                mib(report.bytes_freed),
+                mib(report.usage.blob_bytes),
+                report.usage.blobs,
+                match (report.available, report.capacity) {
+                    (Some(a), Some(c)) => format!(", {} free of {}", mib(a), mib(c)),
+                    _ => String::new(),
+                }
+            );
+        }
+        Some(_) => println!("GC: skipped because not every image synced"),
+        None => {}
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn mib(n: u64) -> String {
+    format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0))
+}
+
+/// Prints one line per image and per resolution failure; true when all is well.
+fn print_summary(reports: &[SyncReport], failures: &[ResolveFailure], took: Duration) -> bool {
+    let mut ok = failures.is_empty();
+    for f in failures {
+        println!("FAILED  {}: {}", f.what, f.message);
+    }
+    for r in reports {
+        let i = &r.image;
+        let name = format!("{}/{}@{}", i.registry, i.repository, i.digest);
+        let tags = if i.tags.is_empty() {
+            String::new()
+        } else {
+            format!(" tags={}", i.tags.join(","))
+        };
+        match &r.result {
+            Ok(s) if s.already_present && s.blobs_fetched == 0 => {
+                println!(
+                    "SYNCED  {} {name}{tags}: already present ({} blobs, {})",
+                    i.key,
+                    s.blobs_total,
+                    mib(s.bytes_total)
+                );
+            }
+            Ok(s) => println!(
+                "SYNCED  {} {name}{tags}: fetched {} blobs ({}) of {} ({})",
+                i.key,
+                s.blobs_fetched,
+                mib(s.bytes_fetched),
+                s.blobs_total,
+                mib(s.bytes_total)
+            ),
+            Err(e) => {
+                ok = false;
+                println!("FAILED  {} {name}{tags}: {e}", i.key);
+            }
+        }
+    }
+    let synced = reports.iter().filter(|r| r.result.is_ok()).count();
+    println!(
+        "{synced} of {} images synced, {} failed, in {:.1}s",
+        reports.len() + failures.len(),
+        reports.len() - synced + failures.len(),
+        took.as_secs_f64()
+    );
+    ok
+}
+
+/// Progress bars on a terminal; plain lines on phase changes otherwise.
+async fn show_progress(mut rx: tokio::sync::mpsc::UnboundedReceiver<Progress>, tty: bool) {
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:40!} {bar:30} {bytes}/{total_bytes} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let mut bars: HashMap<String, ProgressBar> = HashMap::new();
+    let mut phases: HashMap<String, Phase> = HashMap::new();
+    while let Some(p) = rx.recv().await {
+        if tty {
+            let bar = bars.entry(p.key.clone()).or_insert_with(|| {
+                let b = multi.add(ProgressBar::new(0));
+                b.set_style(style.clone());
+                b.set_prefix(p.key.clone());
+                b
+            });
+            bar.set_length(p.bytes_total);
+            bar.set_position(p.bytes_done.min(p.bytes_total));
+            bar.set_message(format!(
+                "{:?} {}/{} blobs",
+                p.phase, p.layers_done, p.layers_total
+            ));
+            if p.phase.is_terminal() {
+                bar.finish_with_message(match &p.message {
+                    Some(m) => format!("{:?}: {m}", p.phase),
+                    None => format!("{:?}", p.phase),
+                });
+            }
+        } else if phases.get(&p.key) != Some(&p.phase) {
+            phases.insert(p.key.clone(), p.phase);
+            eprintln!(
+                "{} {:?} {}/{} bytes {}/{} blobs{}",
+                p.key,
+                p.phase,
+                p.bytes_done,
+                p.bytes_total,
+                p.layers_done,
+                p.layers_total,
+                p.message.map(|m| format!(": {m}")).unwrap_or_default()
+            );
+        }
+    }
+}
+
+async fn serve(data_dir: PathBuf, listen: String) -> anyhow::Result<()> {
+    // Create the layout if it is missing, then serve read-only so that a
+    // `sync` can write to the same directory meanwhile.
+    if !data_dir.join("blobs/sha256").exists() {
+        drop(
+            Store::open(&data_dir)
+                .with_context(|| format!("creating the content store {}", data_dir.display()))?,
+        );
+    }
+    let store = Arc::new(
+        Store::open_read_only(&data_dir)
+            .with_context(|| format!("opening the content store {}", data_dir.display()))?,
+    );
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("listening on --mirror-listen {listen}"))?;
+    let local = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    println!("Mirror listening on http://{local}");
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        trigger.cancel();
+    });
+    imgfleet_agent::mirror::serve(listener, store, shutdown)
+        .await
+        .context("serving the mirror")
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

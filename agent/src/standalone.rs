@@ -1,0 +1,347 @@
+//! Standalone mode: turns the RegistrySecret and Repository YAML the hub takes
+//! into desired images, resolving tags (and tag patterns) against the
+//! registries directly, for `imgfleet-agent sync --from FILE`.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use imgfleet::model::{self, DEFAULT_NAMESPACE, Object};
+use imgfleet_common::registry::Credentials;
+
+use futures::StreamExt;
+
+use crate::transfer::{DesiredImage, Engine};
+
+/// One Repository to sync, with its registry settings, before tag resolution.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `Repository <namespace>/<name>`, for messages.
+    pub object: String,
+    /// `<namespace>/<name>`.
+    pub name: String,
+    /// Registry host.
+    pub registry: String,
+    /// Repository path.
+    pub repository: String,
+    /// Pinned digest.
+    pub digest: Option<String>,
+    /// Tags to resolve.
+    pub tags: Vec<String>,
+    /// Tag pattern and how many of the newest matches to keep.
+    pub pattern: Option<(String, u32)>,
+    /// Platforms.
+    pub platforms: Vec<String>,
+    /// Credentials.
+    pub credentials: Option<Credentials>,
+    /// Plain HTTP.
+    pub insecure: bool,
+}
+
+/// Reads the YAML: every Repository that is not suspended, joined with its
+/// RegistrySecret. Errors name the object and field.
+pub fn targets_from_yaml(text: &str) -> Result<Vec<Target>, Vec<String>> {
+    let objects = model::parse_documents(text)
+        .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let mut secrets = BTreeMap::new();
+    for o in &objects {
+        if let Object::RegistrySecret(s) = o {
+            let ns = o.namespace().unwrap_or(DEFAULT_NAMESPACE).to_string();
+            secrets.insert((ns, o.name().to_string()), s.spec.clone());
+        }
+    }
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for o in &objects {
+        let Object::Repository(r) = o else { continue };
+        let ns = o.namespace().unwrap_or(DEFAULT_NAMESPACE).to_string();
+        let object = format!("Repository {ns}/{}", o.name());
+        if r.spec.suspend {
+            continue;
+        }
+        let secret_ns = r
+            .spec
+            .registry_ref
+            .namespace
+            .clone()
+            .unwrap_or_else(|| ns.clone());
+        let Some(secret) = secrets.get(&(secret_ns.clone(), r.spec.registry_ref.name.clone()))
+        else {
+            errors.push(format!(
+                "{object}: spec.registryRef: RegistrySecret {secret_ns}/{} is not in the file",
+                r.spec.registry_ref.name
+            ));
+            continue;
+        };
+        let credentials = match (&secret.username, &secret.password) {
+            (Some(u), Some(p)) => Some(Credentials::new(u.clone(), p.clone())),
+            _ => None,
+        };
+        let mut tags: Vec<String> = r.spec.tag.iter().cloned().collect();
+        tags.extend(r.spec.tags.iter().cloned());
+        out.push(Target {
+            object,
+            name: format!("{ns}/{}", o.name()),
+            registry: secret.domain.clone(),
+            repository: r.spec.repository.clone(),
+            digest: r.spec.digest.clone(),
+            tags,
+            pattern: r
+                .spec
+                .tag_pattern
+                .as_ref()
+                .map(|p| (p.pattern.clone(), p.keep_latest.unwrap_or(1))),
+            platforms: r.spec.platforms.clone(),
+            credentials,
+            insecure: secret.insecure,
+        });
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Compares tags the way people number versions: numeric runs as numbers.
+pub fn version_cmp(a: &str, b: &str) -> Ordering {
+    fn parts(s: &str) -> Vec<Result<u64, String>> {
+        let mut out = Vec::new();
+        let mut cur = String::new();
+        let mut digits = false;
+        for c in s.trim_start_matches('v').chars() {
+            let d = c.is_ascii_digit();
+            if !cur.is_empty() && d != digits {
+                out.push(if digits {
+                    cur.parse().map_err(|_| cur.clone())
+                } else {
+                    Err(cur.clone())
+                });
+                cur.clear();
+            }
+            digits = d;
+            cur.push(c);
+        }
+        if !cur.is_empty() {
+            out.push(if digits {
+                cur.parse().map_err(|_| cur.clone())
+            } else {
+                Err(cur)
+            });
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let o = match (x, y) {
+            (Ok(x), Ok(y)) => x.cmp(y),
+            (Err(x), Err(y)) => x.cmp(y),
+            (Ok(_), Err(_)) => Ordering::Greater,
+            (Err(_), Ok(_)) => Ordering::Less,
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    pa.len().cmp(&pb.len()).then_with(|| a.cmp(b))
+}
+
+/// The newest `keep` tags that match `pattern` in full, newest first.
+pub fn select_tags(tags: &[String], pattern: &str, keep: u32) -> Result<Vec<String>, String> {
+    let re = regex::Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| format!("spec.tagPattern.pattern {pattern:?}: {e}"))?;
+    let mut matching: Vec<String> = tags.iter().filter(|t| re.is_match(t)).cloned().collect();
+    matching.sort_by(|a, b| version_cmp(b, a));
+    matching.truncate(keep as usize);
+    Ok(matching)
+}
+
+/// A target that could not be turned into images.
+#[derive(Debug, Clone)]
+pub struct ResolveFailure {
+    /// Object and reference, e.g. `Repository default/app tag v1`.
+    pub what: String,
+    /// Why.
+    pub message: String,
+}
+
+/// Resolves tags to digests and groups tags by digest into desired images,
+/// several targets at once (a no-op re-sync is mostly these lookups).
+pub async fn resolve(
+    engine: &Engine,
+    targets: &[Target],
+) -> (Vec<DesiredImage>, Vec<ResolveFailure>) {
+    let results: Vec<(Vec<DesiredImage>, Vec<ResolveFailure>)> = futures::stream::iter(targets)
+        .map(|t| resolve_one(engine, t))
+        .buffered(16)
+        .collect()
+        .await;
+    let mut images = Vec::new();
+    let mut failures = Vec::new();
+    for (i, f) in results {
+        images.extend(i);
+        failures.extend(f);
+    }
+    (images, failures)
+}
+
+async fn resolve_one(engine: &Engine, t: &Target) -> (Vec<DesiredImage>, Vec<ResolveFailure>) {
+    let mut images: Vec<DesiredImage> = Vec::new();
+    let mut failures = Vec::new();
+    {
+        let client = match engine.client_for(&t.registry, t.credentials.as_ref(), t.insecure) {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(ResolveFailure {
+                    what: t.object.clone(),
+                    message: e.to_string(),
+                });
+                return (images, failures);
+            }
+        };
+        let mut tags = t.tags.clone();
+        if let Some((pattern, keep)) = &t.pattern {
+            match client.list_tags(&t.repository).await {
+                Ok(all) => match select_tags(&all, pattern, *keep) {
+                    Ok(sel) if sel.is_empty() => failures.push(ResolveFailure {
+                        what: t.object.clone(),
+                        message: format!("no tag of {} matches {pattern:?}", t.repository),
+                    }),
+                    Ok(sel) => tags.extend(sel),
+                    Err(m) => failures.push(ResolveFailure {
+                        what: t.object.clone(),
+                        message: m,
+                    }),
+                },
+                Err(e) => failures.push(ResolveFailure {
+                    what: t.object.clone(),
+                    message: format!("listing tags: {e}"),
+                }),
+            }
+        }
+        let mut by_digest: Vec<(String, Vec<String>)> = Vec::new();
+        let mut add = |digest: String, tag: Option<String>| match by_digest
+            .iter_mut()
+            .find(|(d, _)| *d == digest)
+        {
+            Some((_, ts)) => ts.extend(tag),
+            None => by_digest.push((digest, tag.into_iter().collect())),
+        };
+        if let Some(d) = &t.digest {
+            add(d.clone(), None);
+        }
+        for tag in tags {
+            match client.resolve_tag(&t.repository, &tag).await {
+                Ok(d) => add(d, Some(tag)),
+                Err(e) => failures.push(ResolveFailure {
+                    what: format!("{} tag {tag}", t.object),
+                    message: e.to_string(),
+                }),
+            }
+        }
+        for (digest, tags) in by_digest {
+            images.push(DesiredImage {
+                key: format!("{}@{digest}", t.name),
+                registry: t.registry.clone(),
+                repository: t.repository.clone(),
+                digest,
+                tags,
+                platforms: t.platforms.clone(),
+                credentials: t.credentials.clone(),
+                insecure: t.insecure,
+            });
+        }
+    }
+    (images, failures)
+}
+
+/// The containerd `hosts.toml` files that point nodes at the mirror: one per
+/// upstream, or `_default` (every registry) when none is named.
+pub fn hosts_toml(mirror: &str, upstreams: &[String]) -> String {
+    let mirror = mirror.trim_end_matches('/');
+    let mut out = String::new();
+    let list: Vec<String> = if upstreams.is_empty() {
+        vec!["_default".to_string()]
+    } else {
+        upstreams.to_vec()
+    };
+    for up in list {
+        out.push_str(&format!("# /etc/containerd/certs.d/{up}/hosts.toml\n"));
+        if up != "_default" {
+            let server = match up.as_str() {
+                "docker.io" => "https://registry-1.docker.io".to_string(),
+                other => format!("https://{other}"),
+            };
+            out.push_str(&format!("server = \"{server}\"\n\n"));
+        }
+        out.push_str(&format!("[host.\"{mirror}\"]\n"));
+        out.push_str("  capabilities = [\"pull\", \"resolve\"]\n");
+        if mirror.starts_with("http://") {
+            out.push_str("  # The mirror speaks plain HTTP inside the cluster.\n");
+            out.push_str("  skip_verify = true\n");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selects_newest_matching_tags() {
+        let tags: Vec<String> = [
+            "v1.2.0",
+            "v1.10.0",
+            "v1.9.3",
+            "latest",
+            "v2.0.0-rc1",
+            "v1.2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            select_tags(&tags, r"v1\.[0-9]+\.[0-9]+", 2).unwrap(),
+            vec!["v1.10.0".to_string(), "v1.9.3".to_string()]
+        );
+        assert!(select_tags(&tags, "(", 1).is_err());
+        assert_eq!(version_cmp("1.10", "1.9"), Ordering::Greater);
+    }
+
+    #[test]
+    fn reads_yaml_and_reports_missing_secret() {
+        let yaml = r#"
+apiVersion: image.theriseunion.io/v1alpha1
+kind: RegistrySecret
+metadata: {name: lab, namespace: default}
+spec: {domain: "127.0.0.1:5000", username: u, password: p, insecure: true}
+---
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Repository
+metadata: {name: app, namespace: default}
+spec:
+  repository: demo/app
+  tag: v1
+  registryRef: {name: lab}
+"#;
+        let t = targets_from_yaml(yaml).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].registry, "127.0.0.1:5000");
+        assert_eq!(t[0].tags, vec!["v1".to_string()]);
+        assert!(t[0].insecure);
+        assert!(!format!("{:?}", t[0]).contains("password: \"p\""));
+        let missing = yaml.replace("name: lab}", "name: other}");
+        let err = targets_from_yaml(&missing).unwrap_err();
+        assert!(err[0].contains("Repository default/app"), "{err:?}");
+        assert!(err[0].contains("RegistrySecret default/other"), "{err:?}");
+    }
+
+    #[test]
+    fn hosts_toml_per_upstream() {
+        let t = hosts_toml("http://10.0.0.5:5050/", &["docker.io".into()]);
+        assert!(t.contains("server = \"https://registry-1.docker.io\""));
+        assert!(t.contains("[host.\"http://10.0.0.5:5050\"]"));
+        assert!(hosts_toml("http://m:5050", &[]).contains("_default/hosts.toml"));
+    }
+}

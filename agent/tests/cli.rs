@@ -1,0 +1,398 @@
+//! The `imgfleet-agent` binary end to end: `sync --from FILE` (success,
+//! failure, SIGKILL mid-transfer then resume), `serve`, and `hosts-toml`.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{file_len, wait_for};
+use imgfleet_tests::fault::FaultProxy;
+use imgfleet_tests::images::{ImageSpec, push_image};
+use imgfleet_tests::registry::{Registry, RegistryOptions};
+use imgfleet_tests::skopeo;
+
+const MIB: u64 = 1024 * 1024;
+const BIN: &str = env!("CARGO_BIN_EXE_imgfleet-agent");
+
+fn yaml(domain: &str, auth: Option<(&str, &str)>, repos: &[(&str, &str, &str)]) -> String {
+    let creds = auth
+        .map(|(u, p)| format!("  username: {u}\n  password: {p}\n"))
+        .unwrap_or_default();
+    let mut out = format!(
+        "apiVersion: image.theriseunion.io/v1alpha1\nkind: RegistrySecret\nmetadata:\n  name: lab\n  namespace: default\nspec:\n  domain: \"{domain}\"\n{creds}  insecure: true\n"
+    );
+    for (name, repo, tag) in repos {
+        out.push_str(&format!(
+            "---\napiVersion: image.theriseunion.io/v1alpha1\nkind: Repository\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  repository: {repo}\n  tag: \"{tag}\"\n  registryRef:\n    name: lab\n"
+        ));
+    }
+    out
+}
+
+async fn run_sync(file: &std::path::Path, data: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new(BIN)
+        .args(["sync", "--from"])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(data)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run imgfleet-agent")
+}
+
+#[tokio::test]
+async fn sync_from_file_then_serve_to_skopeo() {
+    let reg = Registry::start(RegistryOptions::plain().with_auth("edge", "pw-xyz-123"))
+        .await
+        .unwrap();
+    let a = push_image(&reg, "demo/app", "v1", &ImageSpec::random(&[200_000], 21))
+        .await
+        .unwrap();
+    let b = push_image(&reg, "demo/web", "2.0", &ImageSpec::random(&[100_000], 22))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("images.yaml");
+    std::fs::write(
+        &file,
+        yaml(
+            &reg.addr(),
+            Some(("edge", "pw-xyz-123")),
+            &[("app", "demo/app", "v1"), ("web", "demo/web", "2.0")],
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let out = run_sync(&file, &data).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stdout.contains(&format!("SYNCED  default/app@{}", a.manifest_digest)),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("SYNCED  default/web@{}", b.manifest_digest)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 of 2 images synced"), "{stdout}");
+    assert!(!stdout.contains("pw-xyz-123") && !stderr.contains("pw-xyz-123"));
+
+    // Again: nothing to fetch.
+    let out = run_sync(&file, &data).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(stdout.matches("already present").count(), 2, "{stdout}");
+
+    // Serve it, and pull with skopeo.
+    let port = imgfleet_tests::process::free_port();
+    let mut serve = tokio::process::Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .args(["--mirror-listen", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/v2/");
+    let mut ready = false;
+    for _ in 0..200 {
+        if reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "mirror did not come up");
+    let d = skopeo::inspect_digest(
+        &format!("docker://127.0.0.1:{port}/demo/web:2.0"),
+        &["--tls-verify=false"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(d, b.manifest_digest);
+    serve.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn failing_image_exits_nonzero_and_is_named() {
+    let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
+    push_image(&reg, "demo/app", "v1", &ImageSpec::random(&[10_000], 23))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("images.yaml");
+    std::fs::write(
+        &file,
+        yaml(
+            &reg.addr(),
+            None,
+            &[("app", "demo/app", "v1"), ("missing", "demo/missing", "v9")],
+        ),
+    )
+    .unwrap();
+    let out = run_sync(&file, &dir.path().join("data")).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("FAILED  Repository default/missing tag v9"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("not found"), "{stdout}");
+    assert!(stdout.contains("SYNCED  default/app@"), "{stdout}");
+
+    // Invalid YAML names the object and field, exit 64.
+    std::fs::write(&file, yaml(&reg.addr(), None, &[("bad", "", "v1")])).unwrap();
+    let out = run_sync(&file, &dir.path().join("data")).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("Repository default/bad"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigkill_mid_transfer_then_restart_resumes() {
+    let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let size = 12 * MIB;
+    let pushed = push_image(&reg, "demo/big", "v1", &ImageSpec::random(&[size], 24))
+        .await
+        .unwrap();
+    let blob = &pushed.layer_digests[0];
+    let proxy = FaultProxy::start(reg.addr().parse().unwrap())
+        .await
+        .unwrap();
+    proxy.set_throttle(Some(4 * MIB));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("images.yaml");
+    std::fs::write(
+        &file,
+        yaml(
+            &proxy.addr().to_string(),
+            None,
+            &[("big", "demo/big", "v1")],
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let partial = data.join("partial").join(&blob[7..]);
+
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["sync", "--from"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for(
+        "a third of the blob on disk",
+        Duration::from_secs(60),
+        || file_len(&partial) >= size / 3,
+    )
+    .await;
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    let offset = file_len(&partial);
+    assert!(offset >= size / 3 && offset < size, "offset {offset}");
+    wait_for(
+        "the old connection to close",
+        Duration::from_secs(10),
+        || proxy.connections() == 0,
+    )
+    .await;
+    proxy.set_throttle(None);
+    proxy.reset_counters();
+
+    let out = run_sync(&file, &data).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(data.join("blobs/sha256").join(&blob[7..]).exists());
+    let through = proxy.bytes_to_client();
+    assert!(
+        through < size - offset + MIB,
+        "{through} bytes after a restart at {offset} of {size}: it did not resume"
+    );
+}
+
+#[tokio::test]
+async fn hosts_toml_names_the_mirror() {
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "hosts-toml",
+            "--mirror",
+            "http://10.1.2.3:5050",
+            "--upstream",
+            "harbor.example.com",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        stdout.contains("# /etc/containerd/certs.d/harbor.example.com/hosts.toml"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("server = \"https://harbor.example.com\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[host.\"http://10.1.2.3:5050\"]"),
+        "{stdout}"
+    );
+    let bad = tokio::process::Command::new(BIN)
+        .args(["hosts-toml", "--mirror", "10.1.2.3:5050"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(64));
+}
+
+#[tokio::test]
+async fn removed_repository_is_collected_after_grace_keeping_shared_blobs() {
+    use imgfleet_tests::images::LayerSpec;
+    let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let base = LayerSpec::new(300_000, 31);
+    let app = push_image(
+        &reg,
+        "demo/app",
+        "v1",
+        &ImageSpec::random(&[40_000], 32).with_base(base),
+    )
+    .await
+    .unwrap();
+    let web = push_image(
+        &reg,
+        "demo/web",
+        "v1",
+        &ImageSpec::random(&[50_000], 33).with_base(base),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("images.yaml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &file,
+        yaml(
+            &reg.addr(),
+            None,
+            &[("app", "demo/app", "v1"), ("web", "demo/web", "v1")],
+        ),
+    )
+    .unwrap();
+    assert!(run_sync(&file, &data).await.status.success());
+    let blob = |d: &str| data.join("blobs/sha256").join(&d[7..]);
+    assert!(blob(&web.layer_digests[1]).exists());
+
+    // web leaves the file; within the grace period nothing goes.
+    std::fs::write(&file, yaml(&reg.addr(), None, &[("app", "demo/app", "v1")])).unwrap();
+    let out = run_sync(&file, &data).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("GC: removed 0 images"), "{stdout}");
+    assert!(blob(&web.layer_digests[1]).exists());
+
+    // After the grace period (0s here) web's own content goes, the shared base stays.
+    let out = tokio::process::Command::new(BIN)
+        .args(["sync", "--grace-period", "0s", "--from"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("GC: removed 1 images"), "{stdout}");
+    assert!(
+        !blob(&web.layer_digests[1]).exists(),
+        "web's own layer kept"
+    );
+    assert!(!blob(&web.config_digest).exists());
+    assert!(!blob(&web.manifest_digest).exists());
+    for d in app.blob_digests() {
+        assert!(blob(&d).exists(), "{d} of app removed");
+    }
+    assert!(blob(&app.manifest_digest).exists());
+    let index = std::fs::read_to_string(data.join("index.json")).unwrap();
+    assert!(!index.contains("demo/web"), "{index}");
+}
+
+/// The high-water mark of a process's resident memory, from /proc.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn memory_does_not_grow_with_blob_size() {
+    let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let size = 96 * MIB;
+    let pushed = push_image(&reg, "demo/huge", "v1", &ImageSpec::random(&[size], 41))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("images.yaml");
+    std::fs::write(
+        &file,
+        yaml(&reg.addr(), None, &[("huge", "demo/huge", "v1")]),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["sync", "--from"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut peak = 0;
+    let status = loop {
+        if let Some(kib) = vm_hwm_kib(pid) {
+            peak = peak.max(kib);
+        }
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(status.success());
+    assert!(
+        data.join("blobs/sha256")
+            .join(&pushed.layer_digests[0][7..])
+            .exists()
+    );
+    let peak_mib = peak / 1024;
+    assert!(peak > 0, "no memory reading");
+    assert!(
+        peak_mib < 64,
+        "peak RSS {peak_mib} MiB while syncing a {} MiB blob",
+        size / MIB
+    );
+    println!("peak RSS {peak_mib} MiB for a {} MiB blob", size / MIB);
+}

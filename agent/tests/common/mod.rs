@@ -1,0 +1,98 @@
+//! Helpers shared by the agent's integration tests: an engine on a temp data
+//! dir, desired images from pushed ones, and a mirror on a free port.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use imgfleet_agent::store::Store;
+use imgfleet_agent::transfer::{DesiredImage, Engine, EngineConfig, RetryPolicy};
+use imgfleet_common::registry::Credentials;
+use tokio_util::sync::CancellationToken;
+
+/// An engine with quick retries over a store in `dir`.
+pub fn engine(dir: &std::path::Path) -> Engine {
+    engine_with(dir, EngineConfig::default())
+}
+
+pub fn engine_with(dir: &std::path::Path, mut config: EngineConfig) -> Engine {
+    config.retry = RetryPolicy {
+        max_retries: 8,
+        min_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(500),
+    };
+    // Tests that do not choose a read timeout get a short one.
+    if config.read_timeout == EngineConfig::default().read_timeout {
+        config.read_timeout = Duration::from_secs(5);
+    }
+    let store = Arc::new(Store::open(dir).expect("open store"));
+    Engine::new(store, config)
+}
+
+/// A desired image on a plain-HTTP registry at `addr`.
+pub fn desired(addr: &str, repo: &str, digest: &str, tags: &[&str]) -> DesiredImage {
+    DesiredImage {
+        key: format!("default/{repo}@{digest}"),
+        registry: addr.to_string(),
+        repository: repo.to_string(),
+        digest: digest.to_string(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        platforms: Vec::new(),
+        credentials: None,
+        insecure: true,
+    }
+}
+
+pub fn with_creds(mut d: DesiredImage, user: &str, pass: &str) -> DesiredImage {
+    d.credentials = Some(Credentials::new(user, pass));
+    d
+}
+
+/// A mirror over `store` on a free loopback port; stops when the token is dropped.
+pub struct Mirror {
+    pub addr: std::net::SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub async fn start_mirror(store: Arc<Store>) -> Mirror {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let _ = imgfleet_agent::mirror::serve(listener, store, s).await;
+    });
+    Mirror { addr, stop }
+}
+
+/// The path of a blob's data file in a distribution registry's storage.
+pub fn registry_blob_file(storage: &std::path::Path, digest: &str) -> std::path::PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    storage
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data")
+}
+
+/// Waits until `f` is true, polling; fails after `timeout`.
+pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Size of a file, 0 if missing.
+pub fn file_len(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}

@@ -1,0 +1,742 @@
+//! What the CLI prints: tables, descriptions, YAML and JSON. Pure functions of
+//! objects and the current time, so they are tested without a hub.
+
+use std::fmt::Write as _;
+
+use imgfleet::api::v1 as pb;
+use imgfleet::model::{
+    Cluster, ImagePhase, Kind, LabelSelector, Object, RegistrySecret, Repository, SelectorOperator,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+/// Columns aligned like kubectl's: each as wide as its widest cell, three spaces apart.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (i, cell) in cells.enumerate() {
+            if i > 0 {
+                text.push_str("   ");
+            }
+            let pad = widths.get(i).copied().unwrap_or(0);
+            let _ = write!(text, "{cell:<pad$}");
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut headers.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// How long ago `t` was, kubectl style: `45s`, `12m`, `5h`, `3d`.
+pub fn age(t: Option<&Time>, now: Timestamp) -> String {
+    let Some(t) = t else {
+        return "<unknown>".to_owned();
+    };
+    let secs = now.as_second() - t.0.as_second();
+    if secs < 0 {
+        return "0s".to_owned();
+    }
+    match secs {
+        0..120 => format!("{secs}s"),
+        120..7_200 => format!("{}m", secs / 60),
+        7_200..172_800 => format!("{}h", secs / 3_600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+/// A time and how long ago it was: `2026-01-08T10:00:00Z (5m ago)`, or `<never>`.
+fn when(t: Option<&Time>, now: Timestamp) -> String {
+    match t {
+        Some(time) => format!(
+            "{} ({} ago)",
+            time.0.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            age(t, now)
+        ),
+        None => "<never>".to_owned(),
+    }
+}
+
+/// `sha256:0123456789ab` for a full digest, for narrow columns.
+pub fn short_digest(digest: &str) -> String {
+    match digest.split_once(':') {
+        Some((algo, hex)) if hex.len() > 12 => format!("{algo}:{}", &hex[..12]),
+        _ => digest.to_owned(),
+    }
+}
+
+/// A label selector in kubectl syntax: `region=east,tier in (a,b),!maintenance`.
+pub fn selector_string(sel: &LabelSelector) -> String {
+    let mut parts: Vec<String> = sel
+        .match_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in &sel.match_expressions {
+        parts.push(match e.operator {
+            SelectorOperator::In => format!("{} in ({})", e.key, e.values.join(",")),
+            SelectorOperator::NotIn => format!("{} notin ({})", e.key, e.values.join(",")),
+            SelectorOperator::Exists => e.key.clone(),
+            SelectorOperator::DoesNotExist => format!("!{}", e.key),
+        });
+    }
+    if parts.is_empty() {
+        "<everything>".to_owned()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn labels_string(o: &Object) -> String {
+    match &o.metadata().labels {
+        Some(l) if !l.is_empty() => l
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "<none>".to_owned(),
+    }
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "<none>".to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+/// What a Repository keeps, in one cell: its tag, tags, pattern or digest.
+fn tag_cell(r: &Repository) -> String {
+    let s = &r.spec;
+    if let Some(tag) = &s.tag {
+        tag.clone()
+    } else if !s.tags.is_empty() {
+        s.tags.join(",")
+    } else if let Some(p) = &s.tag_pattern {
+        format!("/{}/ (latest {})", p.pattern, p.keep_latest.unwrap_or(1))
+    } else if let Some(d) = &s.digest {
+        format!("@{}", short_digest(d))
+    } else {
+        "<none>".to_owned()
+    }
+}
+
+fn synced_cell(r: &Repository) -> String {
+    let (synced, target) = r
+        .status
+        .as_ref()
+        .map(|s| (s.synced_clusters, s.target_clusters))
+        .unwrap_or_default();
+    format!("{synced}/{target}")
+}
+
+fn rs_status(rs: &RegistrySecret) -> String {
+    rs.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .map(|p| format!("{p:?}"))
+        .unwrap_or_else(|| "Unknown".to_owned())
+}
+
+fn cluster_status(c: &Cluster) -> String {
+    c.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .map(|p| format!("{p:?}"))
+        .unwrap_or_else(|| "NeverConnected".to_owned())
+}
+
+/// The `get` table for objects of one kind (objects of other kinds are skipped).
+pub fn table_for(kind: Kind, objects: &[Object], wide: bool, now: Timestamp) -> String {
+    match kind {
+        Kind::RegistrySecret => {
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .filter_map(|o| match o {
+                    Object::RegistrySecret(rs) => Some(vec![
+                        o.namespace().unwrap_or_default().to_owned(),
+                        o.name().to_owned(),
+                        rs.spec.domain.clone(),
+                        rs.spec.provider.to_string(),
+                        rs_status(rs),
+                        age(o.metadata().creation_timestamp.as_ref(), now),
+                    ]),
+                    _ => None,
+                })
+                .collect();
+            table(
+                &["NAMESPACE", "NAME", "DOMAIN", "PROVIDER", "STATUS", "AGE"],
+                &rows,
+            )
+        }
+        Kind::Repository => {
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .filter_map(|o| match o {
+                    Object::Repository(r) => {
+                        let mut row = vec![
+                            o.namespace().unwrap_or_default().to_owned(),
+                            o.name().to_owned(),
+                            r.spec.repository.clone(),
+                            tag_cell(r),
+                            synced_cell(r),
+                            age(o.metadata().creation_timestamp.as_ref(), now),
+                        ];
+                        if wide {
+                            let digest = r
+                                .status
+                                .as_ref()
+                                .and_then(|s| s.resolved.first())
+                                .map(|t| t.digest.as_str())
+                                .or(r.spec.digest.as_deref())
+                                .map(short_digest)
+                                .unwrap_or_else(|| "<none>".to_owned());
+                            row.push(digest);
+                            row.push(
+                                r.spec
+                                    .sync_interval
+                                    .clone()
+                                    .unwrap_or_else(|| "1h".to_owned()),
+                            );
+                        }
+                        Some(row)
+                    }
+                    _ => None,
+                })
+                .collect();
+            let mut headers = vec!["NAMESPACE", "NAME", "REPOSITORY", "TAG", "SYNCED", "AGE"];
+            if wide {
+                headers.extend(["DIGEST", "INTERVAL"]);
+            }
+            table(&headers, &rows)
+        }
+        Kind::Cluster => {
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .filter_map(|o| match o {
+                    Object::Cluster(c) => {
+                        let last_seen = c.status.as_ref().and_then(|s| s.last_seen.as_ref());
+                        let mut row = vec![
+                            o.name().to_owned(),
+                            labels_string(o),
+                            list_or_none(&c.spec.tenants),
+                            cluster_status(c),
+                            if last_seen.is_some() {
+                                format!("{} ago", age(last_seen, now))
+                            } else {
+                                "<never>".to_owned()
+                            },
+                        ];
+                        if wide {
+                            let s = c.status.clone().unwrap_or_default();
+                            row.push(format!("{}/{}", s.images_synced, s.images_desired));
+                            row.push(s.agent_version.unwrap_or_else(|| "<unknown>".to_owned()));
+                        }
+                        Some(row)
+                    }
+                    _ => None,
+                })
+                .collect();
+            let mut headers = vec!["NAME", "LABELS", "TENANTS", "STATUS", "LAST-SEEN"];
+            if wide {
+                headers.extend(["IMAGES", "AGENT"]);
+            }
+            table(&headers, &rows)
+        }
+    }
+}
+
+/// Bytes for people: `1.5 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Progress of one image on one cluster, in percent of bytes (or `-`).
+pub fn progress(phase: Option<ImagePhase>, done: u64, total: u64) -> String {
+    if phase == Some(ImagePhase::Synced) {
+        return "100%".to_owned();
+    }
+    // u128 so that done * 100 cannot overflow; no total means no percentage.
+    match (u128::from(done.min(total)) * 100).checked_div(u128::from(total)) {
+        Some(pct) => format!("{pct}%"),
+        None => "-".to_owned(),
+    }
+}
+
+fn field(out: &mut String, name: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "{:<16}{value}", format!("{name}:"));
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// The `describe` text of one object.
+pub fn describe(object: &Object, now: Timestamp) -> String {
+    let mut out = String::new();
+    let meta = object.metadata();
+    field(&mut out, "Kind", object.kind());
+    field(&mut out, "Name", object.name());
+    if let Some(ns) = object.namespace() {
+        field(&mut out, "Namespace", ns);
+    }
+    field(&mut out, "Labels", labels_string(object));
+    field(
+        &mut out,
+        "Created",
+        when(meta.creation_timestamp.as_ref(), now),
+    );
+    if let Some(g) = meta.generation {
+        field(&mut out, "Generation", g);
+    }
+    match object {
+        Object::RegistrySecret(rs) => {
+            let s = &rs.spec;
+            field(&mut out, "Domain", &s.domain);
+            field(&mut out, "Provider", s.provider);
+            field(&mut out, "Insecure", s.insecure);
+            field(
+                &mut out,
+                "Username",
+                s.username.as_deref().unwrap_or("<anonymous>"),
+            );
+            let st = rs.status.clone().unwrap_or_default();
+            field(&mut out, "Status", rs_status(rs));
+            field(
+                &mut out,
+                "Last check",
+                when(st.last_check_time.as_ref(), now),
+            );
+            if st.latency_ms > 0 {
+                field(&mut out, "Latency", format!("{} ms", st.latency_ms));
+            }
+            if let Some(m) = &st.message {
+                field(&mut out, "Message", m);
+            }
+        }
+        Object::Repository(r) => describe_repository(&mut out, r, object, now),
+        Object::Cluster(c) => {
+            field(&mut out, "Tenants", list_or_none(&c.spec.tenants));
+            if let Some(d) = &c.spec.description {
+                field(&mut out, "Description", d);
+            }
+            let st = c.status.clone().unwrap_or_default();
+            field(&mut out, "Status", cluster_status(c));
+            field(&mut out, "Last seen", when(st.last_seen.as_ref(), now));
+            field(
+                &mut out,
+                "Agent version",
+                st.agent_version.as_deref().unwrap_or("<unknown>"),
+            );
+            field(
+                &mut out,
+                "Storage",
+                format!(
+                    "{} used of {}",
+                    human_bytes(st.storage_used_bytes),
+                    human_bytes(st.storage_capacity_bytes)
+                ),
+            );
+            field(
+                &mut out,
+                "Images",
+                format!("{} of {} synced", st.images_synced, st.images_desired),
+            );
+            field(
+                &mut out,
+                "Generation",
+                format!(
+                    "desired {}, applied {}",
+                    st.desired_generation, st.applied_generation
+                ),
+            );
+            if let Some(h) = &st.hub_replica {
+                field(&mut out, "Hub replica", h);
+            }
+        }
+    }
+    out
+}
+
+fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: Timestamp) {
+    let s = &r.spec;
+    field(out, "Repository", &s.repository);
+    field(
+        out,
+        "Registry",
+        format!(
+            "{}/{}",
+            s.registry_ref
+                .namespace
+                .as_deref()
+                .or(object.namespace())
+                .unwrap_or_default(),
+            s.registry_ref.name
+        ),
+    );
+    if let Some(t) = &s.tag {
+        field(out, "Tag", t);
+    }
+    if !s.tags.is_empty() {
+        field(out, "Tags", s.tags.join(", "));
+    }
+    if let Some(p) = &s.tag_pattern {
+        field(
+            out,
+            "Tag pattern",
+            format!("{} (keep latest {})", p.pattern, p.keep_latest.unwrap_or(1)),
+        );
+    }
+    if let Some(d) = &s.digest {
+        field(out, "Digest", d);
+    }
+    field(
+        out,
+        "Platforms",
+        if s.platforms.is_empty() {
+            "all".to_owned()
+        } else {
+            s.platforms.join(", ")
+        },
+    );
+    field(
+        out,
+        "Sync interval",
+        s.sync_interval.as_deref().unwrap_or("1h (default)"),
+    );
+    let placement = match &s.placement {
+        None => "<none: no cluster receives it>".to_owned(),
+        Some(p) => {
+            let mut parts = Vec::new();
+            if let Some(sel) = &p.cluster_selector {
+                parts.push(format!("clusters matching {}", selector_string(sel)));
+            }
+            if !p.clusters.is_empty() {
+                parts.push(format!("clusters {}", p.clusters.join(", ")));
+            }
+            if parts.is_empty() {
+                "<none: no cluster receives it>".to_owned()
+            } else {
+                parts.join("; ")
+            }
+        }
+    };
+    field(out, "Placement", placement);
+    if let Some(ret) = &s.retention {
+        let versions = ret
+            .keep_versions
+            .map(|n| format!("keep {n} versions"))
+            .unwrap_or_else(|| "keep the agent's default number of versions".to_owned());
+        let grace = ret
+            .grace_period
+            .as_deref()
+            .map(|g| format!(", grace period {g}"))
+            .unwrap_or_default();
+        field(out, "Retention", format!("{versions}{grace}"));
+    }
+    field(out, "Suspended", s.suspend);
+
+    let st = r.status.clone().unwrap_or_default();
+    field(
+        out,
+        "Last resolve",
+        when(st.last_resolve_time.as_ref(), now),
+    );
+    if let Some(reason) = st.reason {
+        let stale = if st.stale {
+            " (showing the last good result)"
+        } else {
+            ""
+        };
+        field(
+            out,
+            "Resolve error",
+            format!("{reason:?}: {}{stale}", st.message.as_deref().unwrap_or("")),
+        );
+    }
+    out.push_str("Resolved:\n");
+    if st.resolved.is_empty() {
+        out.push_str("  <none yet>\n");
+    } else {
+        let rows: Vec<Vec<String>> = st
+            .resolved
+            .iter()
+            .map(|t| {
+                vec![
+                    if t.tag.is_empty() {
+                        "<digest>".to_owned()
+                    } else {
+                        t.tag.clone()
+                    },
+                    t.digest.clone(),
+                    t.media_type.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&indent(&table(&["TAG", "DIGEST", "MEDIA TYPE"], &rows)));
+    }
+    let _ = writeln!(
+        out,
+        "Clusters ({}/{} synced):",
+        st.synced_clusters, st.target_clusters
+    );
+    if st.clusters.is_empty() {
+        out.push_str("  <none reported>\n");
+    } else {
+        let rows: Vec<Vec<String>> = st
+            .clusters
+            .iter()
+            .map(|c| {
+                let phase = c
+                    .phase
+                    .map(|p| format!("{p:?}"))
+                    .unwrap_or_else(|| "Unknown".to_owned());
+                vec![
+                    c.cluster.clone(),
+                    if c.last_known {
+                        format!("{phase} (last known)")
+                    } else {
+                        phase
+                    },
+                    progress(c.phase, c.bytes_done, c.bytes_total),
+                    short_digest(&c.digest),
+                    c.last_sync_time
+                        .as_ref()
+                        .map(|t| format!("{} ago", age(Some(t), now)))
+                        .unwrap_or_else(|| "<never>".to_owned()),
+                    c.message.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&indent(&table(
+            &[
+                "CLUSTER",
+                "PHASE",
+                "PROGRESS",
+                "DIGEST",
+                "LAST SYNC",
+                "MESSAGE",
+            ],
+            &rows,
+        )));
+    }
+}
+
+/// The line `apply` prints per object.
+pub fn apply_line(id: &str, outcome: pb::ApplyOutcome, dry_run: bool) -> String {
+    let what = match outcome {
+        pb::ApplyOutcome::Created => "created",
+        pb::ApplyOutcome::Updated => "configured",
+        pb::ApplyOutcome::Unchanged => "unchanged",
+        pb::ApplyOutcome::Unspecified => "applied",
+    };
+    if dry_run {
+        format!("{id} {what} (dry run)")
+    } else {
+        format!("{id} {what}")
+    }
+}
+
+/// Objects as YAML: one document, or several separated by `---`.
+pub fn to_yaml(objects: &[Object], single: bool) -> anyhow::Result<String> {
+    let objects: Vec<Object> = objects.iter().map(Object::redacted).collect();
+    if single && objects.len() == 1 {
+        return Ok(serde_saphyr::to_string(&objects[0])?);
+    }
+    Ok(serde_saphyr::to_string_multiple(&objects)?)
+}
+
+/// Objects as JSON: the object, or a kubectl-style `List`.
+pub fn to_json(objects: &[Object], single: bool) -> anyhow::Result<String> {
+    let objects: Vec<Object> = objects.iter().map(Object::redacted).collect();
+    if single && objects.len() == 1 {
+        return Ok(serde_json::to_string_pretty(&objects[0])?);
+    }
+    Ok(serde_json::to_string_pretty(&serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": objects,
+    }))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgfleet::model::parse_documents;
+
+    fn now() -> Timestamp {
+        "2026-01-08T12:00:00Z".parse().expect("time")
+    }
+
+    fn parse(text: &str) -> Vec<Object> {
+        parse_documents(text).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    const OBJECTS: &str = "\
+apiVersion: image.theriseunion.io/v1alpha1
+kind: RegistrySecret
+metadata: {name: harbor-prod, namespace: production, creationTimestamp: 2026-01-08T11:55:00Z}
+spec: {domain: harbor.example.com, username: u, password: TopSecret99, provider: harbor}
+status: {phase: Connected, latencyMs: 12}
+---
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Repository
+metadata: {name: nginx, namespace: default, creationTimestamp: 2026-01-06T12:00:00Z}
+spec:
+  repository: library/nginx
+  tag: latest
+  registryRef: {name: harbor-prod}
+  syncInterval: 30m
+status:
+  resolved:
+  - {tag: latest, digest: \"sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"}
+  syncedClusters: 3
+  targetClusters: 4
+  clusters:
+  - {cluster: edge-1, digest: \"sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\", phase: Synced, lastSyncTime: 2026-01-08T11:00:00Z}
+  - {cluster: edge-2, digest: \"sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\", phase: Syncing, bytesDone: 250, bytesTotal: 1000, message: copying layer 2 of 4}
+---
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Cluster
+metadata: {name: edge-1, labels: {region: east, tier: store}}
+spec: {tenants: [default, production]}
+status: {phase: Connected, lastSeen: 2026-01-08T11:59:30Z}
+";
+
+    #[test]
+    fn tables_have_kubectl_columns() {
+        let objects = parse(OBJECTS);
+        let rs = table_for(Kind::RegistrySecret, &objects, false, now());
+        assert_eq!(
+            rs,
+            "NAMESPACE    NAME          DOMAIN               PROVIDER   STATUS      AGE\n\
+             production   harbor-prod   harbor.example.com   harbor     Connected   5m\n"
+        );
+        let repo = table_for(Kind::Repository, &objects, false, now());
+        assert_eq!(
+            repo,
+            "NAMESPACE   NAME    REPOSITORY      TAG      SYNCED   AGE\n\
+             default     nginx   library/nginx   latest   3/4      2d\n"
+        );
+        let wide = table_for(Kind::Repository, &objects, true, now());
+        assert!(wide.starts_with("NAMESPACE   NAME    REPOSITORY      TAG      SYNCED   AGE   DIGEST                INTERVAL\n"), "{wide}");
+        assert!(wide.contains("sha256:0123456789ab   30m"), "{wide}");
+        let clusters = table_for(Kind::Cluster, &objects, false, now());
+        assert_eq!(
+            clusters,
+            "NAME     LABELS                   TENANTS              STATUS      LAST-SEEN\n\
+             edge-1   region=east,tier=store   default,production   Connected   30s ago\n"
+        );
+    }
+
+    #[test]
+    fn describe_repository_shows_clusters_with_progress() {
+        let objects = parse(OBJECTS);
+        let text = describe(&objects[1], now());
+        assert!(text.contains("Repository:     library/nginx"), "{text}");
+        assert!(
+            text.contains("Registry:       default/harbor-prod"),
+            "{text}"
+        );
+        assert!(text.contains("Clusters (3/4 synced):"), "{text}");
+        let edge1 = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("edge-1"))
+            .expect("edge-1 row");
+        assert!(
+            edge1.contains("Synced") && edge1.contains("100%") && edge1.contains("60m ago"),
+            "{edge1}"
+        );
+        let edge2 = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("edge-2"))
+            .expect("edge-2 row");
+        assert!(
+            edge2.contains("Syncing")
+                && edge2.contains("25%")
+                && edge2.contains("copying layer 2 of 4"),
+            "{edge2}"
+        );
+        assert!(
+            text.contains(
+                "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+            )
+        );
+    }
+
+    #[test]
+    fn output_never_shows_the_password() {
+        let objects = parse(OBJECTS);
+        let yaml = to_yaml(&objects, false).expect("yaml");
+        let json = to_json(&objects, false).expect("json");
+        let text = describe(&objects[0], now());
+        for out in [&yaml, &json, &text] {
+            assert!(!out.contains("TopSecret99"), "{out}");
+        }
+        // What `get -o yaml` prints reads back as the same objects; the
+        // RegistrySecret only with a password added, since it is write-only.
+        let docs: Vec<&str> = yaml.split("\n---\n").collect();
+        assert_eq!(docs.len(), 3, "{yaml}");
+        assert!(
+            docs[0].contains("username: u") && !docs[0].contains("password"),
+            "{yaml}"
+        );
+        assert_eq!(parse(docs[1]), vec![objects[1].clone()]);
+        assert_eq!(parse(docs[2]), vec![objects[2].clone()]);
+        let single = to_json(&objects[2..], true).expect("json");
+        assert!(single.contains("\"kind\": \"Cluster\""), "{single}");
+    }
+
+    #[test]
+    fn small_formatters() {
+        let t = |s: &str| Some(Time(s.parse().expect("time")));
+        assert_eq!(age(t("2026-01-08T11:59:15Z").as_ref(), now()), "45s");
+        assert_eq!(age(t("2026-01-08T11:48:00Z").as_ref(), now()), "12m");
+        assert_eq!(age(t("2026-01-08T07:00:00Z").as_ref(), now()), "5h");
+        assert_eq!(age(t("2026-01-05T12:00:00Z").as_ref(), now()), "3d");
+        assert_eq!(age(None, now()), "<unknown>");
+        assert_eq!(progress(Some(ImagePhase::Syncing), 1, 3), "33%");
+        assert_eq!(progress(Some(ImagePhase::Pending), 0, 0), "-");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(12), "12 B");
+        let sel = parse(
+            "apiVersion: image.theriseunion.io/v1alpha1\nkind: Repository\nmetadata: {name: a}\nspec:\n  repository: a\n  tag: b\n  registryRef: {name: r}\n  placement:\n    clusterSelector:\n      matchLabels: {region: east}\n      matchExpressions:\n      - {key: tier, operator: In, values: [a, b]}\n      - {key: gone, operator: DoesNotExist}\n",
+        );
+        let Object::Repository(r) = &sel[0] else {
+            panic!()
+        };
+        let s = r
+            .spec
+            .placement
+            .as_ref()
+            .and_then(|p| p.cluster_selector.as_ref())
+            .expect("selector");
+        assert_eq!(selector_string(s), "region=east,tier in (a,b),!gone");
+        assert_eq!(
+            apply_line("Repository default/x", pb::ApplyOutcome::Updated, true),
+            "Repository default/x configured (dry run)"
+        );
+    }
+}

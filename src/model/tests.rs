@@ -1,0 +1,862 @@
+//! Unit tests of the resource model: the seed, malformed variants, round trips.
+
+use super::*;
+use crate::api::v1 as pb;
+
+/// The YAML blocks of the seed document, byte for byte (see testdata/).
+const SEED_QUICKSTART_RS: &str = include_str!("testdata/seed-quickstart-registrysecret.yaml");
+const SEED_QUICKSTART_REPO: &str = include_str!("testdata/seed-quickstart-repository.yaml");
+const SEED_PRODUCTION: &str = include_str!("testdata/seed-production.yaml");
+const SEED_DEVELOPMENT: &str = include_str!("testdata/seed-development.yaml");
+const SEED_ALERT_RULES: &str = include_str!("testdata/seed-alert-rules.yaml");
+
+const REPO: &str = "\
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Repository
+metadata:
+  name: nginx
+  namespace: default
+spec:
+  repository: library/nginx
+  tag: latest
+  registryRef:
+    name: harbor-prod
+  syncInterval: 1h
+";
+
+const SECRET: &str = "\
+apiVersion: image.theriseunion.io/v1alpha1
+kind: RegistrySecret
+metadata:
+  name: harbor-prod
+spec:
+  domain: harbor.example.com
+  username: admin
+  password: Hunter2Secret
+  provider: harbor
+";
+
+/// `REPO` with one line replaced (`from` must occur exactly once).
+fn repo_with(from: &str, to: &str) -> String {
+    assert_eq!(
+        REPO.matches(from).count(),
+        1,
+        "{from:?} occurs once in REPO"
+    );
+    REPO.replace(from, to)
+}
+
+fn secret_with(from: &str, to: &str) -> String {
+    assert_eq!(
+        SECRET.matches(from).count(),
+        1,
+        "{from:?} occurs once in SECRET"
+    );
+    SECRET.replace(from, to)
+}
+
+/// Asserts that `yaml` is refused and that the errors, as displayed, contain
+/// every expected substring.
+fn check(yaml: &str, expected: &[&str]) {
+    let errors = match parse_documents(yaml) {
+        Ok(objects) => panic!("accepted malformed input:\n{yaml}\nas {objects:?}"),
+        Err(errors) => errors,
+    };
+    let text = errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    for want in expected {
+        assert!(
+            text.contains(want),
+            "expected {want:?} in the errors of\n{yaml}\ngot:\n{text}"
+        );
+    }
+    assert!(
+        !text.contains("Hunter2Secret"),
+        "a password leaked into an error:\n{text}"
+    );
+}
+
+#[test]
+fn seed_blocks_are_accepted_unchanged() {
+    for (name, text, count) in [
+        ("quickstart registrysecret", SEED_QUICKSTART_RS, 1),
+        ("quickstart repository", SEED_QUICKSTART_REPO, 1),
+        ("production", SEED_PRODUCTION, 2),
+        ("development", SEED_DEVELOPMENT, 2),
+    ] {
+        let objects =
+            parse_documents(text).unwrap_or_else(|e| panic!("seed block {name} refused: {e:?}"));
+        assert_eq!(objects.len(), count, "{name}");
+    }
+}
+
+#[test]
+fn seed_testdata_is_byte_identical_to_the_seed() {
+    let seed = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/seed/000_c61e726a87493ad6.txt"
+    ));
+    for block in [
+        SEED_QUICKSTART_RS,
+        SEED_QUICKSTART_REPO,
+        SEED_PRODUCTION,
+        SEED_DEVELOPMENT,
+        SEED_ALERT_RULES,
+    ] {
+        assert!(
+            seed.contains(block),
+            "testdata block not in the seed:\n{block}"
+        );
+    }
+}
+
+#[test]
+fn seed_values_mean_what_they_say() {
+    let objects = parse_documents(SEED_PRODUCTION).expect("seed parses");
+    let Object::RegistrySecret(rs) = &objects[0] else {
+        panic!("first is a RegistrySecret")
+    };
+    assert_eq!(objects[0].id(), "RegistrySecret production/harbor-prod");
+    assert_eq!(rs.spec.domain, "harbor.example.com");
+    assert_eq!(rs.spec.username.as_deref(), Some("prod-puller"));
+    assert_eq!(rs.spec.password.as_deref(), Some("SecurePassword123"));
+    assert_eq!(rs.spec.provider, Provider::Harbor);
+    let Object::Repository(repo) = &objects[1] else {
+        panic!("second is a Repository")
+    };
+    assert_eq!(objects[1].id(), "Repository production/myapp-v1.0.0");
+    assert_eq!(repo.spec.repository, "myapp/myapp");
+    assert_eq!(repo.spec.tag.as_deref(), Some("v1.0.0"));
+    assert_eq!(repo.spec.registry_ref.name, "harbor-prod");
+    assert_eq!(
+        repo.spec.registry_ref.namespace.as_deref(),
+        Some("production")
+    );
+    // The trailing `# comment` is not part of the value.
+    assert_eq!(repo.spec.sync_interval.as_deref(), Some("24h"));
+    assert_eq!(
+        repo.spec.sync_interval_duration(),
+        std::time::Duration::from_secs(86_400)
+    );
+}
+
+#[test]
+fn alert_rules_are_not_an_imgfleet_object() {
+    check(
+        SEED_ALERT_RULES,
+        &["document 1: not an imgfleet object", "got a list"],
+    );
+}
+
+#[test]
+fn defaults_are_filled_in() {
+    let text = "\
+apiVersion: image.theriseunion.io/v1alpha1
+kind: RegistrySecret
+metadata:
+  name: anon
+spec:
+  domain: 127.0.0.1:5000
+  insecure: true
+";
+    let objects = parse_documents(text).expect("valid");
+    assert_eq!(objects[0].namespace(), Some("default"));
+    assert_eq!(objects[0].metadata().namespace.as_deref(), Some("default"));
+    let Object::RegistrySecret(rs) = &objects[0] else {
+        panic!()
+    };
+    assert_eq!(rs.spec.provider, Provider::Generic);
+    assert!(rs.spec.insecure);
+    assert_eq!(rs.spec.username, None);
+
+    let cluster = "\
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Cluster
+metadata:
+  name: edge-1
+  labels:
+    region: east
+";
+    let objects = parse_documents(cluster).expect("a Cluster without spec is valid");
+    assert_eq!(objects[0].namespace(), None);
+    assert_eq!(objects[0].id(), "Cluster edge-1");
+}
+
+#[test]
+fn a_full_repository_is_accepted() {
+    let text = "\
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Repository
+metadata:
+  name: app
+  namespace: team-a
+  labels:
+    app.kubernetes.io/name: app
+spec:
+  repository: team-a/app
+  tagPattern:
+    pattern: '^v1\\.[0-9]+\\.[0-9]+$'
+    keepLatest: 3
+  platforms: [linux/amd64, linux/arm64/v8]
+  registryRef:
+    name: harbor
+  syncInterval: 1h30m
+  placement:
+    clusterSelector:
+      matchLabels:
+        region: east
+      matchExpressions:
+      - key: tier
+        operator: In
+        values: [edge, store]
+      - key: maintenance
+        operator: DoesNotExist
+    clusters: [edge-7]
+  retention:
+    keepVersions: 3
+    gracePeriod: 24h
+  suspend: false
+";
+    let objects = parse_documents(text).unwrap_or_else(|e| panic!("{e:?}"));
+    let Object::Repository(r) = &objects[0] else {
+        panic!()
+    };
+    let p = r.spec.tag_pattern.as_ref().expect("pattern");
+    assert_eq!(p.pattern, "^v1\\.[0-9]+\\.[0-9]+$");
+    assert_eq!(p.keep_latest, Some(3));
+    let sel = r
+        .spec
+        .placement
+        .as_ref()
+        .and_then(|p| p.cluster_selector.as_ref())
+        .expect("selector");
+    let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    assert!(sel.matches(&labels(&[("region", "east"), ("tier", "edge")])));
+    assert!(!sel.matches(&labels(&[("region", "east"), ("tier", "core")])));
+    assert!(!sel.matches(&labels(&[
+        ("region", "east"),
+        ("tier", "edge"),
+        ("maintenance", "yes")
+    ])));
+    assert_eq!(
+        r.spec.grace_period_duration(),
+        Some(std::time::Duration::from_secs(86_400))
+    );
+}
+
+#[test]
+fn malformed_variants_are_refused_naming_field_and_expectation() {
+    // Durations.
+    check(
+        &repo_with("syncInterval: 1h", "syncInterval: 1x"),
+        &[
+            r#"Repository default/nginx: spec.syncInterval "1x": expected a duration like 30m, 1h or 24h"#,
+        ],
+    );
+    check(
+        &repo_with("syncInterval: 1h", "syncInterval: \"0\""),
+        &[r#"spec.syncInterval "0": expected a duration"#],
+    );
+    check(
+        &repo_with("syncInterval: 1h", "syncInterval: \"\""),
+        &[r#"spec.syncInterval "": expected a duration"#],
+    );
+    check(
+        &repo_with("syncInterval: 1h", "syncInterval: -1h"),
+        &[r#"spec.syncInterval "-1h": expected a duration"#],
+    );
+    check(
+        &repo_with("syncInterval: 1h", "syncInterval: 5s"),
+        &[r#"spec.syncInterval "5s": too short; expected at least 10s"#],
+    );
+    check(
+        &repo_with("syncInterval: 1h", "syncInterval: 30"),
+        &["spec.syncInterval: expected a string, got the number 30"],
+    );
+    check(
+        &repo_with(
+            "  syncInterval: 1h",
+            "  syncInterval: 1h\n  retention:\n    gracePeriod: forever",
+        ),
+        &[r#"spec.retention.gracePeriod "forever": expected a duration"#],
+    );
+    // Unknown fields, with hints, at every level.
+    check(
+        &repo_with("syncInterval: 1h", "syncIntervall: 1h"),
+        &[
+            "Repository default/nginx: spec.syncIntervall: unknown field, did you mean syncInterval?",
+        ],
+    );
+    check(
+        &repo_with("  name: nginx", "  nmae: nginx"),
+        &[
+            "metadata.nmae: unknown field, did you mean name?",
+            "metadata.name: required field is missing",
+        ],
+    );
+    check(
+        &repo_with(
+            "    name: harbor-prod",
+            "    name: harbor-prod\n    namespce: default",
+        ),
+        &["spec.registryRef.namespce: unknown field, did you mean namespace?"],
+    );
+    check(
+        &format!("{REPO}status:\n  foo: 1\nextra: true\n"),
+        &[
+            "status.foo: unknown field; expected one of",
+            "extra: unknown field; expected one of",
+        ],
+    );
+    // Missing required fields.
+    check(
+        &repo_with("  repository: library/nginx\n", ""),
+        &["Repository default/nginx: spec.repository: required field is missing"],
+    );
+    check(
+        &repo_with("  registryRef:\n    name: harbor-prod\n", ""),
+        &["spec.registryRef: required field is missing"],
+    );
+    check(
+        &repo_with("    name: harbor-prod\n", "    namespace: default\n"),
+        &["spec.registryRef.name: required field is missing"],
+    );
+    check(
+        &repo_with("  tag: latest\n", ""),
+        &["spec.tag: required field is missing: expected one of tag, tags, tagPattern or digest"],
+    );
+    // Wrong types.
+    check(
+        &repo_with("tag: latest", "tag: [a]"),
+        &["spec.tag: expected a string, got a list"],
+    );
+    check(
+        &repo_with(
+            "  syncInterval: 1h",
+            "  syncInterval: 1h\n  suspend: \"yes\"",
+        ),
+        &[r#"spec.suspend: expected true or false, got the string "yes""#],
+    );
+    check(
+        &repo_with(
+            "  syncInterval: 1h",
+            "  syncInterval: 1h\n  retention:\n    keepVersions: -1",
+        ),
+        &[
+            "spec.retention.keepVersions: -1 is out of range: expected an integer from 0 to 4294967295",
+        ],
+    );
+    check(
+        &repo_with(
+            "  registryRef:\n    name: harbor-prod\n",
+            "  registryRef: harbor-prod\n",
+        ),
+        &["spec.registryRef: expected a mapping, got the string \"harbor-prod\""],
+    );
+    // apiVersion and kind.
+    check(
+        &repo_with("kind: Repository", "kind: Deployment"),
+        &[r#"document 1: kind "Deployment": expected one of RegistrySecret, Repository, Cluster"#],
+    );
+    check(
+        &repo_with("kind: Repository", "kind: Repositroy"),
+        &["did you mean Repository?"],
+    );
+    check(
+        &repo_with(
+            "apiVersion: image.theriseunion.io/v1alpha1",
+            "apiVersion: v1",
+        ),
+        &[r#"document 1: apiVersion "v1": expected image.theriseunion.io/v1alpha1"#],
+    );
+    check(
+        &repo_with("apiVersion: image.theriseunion.io/v1alpha1\n", ""),
+        &["document 1: apiVersion: required field is missing"],
+    );
+    // RegistrySecret fields.
+    check(
+        &secret_with("provider: harbor", "provider: quay"),
+        &[
+            r#"RegistrySecret default/harbor-prod: spec.provider "quay": expected one of harbor, dockerhub, aliyun, generic"#,
+        ],
+    );
+    check(
+        &secret_with("provider: harbor", "provider: Harbor"),
+        &[
+            r#"spec.provider "Harbor": expected one of harbor, dockerhub, aliyun, generic, did you mean harbor?"#,
+        ],
+    );
+    check(
+        &secret_with("domain: harbor.example.com", "domain: harbor..example.com"),
+        &[r#"spec.domain "harbor..example.com": expected a host or host:port"#],
+    );
+    check(
+        &secret_with("domain: harbor.example.com", "domain: https://x"),
+        &[
+            r#"spec.domain "https://x": expected a host or host:port"#,
+            "without a scheme",
+        ],
+    );
+    check(
+        &secret_with(
+            "domain: harbor.example.com",
+            "domain: \"harbor example.com\"",
+        ),
+        &[r#"spec.domain "harbor example.com": expected a host or host:port"#],
+    );
+    check(
+        &secret_with(
+            "domain: harbor.example.com",
+            "domain: harbor.example.com:70000",
+        ),
+        &["port 70000 is out of range", "from 1 to 65535"],
+    );
+    check(
+        &secret_with(
+            "domain: harbor.example.com",
+            "domain: harbor.example.com/v2",
+        ),
+        &["without a path"],
+    );
+    check(
+        &secret_with("  password: Hunter2Secret\n", ""),
+        &["spec.password: required field is missing: username is set"],
+    );
+    check(
+        &secret_with("  username: admin\n", ""),
+        &["spec.username: required field is missing: password is set"],
+    );
+    check(
+        &secret_with("password: Hunter2Secret", "password: [Hunter2Secret]"),
+        &["spec.password: expected a string"],
+    );
+    check(
+        &secret_with("  domain: harbor.example.com\n", ""),
+        &["spec.domain: required field is missing"],
+    );
+    // Repository fields.
+    check(
+        &repo_with("repository: library/nginx", "repository: Library/Nginx"),
+        &[
+            r#"spec.repository "Library/Nginx": expected a repository path like library/nginx"#,
+            "lowercase",
+        ],
+    );
+    check(
+        &repo_with("repository: library/nginx", "repository: nginx:latest"),
+        &[
+            r#"spec.repository "nginx:latest": expected a repository path"#,
+            "put the tag in spec.tag",
+        ],
+    );
+    check(
+        &repo_with("repository: library/nginx", "repository: /nginx"),
+        &[
+            r#"spec.repository "/nginx": expected a repository path"#,
+            "leading",
+        ],
+    );
+    check(
+        &repo_with("tag: latest", "tag: -bad"),
+        &[r#"spec.tag "-bad": expected a tag"#],
+    );
+    check(
+        &repo_with("tag: latest", "tag: latest\n  tags: [a, b]"),
+        &["spec.tags: set together with spec.tag: expected only one of tag, tags or tagPattern"],
+    );
+    check(
+        &repo_with("tag: latest", "tags: [a, a]"),
+        &[r#"spec.tags[1] "a": listed twice"#],
+    );
+    check(
+        &repo_with(
+            "tag: latest",
+            "tagPattern:\n    pattern: \"v(1\"\n    keepLatest: 0",
+        ),
+        &[
+            r#"spec.tagPattern.pattern "v(1": expected a valid regular expression"#,
+            "spec.tagPattern.keepLatest: 0 is too small: expected at least 1",
+        ],
+    );
+    check(
+        &repo_with("tag: latest", "digest: sha256:1234"),
+        &[r#"spec.digest "sha256:1234": expected sha256: followed by 64 lowercase hex digits"#],
+    );
+    check(
+        &repo_with(
+            "tag: latest",
+            "tag: latest\n  platforms: [linux, linux/amd64]",
+        ),
+        &[r#"spec.platforms[0] "linux": expected os/arch or os/arch/variant"#],
+    );
+    check(
+        &repo_with(
+            "    name: harbor-prod",
+            "    name: harbor-prod\n    namespace: other",
+        ),
+        &[
+            r#"spec.registryRef.namespace "other": expected the Repository's own namespace "default""#,
+        ],
+    );
+    // Placement.
+    let placement = |body: &str| {
+        repo_with(
+            "  syncInterval: 1h",
+            &format!("  syncInterval: 1h\n  placement:\n{body}"),
+        )
+    };
+    check(
+        &placement(
+            "    clusterSelector:\n      matchExpressions:\n      - key: tier\n        operator: Maybe\n        values: [a]",
+        ),
+        &[
+            r#"spec.placement.clusterSelector.matchExpressions[0].operator "Maybe": expected one of In, NotIn, Exists, DoesNotExist"#,
+        ],
+    );
+    check(
+        &placement(
+            "    clusterSelector:\n      matchExpressions:\n      - key: tier\n        operator: Exists\n        values: [a]",
+        ),
+        &[
+            "spec.placement.clusterSelector.matchExpressions[0].values: expected no values for operator Exists",
+        ],
+    );
+    check(
+        &placement(
+            "    clusterSelector:\n      matchExpressions:\n      - key: tier\n        operator: In\n        values: []",
+        ),
+        &[
+            "spec.placement.clusterSelector.matchExpressions[0].values: expected at least one value for operator In",
+        ],
+    );
+    check(
+        &placement("    clusterSelector:\n      matchLabels:\n        tier: \"bad value!\""),
+        &[
+            r#"spec.placement.clusterSelector.matchLabels.tier "bad value!": expected a label value"#,
+        ],
+    );
+    check(
+        &placement("    clusters: [Edge_1]"),
+        &[r#"spec.placement.clusters[0] "Edge_1": expected a cluster name"#],
+    );
+    // Metadata.
+    check(
+        &repo_with("  name: nginx", "  name: Nginx_1"),
+        &[r#"metadata.name "Nginx_1": expected a DNS-1123 name"#],
+    );
+    check(
+        &repo_with("  namespace: default", "  namespace: my.ns"),
+        &[r#"metadata.namespace "my.ns": expected a DNS-1123 label"#],
+    );
+    // Cluster.
+    check(
+        "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: edge-1\n  namespace: default\nspec:\n  tenants: [team-a, Team_B]\n",
+        &[
+            r#"Cluster edge-1: metadata.namespace "default": Cluster is cluster-scoped; expected no namespace"#,
+            r#"Cluster edge-1: spec.tenants[1] "Team_B": expected a namespace name"#,
+        ],
+    );
+    // Whole documents.
+    check(
+        &format!("{REPO}---\n{REPO}"),
+        &["Repository default/nginx: defined twice in one input (documents 1 and 2)"],
+    );
+    check("kind: [unclosed\n", &["input: not valid YAML: line 1"]);
+    check(
+        &repo_with("  tag: latest\n", "  tag: latest\n  tag: other\n"),
+        &["input: not valid YAML", "duplicate mapping key: tag"],
+    );
+}
+
+#[test]
+fn every_error_of_a_document_is_reported() {
+    let text = repo_with("syncInterval: 1h", "syncIntervall: 1h")
+        .replace("repository: library/nginx", "repository: Library/Nginx")
+        .replace("tag: latest", "tag: -x");
+    let errors = parse_documents(&format!(
+        "{text}---\n{}",
+        secret_with("provider: harbor", "provider: quay")
+    ))
+    .expect_err("malformed");
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), 4, "{text:#?}");
+    assert!(text[0].contains("spec.syncIntervall: unknown field"));
+    assert!(
+        text.iter()
+            .any(|e| e.contains("spec.repository \"Library/Nginx\""))
+    );
+    assert!(text.iter().any(|e| e.contains("spec.tag \"-x\"")));
+    assert!(text[3].starts_with("RegistrySecret default/harbor-prod: spec.provider"));
+}
+
+#[test]
+fn check_documents_keeps_valid_objects_beside_errors() {
+    let checked = check_documents(&format!(
+        "{SECRET}---\n{}",
+        repo_with("tag: latest", "tag: -x")
+    ));
+    assert_eq!(checked.objects.len(), 1);
+    assert_eq!(
+        checked.objects[0].id(),
+        "RegistrySecret default/harbor-prod"
+    );
+    assert_eq!(checked.errors.len(), 1);
+}
+
+#[test]
+fn json_input_is_accepted() {
+    let text = r#"{"apiVersion": "image.theriseunion.io/v1alpha1", "kind": "Cluster",
+        "metadata": {"name": "edge-1", "labels": {"region": "east"}},
+        "spec": {"tenants": ["default"]}}"#;
+    let objects = parse_documents(text).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(objects[0].kind(), Kind::Cluster);
+}
+
+#[test]
+fn passwords_never_appear_in_debug_output() {
+    let objects = parse_documents(SECRET).expect("valid");
+    let debug = format!("{:?} {:#?}", objects, objects[0]);
+    assert!(!debug.contains("Hunter2Secret"), "{debug}");
+    assert!(debug.contains("<redacted>"));
+    let redacted = objects[0].redacted();
+    let yaml = serde_saphyr::to_string(&redacted).expect("serializes");
+    assert!(
+        !yaml.contains("Hunter2Secret") && !yaml.contains("password"),
+        "{yaml}"
+    );
+}
+
+#[test]
+fn kinds_parse_in_every_form() {
+    for (text, kind) in [
+        ("registrysecret", Kind::RegistrySecret),
+        ("RegistrySecrets", Kind::RegistrySecret),
+        ("rs", Kind::RegistrySecret),
+        ("repository", Kind::Repository),
+        ("Repositories", Kind::Repository),
+        ("REPO", Kind::Repository),
+        ("cluster", Kind::Cluster),
+        ("clusters", Kind::Cluster),
+    ] {
+        assert_eq!(Kind::parse(text), Ok(kind), "{text}");
+    }
+    assert_eq!(
+        Kind::parse("foo").map_err(|e| e.to_string()),
+        Err(r#"unknown kind "foo": expected one of registrysecret (rs), repository (repo), cluster"#.to_owned())
+    );
+}
+
+fn wire_round_trip(object: &Object) -> Object {
+    let wire = pb::Object::from(object);
+    // Through the bytes too, so nothing relies on in-memory sharing.
+    let bytes = prost::Message::encode_to_vec(&wire);
+    let decoded: pb::Object = prost::Message::decode(bytes.as_slice()).expect("decodes");
+    Object::try_from(decoded).expect("converts back")
+}
+
+#[test]
+fn yaml_model_wire_model_round_trips() {
+    let with_status = "\
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Repository
+metadata:
+  name: app
+  namespace: team-a
+  labels:
+    tier: edge
+  resourceVersion: \"42\"
+  generation: 3
+  uid: 0b6c-11
+  creationTimestamp: 2026-01-08T10:00:00Z
+spec:
+  repository: team-a/app
+  tags: [v1, v2]
+  platforms: [linux/amd64]
+  registryRef:
+    name: harbor
+    namespace: team-a
+  syncInterval: 30m
+  placement:
+    clusterSelector:
+      matchLabels: {region: east}
+      matchExpressions:
+      - {key: tier, operator: NotIn, values: [core]}
+    clusters: [edge-1]
+  retention: {keepVersions: 2, gracePeriod: 12h}
+  suspend: true
+status:
+  resolved:
+  - {tag: v1, digest: \"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\", mediaType: application/vnd.oci.image.index.v1+json}
+  lastResolveTime: 2026-01-08T10:05:00Z
+  reason: RateLimited
+  message: slow down
+  stale: true
+  retryAfter: 2026-01-08T10:10:00Z
+  clusters:
+  - cluster: edge-1
+    digest: \"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"
+    phase: Syncing
+    bytesDone: 100
+    bytesTotal: 400
+    layersDone: 1
+    layersTotal: 4
+    lastSyncTime: 2026-01-08T09:00:00Z
+    message: copying
+    lastKnown: true
+  syncedClusters: 0
+  targetClusters: 1
+  observedGeneration: 3
+";
+    let cluster = "\
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Cluster
+metadata:
+  name: edge-1
+  labels: {region: east}
+spec:
+  tenants: [team-a]
+  description: store 7
+status:
+  phase: Connected
+  lastSeen: 2026-01-08T10:00:00Z
+  agentVersion: 0.1.0
+  storageUsedBytes: 10
+  storageCapacityBytes: 100
+  desiredGeneration: 5
+  appliedGeneration: 4
+  hubReplica: hub-0
+  imagesDesired: 2
+  imagesSynced: 1
+";
+    let secret_with_status = format!(
+        "{SECRET}  insecure: true\nstatus:\n  phase: AuthFailed\n  lastCheckTime: 2026-01-08T10:00:00Z\n  latencyMs: 12\n  message: unauthorized\n"
+    );
+    let mut all = Vec::new();
+    for text in [
+        SEED_QUICKSTART_RS,
+        SEED_QUICKSTART_REPO,
+        SEED_PRODUCTION,
+        SEED_DEVELOPMENT,
+        with_status,
+        cluster,
+        &secret_with_status,
+    ] {
+        all.extend(parse_documents(text).unwrap_or_else(|e| panic!("{e:?}")));
+    }
+    for object in &all {
+        assert_eq!(&wire_round_trip(object), object, "{}", object.id());
+        // And back out through YAML, the way `get -o yaml` prints it.
+        let yaml = serde_saphyr::to_string(object).expect("serializes");
+        let again = parse_documents(&yaml).unwrap_or_else(|e| panic!("{yaml}\n{e:?}"));
+        assert_eq!(&again[0], object, "{yaml}");
+    }
+}
+
+#[test]
+fn responses_never_carry_the_password() {
+    let objects = parse_documents(SECRET).expect("valid");
+    let wire = crate::convert::to_response(&objects[0]);
+    let Some(pb::object::Kind::RegistrySecret(rs)) = &wire.kind else {
+        panic!("a RegistrySecret")
+    };
+    let spec = rs.spec.as_ref().expect("spec");
+    assert!(spec.password.is_empty());
+    assert!(spec.password_set);
+    assert_eq!(spec.username, "admin");
+    // The request form keeps it, since Apply must deliver it.
+    let Some(pb::object::Kind::RegistrySecret(rs)) = pb::Object::from(&objects[0]).kind else {
+        panic!("a RegistrySecret")
+    };
+    assert_eq!(
+        rs.spec.map(|s| s.password),
+        Some("Hunter2Secret".to_owned())
+    );
+}
+
+#[test]
+fn wire_errors_name_the_field() {
+    let mut wire = pb::Repository::from(match &parse_documents(REPO).expect("valid")[0] {
+        Object::Repository(r) => r,
+        _ => panic!(),
+    });
+    if let Some(spec) = &mut wire.spec {
+        spec.registry_ref = None;
+    }
+    let e = Repository::try_from(wire.clone()).expect_err("no registryRef");
+    assert_eq!(e.field, "spec.registryRef");
+    assert!(
+        e.to_string()
+            .starts_with("Repository default/nginx: spec.registryRef: missing")
+    );
+
+    let secret = pb::RegistrySecret {
+        metadata: Some(pb::ObjectMeta {
+            name: "x".into(),
+            namespace: "ns".into(),
+            ..Default::default()
+        }),
+        spec: Some(pb::RegistrySecretSpec {
+            domain: "r.example".into(),
+            provider: 99,
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let e = RegistrySecret::try_from(secret).expect_err("unknown provider");
+    assert_eq!(
+        e.to_string(),
+        "RegistrySecret ns/x: spec.provider: unknown enum value 99"
+    );
+    let mut bad_time = pb::Cluster {
+        metadata: Some(pb::ObjectMeta {
+            name: "edge-1".into(),
+            creation_timestamp: Some(prost_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+        spec: None,
+        status: None,
+    };
+    let e = Cluster::try_from(bad_time.clone()).expect_err("time out of range");
+    assert_eq!(e.field, "metadata.creationTimestamp");
+    assert!(
+        e.to_string()
+            .starts_with("Cluster edge-1: metadata.creationTimestamp: timestamp")
+    );
+    bad_time.metadata = None;
+    let e = Cluster::try_from(bad_time).expect_err("no metadata");
+    assert_eq!(e.field, "metadata");
+    let e = Object::try_from(pb::Object { kind: None }).expect_err("empty");
+    assert_eq!(e.field, "kind");
+}
+
+#[test]
+fn objects_deserialize_by_their_kind() {
+    // Stored objects are read back with plain serde; the kind decides the type
+    // even when the shapes would also fit another kind.
+    let cluster = parse_documents(
+        "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata: {name: edge-1}\n",
+    )
+    .expect("valid");
+    let json = serde_json::to_string(&cluster[0]).expect("json");
+    let back: Object = serde_json::from_str(&json).expect("reads back");
+    assert_eq!(back, cluster[0]);
+    let all = parse_documents(SEED_PRODUCTION).expect("valid");
+    for o in &all {
+        let back: Object =
+            serde_json::from_slice(&serde_json::to_vec(o).expect("json")).expect("reads back");
+        assert_eq!(&back, o);
+    }
+    let e = serde_json::from_str::<Object>(r#"{"kind": "Deployment"}"#).expect_err("unknown kind");
+    assert!(e.to_string().contains("kind \"Deployment\""), "{e}");
+}
