@@ -14,9 +14,9 @@
 //! Invariant: the mirror serves only what the store records, and the store
 //! records a manifest only after every blob it needs was verified by digest.
 
-pub mod store;
-pub mod transfer;
 pub mod desired;
+pub mod gc;
 pub mod mirror;
 pub mod standalone;
-pub mod gc;
+pub mod store;
+pub mod transfer;

@@ -2,5 +2,5 @@
 //! registry access and retry policy. Hub and agent depend on this crate, never
 //! on each other.
 pub mod pki;
-pub mod tls;
 pub mod registry;
+pub mod tls;

@@ -203,8 +203,12 @@ async fn bearer_flow_limits_and_pagination() {
 
 #[tokio::test]
 async fn tls_registry_with_extra_ca_root() {
-    let reg = Registry::start(RegistryOptions::plain().with_tls()).await.unwrap();
-    let pushed = push_image(&reg, "demo/tls", "v1", &ImageSpec::random(&[10_000], 3)).await.unwrap();
+    let reg = Registry::start(RegistryOptions::plain().with_tls())
+        .await
+        .unwrap();
+    let pushed = push_image(&reg, "demo/tls", "v1", &ImageSpec::random(&[10_000], 3))
+        .await
+        .unwrap();
     let ca = reg.ca_pem().unwrap().as_bytes().to_vec();
     let c = RegistryClient::new(RegistryConfig {
         host: reg.addr(),
@@ -212,7 +216,10 @@ async fn tls_registry_with_extra_ca_root() {
         ..RegistryConfig::default()
     })
     .unwrap();
-    assert_eq!(c.resolve_tag("demo/tls", "v1").await.unwrap(), pushed.manifest_digest);
+    assert_eq!(
+        c.resolve_tag("demo/tls", "v1").await.unwrap(),
+        pushed.manifest_digest
+    );
     // Without the CA the certificate is refused.
     let untrusted = RegistryClient::new(RegistryConfig {
         host: reg.addr(),

@@ -1,12 +1,12 @@
 //! The imgfleet hub: policy store, admin and agent services, placement, tag resolution.
-pub mod store;
-pub mod placement;
-pub mod secrets;
+pub mod admin;
 pub mod ca;
 pub mod config;
-pub mod resolver;
-pub mod admin;
 pub mod metrics;
 pub mod objects;
+pub mod placement;
+pub mod resolver;
+pub mod secrets;
 pub mod selector;
 pub mod server;
+pub mod store;

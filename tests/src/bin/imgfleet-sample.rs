@@ -30,7 +30,10 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args> {
     let mut platforms = vec![Platform::linux_amd64()];
     let mut seed = 1;
     while let Some(flag) = argv.next() {
-        let mut value = || argv.next().with_context(|| format!("{flag}: expected a value"));
+        let mut value = || {
+            argv.next()
+                .with_context(|| format!("{flag}: expected a value"))
+        };
         match flag.as_str() {
             "--registry" => registry = Some(value()?),
             "--repo" => repo = Some(value()?),
@@ -49,7 +52,9 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args> {
                 platforms = value()?
                     .split(',')
                     .map(|p| match p.split_once('/') {
-                        Some((os, arch)) if !os.is_empty() && !arch.is_empty() => Ok(Platform::new(os, arch)),
+                        Some((os, arch)) if !os.is_empty() && !arch.is_empty() => {
+                            Ok(Platform::new(os, arch))
+                        }
                         _ => bail!("--platforms {p:?}: expected os/arch, e.g. linux/amd64"),
                     })
                     .collect::<Result<_>>()?
@@ -97,7 +102,10 @@ async fn run() -> Result<String> {
     target.credentials = args.credentials.clone();
     let spec = ImageSpec::random(&args.layers, args.seed);
     if args.platforms.len() == 1 && args.platforms[0] == Platform::linux_amd64() {
-        Ok(target.push_image(&args.repo, &args.tag, &spec).await?.manifest_digest)
+        Ok(target
+            .push_image(&args.repo, &args.tag, &spec)
+            .await?
+            .manifest_digest)
     } else {
         Ok(target
             .push_index(&args.repo, &args.tag, &args.platforms, &spec)
