@@ -18,6 +18,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `AgentServiceClient::connect(dst)` constructor; clients are built
         // from a `Channel` with `new` instead.
         .build_transport(false)
+        // Messages that carry a registry password get hand-written Debug
+        // impls (src/api_debug.rs) that redact it, so `{:?}` of a request
+        // can never leak a credential into a log.
+        .skip_debug([
+            "imgfleet.v1.RegistrySecretSpec",
+            "imgfleet.v1.RegistryCredential",
+        ])
         .compile_fds(fds)?;
     Ok(())
 }

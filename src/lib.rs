@@ -7,6 +7,7 @@
 //! - [`convert`] maps the model to and from the wire contract.
 //! - [`crd`] generates the Kubernetes CRDs in `deploy/crds/` from the model.
 
+mod api_debug;
 pub mod convert;
 pub mod crd;
 pub mod model;
