@@ -4,6 +4,7 @@ pub mod ca;
 pub mod config;
 pub mod metrics;
 pub mod objects;
+pub mod parts;
 pub mod placement;
 pub mod resolver;
 pub mod secrets;

@@ -65,7 +65,8 @@ enum Failure {
 async fn run(config: Config) -> Result<(), Failure> {
     let shutdown = CancellationToken::new();
     let data_dir = config.data_dir.clone();
-    let hub = match server::start(config, shutdown.clone()).await {
+    let extensions = imgfleet_hub::parts::default_extensions(&config);
+    let hub = match server::start_with(config, shutdown.clone(), extensions).await {
         Ok(h) => h,
         Err(e) if e.is_config() => return Err(Failure::Config(e)),
         Err(e) => {
