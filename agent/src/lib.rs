@@ -14,9 +14,12 @@
 //! Invariant: the mirror serves only what the store records, and the store
 //! records a manifest only after every blob it needs was verified by digest.
 
+pub mod daemon;
 pub mod desired;
+pub mod edge;
 pub mod gc;
 pub mod mirror;
+pub mod session;
 pub mod standalone;
 pub mod store;
 pub mod transfer;

@@ -25,11 +25,16 @@ use tokio_util::sync::CancellationToken;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// Without a subcommand: run the daemon with these flags.
+    #[command(flatten)]
+    daemon: imgfleet_agent::daemon::DaemonArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: hub session, sync, mirror (the same as giving --hub without a subcommand).
+    Run(imgfleet_agent::daemon::DaemonArgs),
     /// Sync the images named by RegistrySecret and Repository YAML once, then exit.
     Sync {
         /// The YAML file (the same the hub takes).
@@ -62,6 +67,9 @@ enum Command {
         /// Do not collect content that is no longer desired.
         #[arg(long)]
         no_gc: bool,
+        /// The edge-registry target (--push-to ...).
+        #[command(flatten)]
+        push: imgfleet_agent::edge::PushArgs,
     },
     /// Serve the content store as a read-only registry mirror (no hub).
     Serve {
@@ -85,14 +93,22 @@ enum Command {
 
 fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    // The daemon's log is its record of sessions and transfers; one-shot
+    // commands print their own summary.
+    let default_filter = match cli.command {
+        None | Some(Command::Run(_)) => "info",
+        Some(_) => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: the daemon's log usually goes to a file.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -110,7 +126,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+    let command = cli.command.unwrap_or(Command::Run(cli.daemon));
+    match command {
+        Command::Run(args) => run_daemon(args).await,
         Command::Sync {
             from,
             data_dir,
@@ -122,6 +140,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             grace_period,
             keep_versions,
             no_gc,
+            push,
         } => {
             let mut config = EngineConfig {
                 concurrency_images,
@@ -140,7 +159,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 grace_period,
                 keep_versions,
             });
-            sync(from, data_dir, config, gc).await
+            let push = push.config(
+                config.extra_roots_pem.clone(),
+                concurrency_images,
+                concurrency_blobs,
+                retries,
+            )?;
+            sync(from, data_dir, config, gc, push).await
         }
         Command::Serve {
             data_dir,
@@ -159,6 +184,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The daemon: exit 64 on bad configuration, 0 after SIGTERM or Ctrl-C.
+async fn run_daemon(args: imgfleet_agent::daemon::DaemonArgs) -> anyhow::Result<ExitCode> {
+    let config = match args.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(64));
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("Signal received; stopping");
+        trigger.cancel();
+    });
+    imgfleet_agent::daemon::run(config, shutdown)
+        .await
+        .context("running the agent daemon")?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     // The model's durations are never zero; a zero grace period is useful here.
     if s.trim_end_matches(['s', 'm', 'h', 'd']) == "0" {
@@ -173,6 +220,7 @@ async fn sync(
     data_dir: PathBuf,
     config: EngineConfig,
     gc: Option<GcPolicy>,
+    push: Option<imgfleet_agent::edge::EdgeConfig>,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let text =
@@ -211,6 +259,12 @@ async fn sync(
     let _ = display.await;
 
     let ok = print_summary(&reports, &failures, started.elapsed());
+    // Pushed from the store after the sync, so a failed push leaves the
+    // synced content in place for the next run.
+    let ok = match push {
+        Some(p) => imgfleet_agent::edge::push_synced(p, engine.store(), &reports).await? && ok,
+        None => ok,
+    };
     match gc {
         // Collect only after a complete sync: an image that failed to resolve
         // must not look undesired.

@@ -164,6 +164,9 @@ pub struct ResolveFailure {
     pub message: String,
 }
 
+/// Tag lookups in flight at once.
+const RESOLVE_CONCURRENCY: usize = 64;
+
 /// Resolves tags to digests and groups tags by digest into desired images,
 /// several targets at once (a no-op re-sync is mostly these lookups).
 pub async fn resolve(
@@ -172,7 +175,10 @@ pub async fn resolve(
 ) -> (Vec<DesiredImage>, Vec<ResolveFailure>) {
     let results: Vec<(Vec<DesiredImage>, Vec<ResolveFailure>)> = futures::stream::iter(targets)
         .map(|t| resolve_one(engine, t))
-        .buffered(16)
+        // A no-op re-sync is bounded by these round trips: ask for up to 64
+        // at once (the registry's own concurrency does the rest), each on
+        // its own kept-alive connection.
+        .buffered(RESOLVE_CONCURRENCY)
         .collect()
         .await;
     let mut images = Vec::new();

@@ -13,6 +13,10 @@
 //!    sync into a second local registry it filled before (skopeo refuses to
 //!    sync into a `dir` destination that already holds the images).
 //!
+//! Also the raw limit for case 1: `curl --parallel` GETs the image's blobs
+//! to /dev/null from the same registry; the agent's time is printed as a
+//! percentage of it (curl time / agent time).
+//!
 //! Three runs each; prints medians and ratios (skopeo time / agent time).
 
 mod common;
@@ -87,6 +91,11 @@ fn skopeo(args: &[&str]) -> tokio::process::Command {
     c
 }
 
+/// curl, which the raw-limit measurement needs.
+fn require_curl() -> std::path::PathBuf {
+    imgfleet_tests::require_binary("curl", "curl")
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -118,7 +127,7 @@ async fn agent_vs_skopeo() {
     let work = tempfile::tempdir().unwrap();
 
     // 1. One 256 MiB image of 4 layers.
-    push_image(
+    let big = push_image(
         &reg,
         "bench/big",
         "v1",
@@ -146,7 +155,33 @@ async fn agent_vs_skopeo() {
         );
         let _ = std::fs::remove_dir_all(&oci);
     }
-    report("256 MiB / 4 layers, copy", agent, sk);
+    report("256 MiB / 4 layers, copy", agent.clone(), sk);
+
+    // The raw limit of this machine and registry for the same bytes: curl
+    // GETs every blob of the image to /dev/null, as many at once as the
+    // agent runs (--parallel), without hashing or writing anything.
+    let mut raw = Vec::new();
+    for _ in 0..RUNS {
+        let mut c = tokio::process::Command::new(require_curl());
+        c.args(["--silent", "--fail", "--parallel", "--parallel-max", "8"]);
+        for d in big.blob_digests() {
+            c.arg("-o")
+                .arg("/dev/null")
+                .arg(format!("http://{addr}/v2/bench/big/blobs/{d}"));
+        }
+        raw.push(timed(c).await);
+    }
+    let (a, r) = (median(agent), median(raw.clone()));
+    println!(
+        "{:<34} agent {:>8.3}s  curl   {:>8.3}s  agent at {:>5.1}% of curl   (runs: curl {:?})",
+        "256 MiB / 4 layers, raw limit",
+        a.as_secs_f64(),
+        r.as_secs_f64(),
+        100.0 * r.as_secs_f64() / a.as_secs_f64(),
+        raw.iter()
+            .map(|d| format!("{:.3}", d.as_secs_f64()))
+            .collect::<Vec<_>>(),
+    );
 
     // 2. 50 small images sharing a 20 MiB base.
     let base = LayerSpec::new(20 * MIB, 2000);

@@ -15,6 +15,8 @@ use zeroize::Zeroizing;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 /// Default address of the metrics and health listener.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// Default `--offline-after`.
+pub const DEFAULT_OFFLINE_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./hub-data";
 /// Default etcd key prefix.
@@ -71,6 +73,9 @@ struct Cli {
     /// Log format: text or json [env: IMGFLEET_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
+    /// Mark a cluster Offline when nothing was heard from its agent for this long, e.g. 30s [env: IMGFLEET_OFFLINE_AFTER] [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    offline_after: Option<String>,
 }
 
 /// Where policy is stored.
@@ -147,6 +152,8 @@ pub struct Config {
     pub tls: TlsFiles,
     pub server_names: Vec<String>,
     pub log_format: LogFormat,
+    /// Silence after which a cluster is shown Offline (`--offline-after`).
+    pub offline_after: std::time::Duration,
 }
 
 /// Why the configuration was refused, or that help/version was asked for.
@@ -197,6 +204,7 @@ impl Config {
             tls: TlsFiles::default(),
             server_names: Vec::new(),
             log_format: LogFormat::Text,
+            offline_after: DEFAULT_OFFLINE_AFTER,
         }
     }
 
@@ -381,7 +389,21 @@ impl Config {
             }
         };
 
+        let offline_after = match cli
+            .offline_after
+            .or_else(|| env_get("IMGFLEET_OFFLINE_AFTER"))
+        {
+            None => DEFAULT_OFFLINE_AFTER,
+            Some(raw) => imgfleet::model::parse_duration(&raw)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ConfigError::invalid("--offline-after", raw, "a duration like 30s or 2m")
+                })?,
+        };
+
         Ok(Config {
+            offline_after,
             listen,
             data_dir,
             store,

@@ -11,5 +11,7 @@ use crate::server::Extensions;
 pub fn default_extensions(config: &Config) -> Extensions {
     let mut extensions = Extensions::default();
     // Each part adds its hooks here, one line per part.
+    extensions.tasks.push(crate::resolve_loop::task(config));
+    crate::session::register(&mut extensions, config);
     extensions
 }

@@ -121,7 +121,17 @@ async fn scenario(etcd: Option<&Etcd>) {
     let data = dir.path().join("hub-data");
     let mut hub = start_hub(&data, &dir.path().join("hub1.log"), etcd).await;
 
-    let out = ok(&hub, &["apply", "-f", SEED_FILE]);
+    // The hub's resolver contacts the registry named in the seed; point it at
+    // a closed loopback port so no test traffic leaves the machine.
+    let upstream = format!("127.0.0.1:{}", free_port());
+    let seed = std::fs::read_to_string(SEED_FILE)
+        .expect("seed")
+        .replace("harbor.example.com", &upstream);
+    let seed_path = dir.path().join("seed.yaml");
+    std::fs::write(&seed_path, &seed).expect("write seed copy");
+    let seed_file = seed_path.to_str().expect("utf-8 temp path");
+
+    let out = ok(&hub, &["apply", "-f", seed_file]);
     assert!(
         out.contains("RegistrySecret default/harbor-prod created"),
         "{out}"
@@ -130,7 +140,7 @@ async fn scenario(etcd: Option<&Etcd>) {
         out.contains("Repository default/nginx-latest created"),
         "{out}"
     );
-    let out = ok(&hub, &["apply", "-f", SEED_FILE]);
+    let out = ok(&hub, &["apply", "-f", seed_file]);
     assert!(out.contains("unchanged"), "{out}");
 
     let out = ok(&hub, &["get", "repositories"]);
@@ -143,7 +153,7 @@ async fn scenario(etcd: Option<&Etcd>) {
 
     let out = ok(&hub, &["get", "rs", "-o", "yaml"]);
     assert!(
-        out.contains("harbor-prod") && out.contains("harbor.example.com"),
+        out.contains("harbor-prod") && out.contains(&upstream),
         "{out}"
     );
     assert!(
@@ -165,8 +175,7 @@ async fn scenario(etcd: Option<&Etcd>) {
         .find_map(|l| l.trim().strip_prefix("resourceVersion:"))
         .map(|v| v.trim().trim_matches('"').to_string())
         .unwrap_or_else(|| panic!("no resourceVersion in:\n{shown}"));
-    let stale_yaml = std::fs::read_to_string(SEED_FILE)
-        .expect("seed")
+    let stale_yaml = seed
         .replace(
             "  name: nginx-latest\n",
             &format!("  name: nginx-latest\n  resourceVersion: \"{rv}\"\n"),

@@ -141,6 +141,29 @@ fn synced_cell(r: &Repository) -> String {
     format!("{synced}/{target}")
 }
 
+/// The full resolved digest, so it can be compared with what the registry
+/// serves; `(+N)` when more tags are kept, `(stale)` when the last
+/// resolution failed, and the failure reason when nothing resolved yet.
+fn digest_cell(r: &Repository) -> String {
+    let status = r.status.as_ref();
+    let resolved = status.map(|s| s.resolved.as_slice()).unwrap_or_default();
+    let mut cell = match resolved.first() {
+        Some(first) => first.digest.clone(),
+        None => match (status.and_then(|s| s.reason), r.spec.digest.as_deref()) {
+            (Some(reason), _) => return format!("<{reason:?}>"),
+            (None, Some(pinned)) => pinned.to_owned(),
+            (None, None) => return "<none>".to_owned(),
+        },
+    };
+    if resolved.len() > 1 {
+        cell.push_str(&format!(" (+{})", resolved.len() - 1));
+    }
+    if status.is_some_and(|s| s.stale) {
+        cell.push_str(" (stale)");
+    }
+    cell
+}
+
 fn rs_status(rs: &RegistrySecret) -> String {
     rs.status
         .as_ref()
@@ -190,19 +213,11 @@ pub fn table_for(kind: Kind, objects: &[Object], wide: bool, now: Timestamp) -> 
                             o.name().to_owned(),
                             r.spec.repository.clone(),
                             tag_cell(r),
+                            digest_cell(r),
                             synced_cell(r),
                             age(o.metadata().creation_timestamp.as_ref(), now),
                         ];
                         if wide {
-                            let digest = r
-                                .status
-                                .as_ref()
-                                .and_then(|s| s.resolved.first())
-                                .map(|t| t.digest.as_str())
-                                .or(r.spec.digest.as_deref())
-                                .map(short_digest)
-                                .unwrap_or_else(|| "<none>".to_owned());
-                            row.push(digest);
                             row.push(
                                 r.spec
                                     .sync_interval
@@ -215,9 +230,17 @@ pub fn table_for(kind: Kind, objects: &[Object], wide: bool, now: Timestamp) -> 
                     _ => None,
                 })
                 .collect();
-            let mut headers = vec!["NAMESPACE", "NAME", "REPOSITORY", "TAG", "SYNCED", "AGE"];
+            let mut headers = vec![
+                "NAMESPACE",
+                "NAME",
+                "REPOSITORY",
+                "TAG",
+                "DIGEST",
+                "SYNCED",
+                "AGE",
+            ];
             if wide {
-                headers.extend(["DIGEST", "INTERVAL"]);
+                headers.push("INTERVAL");
             }
             table(&headers, &rows)
         }
@@ -526,7 +549,16 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
                         .as_ref()
                         .map(|t| format!("{} ago", age(Some(t), now)))
                         .unwrap_or_else(|| "<never>".to_owned()),
-                    c.message.clone().unwrap_or_default(),
+                    // A failed image with a retry scheduled says so, so that
+                    // Failed never reads as final while a retry is pending.
+                    match (&c.next_retry_time, c.phase) {
+                        (Some(t), Some(ImagePhase::Failed)) => format!(
+                            "{} (retry at {})",
+                            c.message.as_deref().unwrap_or("failed"),
+                            t.0.strftime("%Y-%m-%dT%H:%M:%SZ")
+                        ),
+                        _ => c.message.clone().unwrap_or_default(),
+                    },
                 ]
             })
             .collect();
@@ -637,18 +669,47 @@ status: {phase: Connected, lastSeen: 2026-01-08T11:59:30Z}
         let repo = table_for(Kind::Repository, &objects, false, now());
         assert_eq!(
             repo,
-            "NAMESPACE   NAME    REPOSITORY      TAG      SYNCED   AGE\n\
-             default     nginx   library/nginx   latest   3/4      2d\n"
+            "NAMESPACE   NAME    REPOSITORY      TAG      DIGEST                                                                    SYNCED   AGE\n\
+             default     nginx   library/nginx   latest   sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef   3/4      2d\n"
         );
         let wide = table_for(Kind::Repository, &objects, true, now());
-        assert!(wide.starts_with("NAMESPACE   NAME    REPOSITORY      TAG      SYNCED   AGE   DIGEST                INTERVAL\n"), "{wide}");
-        assert!(wide.contains("sha256:0123456789ab   30m"), "{wide}");
+        assert!(
+            wide.starts_with("NAMESPACE   NAME    REPOSITORY      TAG      DIGEST "),
+            "{wide}"
+        );
+        assert!(wide.contains("3/4      2d    30m\n"), "{wide}");
         let clusters = table_for(Kind::Cluster, &objects, false, now());
         assert_eq!(
             clusters,
             "NAME     LABELS                   TENANTS              STATUS      LAST-SEEN\n\
              edge-1   region=east,tier=store   default,production   Connected   30s ago\n"
         );
+    }
+
+    #[test]
+    fn digest_column_says_what_resolution_gave() {
+        let base = "apiVersion: image.theriseunion.io/v1alpha1\nkind: Repository\nmetadata: {name: a, namespace: default}\nspec: {repository: x/y, tag: v1, registryRef: {name: r}}\n";
+        let d = format!("sha256:{}", "b".repeat(64));
+        let cases = [
+            (String::new(), "<none>".to_owned()),
+            (
+                "status: {reason: AuthFailed}\n".to_owned(),
+                "<AuthFailed>".to_owned(),
+            ),
+            (
+                format!(
+                    "status: {{resolved: [{{tag: v1, digest: \"{d}\"}}, {{tag: v2, digest: \"{d}\"}}], stale: true, reason: RateLimited}}\n"
+                ),
+                format!("{d} (+1) (stale)"),
+            ),
+        ];
+        for (status, want) in cases {
+            let objects = parse(&format!("{base}{status}"));
+            let Object::Repository(r) = &objects[0] else {
+                panic!("a repository")
+            };
+            assert_eq!(digest_cell(r), want, "{status}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod format;
 mod hub;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -98,6 +99,27 @@ enum Command {
         #[arg(short = 'f', long = "filename", value_name = "FILE", conflicts_with_all = ["kind", "name"])]
         files: Vec<String>,
     },
+    /// Follow the sync of Repositories across clusters: live progress bars on a terminal,
+    /// plain lines otherwise.
+    Watch {
+        /// What to watch: repository (repo), the only kind that syncs.
+        #[arg(value_parser = watch::parse_watch_kind, default_value = "repositories")]
+        kind: Kind,
+        /// Only this Repository.
+        name: Option<String>,
+        /// Namespace of the Repositories.
+        #[arg(short = 'n', long, default_value = model::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// Watch every namespace.
+        #[arg(short = 'A', long, conflicts_with = "name")]
+        all_namespaces: bool,
+        /// Exit 0 once every watched Repository is Synced on all the clusters it targets.
+        #[arg(long)]
+        until_synced: bool,
+        /// Stop after this long, e.g. 30s, 5m; with --until-synced, exit 1 if not synced by then.
+        #[arg(long, value_parser = parse_duration_arg)]
+        timeout: Option<std::time::Duration>,
+    },
     /// Manage edge clusters.
     Cluster {
         #[command(subcommand)]
@@ -137,6 +159,10 @@ pub enum Output {
     Yaml,
     /// The objects as JSON.
     Json,
+}
+
+fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    model::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))
 }
 
 fn parse_kind(text: &str) -> Result<Kind, String> {
@@ -208,6 +234,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             namespace,
             files,
         } => delete(&target, kind, name, &namespace, &files).await,
+        Command::Watch {
+            kind: _,
+            name,
+            namespace,
+            all_namespaces,
+            until_synced,
+            timeout,
+        } => {
+            watch::run(
+                &target,
+                watch::WatchArgs {
+                    name,
+                    namespace,
+                    all_namespaces,
+                    until_synced,
+                    timeout,
+                },
+            )
+            .await
+        }
         Command::Cluster {
             command:
                 ClusterCommand::Enroll {

@@ -401,16 +401,32 @@ fn verbs_work_against_an_admin_service_over_mutual_tls() {
         .collect();
     assert_eq!(
         header,
-        ["NAMESPACE", "NAME", "REPOSITORY", "TAG", "SYNCED", "AGE"]
+        [
+            "NAMESPACE",
+            "NAME",
+            "REPOSITORY",
+            "TAG",
+            "DIGEST",
+            "SYNCED",
+            "AGE"
+        ]
     );
     let row: Vec<&str> = lines
         .next()
         .unwrap_or_default()
         .split_whitespace()
         .collect();
+    // Nothing resolves tags in this fake hub, so DIGEST says so.
     assert_eq!(
-        row[..5],
-        ["production", "myapp-v1.0.0", "myapp/myapp", "v1.0.0", "0/0"]
+        row[..6],
+        [
+            "production",
+            "myapp-v1.0.0",
+            "myapp/myapp",
+            "v1.0.0",
+            "<none>",
+            "0/0"
+        ]
     );
 
     let (code, stdout, stderr) =

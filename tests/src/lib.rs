@@ -23,6 +23,7 @@
 
 pub mod etcd;
 pub mod fault;
+pub mod fleet;
 pub mod images;
 pub mod process;
 pub mod registry;

@@ -352,9 +352,16 @@ impl Engine {
                 "tag {t:?}: expected [A-Za-z0-9_.-], at most 128 characters"
             )));
         }
-        let already = self
-            .store
-            .has_image(&image.registry, &image.repository, &image.digest);
+        // One snapshot of the records serves every lookup below: on a no-op
+        // re-sync of many images, re-reading and cloning them per lookup
+        // was a measurable share of the run.
+        let existing = self.store.records();
+        let already = existing.iter().any(|r| {
+            r.registry == image.registry
+                && r.repository == image.repository
+                && r.digest == image.digest
+                && r.parent.is_none()
+        });
         tracker.emit(Phase::Manifests, None, true);
 
         // Manifests come from the store when present, so a re-sync of a
@@ -368,7 +375,9 @@ impl Engine {
             Ok(Arc::clone(client.get_or_init(|| c)))
         };
 
-        let (root_bytes, root_type) = self.manifest(image, &image.digest, &get_client).await?;
+        let (root_bytes, root_type) = self
+            .manifest(image, &image.digest, &existing, &get_client)
+            .await?;
         let mut records = Vec::new();
         let mut blobs: Vec<BlobRef> = Vec::new();
         let kind = plan::kind_of(&root_type).map_err(|source| TransferError::Plan {
@@ -391,8 +400,9 @@ impl Engine {
                         }
                     })?;
                 for child in children {
-                    let (bytes, media_type) =
-                        self.manifest(image, &child.digest, &get_client).await?;
+                    let (bytes, media_type) = self
+                        .manifest(image, &child.digest, &existing, &get_client)
+                        .await?;
                     let plan_err = |source| TransferError::Plan {
                         digest: child.digest.clone(),
                         source,
@@ -484,7 +494,6 @@ impl Engine {
         for t in &image.tags {
             records.push(record(Some(t.clone())));
         }
-        let existing = self.store.records();
         let unchanged = records.iter().all(|r| {
             existing.iter().any(|e| {
                 e.registry == r.registry
@@ -521,18 +530,17 @@ impl Engine {
         &self,
         image: &DesiredImage,
         digest: &str,
+        existing: &[ManifestRecord],
         get_client: &(dyn Fn() -> Result<Arc<RegistryClient>, TransferError> + Sync),
     ) -> Result<(Vec<u8>, String), TransferError> {
         if self.store.has_blob(digest) {
             let bytes = self.store.read_blob(digest)?;
             // The media type is recorded for roots and children; fall back to
             // the document's own field.
-            let media_type = self
-                .store
-                .records()
-                .into_iter()
+            let media_type = existing
+                .iter()
                 .find(|r| r.digest == digest)
-                .map(|r| r.media_type)
+                .map(|r| r.media_type.clone())
                 .or_else(|| media_type_of(&bytes));
             if let Some(mt) = media_type {
                 return Ok((bytes, mt));

@@ -8,9 +8,11 @@
 
 mod auth;
 mod error;
+mod push;
 
 pub use auth::{Challenge, Credentials, parse_challenge};
 pub use error::RegistryError;
+pub use push::UploadStart;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -475,12 +477,31 @@ impl RegistryClient {
         let scope = repository
             .map(|r| format!("repository:{r}:pull"))
             .unwrap_or_default();
+        self.send_scoped(method, url, scope, headers, None, what)
+            .await
+    }
+
+    /// [`Self::send`] with an explicit token scope (space-separated scopes
+    /// for several repositories) and an optional body. The body is made by a
+    /// function because answering a 401 sends the request again.
+    async fn send_scoped(
+        &self,
+        method: Method,
+        url: &str,
+        scope: String,
+        headers: HeaderMap,
+        body: Option<&(dyn Fn() -> reqwest::Body + Send + Sync)>,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
         let mut answered = false;
         loop {
             let mut req = self
                 .http
                 .request(method.clone(), url)
                 .headers(headers.clone());
+            if let Some(make) = body {
+                req = req.body(make());
+            }
             let (token, basic) = {
                 let state = self.auth.lock().unwrap_or_else(|p| p.into_inner());
                 let token = state
@@ -522,7 +543,14 @@ impl RegistryClient {
                     service,
                     scope: challenge_scope,
                 }) => {
-                    let want = challenge_scope.unwrap_or_else(|| scope.clone());
+                    // A push (or a mount from another repository) needs
+                    // more than the challenge names; a pull takes what the
+                    // registry asked for.
+                    let want = if scope.contains(":push") {
+                        scope.clone()
+                    } else {
+                        challenge_scope.unwrap_or_else(|| scope.clone())
+                    };
                     let (token, ttl) = self.fetch_token(&realm, service.as_deref(), &want).await?;
                     self.auth
                         .lock()
@@ -550,8 +578,9 @@ impl RegistryClient {
         if let Some(s) = service {
             query.push(("service", s));
         }
-        if !scope.is_empty() {
-            query.push(("scope", scope));
+        // Several scopes go as several `scope` parameters (token spec).
+        for one in scope.split(' ').filter(|s| !s.is_empty()) {
+            query.push(("scope", one));
         }
         let url = reqwest::Url::parse_with_params(realm, &query).map_err(|e| {
             RegistryError::Malformed {

@@ -1,0 +1,523 @@
+//! The agent's side of the hub session (DESIGN.md §5): one mTLS gRPC stream
+//! that brings desired sets in and sends progress out, reconnecting with
+//! exponential backoff and full jitter, rotating through the hub URLs.
+//!
+//! The shape follows linkerd's `tonic-watch`: the session turns the stream into
+//! a `watch` of the held [`DesiredSet`] that the reconciler follows, and it
+//! keeps working (or rather, the reconciler does) whether a hub is reachable or
+//! not. Every set is persisted before it is acked and before the reconciler
+//! sees it, so what the hub records as applied survives a crash.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+use imgfleet::api::v1 as pb;
+use imgfleet::api::v1::agent_service_client::AgentServiceClient;
+use imgfleet_common::tls::{TlsError, TlsMaterial};
+use rand::Rng as _;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, error, info, warn};
+
+use crate::desired::{DeltaError, DesiredFile, DesiredFileError, DesiredSet};
+
+/// The latest state of every desired image, as the hub should see it. The
+/// reconciler writes it; the session sends what changed, coalesced.
+#[derive(Debug)]
+pub struct ProgressBook {
+    inner: Mutex<BookInner>,
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct BookInner {
+    /// Per key: the sequence number of its last change, and the state.
+    entries: BTreeMap<String, (u64, pb::ImageProgress)>,
+    seq: u64,
+    storage: pb::StorageReport,
+}
+
+impl ProgressBook {
+    /// An empty book.
+    pub fn new() -> Arc<ProgressBook> {
+        Arc::new(ProgressBook {
+            inner: Mutex::new(BookInner::default()),
+            changed: watch::channel(0).0,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BookInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an image's state. A state equal to the held one (apart from
+    /// its timestamp) is not a change and is not sent again.
+    pub fn set(&self, progress: pb::ImageProgress) {
+        let mut inner = self.lock();
+        if let Some((_, old)) = inner.entries.get(&progress.key) {
+            let same = pb::ImageProgress {
+                updated_at: old.updated_at,
+                ..progress.clone()
+            } == *old;
+            if same {
+                return;
+            }
+        }
+        inner.seq += 1;
+        let seq = inner.seq;
+        inner.entries.insert(progress.key.clone(), (seq, progress));
+        drop(inner);
+        self.changed.send_replace(seq);
+    }
+
+    /// Forgets an image that is no longer desired.
+    pub fn remove(&self, key: &str) {
+        self.lock().entries.remove(key);
+    }
+
+    /// The state of one image.
+    pub fn get(&self, key: &str) -> Option<pb::ImageProgress> {
+        self.lock().entries.get(key).map(|(_, p)| p.clone())
+    }
+
+    /// Records the storage figures; sent with the next progress message.
+    pub fn set_storage(&self, storage: pb::StorageReport) {
+        let mut inner = self.lock();
+        if inner.storage == storage {
+            return;
+        }
+        inner.storage = storage;
+        inner.seq += 1;
+        let seq = inner.seq;
+        drop(inner);
+        self.changed.send_replace(seq);
+    }
+
+    /// The storage figures.
+    pub fn storage(&self) -> pb::StorageReport {
+        self.lock().storage
+    }
+
+    /// Every image's state and the sequence number it is current to.
+    pub fn snapshot(&self) -> (u64, Vec<pb::ImageProgress>) {
+        let inner = self.lock();
+        (
+            inner.seq,
+            inner.entries.values().map(|(_, p)| p.clone()).collect(),
+        )
+    }
+
+    /// The states changed after `seq`, and the sequence number they are current to.
+    pub fn changes_since(&self, seq: u64) -> (u64, Vec<pb::ImageProgress>) {
+        let inner = self.lock();
+        (
+            inner.seq,
+            inner
+                .entries
+                .values()
+                .filter(|(s, _)| *s > seq)
+                .map(|(_, p)| p.clone())
+                .collect(),
+        )
+    }
+
+    /// (images, synced, failed) counts, for metrics.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let inner = self.lock();
+        let phase = |ph: pb::ImagePhase| {
+            inner
+                .entries
+                .values()
+                .filter(|(_, p)| p.phase == ph as i32)
+                .count()
+        };
+        (
+            inner.entries.len(),
+            phase(pb::ImagePhase::Synced),
+            phase(pb::ImagePhase::Failed),
+        )
+    }
+
+    /// Wakes on every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// Session facts for metrics and health.
+#[derive(Debug, Default)]
+pub struct SessionStatus {
+    /// A session is established now.
+    pub connected: AtomicBool,
+    /// Sessions that ended and were retried.
+    pub reconnects: AtomicU64,
+    /// Desired sets and deltas applied.
+    pub sets_applied: AtomicU64,
+}
+
+/// How the session behaves; defaults are the contract's.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Hub URLs, tried in turn.
+    pub hubs: Vec<String>,
+    /// The cluster's mTLS material.
+    pub tls: TlsMaterial,
+    /// The cluster name in the certificate.
+    pub cluster: String,
+    /// Sent in Hello.
+    pub agent_version: String,
+    /// Between two heartbeats.
+    pub heartbeat: Duration,
+    /// Silence after which the session is dead.
+    pub silence: Duration,
+    /// Minimum time between two progress messages.
+    pub progress_interval: Duration,
+    /// First reconnect delay (before jitter).
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl SessionConfig {
+    /// The contract's timings.
+    pub fn new(hubs: Vec<String>, tls: TlsMaterial, cluster: String) -> SessionConfig {
+        SessionConfig {
+            hubs,
+            tls,
+            cluster,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            heartbeat: Duration::from_secs(5),
+            silence: Duration::from_secs(15),
+            progress_interval: Duration::from_millis(500),
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why one session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] TlsError),
+    #[error("hub answered {code:?}: {message}", code = .0.code(), message = .0.message())]
+    Rpc(#[from] tonic::Status),
+    #[error("hub closed the stream")]
+    Closed,
+    #[error("nothing heard from the hub for {0:?}")]
+    Silent(Duration),
+    #[error("{0}; reconnecting for a full set")]
+    Delta(#[from] DeltaError),
+    #[error("hub sent an empty message")]
+    Empty,
+}
+
+/// The session task: owns the persisted desired set and publishes it.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    file: Arc<DesiredFile>,
+    desired: watch::Sender<Arc<DesiredSet>>,
+    book: Arc<ProgressBook>,
+    status: Arc<SessionStatus>,
+}
+
+/// What one session loop iteration produced.
+enum Outcome {
+    Shutdown,
+}
+
+impl Session {
+    /// A session over `file`, publishing to `desired` (whose current value is
+    /// the set loaded from `file`).
+    pub fn new(
+        config: SessionConfig,
+        file: Arc<DesiredFile>,
+        desired: watch::Sender<Arc<DesiredSet>>,
+        book: Arc<ProgressBook>,
+        status: Arc<SessionStatus>,
+    ) -> Session {
+        Session {
+            config,
+            file,
+            desired,
+            book,
+            status,
+        }
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.config.backoff_min)
+            .with_max_delay(self.config.backoff_max)
+            .with_factor(2.0)
+            .without_max_times()
+            .build()
+    }
+
+    /// Runs sessions until `shutdown`: Disconnected -> Connecting -> Connected
+    /// -> (error) -> Backoff -> Connecting with the next URL.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = self.backoff();
+        let mut attempt = 0usize;
+        // Failures in a row: an agent cut off for days says so once, then
+        // now and then, instead of every few seconds.
+        let mut failures = 0u64;
+        loop {
+            let url = self.config.hubs[attempt % self.config.hubs.len()].clone();
+            attempt += 1;
+            let span = tracing::info_span!("session", hub = %url, cluster = %self.config.cluster);
+            let mut established = false;
+            let result = self
+                .once(&url, &shutdown, &mut established)
+                .instrument(span)
+                .await;
+            self.status.connected.store(false, Ordering::Relaxed);
+            match result {
+                Ok(Outcome::Shutdown) => return,
+                Err(e) => {
+                    if established {
+                        failures = 0;
+                    }
+                    failures += 1;
+                    if failures <= self.config.hubs.len() as u64 || failures % 100 == 0 {
+                        warn!(hub = %url, failures, error = %e, "Hub session ended; will reconnect");
+                    } else {
+                        debug!(hub = %url, failures, error = %e, "Hub still unreachable; will retry");
+                    }
+                }
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+            self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+            // A session that was up starts the backoff over: the link works.
+            if established {
+                backoff = self.backoff();
+            }
+            let delay = full_jitter(backoff.next().unwrap_or(self.config.backoff_max));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn once(
+        &self,
+        url: &str,
+        shutdown: &CancellationToken,
+        established: &mut bool,
+    ) -> Result<Outcome, SessionError> {
+        let channel = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+            c = self.config.tls.connect(url) => c?,
+        };
+        let (tx, rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
+        let held = self.desired.borrow().clone();
+        send(
+            &tx,
+            pb::agent_message::Msg::Hello(pb::Hello {
+                cluster_name: self.config.cluster.clone(),
+                agent_version: self.config.agent_version.clone(),
+                current_generation: held.generation,
+                current_epoch: held.epoch.clone(),
+                storage: Some(self.book.storage()),
+            }),
+        )?;
+        let mut client = AgentServiceClient::new(channel);
+        let response = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+            r = client.connect(UnboundedReceiverStream::new(rx)) => r?,
+        };
+        let mut inbound = response.into_inner();
+        self.status.connected.store(true, Ordering::Relaxed);
+        info!(
+            hub = %url,
+            generation = held.generation,
+            epoch = %held.epoch,
+            "Connected to hub"
+        );
+
+        // The hub learns the true current state of every image first.
+        let mut changes = self.book.subscribe();
+        changes.borrow_and_update();
+        let (mut sent_seq, all) = self.book.snapshot();
+        send(
+            &tx,
+            pb::agent_message::Msg::Progress(pb::Progress {
+                images: all,
+                storage: Some(self.book.storage()),
+            }),
+        )?;
+        let mut last_progress = Instant::now();
+        let mut pending = false;
+        let mut last_heard = Instant::now();
+        let mut heartbeat = tokio::time::interval_at(
+            Instant::now() + self.config.heartbeat,
+            self.config.heartbeat,
+        );
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        loop {
+            let progress_due = last_progress + self.config.progress_interval;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                msg = inbound.message() => {
+                    let Some(msg) = msg? else { return Err(SessionError::Closed) };
+                    last_heard = Instant::now();
+                    // Only a hub that talks resets the backoff: one that
+                    // accepts and then refuses must not be hammered.
+                    *established = true;
+                    self.handle(msg, &tx).await?;
+                }
+                _ = heartbeat.tick() => {
+                    seq += 1;
+                    send(&tx, pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+                        sent_at: Some(SystemTime::now().into()),
+                        seq,
+                    }))?;
+                }
+                _ = tokio::time::sleep_until(last_heard + self.config.silence) => {
+                    return Err(SessionError::Silent(self.config.silence));
+                }
+                r = changes.changed(), if !pending => {
+                    // The book lives as long as the daemon; an error only
+                    // means shutdown is near.
+                    if r.is_ok() { pending = true; }
+                }
+                _ = tokio::time::sleep_until(progress_due), if pending => {
+                    changes.borrow_and_update();
+                    let (seq_now, images) = self.book.changes_since(sent_seq);
+                    sent_seq = seq_now;
+                    send(&tx, pb::agent_message::Msg::Progress(pb::Progress {
+                        images,
+                        storage: Some(self.book.storage()),
+                    }))?;
+                    pending = false;
+                    last_progress = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Applies one hub message: persist, publish, then ack.
+    async fn handle(
+        &self,
+        msg: pb::HubMessage,
+        tx: &mpsc::UnboundedSender<pb::AgentMessage>,
+    ) -> Result<(), SessionError> {
+        let next = match msg.msg.ok_or(SessionError::Empty)? {
+            pb::hub_message::Msg::Heartbeat(_) => return Ok(()),
+            pb::hub_message::Msg::DesiredSet(set) => DesiredSet::from_full(set),
+            pb::hub_message::Msg::Delta(delta) => {
+                let held = self.desired.borrow().clone();
+                held.apply_delta(delta)?
+            }
+        };
+        let (generation, epoch) = (next.generation, next.epoch.clone());
+        let file = self.file.clone();
+        let saved = {
+            let next = next.clone();
+            tokio::task::spawn_blocking(move || file.save(&next))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(DesiredFileError::Invalid {
+                        path: self.file.path().to_path_buf(),
+                        message: format!("saving task failed: {e}"),
+                    })
+                })
+        };
+        if let Err(e) = saved {
+            // Not held durably, so not applied: the hub sees the error and
+            // the generation stays where it was.
+            error!(generation, error = %e, "Cannot persist the desired set");
+            return send(
+                tx,
+                pb::agent_message::Msg::Ack(pb::Ack {
+                    generation,
+                    epoch,
+                    error: e.to_string(),
+                }),
+            );
+        }
+        info!(
+            generation,
+            epoch = %epoch,
+            images = next.images.len(),
+            "Applied desired set"
+        );
+        self.desired.send_replace(Arc::new(next));
+        self.status.sets_applied.fetch_add(1, Ordering::Relaxed);
+        send(
+            tx,
+            pb::agent_message::Msg::Ack(pb::Ack {
+                generation,
+                epoch,
+                error: String::new(),
+            }),
+        )
+    }
+}
+
+fn send(
+    tx: &mpsc::UnboundedSender<pb::AgentMessage>,
+    msg: pb::agent_message::Msg,
+) -> Result<(), SessionError> {
+    tx.send(pb::AgentMessage { msg: Some(msg) })
+        .map_err(|_| SessionError::Closed)
+}
+
+/// A delay drawn uniformly from zero to `d` ("full jitter"), so that agents
+/// cut off together do not come back together.
+pub fn full_jitter(d: Duration) -> Duration {
+    let ms = d.as_millis().min(u128::from(u64::MAX)) as u64;
+    Duration::from_millis(rand::rng().random_range(0..=ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(key: &str, phase: pb::ImagePhase, done: u64) -> pb::ImageProgress {
+        pb::ImageProgress {
+            key: key.into(),
+            phase: phase as i32,
+            bytes_done: done,
+            updated_at: Some(SystemTime::now().into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn book_sends_only_latest_changes() {
+        let book = ProgressBook::new();
+        book.set(p("a", pb::ImagePhase::Syncing, 1));
+        book.set(p("b", pb::ImagePhase::Pending, 0));
+        let (seq, all) = book.snapshot();
+        assert_eq!(all.len(), 2);
+        // Intermediate states collapse to the newest one.
+        book.set(p("a", pb::ImagePhase::Syncing, 5));
+        book.set(p("a", pb::ImagePhase::Synced, 9));
+        let (seq2, changed) = book.changes_since(seq);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].bytes_done, 9);
+        // The same state again (new timestamp) is no change.
+        book.set(p("a", pb::ImagePhase::Synced, 9));
+        assert!(book.changes_since(seq2).1.is_empty());
+        assert_eq!(book.counts(), (2, 1, 0));
+    }
+
+    #[test]
+    fn jitter_stays_within_the_delay() {
+        for _ in 0..100 {
+            assert!(full_jitter(Duration::from_millis(300)) <= Duration::from_millis(300));
+        }
+        assert_eq!(full_jitter(Duration::ZERO), Duration::ZERO);
+    }
+}

@@ -1,0 +1,619 @@
+//! The desired-set controller: adapts the stored policy (Repositories,
+//! Clusters, RegistrySecrets) to [`crate::placement`] inputs, computes every
+//! cluster's desired set and stores it (kind "desiredsets") with a
+//! generation that grows with every change. Sessions on any replica watch
+//! those stored sets, so a change computed once reaches every agent.
+//!
+//! The pure adapter ([`placement_inputs`], [`desired_sets`]) does no I/O;
+//! [`run`] watches the store and writes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use imgfleet::model::{self, DEFAULT_NAMESPACE, Kind, Object};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::objects::Objects;
+use crate::placement::{
+    self, DesiredImageEntry, ObjectId, PlacementCluster, PlacementRepo, RegistryInfo, Resolution,
+    ResolvedImage, Selector, SelectorOperator, SelectorRequirement,
+};
+use crate::store::{Key, PolicyStore, StoreError};
+
+/// Store kind of the per-cluster desired sets (cluster-scoped: empty namespace).
+pub const DESIRED_KIND: &str = "desiredsets";
+/// Store kind of hub-wide metadata.
+pub const META_KIND: &str = "meta";
+/// Name of the epoch record in [`META_KIND`].
+pub const EPOCH_NAME: &str = "epoch";
+/// How long the controller waits for more changes before recomputing.
+pub const DEBOUNCE: Duration = Duration::from_millis(60);
+
+/// One desired image as stored; mirrors [`DesiredImageEntry`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredImage {
+    pub key: String,
+    pub source_namespace: String,
+    pub source_name: String,
+    pub registry_key: String,
+    pub registry: String,
+    pub repository: String,
+    pub digest: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    #[serde(default)]
+    pub keep_versions: u32,
+    #[serde(default)]
+    pub grace_period_seconds: u64,
+}
+
+impl From<&DesiredImageEntry> for StoredImage {
+    fn from(e: &DesiredImageEntry) -> Self {
+        StoredImage {
+            key: e.key.clone(),
+            source_namespace: e.source.namespace.clone(),
+            source_name: e.source.name.clone(),
+            registry_key: e.registry_key.clone(),
+            registry: e.registry.clone(),
+            repository: e.repository.clone(),
+            digest: e.digest.clone(),
+            tags: e.tags.clone(),
+            platforms: e.platforms.clone(),
+            keep_versions: e.keep_versions,
+            grace_period_seconds: e.grace_period_seconds,
+        }
+    }
+}
+
+/// A registry a desired set needs, with a fingerprint of its credential so
+/// that a rotated password changes the set (and so reaches the agent).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct StoredRegistry {
+    pub key: String,
+    pub fingerprint: String,
+}
+
+/// The content of one cluster's desired set, in canonical (sorted) form.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct DesiredContent {
+    #[serde(default)]
+    pub images: Vec<StoredImage>,
+    #[serde(default)]
+    pub registries: Vec<StoredRegistry>,
+}
+
+/// A stored desired set: its generation and content.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct StoredDesiredSet {
+    pub generation: u64,
+    pub content: DesiredContent,
+}
+
+/// Errors of the controller's store access. `Store(Unavailable)` is worth a retry.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("policy store: {0}")]
+    Store(#[from] StoreError),
+    #[error("reading policy: {0}")]
+    Objects(#[from] crate::objects::ObjectError),
+    #[error("stored desired set of cluster {cluster} is unreadable: {source}")]
+    Corrupt {
+        cluster: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Placement inputs read from the model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inputs {
+    pub repos: Vec<PlacementRepo>,
+    pub clusters: Vec<PlacementCluster>,
+    pub registries: Vec<RegistryInfo>,
+    pub resolutions: BTreeMap<ObjectId, Resolution>,
+    /// Credential fingerprint per registry key `<namespace>/<name>`.
+    pub fingerprints: BTreeMap<String, String>,
+}
+
+fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
+}
+
+fn convert_selector(s: &model::LabelSelector) -> Selector {
+    Selector {
+        match_labels: s.match_labels.clone(),
+        match_expressions: s
+            .match_expressions
+            .iter()
+            .map(|e| SelectorRequirement {
+                key: e.key.clone(),
+                operator: match e.operator {
+                    model::SelectorOperator::In => SelectorOperator::In,
+                    model::SelectorOperator::NotIn => SelectorOperator::NotIn,
+                    model::SelectorOperator::Exists => SelectorOperator::Exists,
+                    model::SelectorOperator::DoesNotExist => SelectorOperator::DoesNotExist,
+                },
+                values: e.values.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The placement input of one Repository and its resolution (tags grouped by digest).
+pub fn repo_input(r: &model::Repository) -> (PlacementRepo, Resolution) {
+    let id = ObjectId::new(
+        ns_of(&r.metadata),
+        r.metadata.name.clone().unwrap_or_default(),
+    );
+    let placement = r.spec.placement.clone().unwrap_or_default();
+    let retention = r.spec.retention.clone().unwrap_or_default();
+    let grace = retention
+        .grace_period
+        .as_deref()
+        .and_then(|g| model::parse_duration(g).ok())
+        .map_or(0, |d| d.as_secs());
+    let repo = PlacementRepo {
+        id,
+        selector: placement.cluster_selector.as_ref().map(convert_selector),
+        clusters: placement.clusters.clone(),
+        registry_ref: ObjectId::new(
+            r.spec.registry_ref.namespace.clone().unwrap_or_default(),
+            r.spec.registry_ref.name.clone(),
+        ),
+        repository: r.spec.repository.clone(),
+        suspend: r.spec.suspend,
+        platforms: r.spec.platforms.clone(),
+        keep_versions: retention.keep_versions.unwrap_or(0),
+        grace_period_seconds: grace,
+    };
+    let mut by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for t in r.status.iter().flat_map(|s| s.resolved.iter()) {
+        let tags = by_digest.entry(t.digest.clone()).or_default();
+        if !t.tag.is_empty() {
+            tags.push(t.tag.clone());
+        }
+    }
+    let resolution = Resolution {
+        images: by_digest
+            .into_iter()
+            .map(|(digest, tags)| ResolvedImage { digest, tags })
+            .collect(),
+    };
+    (repo, resolution)
+}
+
+/// A fingerprint of everything an agent's credential is built from. The
+/// password enters sealed, so the fingerprint reveals nothing about it.
+pub fn credential_fingerprint(rs: &model::RegistrySecret) -> String {
+    let mut h = sha2::Sha256::new();
+    for part in [
+        rs.spec.domain.as_str(),
+        rs.spec.username.as_deref().unwrap_or(""),
+        rs.spec.password.as_deref().unwrap_or(""),
+        rs.spec.provider.as_str(),
+        if rs.spec.insecure { "insecure" } else { "tls" },
+    ] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    hex::encode(&h.finalize()[..12])
+}
+
+/// Placement inputs from the model. `usable` says whether a RegistrySecret's
+/// credential can be opened; one that cannot is left out, so its images go
+/// nowhere (placement reports them as secret not found).
+pub fn placement_inputs(
+    repos: &[model::Repository],
+    clusters: &[model::Cluster],
+    secrets: &[model::RegistrySecret],
+    usable: impl Fn(&model::RegistrySecret) -> bool,
+) -> Inputs {
+    let mut inputs = Inputs::default();
+    for r in repos {
+        let (repo, resolution) = repo_input(r);
+        inputs.resolutions.insert(repo.id.clone(), resolution);
+        inputs.repos.push(repo);
+    }
+    for c in clusters {
+        inputs.clusters.push(PlacementCluster {
+            name: c.metadata.name.clone().unwrap_or_default(),
+            labels: c.metadata.labels.clone().unwrap_or_default(),
+            tenants: c.spec.tenants.iter().cloned().collect(),
+        });
+    }
+    for s in secrets.iter().filter(|s| usable(s)) {
+        let id = ObjectId::new(
+            ns_of(&s.metadata),
+            s.metadata.name.clone().unwrap_or_default(),
+        );
+        inputs
+            .fingerprints
+            .insert(id.key(), credential_fingerprint(s));
+        inputs.registries.push(RegistryInfo {
+            id,
+            domain: s.spec.domain.clone(),
+            insecure: s.spec.insecure,
+        });
+    }
+    inputs
+}
+
+/// Every cluster's desired content.
+pub fn desired_sets(inputs: &Inputs) -> BTreeMap<String, DesiredContent> {
+    let placed = placement::place(
+        &inputs.repos,
+        &inputs.clusters,
+        &inputs.registries,
+        &inputs.resolutions,
+    );
+    placed
+        .clusters
+        .into_iter()
+        .map(|(name, c)| {
+            let registries = c
+                .registries
+                .iter()
+                .map(|k| StoredRegistry {
+                    key: k.clone(),
+                    fingerprint: inputs.fingerprints.get(k).cloned().unwrap_or_default(),
+                })
+                .collect();
+            (
+                name,
+                DesiredContent {
+                    images: c.images.iter().map(StoredImage::from).collect(),
+                    registries,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The store key of a cluster's desired set.
+pub fn desired_key(cluster: &str) -> Key {
+    Key::new(DESIRED_KIND, "", cluster)
+}
+
+/// Decode a stored desired set.
+pub fn decode_desired(cluster: &str, bytes: &[u8]) -> Result<StoredDesiredSet, FleetError> {
+    serde_json::from_slice(bytes).map_err(|source| FleetError::Corrupt {
+        cluster: cluster.to_string(),
+        source,
+    })
+}
+
+/// The hub store's epoch, created (once, by whichever replica is first) if absent.
+pub async fn ensure_epoch(store: &dyn PolicyStore) -> Result<String, StoreError> {
+    let key = Key::new(META_KIND, "", EPOCH_NAME);
+    loop {
+        if let Some(v) = store.get(&key).await? {
+            return Ok(String::from_utf8_lossy(&v.value).into_owned());
+        }
+        let fresh = uuid::Uuid::new_v4().to_string();
+        match store.create(&key, fresh.clone().into_bytes()).await {
+            Ok(_) => return Ok(fresh),
+            // Another replica won the race: read its epoch.
+            Err(StoreError::AlreadyExists(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Store `content` as the cluster's desired set unless it is already the
+/// stored content. Returns the new generation when it wrote. Two replicas
+/// computing the same change bump the generation once: the loser's
+/// conditional write conflicts, it re-reads and finds the content equal.
+pub async fn store_desired(
+    store: &dyn PolicyStore,
+    cluster: &str,
+    content: &DesiredContent,
+) -> Result<Option<u64>, FleetError> {
+    let key = desired_key(cluster);
+    for _ in 0..10 {
+        let current = store.get(&key).await?;
+        let (generation, revision) = match &current {
+            Some(v) => {
+                let old = decode_desired(cluster, &v.value)?;
+                if &old.content == content {
+                    return Ok(None);
+                }
+                (old.generation + 1, Some(v.revision))
+            }
+            None => (1, None),
+        };
+        let bytes = serde_json::to_vec(&StoredDesiredSet {
+            generation,
+            content: content.clone(),
+        })
+        .map_err(|source| FleetError::Corrupt {
+            cluster: cluster.to_string(),
+            source,
+        })?;
+        let written = match revision {
+            Some(rev) => store.update(&key, bytes, Some(rev)).await,
+            None => store.create(&key, bytes).await,
+        };
+        match written {
+            Ok(_) => return Ok(Some(generation)),
+            Err(StoreError::Conflict { .. }) | Err(StoreError::AlreadyExists(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "desired set of cluster {cluster}: changed concurrently ten times in a row"
+    ))
+    .into())
+}
+
+/// Read the policy, compute every desired set and store the changed ones.
+/// Clusters that no longer exist get an empty set (their generation keeps
+/// growing, so a re-enrolled cluster never sees a generation go back).
+/// Returns the clusters whose set was written.
+pub async fn recompute(objects: &Objects) -> Result<Vec<(String, u64)>, FleetError> {
+    let (repos, _) = objects.list(Kind::Repository, None).await?;
+    let (clusters, _) = objects.list(Kind::Cluster, None).await?;
+    let (secrets, _) = objects.list(Kind::RegistrySecret, None).await?;
+    let repos: Vec<_> = repos
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Repository(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    let clusters: Vec<_> = clusters
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Cluster(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let secrets: Vec<_> = secrets
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::RegistrySecret(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let inputs = placement_inputs(&repos, &clusters, &secrets, |s| match objects.password(s) {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(error = %e, "Leaving out images whose registry credential cannot be opened");
+            false
+        }
+    });
+    let mut sets = desired_sets(&inputs);
+    let (stored, _) = objects.store().list(DESIRED_KIND, None).await?;
+    let known: BTreeSet<String> = sets.keys().cloned().collect();
+    for v in stored {
+        if !known.contains(&v.key.name) {
+            sets.insert(v.key.name.clone(), DesiredContent::default());
+        }
+    }
+    let mut written = Vec::new();
+    for (cluster, content) in &sets {
+        if let Some(generation) = store_desired(objects.store().as_ref(), cluster, content).await? {
+            info!(cluster = %cluster, generation, images = content.images.len(), "Desired set changed");
+            written.push((cluster.clone(), generation));
+        }
+    }
+    Ok(written)
+}
+
+/// Watch one store kind from `after` and ring `notify` on every change. A
+/// broken or compacted watch is reopened from the current revision after a
+/// notify, because changes in between may have been missed (the receiver
+/// recomputes from a full list, so that is a relist).
+pub async fn watch_kind(
+    store: Arc<dyn PolicyStore>,
+    kind: &'static str,
+    mut after: u64,
+    notify: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    use futures::StreamExt;
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            s = store.watch(kind, after) => s,
+        };
+        match stream {
+            Ok(mut stream) => loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = stream.next() => n,
+                };
+                match next {
+                    Some(Ok(ev)) => {
+                        after = match &ev {
+                            crate::store::WatchEvent::Put(v) => v.revision,
+                            crate::store::WatchEvent::Delete(v) => v.revision,
+                        };
+                        notify.notify_one();
+                    }
+                    Some(Err(e)) => {
+                        debug!(kind, error = %e, "Watch broke; relisting");
+                        break;
+                    }
+                    None => break,
+                }
+            },
+            Err(e) => debug!(kind, error = %e, "Watch failed; relisting"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if let Ok(rev) = store.revision().await {
+            after = rev;
+        }
+        notify.notify_one();
+    }
+}
+
+/// The controller: recompute on every change of repositories, clusters or
+/// registry secrets (debounced), until `shutdown`.
+pub async fn run(objects: Objects, shutdown: CancellationToken) -> Result<(), String> {
+    let store = objects.store().clone();
+    let notify = Arc::new(Notify::new());
+    let start = loop {
+        match store.revision().await {
+            Ok(r) => break r,
+            Err(e) => {
+                warn!(error = %e, "Desired-set controller cannot reach the store; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    let mut watchers = tokio::task::JoinSet::new();
+    for kind in [
+        Kind::Repository.plural(),
+        Kind::Cluster.plural(),
+        Kind::RegistrySecret.plural(),
+    ] {
+        watchers.spawn(watch_kind(
+            store.clone(),
+            kind,
+            start,
+            notify.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // The first pass runs unconditionally.
+    notify.notify_one();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = notify.notified() => {}
+        }
+        // Debounce: let a burst of changes (an apply of many objects) settle.
+        tokio::time::sleep(DEBOUNCE).await;
+        if let Err(e) = recompute(&objects).await {
+            warn!(error = %e, "Computing desired sets failed; retrying");
+            let n = notify.clone();
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => n.notify_one(),
+            }
+        }
+    }
+    watchers.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgfleet::model::parse_documents;
+
+    const POLICY: &str = r#"
+apiVersion: image.theriseunion.io/v1alpha1
+kind: RegistrySecret
+metadata: {name: reg, namespace: default}
+spec: {domain: "127.0.0.1:5000", insecure: true}
+---
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Repository
+metadata: {name: app, namespace: default}
+spec:
+  repository: library/app
+  tag: v1
+  registryRef: {name: reg}
+  placement:
+    clusterSelector:
+      matchLabels: {tier: edge}
+  retention: {keepVersions: 2, gracePeriod: 1h}
+---
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Cluster
+metadata: {name: a, labels: {tier: edge}}
+spec: {tenants: [default]}
+---
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Cluster
+metadata: {name: b, labels: {tier: core}}
+spec: {tenants: [default]}
+"#;
+
+    fn split(
+        objs: Vec<Object>,
+    ) -> (
+        Vec<model::Repository>,
+        Vec<model::Cluster>,
+        Vec<model::RegistrySecret>,
+    ) {
+        let (mut r, mut c, mut s) = (vec![], vec![], vec![]);
+        for o in objs {
+            match o {
+                Object::Repository(x) => r.push(x),
+                Object::Cluster(x) => c.push(x),
+                Object::RegistrySecret(x) => s.push(x),
+            }
+        }
+        (r, c, s)
+    }
+
+    fn resolved(repo: &mut model::Repository, tags: &[(&str, &str)]) {
+        let status = repo.status.get_or_insert_with(Default::default);
+        status.resolved = tags
+            .iter()
+            .map(|(t, d)| model::ResolvedTag {
+                tag: t.to_string(),
+                digest: d.to_string(),
+                media_type: String::new(),
+            })
+            .collect();
+    }
+
+    #[test]
+    fn model_to_desired_sets() {
+        let (mut repos, clusters, secrets) = split(parse_documents(POLICY).expect("parses"));
+        // Not resolved yet: nothing anywhere.
+        let sets = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| true));
+        assert_eq!(sets.len(), 2);
+        assert!(sets.values().all(|s| s.images.is_empty()));
+
+        resolved(
+            &mut repos[0],
+            &[("v1", "sha256:aa"), ("stable", "sha256:aa")],
+        );
+        let sets = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| true));
+        let a = &sets["a"];
+        assert_eq!(a.images.len(), 1);
+        let img = &a.images[0];
+        assert_eq!(img.key, "default/app@sha256:aa");
+        assert_eq!(img.tags, vec!["stable".to_string(), "v1".to_string()]);
+        assert_eq!(img.registry, "127.0.0.1:5000");
+        assert_eq!(img.keep_versions, 2);
+        assert_eq!(img.grace_period_seconds, 3600);
+        assert_eq!(a.registries.len(), 1);
+        assert_eq!(a.registries[0].key, "default/reg");
+        assert!(!a.registries[0].fingerprint.is_empty());
+        assert!(sets["b"].images.is_empty());
+
+        // A credential that cannot be opened ships nothing.
+        let sets = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| false));
+        assert!(sets["a"].images.is_empty());
+    }
+
+    #[test]
+    fn fingerprint_changes_with_the_credential() {
+        let (_, _, secrets) = split(parse_documents(POLICY).expect("parses"));
+        let mut s = secrets[0].clone();
+        let before = credential_fingerprint(&s);
+        s.spec.password = Some("sealed-other".into());
+        assert_ne!(before, credential_fingerprint(&s));
+    }
+}

@@ -1,0 +1,1027 @@
+//! The hub task that keeps tag resolution and registry health current: while
+//! this replica leads (see [`crate::leader`]) it watches Repositories and
+//! RegistrySecrets, resolves each Repository when it is new, when its spec or
+//! its RegistrySecret changed, and then on its `syncInterval` (honouring
+//! Retry-After and retrying failures sooner), and checks every registry's
+//! health on a short period.
+//!
+//! What is due is decided by pure functions ([`repository_due`],
+//! [`health_due`]) over plain data; the loop only feeds them and acts. Status
+//! is written read-modify-write, touching only the resolver's fields, because
+//! the session code writes the per-cluster fields of the same objects.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use imgfleet::model::{
+    ConnectionPhase, DEFAULT_NAMESPACE, Kind, Object, RegistrySecret, RegistrySecretStatus,
+    Repository, RepositoryStatus, ResolveReason, ResolvedTag,
+};
+use imgfleet_common::registry::{Credentials, RegistryClient, RegistryConfig};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::leader::Election;
+use crate::objects::{ObjectError, Objects};
+use crate::resolver::{
+    self, Failure, FailureReason, HealthPhase, ResolveSpec, ResolveStatus, Resolved, TagChoice,
+};
+use crate::server::{HubContext, TaskHook};
+use crate::store::{Key, StoreError, WatchEvent};
+
+/// How many registry calls run at once, so one dead registry does not stall the rest.
+pub const MAX_CONCURRENT: usize = 8;
+/// How often every registry's health is checked.
+pub const HEALTH_PERIOD: Duration = Duration::from_secs(30);
+/// How soon a failed resolution is retried (capped by the sync interval).
+pub const FAILURE_RETRY: Duration = Duration::from_secs(30);
+/// Longest a whole resolution of one Repository may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often due work is looked for between watch events.
+const TICK: Duration = Duration::from_millis(250);
+/// Status writes retried after a conflict with another writer.
+const WRITE_ATTEMPTS: usize = 8;
+
+/// The task hook that [`crate::parts::default_extensions`] registers.
+/// The replica's identity in the election is its listen address and pid.
+pub fn task(config: &Config) -> TaskHook {
+    let store = config.store.clone();
+    let identity = format!("{}/pid-{}", config.listen, std::process::id());
+    Box::new(move |ctx: HubContext| {
+        Box::pin(async move {
+            let election = Election::for_store(&store, "resolver", identity);
+            let (tx, rx) = watch::channel(false);
+            let shutdown = ctx.shutdown.clone();
+            tokio::join!(
+                election.run(tx, shutdown.clone()),
+                run(ctx.objects.clone(), rx, shutdown)
+            );
+            Ok(())
+        })
+    })
+}
+
+/// Identifies the version of a RegistrySecret a resolution used: its uid and
+/// spec generation (a status write changes neither).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretVersion {
+    pub uid: String,
+    pub generation: i64,
+}
+
+/// What this leader remembers about its last attempt at one Repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub at: SystemTime,
+    /// The spec generation resolved.
+    pub generation: i64,
+    /// The RegistrySecret used, `None` when it was missing.
+    pub secret: Option<SecretVersion>,
+    /// When the next attempt is due by the attempt's own outcome.
+    pub next: SystemTime,
+}
+
+/// What [`repository_due`] looks at.
+#[derive(Debug, Clone)]
+pub struct RepoView {
+    pub generation: i64,
+    pub observed_generation: i64,
+    pub suspended: bool,
+    pub interval: Duration,
+    pub status: ResolveStatus,
+    /// The RegistrySecret as it is now, `None` when missing.
+    pub secret: Option<SecretVersion>,
+    pub in_flight: bool,
+}
+
+/// When a Repository should be resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// Suspended or already being resolved.
+    Skip,
+    Now,
+    At(SystemTime),
+}
+
+/// Decides when a Repository is next resolved. New or changed specs and a
+/// changed RegistrySecret are due at once; otherwise the last attempt's own
+/// schedule applies, or, for a result written by another leader, the stored
+/// status (a failure without a remembered attempt is retried at once).
+pub fn repository_due(view: &RepoView, last: Option<&Attempt>, now: SystemTime) -> Due {
+    if view.suspended || view.in_flight {
+        return Due::Skip;
+    }
+    let at = match last {
+        Some(a) if a.generation == view.generation => {
+            if a.secret != view.secret {
+                return Due::Now;
+            }
+            a.next
+        }
+        _ => {
+            if view.observed_generation != view.generation {
+                return Due::Now;
+            }
+            if view.status.reason.is_some() && view.status.retry_after.is_none() {
+                return Due::Now;
+            }
+            resolver::next_attempt(&view.status, view.interval, now)
+        }
+    };
+    if at <= now { Due::Now } else { Due::At(at) }
+}
+
+/// The next attempt after one that ended with `status` at `at`: after a
+/// failure, [`FAILURE_RETRY`] (capped by the interval) unless Retry-After says later.
+pub fn next_after(status: &ResolveStatus, interval: Duration, at: SystemTime) -> SystemTime {
+    match (status.reason, status.retry_after) {
+        (_, Some(after)) => after.max(at),
+        (Some(_), None) => at + interval.min(FAILURE_RETRY),
+        (None, None) => at + interval,
+    }
+}
+
+/// A registry's health is checked when never checked by this leader, when
+/// its spec changed since, or [`HEALTH_PERIOD`] after the last check.
+pub fn health_due(
+    last: Option<&(SystemTime, SecretVersion)>,
+    current: &SecretVersion,
+    now: SystemTime,
+    period: Duration,
+) -> bool {
+    match last {
+        None => true,
+        Some((at, version)) => version != current || *at + period <= now,
+    }
+}
+
+/// The resolver's part of a stored status.
+pub fn resolve_status_of(status: Option<&RepositoryStatus>) -> ResolveStatus {
+    let Some(s) = status else {
+        return ResolveStatus::default();
+    };
+    ResolveStatus {
+        resolved: s
+            .resolved
+            .iter()
+            .map(|r| Resolved {
+                tag: r.tag.clone(),
+                digest: r.digest.clone(),
+                media_type: r.media_type.clone(),
+            })
+            .collect(),
+        last_resolve_time: s.last_resolve_time.as_ref().map(to_system),
+        reason: s.reason.map(|r| match r {
+            ResolveReason::AuthFailed => FailureReason::AuthFailed,
+            ResolveReason::NotFound => FailureReason::NotFound,
+            ResolveReason::Unreachable => FailureReason::Unreachable,
+            ResolveReason::RateLimited => FailureReason::RateLimited,
+        }),
+        message: s.message.clone().unwrap_or_default(),
+        stale: s.stale,
+        retry_after: s.retry_after.as_ref().map(to_system),
+    }
+}
+
+/// Writes the resolver's fields into `status`, leaving the others (the
+/// per-cluster fields) as they are.
+pub fn apply_resolve_status(status: &mut RepositoryStatus, r: &ResolveStatus, generation: i64) {
+    status.resolved = r
+        .resolved
+        .iter()
+        .map(|x| ResolvedTag {
+            tag: x.tag.clone(),
+            digest: x.digest.clone(),
+            media_type: x.media_type.clone(),
+        })
+        .collect();
+    status.last_resolve_time = r.last_resolve_time.and_then(to_time);
+    status.reason = r.reason.map(|f| match f {
+        FailureReason::AuthFailed => ResolveReason::AuthFailed,
+        FailureReason::NotFound => ResolveReason::NotFound,
+        FailureReason::Unreachable => ResolveReason::Unreachable,
+        FailureReason::RateLimited => ResolveReason::RateLimited,
+    });
+    status.message = Some(r.message.clone()).filter(|m| !m.is_empty());
+    status.stale = r.stale;
+    status.retry_after = r.retry_after.and_then(to_time);
+    status.observed_generation = generation;
+}
+
+/// What a Repository's spec asks the resolver for.
+pub fn resolve_spec(repo: &Repository) -> ResolveSpec {
+    let s = &repo.spec;
+    let tags = match &s.tag_pattern {
+        Some(tp) => TagChoice::Pattern {
+            pattern: tp.pattern.clone(),
+            keep_latest: tp.keep_latest.unwrap_or(1).max(1) as usize,
+        },
+        None => {
+            let mut tags: Vec<String> = s.tag.iter().cloned().collect();
+            for t in &s.tags {
+                if !tags.contains(t) {
+                    tags.push(t.clone());
+                }
+            }
+            TagChoice::Fixed(tags)
+        }
+    };
+    ResolveSpec {
+        repository: s.repository.clone(),
+        tags,
+        digest: s.digest.clone().filter(|d| !d.is_empty()),
+        platforms: s.platforms.clone(),
+    }
+}
+
+fn to_system(t: &Time) -> SystemTime {
+    SystemTime::from(t.0)
+}
+
+fn to_time(t: SystemTime) -> Option<Time> {
+    k8s_openapi::jiff::Timestamp::try_from(t).ok().map(Time)
+}
+
+fn repo_namespace(o: &Object) -> String {
+    o.namespace().unwrap_or(DEFAULT_NAMESPACE).to_string()
+}
+
+/// `(namespace, name)` of the RegistrySecret a Repository uses.
+fn secret_ref(repo: &Repository) -> (String, String) {
+    let own = repo
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+    let ns = repo
+        .spec
+        .registry_ref
+        .namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(own);
+    (ns, repo.spec.registry_ref.name.clone())
+}
+
+fn version_of(rs: &RegistrySecret) -> SecretVersion {
+    SecretVersion {
+        uid: rs.metadata.uid.clone().unwrap_or_default(),
+        generation: rs.metadata.generation.unwrap_or(0),
+    }
+}
+
+type Id = (String, String);
+
+/// The objects the leader works on, kept current by watches.
+#[derive(Default)]
+struct Cache {
+    repos: HashMap<Id, Repository>,
+    secrets: HashMap<Id, RegistrySecret>,
+}
+
+impl Cache {
+    fn put(&mut self, obj: Object) {
+        let id = (repo_namespace(&obj), obj.name().to_string());
+        match obj {
+            Object::Repository(r) => {
+                self.repos.insert(id, r);
+            }
+            Object::RegistrySecret(s) => {
+                self.secrets.insert(id, s);
+            }
+            Object::Cluster(_) => {}
+        }
+    }
+
+    fn remove(&mut self, kind: &str, key: &Key) {
+        let id = (key.namespace.clone(), key.name.clone());
+        if kind == Kind::Repository.plural() {
+            self.repos.remove(&id);
+        } else {
+            self.secrets.remove(&id);
+        }
+    }
+}
+
+enum Done {
+    Resolved {
+        id: Id,
+        attempt: Attempt,
+    },
+    Checked {
+        id: Id,
+        version: SecretVersion,
+        at: SystemTime,
+    },
+}
+
+/// Runs while the hub runs: does the work whenever `leader` says this
+/// replica leads, and stops doing it as soon as it does not.
+pub async fn run(objects: Objects, mut leader: watch::Receiver<bool>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            r = leader.wait_for(|l| *l) => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+        info!("Tag resolver and registry health checks running on this replica");
+        let lost = async {
+            let _ = leader.wait_for(|l| !*l).await;
+        };
+        tokio::select! {
+            _ = lead(&objects) => {}
+            _ = lost => info!("Tag resolver paused: this replica no longer leads"),
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The leader's work; returns never (it is dropped, with its in-flight
+/// requests, when leadership ends). Relists after a watch error.
+async fn lead(objects: &Objects) {
+    let mut attempts: HashMap<Id, Attempt> = HashMap::new();
+    let mut checks: HashMap<Id, (SystemTime, SecretVersion)> = HashMap::new();
+    loop {
+        if let Err(e) = lead_once(objects, &mut attempts, &mut checks).await {
+            warn!(error = %e, "Tag resolver lost its watch; listing again");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+async fn lead_once(
+    objects: &Objects,
+    attempts: &mut HashMap<Id, Attempt>,
+    checks: &mut HashMap<Id, (SystemTime, SecretVersion)>,
+) -> Result<(), String> {
+    let store = objects.store().clone();
+    let mut cache = Cache::default();
+    let (secrets, rev_s) = objects
+        .list(Kind::RegistrySecret, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (repos, rev_r) = objects
+        .list(Kind::Repository, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    for o in secrets.into_iter().chain(repos) {
+        cache.put(o);
+    }
+    let mut secret_events = store
+        .watch(Kind::RegistrySecret.plural(), rev_s)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut repo_events = store
+        .watch(Kind::Repository.plural(), rev_r)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut work: JoinSet<Done> = JoinSet::new();
+    let mut in_flight: HashSet<(Kind, Id)> = HashSet::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Forget what was deleted, so a re-created object starts afresh.
+        attempts.retain(|id, _| cache.repos.contains_key(id));
+        checks.retain(|id, _| cache.secrets.contains_key(id));
+        schedule(objects, &cache, attempts, checks, &mut in_flight, &mut work);
+        tokio::select! {
+            ev = secret_events.next() => apply_event(objects, &mut cache, Kind::RegistrySecret, ev)?,
+            ev = repo_events.next() => apply_event(objects, &mut cache, Kind::Repository, ev)?,
+            Some(done) = work.join_next(), if !work.is_empty() => match done {
+                Ok(Done::Resolved { id, attempt }) => {
+                    in_flight.remove(&(Kind::Repository, id.clone()));
+                    attempts.insert(id, attempt);
+                }
+                Ok(Done::Checked { id, version, at }) => {
+                    in_flight.remove(&(Kind::RegistrySecret, id.clone()));
+                    checks.insert(id, (at, version));
+                }
+                Err(e) => return Err(format!("a resolver task failed: {e}")),
+            },
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+fn apply_event(
+    objects: &Objects,
+    cache: &mut Cache,
+    kind: Kind,
+    ev: Option<Result<WatchEvent, StoreError>>,
+) -> Result<(), String> {
+    match ev {
+        None => Err(format!("the {} watch ended", kind.plural())),
+        Some(Err(e)) => Err(e.to_string()),
+        Some(Ok(WatchEvent::Put(v))) => {
+            match objects.decode(&v) {
+                Ok(o) => cache.put(o),
+                Err(e) => warn!(error = %e, "Skipping an unreadable object"),
+            }
+            Ok(())
+        }
+        Some(Ok(WatchEvent::Delete(v))) => {
+            cache.remove(kind.plural(), &v.key);
+            Ok(())
+        }
+    }
+}
+
+fn schedule(
+    objects: &Objects,
+    cache: &Cache,
+    attempts: &HashMap<Id, Attempt>,
+    checks: &HashMap<Id, (SystemTime, SecretVersion)>,
+    in_flight: &mut HashSet<(Kind, Id)>,
+    work: &mut JoinSet<Done>,
+) {
+    let now = SystemTime::now();
+    for (id, rs) in &cache.secrets {
+        if in_flight.len() >= MAX_CONCURRENT {
+            return;
+        }
+        let key = (Kind::RegistrySecret, id.clone());
+        let version = version_of(rs);
+        if in_flight.contains(&key) || !health_due(checks.get(id), &version, now, HEALTH_PERIOD) {
+            continue;
+        }
+        in_flight.insert(key);
+        let (objects, id, rs) = (objects.clone(), id.clone(), rs.clone());
+        work.spawn(async move {
+            let at = SystemTime::now();
+            check_and_record(&objects, &id, &rs).await;
+            Done::Checked { id, version, at }
+        });
+    }
+    // Oldest-due first would be fairer; map order is good enough while the
+    // bound is rarely reached, and due work is picked up on the next tick.
+    for (id, repo) in &cache.repos {
+        if in_flight.len() >= MAX_CONCURRENT {
+            return;
+        }
+        let key = (Kind::Repository, id.clone());
+        let secret = cache.secrets.get(&secret_ref(repo)).map(version_of);
+        let view = RepoView {
+            generation: repo.metadata.generation.unwrap_or(0),
+            observed_generation: repo.status.as_ref().map_or(0, |s| s.observed_generation),
+            suspended: repo.spec.suspend,
+            interval: repo.spec.sync_interval_duration(),
+            status: resolve_status_of(repo.status.as_ref()),
+            secret: secret.clone(),
+            in_flight: in_flight.contains(&key),
+        };
+        if repository_due(&view, attempts.get(id), now) != Due::Now {
+            continue;
+        }
+        in_flight.insert(key);
+        let rs = cache.secrets.get(&secret_ref(repo)).cloned();
+        let (objects, id, repo) = (objects.clone(), id.clone(), repo.clone());
+        work.spawn(async move {
+            let attempt = resolve_and_record(&objects, &id, &repo, rs.as_ref(), secret).await;
+            Done::Resolved { id, attempt }
+        });
+    }
+}
+
+/// A client for the registry a RegistrySecret describes.
+fn client_for(objects: &Objects, rs: &RegistrySecret) -> Result<RegistryClient, String> {
+    let password = objects.password(rs).map_err(|e| e.to_string())?;
+    let credentials = rs.spec.username.as_ref().map(|u| {
+        Credentials::new(
+            u.clone(),
+            password.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+        )
+    });
+    RegistryClient::new(RegistryConfig {
+        host: rs.spec.domain.clone(),
+        credentials,
+        insecure: rs.spec.insecure,
+        connect_timeout: Some(Duration::from_secs(5)),
+        read_timeout: Some(Duration::from_secs(15)),
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())
+}
+
+async fn resolve_and_record(
+    objects: &Objects,
+    id: &Id,
+    repo: &Repository,
+    rs: Option<&RegistrySecret>,
+    secret: Option<SecretVersion>,
+) -> Attempt {
+    let generation = repo.metadata.generation.unwrap_or(0);
+    let interval = repo.spec.sync_interval_duration();
+    let started = std::time::Instant::now();
+    let (secret_ns, secret_name) = secret_ref(repo);
+    let outcome: Result<Vec<Resolved>, Failure> = match rs {
+        _ if secret_ns != id.0 => Err(Failure {
+            reason: FailureReason::NotFound,
+            message: format!(
+                "spec.registryRef: RegistrySecret {secret_ns}/{secret_name} is in another namespace; a Repository may only use its own namespace's"
+            ),
+            retry_after: None,
+        }),
+        None => Err(Failure {
+            reason: FailureReason::NotFound,
+            message: format!(
+                "spec.registryRef: RegistrySecret {secret_ns}/{secret_name} not found"
+            ),
+            retry_after: None,
+        }),
+        Some(rs) => match client_for(objects, rs) {
+            Err(message) => Err(Failure {
+                reason: FailureReason::Unreachable,
+                message: format!("RegistrySecret {secret_ns}/{secret_name}: {message}"),
+                retry_after: None,
+            }),
+            Ok(client) => {
+                let spec = resolve_spec(repo);
+                match tokio::time::timeout(RESOLVE_TIMEOUT, resolver::resolve(&client, &spec)).await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(Failure {
+                        reason: FailureReason::Unreachable,
+                        message: format!(
+                            "{}: no answer within {RESOLVE_TIMEOUT:?}",
+                            rs.spec.domain
+                        ),
+                        retry_after: None,
+                    }),
+                }
+            }
+        },
+    };
+    let at = SystemTime::now();
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match &outcome {
+        Ok(r) => info!(
+            repository = %format!("{}/{}", id.0, id.1),
+            generation,
+            digests = %r.iter().map(|x| format!("{}={}", x.tag, x.digest)).collect::<Vec<_>>().join(","),
+            elapsed_ms,
+            "Resolved tags"
+        ),
+        Err(f) => warn!(
+            repository = %format!("{}/{}", id.0, id.1),
+            generation,
+            reason = f.reason.as_str(),
+            message = %f.message,
+            elapsed_ms,
+            "Tag resolution failed"
+        ),
+    }
+    let written = write_repo_status(objects, id, &outcome, generation, at).await;
+    let status = match written {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(repository = %format!("{}/{}", id.0, id.1), error = %e, "Could not record the resolution");
+            // Try again soon rather than waiting a whole interval.
+            next_status_failed(&e)
+        }
+    };
+    Attempt {
+        at,
+        generation,
+        secret,
+        next: next_after(&status, interval, at),
+    }
+}
+
+fn next_status_failed(e: &ObjectError) -> ResolveStatus {
+    ResolveStatus {
+        reason: Some(FailureReason::Unreachable),
+        message: e.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Read-modify-write of the resolver's status fields, retried on conflict.
+async fn write_repo_status(
+    objects: &Objects,
+    id: &Id,
+    outcome: &Result<Vec<Resolved>, Failure>,
+    generation: i64,
+    at: SystemTime,
+) -> Result<ResolveStatus, ObjectError> {
+    let mut last_err = None;
+    for _ in 0..WRITE_ATTEMPTS {
+        let obj = objects.get(Kind::Repository, Some(&id.0), &id.1).await?;
+        let Object::Repository(mut repo) = obj else {
+            return Err(ObjectError::Internal(format!(
+                "{}/{} is not a Repository",
+                id.0, id.1
+            )));
+        };
+        let rev = revision_of(&repo.metadata)?;
+        let previous = resolve_status_of(repo.status.as_ref());
+        let next = resolver::next_status(&previous, outcome, at);
+        let mut status = repo.status.take().unwrap_or_default();
+        apply_resolve_status(&mut status, &next, generation);
+        repo.status = Some(status);
+        match objects
+            .write_status(&Object::Repository(repo), Some(rev))
+            .await
+        {
+            Ok(_) => return Ok(next),
+            Err(e @ ObjectError::Stale { .. }) => {
+                debug!(repository = %format!("{}/{}", id.0, id.1), "Status changed concurrently; writing again");
+                last_err = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| ObjectError::Contended(format!("{}/{}", id.0, id.1))))
+}
+
+fn revision_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<u64, ObjectError> {
+    meta.resource_version
+        .as_deref()
+        .and_then(|r| r.parse().ok())
+        .ok_or_else(|| ObjectError::Internal("stored object without a revision".into()))
+}
+
+async fn check_and_record(objects: &Objects, id: &Id, rs: &RegistrySecret) {
+    let health = match client_for(objects, rs) {
+        Ok(client) => {
+            match tokio::time::timeout(RESOLVE_TIMEOUT, resolver::check_health(&client)).await {
+                Ok(h) => h,
+                Err(_) => resolver::Health {
+                    phase: HealthPhase::Unreachable,
+                    latency: RESOLVE_TIMEOUT,
+                    message: format!("{}: no answer within {RESOLVE_TIMEOUT:?}", rs.spec.domain),
+                    checked_at: SystemTime::now(),
+                },
+            }
+        }
+        Err(message) => resolver::Health {
+            phase: HealthPhase::Unreachable,
+            latency: Duration::ZERO,
+            message,
+            checked_at: SystemTime::now(),
+        },
+    };
+    let phase = match health.phase {
+        HealthPhase::Connected => ConnectionPhase::Connected,
+        HealthPhase::AuthFailed => ConnectionPhase::AuthFailed,
+        HealthPhase::Unreachable => ConnectionPhase::Unreachable,
+    };
+    debug!(registry_secret = %format!("{}/{}", id.0, id.1), domain = %rs.spec.domain,
+           phase = ?phase, latency_ms = health.latency.as_millis() as u64, "Checked registry health");
+    for _ in 0..WRITE_ATTEMPTS {
+        let obj = match objects.get(Kind::RegistrySecret, Some(&id.0), &id.1).await {
+            Ok(o) => o,
+            Err(ObjectError::NotFound(_)) => return,
+            Err(e) => {
+                warn!(registry_secret = %format!("{}/{}", id.0, id.1), error = %e, "Could not read for the health status");
+                return;
+            }
+        };
+        let Object::RegistrySecret(mut current) = obj else {
+            return;
+        };
+        let Ok(rev) = revision_of(&current.metadata) else {
+            return;
+        };
+        let previous = current.status.clone().unwrap_or_default();
+        if previous.phase != Some(phase) {
+            info!(registry_secret = %format!("{}/{}", id.0, id.1), domain = %rs.spec.domain,
+                  phase = ?phase, "Registry health changed");
+        }
+        current.status = Some(RegistrySecretStatus {
+            phase: Some(phase),
+            last_check_time: to_time(health.checked_at),
+            latency_ms: health.latency.as_millis().min(u32::MAX as u128) as u32,
+            message: Some(health.message.clone()).filter(|m| !m.is_empty()),
+        });
+        match objects
+            .write_status(&Object::RegistrySecret(current), Some(rev))
+            .await
+        {
+            Ok(_) => return,
+            Err(ObjectError::Stale { .. }) => continue,
+            Err(ObjectError::NotFound(_)) => return,
+            Err(e) => {
+                warn!(registry_secret = %format!("{}/{}", id.0, id.1), error = %e, "Could not record registry health");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    const T0: Duration = Duration::from_secs(1_000_000);
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(secs)
+    }
+
+    fn secret(generation: i64) -> Option<SecretVersion> {
+        Some(SecretVersion {
+            uid: "u1".into(),
+            generation,
+        })
+    }
+
+    fn good_status(at: SystemTime) -> ResolveStatus {
+        ResolveStatus {
+            resolved: vec![Resolved {
+                tag: "v1".into(),
+                digest: "sha256:a".into(),
+                media_type: String::new(),
+            }],
+            last_resolve_time: Some(at),
+            ..Default::default()
+        }
+    }
+
+    fn view(generation: i64, observed: i64, status: ResolveStatus) -> RepoView {
+        RepoView {
+            generation,
+            observed_generation: observed,
+            suspended: false,
+            interval: HOUR,
+            status,
+            secret: secret(1),
+            in_flight: false,
+        }
+    }
+
+    fn attempt(at: u64, generation: i64, next: u64) -> Attempt {
+        Attempt {
+            at: t(at),
+            generation,
+            secret: secret(1),
+            next: t(next),
+        }
+    }
+
+    #[test]
+    fn which_repositories_are_due() {
+        let failed = ResolveStatus {
+            reason: Some(FailureReason::AuthFailed),
+            message: "denied".into(),
+            ..Default::default()
+        };
+        let limited = ResolveStatus {
+            reason: Some(FailureReason::RateLimited),
+            retry_after: Some(t(500)),
+            ..good_status(t(0))
+        };
+        let mut suspended = view(1, 0, ResolveStatus::default());
+        suspended.suspended = true;
+        let mut busy = view(1, 0, ResolveStatus::default());
+        busy.in_flight = true;
+        let mut secret_changed = view(1, 1, good_status(t(0)));
+        secret_changed.secret = secret(2);
+        let mut secret_gone = view(1, 1, good_status(t(0)));
+        secret_gone.secret = None;
+
+        let cases: Vec<(&str, RepoView, Option<Attempt>, u64, Due)> = vec![
+            (
+                "new repository",
+                view(1, 0, ResolveStatus::default()),
+                None,
+                10,
+                Due::Now,
+            ),
+            (
+                "spec changed",
+                view(2, 1, good_status(t(0))),
+                Some(attempt(0, 1, 3600)),
+                10,
+                Due::Now,
+            ),
+            ("suspended is skipped", suspended, None, 10, Due::Skip),
+            ("in flight is skipped", busy, None, 10, Due::Skip),
+            (
+                "resolved by an earlier leader: on the interval",
+                view(1, 1, good_status(t(0))),
+                None,
+                10,
+                Due::At(t(3600)),
+            ),
+            (
+                "interval elapsed",
+                view(1, 1, good_status(t(0))),
+                None,
+                3600,
+                Due::Now,
+            ),
+            (
+                "remembered attempt wins over a lagging cache",
+                view(1, 0, ResolveStatus::default()),
+                Some(attempt(5, 1, 3605)),
+                10,
+                Due::At(t(3605)),
+            ),
+            (
+                "failure remembered: retried after the back-off",
+                view(1, 1, failed.clone()),
+                Some(attempt(5, 1, 35)),
+                10,
+                Due::At(t(35)),
+            ),
+            (
+                "failure remembered: back-off over",
+                view(1, 1, failed.clone()),
+                Some(attempt(5, 1, 35)),
+                35,
+                Due::Now,
+            ),
+            (
+                "failure from an earlier leader: retried now",
+                view(1, 1, failed),
+                None,
+                10,
+                Due::Now,
+            ),
+            (
+                "rate limited: not before Retry-After",
+                view(1, 1, limited.clone()),
+                None,
+                10,
+                Due::At(t(500)),
+            ),
+            (
+                "rate limited: Retry-After passed",
+                view(1, 1, limited),
+                None,
+                501,
+                Due::Now,
+            ),
+            (
+                "RegistrySecret changed",
+                secret_changed,
+                Some(attempt(0, 1, 3600)),
+                10,
+                Due::Now,
+            ),
+            (
+                "RegistrySecret deleted",
+                secret_gone,
+                Some(attempt(0, 1, 3600)),
+                10,
+                Due::Now,
+            ),
+        ];
+        for (name, v, last, now, want) in cases {
+            assert_eq!(repository_due(&v, last.as_ref(), t(now)), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn next_attempt_after_an_outcome() {
+        let interval = Duration::from_secs(20);
+        let failed = ResolveStatus {
+            reason: Some(FailureReason::Unreachable),
+            ..Default::default()
+        };
+        let limited = ResolveStatus {
+            reason: Some(FailureReason::RateLimited),
+            retry_after: Some(t(300)),
+            ..Default::default()
+        };
+        let cases = [
+            (
+                "success: one interval",
+                good_status(t(0)),
+                HOUR,
+                t(HOUR.as_secs()),
+            ),
+            ("failure: back-off", failed.clone(), HOUR, t(30)),
+            (
+                "failure: capped by a short interval",
+                failed,
+                interval,
+                t(20),
+            ),
+            ("rate limited: Retry-After", limited, interval, t(300)),
+        ];
+        for (name, status, interval, want) in cases {
+            assert_eq!(next_after(&status, interval, t(0)), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn health_is_checked_on_change_and_period() {
+        let v1 = secret(1).expect("v");
+        let v2 = secret(2).expect("v");
+        let p = HEALTH_PERIOD;
+        assert!(health_due(None, &v1, t(0), p), "never checked");
+        assert!(
+            !health_due(Some(&(t(0), v1.clone())), &v1, t(10), p),
+            "fresh"
+        );
+        assert!(
+            health_due(Some(&(t(0), v1.clone())), &v1, t(30), p),
+            "period over"
+        );
+        assert!(health_due(Some(&(t(0), v1)), &v2, t(1), p), "spec changed");
+    }
+
+    fn repo(yaml: &str) -> Repository {
+        match imgfleet::model::parse_documents(yaml)
+            .expect("test YAML parses")
+            .remove(0)
+        {
+            Object::Repository(r) => r,
+            other => panic!("not a repository: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn spec_maps_to_what_is_resolved() {
+        let head = "apiVersion: image.theriseunion.io/v1alpha1\nkind: Repository\nmetadata: {name: a, namespace: prod}\nspec:\n  repository: library/nginx\n  registryRef: {name: hub}\n";
+        let r = repo(&format!(
+            "{head}  tags: [latest, v1]\n  platforms: [linux/amd64]\n"
+        ));
+        let spec = resolve_spec(&r);
+        assert_eq!(
+            spec.tags,
+            TagChoice::Fixed(vec!["latest".into(), "v1".into()])
+        );
+        assert_eq!(spec.platforms, vec!["linux/amd64".to_string()]);
+        assert_eq!(secret_ref(&r), ("prod".to_string(), "hub".to_string()));
+        let r = repo(&format!(
+            "{head}  tagPattern: {{pattern: 'v1\\.[0-9]+', keepLatest: 3}}\n"
+        ));
+        assert_eq!(
+            resolve_spec(&r).tags,
+            TagChoice::Pattern {
+                pattern: "v1\\.[0-9]+".into(),
+                keep_latest: 3
+            }
+        );
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = repo(&format!("{head}  digest: \"{d}\"\n"));
+        let spec = resolve_spec(&r);
+        assert_eq!(spec.digest, Some(d));
+        assert_eq!(spec.tags, TagChoice::Fixed(vec![]));
+    }
+
+    #[test]
+    fn status_round_trips_and_keeps_cluster_fields() {
+        let mut status = RepositoryStatus {
+            synced_clusters: 2,
+            target_clusters: 3,
+            ..Default::default()
+        };
+        let r = ResolveStatus {
+            reason: Some(FailureReason::RateLimited),
+            message: "slow down".into(),
+            stale: true,
+            retry_after: Some(t(60)),
+            ..good_status(t(0))
+        };
+        apply_resolve_status(&mut status, &r, 7);
+        assert_eq!(status.synced_clusters, 2);
+        assert_eq!(status.target_clusters, 3);
+        assert_eq!(status.observed_generation, 7);
+        assert_eq!(resolve_status_of(Some(&status)), r);
+    }
+
+    /// The loop's timing with the tokio clock paused: an election that is
+    /// lost stops the work at once, and a regained one starts it again.
+    #[tokio::test(start_paused = true)]
+    async fn work_follows_leadership() {
+        let (tx, rx) = watch::channel(false);
+        let token = CancellationToken::new();
+        let store = Arc::new(
+            crate::store::redb::RedbStore::open(&tempfile_path("work_follows_leadership.redb"))
+                .await
+                .expect("redb opens"),
+        );
+        let keyring = crate::secrets::Keyring::from_key("test", &[7u8; 32]).expect("key");
+        let objects = Objects::new(store, Arc::new(keyring));
+        let run = tokio::spawn(run(objects, rx, token.clone()));
+        tx.send(true).expect("send");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tx.send(false).expect("send");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("run ends on shutdown")
+            .expect("no panic");
+    }
+
+    fn tempfile_path(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("imgfleet-resolve-loop-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let p = dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+}

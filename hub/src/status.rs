@@ -1,0 +1,454 @@
+//! Status aggregation: pure functions from desired sets, the latest progress
+//! agents reported and whether clusters are connected, to the status fields
+//! the hub owns (`Repository.status.clusters/syncedClusters/targetClusters`
+//! and `Cluster.status`). The session module does the I/O.
+
+use std::collections::BTreeMap;
+
+use imgfleet::model::{ClusterImageStatus, ClusterPhase, ClusterStatus, ImagePhase};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::fleet::StoredDesiredSet;
+
+/// The latest reported state of one image on one cluster.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ImageState {
+    pub digest: String,
+    pub phase: Option<ImagePhase>,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub layers_done: u32,
+    pub layers_total: u32,
+    pub message: Option<String>,
+    pub updated_at: Option<Time>,
+    pub next_retry_time: Option<Time>,
+}
+
+/// What a live session knows about its cluster.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LiveCluster {
+    pub last_seen: Option<Time>,
+    pub agent_version: String,
+    pub storage_used_bytes: u64,
+    pub storage_capacity_bytes: u64,
+    pub applied_generation: u64,
+    /// Latest state per image key (`<namespace>/<name>@<digest>`).
+    pub images: BTreeMap<String, ImageState>,
+}
+
+/// The (cluster -> digests with image keys) of one repository, from all desired sets.
+pub fn targets_of(
+    repo_ns: &str,
+    repo_name: &str,
+    desired: &BTreeMap<String, StoredDesiredSet>,
+) -> BTreeMap<String, Vec<(String, String)>> {
+    let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for (cluster, set) in desired {
+        for img in &set.content.images {
+            if img.source_namespace == repo_ns && img.source_name == repo_name {
+                out.entry(cluster.clone())
+                    .or_default()
+                    .push((img.digest.clone(), img.key.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn pending(cluster: &str, digest: &str) -> ClusterImageStatus {
+    ClusterImageStatus {
+        cluster: cluster.to_string(),
+        digest: digest.to_string(),
+        phase: Some(ImagePhase::Pending),
+        bytes_done: 0,
+        bytes_total: 0,
+        layers_done: 0,
+        layers_total: 0,
+        last_sync_time: None,
+        message: None,
+        next_retry_time: None,
+        last_known: false,
+    }
+}
+
+fn entry_from(cluster: &str, digest: &str, s: &ImageState) -> ClusterImageStatus {
+    ClusterImageStatus {
+        cluster: cluster.to_string(),
+        digest: digest.to_string(),
+        phase: s.phase.or(Some(ImagePhase::Pending)),
+        bytes_done: s.bytes_done,
+        bytes_total: s.bytes_total,
+        layers_done: s.layers_done,
+        layers_total: s.layers_total,
+        last_sync_time: s.updated_at.clone(),
+        message: s.message.clone().filter(|m| !m.is_empty()),
+        next_retry_time: s.next_retry_time.clone(),
+        last_known: false,
+    }
+}
+
+/// The new `clusters[]` of a repository plus (synced, target) counts.
+///
+/// - One entry per (targeted cluster, desired digest); entries of clusters or
+///   digests no longer desired are dropped.
+/// - Clusters with a live session here (`live`) take their entries from the
+///   reported progress (Pending when nothing was reported yet).
+/// - Other clusters keep their existing entries (another replica, or the
+///   offline sweeper, owns them), or Pending when there is none.
+/// - A cluster counts as synced when every desired digest is Synced and the
+///   entry is current (not `lastKnown`): an offline cluster is never reported
+///   as currently synced.
+pub fn repository_clusters(
+    existing: &[ClusterImageStatus],
+    targets: &BTreeMap<String, Vec<(String, String)>>,
+    live: &BTreeMap<String, &LiveCluster>,
+) -> (Vec<ClusterImageStatus>, u32, u32) {
+    let mut out = Vec::new();
+    let mut synced = 0u32;
+    for (cluster, digests) in targets {
+        let mut all_synced = !digests.is_empty();
+        for (digest, key) in digests {
+            let entry = match live.get(cluster) {
+                Some(l) => l
+                    .images
+                    .get(key)
+                    .map(|s| entry_from(cluster, digest, s))
+                    .unwrap_or_else(|| pending(cluster, digest)),
+                None => existing
+                    .iter()
+                    .find(|e| &e.cluster == cluster && &e.digest == digest)
+                    .cloned()
+                    .unwrap_or_else(|| pending(cluster, digest)),
+            };
+            all_synced &= entry.phase == Some(ImagePhase::Synced) && !entry.last_known;
+            out.push(entry);
+        }
+        if all_synced {
+            synced += 1;
+        }
+    }
+    out.sort_by(|a, b| (&a.cluster, &a.digest).cmp(&(&b.cluster, &b.digest)));
+    out.dedup_by(|b, a| a.cluster == b.cluster && a.digest == b.digest);
+    (out, synced, targets.len() as u32)
+}
+
+/// Flags a cluster's entries as last known (the cluster went offline).
+pub fn mark_last_known(entries: &mut [ClusterImageStatus], cluster: &str) -> bool {
+    let mut changed = false;
+    for e in entries.iter_mut().filter(|e| e.cluster == cluster) {
+        changed |= !e.last_known;
+        e.last_known = true;
+    }
+    changed
+}
+
+/// Recounts synced clusters after entries changed (e.g. flagged last known).
+pub fn count_synced(entries: &[ClusterImageStatus]) -> u32 {
+    let mut by_cluster: BTreeMap<&str, bool> = BTreeMap::new();
+    for e in entries {
+        let ok = e.phase == Some(ImagePhase::Synced) && !e.last_known;
+        *by_cluster.entry(e.cluster.as_str()).or_insert(true) &= ok;
+    }
+    by_cluster.values().filter(|ok| **ok).count() as u32
+}
+
+/// The new `Cluster.status`: desired fields from the stored desired set,
+/// session fields from the live session when there is one here (else kept).
+pub fn cluster_status(
+    prev: &ClusterStatus,
+    desired: Option<&StoredDesiredSet>,
+    live: Option<&LiveCluster>,
+    replica: &str,
+) -> ClusterStatus {
+    let mut s = prev.clone();
+    if let Some(d) = desired {
+        s.desired_generation = d.generation;
+        s.images_desired = d.content.images.len() as u32;
+    }
+    if let Some(l) = live {
+        s.phase = Some(ClusterPhase::Connected);
+        s.last_seen = l.last_seen.clone().or(s.last_seen);
+        s.agent_version = Some(l.agent_version.clone()).filter(|v| !v.is_empty());
+        s.storage_used_bytes = l.storage_used_bytes;
+        s.storage_capacity_bytes = l.storage_capacity_bytes;
+        s.applied_generation = l.applied_generation;
+        s.hub_replica = Some(replica.to_string());
+        s.images_synced = match desired {
+            Some(d) => d
+                .content
+                .images
+                .iter()
+                .filter(|i| {
+                    l.images
+                        .get(&i.key)
+                        .is_some_and(|st| st.phase == Some(ImagePhase::Synced))
+                })
+                .count() as u32,
+            None => 0,
+        };
+    }
+    s
+}
+
+/// Whether a cluster last seen at `last_seen` is overdue at `now`. A stored
+/// `lastSeen` has whole seconds only (RFC 3339 as Kubernetes writes it), so a
+/// second of slack keeps a cluster from being marked Offline early.
+pub fn is_overdue(
+    last_seen: Option<&Time>,
+    now: &Time,
+    offline_after: std::time::Duration,
+) -> bool {
+    match last_seen {
+        None => true,
+        Some(t) => {
+            let silent = now.0.as_millisecond() - t.0.as_millisecond();
+            silent >= offline_after.as_millis() as i64 + 1000
+        }
+    }
+}
+
+/// `Cluster.status` once the cluster is offline: everything else is kept as last known.
+pub fn offline_status(prev: &ClusterStatus) -> ClusterStatus {
+    let mut s = prev.clone();
+    s.phase = Some(ClusterPhase::Offline);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{DesiredContent, StoredImage};
+
+    fn img(ns: &str, name: &str, digest: &str) -> StoredImage {
+        StoredImage {
+            key: format!("{ns}/{name}@{digest}"),
+            source_namespace: ns.into(),
+            source_name: name.into(),
+            digest: digest.into(),
+            ..Default::default()
+        }
+    }
+
+    fn set(generation: u64, images: Vec<StoredImage>) -> StoredDesiredSet {
+        StoredDesiredSet {
+            generation,
+            content: DesiredContent {
+                images,
+                registries: vec![],
+            },
+        }
+    }
+
+    fn state(phase: ImagePhase, digest: &str) -> ImageState {
+        ImageState {
+            digest: digest.into(),
+            phase: Some(phase),
+            bytes_done: 5,
+            bytes_total: 10,
+            ..Default::default()
+        }
+    }
+
+    fn live(images: &[(&str, ImageState)]) -> LiveCluster {
+        LiveCluster {
+            agent_version: "1.0".into(),
+            applied_generation: 3,
+            images: images
+                .iter()
+                .map(|(k, s)| (k.to_string(), s.clone()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        desired: BTreeMap<String, StoredDesiredSet>,
+        existing: Vec<ClusterImageStatus>,
+        live: BTreeMap<String, LiveCluster>,
+        want: Vec<(&'static str, &'static str, ImagePhase, bool)>,
+        synced: u32,
+        target: u32,
+    }
+
+    fn check(c: Case) {
+        let targets = targets_of("default", "app", &c.desired);
+        let live: BTreeMap<String, &LiveCluster> =
+            c.live.iter().map(|(k, v)| (k.clone(), v)).collect();
+        let (entries, synced, target) = repository_clusters(&c.existing, &targets, &live);
+        let got: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                (
+                    e.cluster.as_str(),
+                    e.digest.as_str(),
+                    e.phase.expect("phase"),
+                    e.last_known,
+                )
+            })
+            .collect();
+        assert_eq!(got, c.want, "{}", c.name);
+        assert_eq!((synced, target), (c.synced, c.target), "{}", c.name);
+    }
+
+    #[test]
+    fn repository_aggregation_table() {
+        let d = |pairs: &[(&str, Vec<StoredImage>)]| -> BTreeMap<String, StoredDesiredSet> {
+            pairs
+                .iter()
+                .map(|(c, i)| (c.to_string(), set(1, i.clone())))
+                .collect()
+        };
+        let offline_synced = ClusterImageStatus {
+            phase: Some(ImagePhase::Synced),
+            last_known: true,
+            ..pending("b", "sha256:1")
+        };
+        check(Case {
+            name: "untargeted",
+            desired: d(&[("a", vec![img("default", "other", "sha256:1")])]),
+            existing: vec![pending("a", "sha256:1")],
+            live: BTreeMap::new(),
+            want: vec![],
+            synced: 0,
+            target: 0,
+        });
+        check(Case {
+            name: "targeted, never reported",
+            desired: d(&[
+                ("a", vec![img("default", "app", "sha256:1")]),
+                ("b", vec![]),
+            ]),
+            existing: vec![],
+            live: BTreeMap::new(),
+            want: vec![("a", "sha256:1", ImagePhase::Pending, false)],
+            synced: 0,
+            target: 1,
+        });
+        check(Case {
+            name: "live synced and syncing",
+            desired: d(&[
+                ("a", vec![img("default", "app", "sha256:1")]),
+                ("b", vec![img("default", "app", "sha256:1")]),
+            ]),
+            existing: vec![],
+            live: [
+                (
+                    "a".to_string(),
+                    live(&[(
+                        "default/app@sha256:1",
+                        state(ImagePhase::Synced, "sha256:1"),
+                    )]),
+                ),
+                (
+                    "b".to_string(),
+                    live(&[(
+                        "default/app@sha256:1",
+                        state(ImagePhase::Syncing, "sha256:1"),
+                    )]),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            want: vec![
+                ("a", "sha256:1", ImagePhase::Synced, false),
+                ("b", "sha256:1", ImagePhase::Syncing, false),
+            ],
+            synced: 1,
+            target: 2,
+        });
+        check(Case {
+            name: "offline last known kept, not counted; stale digest dropped",
+            desired: d(&[("b", vec![img("default", "app", "sha256:1")])]),
+            existing: vec![offline_synced.clone(), pending("b", "sha256:old")],
+            live: BTreeMap::new(),
+            want: vec![("b", "sha256:1", ImagePhase::Synced, true)],
+            synced: 0,
+            target: 1,
+        });
+        check(Case {
+            name: "all digests must be synced",
+            desired: d(&[(
+                "a",
+                vec![
+                    img("default", "app", "sha256:1"),
+                    img("default", "app", "sha256:2"),
+                ],
+            )]),
+            existing: vec![],
+            live: [(
+                "a".to_string(),
+                live(&[(
+                    "default/app@sha256:1",
+                    state(ImagePhase::Synced, "sha256:1"),
+                )]),
+            )]
+            .into_iter()
+            .collect(),
+            want: vec![
+                ("a", "sha256:1", ImagePhase::Synced, false),
+                ("a", "sha256:2", ImagePhase::Pending, false),
+            ],
+            synced: 0,
+            target: 1,
+        });
+    }
+
+    #[test]
+    fn last_known_and_counts() {
+        let mut entries = vec![
+            ClusterImageStatus {
+                phase: Some(ImagePhase::Synced),
+                ..pending("a", "sha256:1")
+            },
+            ClusterImageStatus {
+                phase: Some(ImagePhase::Synced),
+                ..pending("b", "sha256:1")
+            },
+        ];
+        assert_eq!(count_synced(&entries), 2);
+        assert!(mark_last_known(&mut entries, "b"));
+        assert!(!mark_last_known(&mut entries, "b"));
+        assert_eq!(count_synced(&entries), 1);
+    }
+
+    #[test]
+    fn cluster_status_fields() {
+        let desired = set(
+            4,
+            vec![
+                img("default", "app", "sha256:1"),
+                img("default", "app", "sha256:2"),
+            ],
+        );
+        let l = live(&[(
+            "default/app@sha256:1",
+            state(ImagePhase::Synced, "sha256:1"),
+        )]);
+        let s = cluster_status(&ClusterStatus::default(), Some(&desired), Some(&l), "hub-1");
+        assert_eq!(s.phase, Some(ClusterPhase::Connected));
+        assert_eq!((s.desired_generation, s.applied_generation), (4, 3));
+        assert_eq!((s.images_desired, s.images_synced), (2, 1));
+        assert_eq!(s.hub_replica.as_deref(), Some("hub-1"));
+        assert_eq!(s.agent_version.as_deref(), Some("1.0"));
+        let off = offline_status(&s);
+        assert_eq!(off.phase, Some(ClusterPhase::Offline));
+        assert_eq!(off.applied_generation, 3);
+        // Without a live session, session fields are kept as they were.
+        let s2 = cluster_status(&off, Some(&set(5, vec![])), None, "hub-2");
+        assert_eq!(s2.phase, Some(ClusterPhase::Offline));
+        assert_eq!((s2.desired_generation, s2.images_desired), (5, 0));
+        assert_eq!(s2.hub_replica.as_deref(), Some("hub-1"));
+    }
+
+    #[test]
+    fn overdue() {
+        let now = Time(k8s_openapi::jiff::Timestamp::from_second(1000).expect("ts"));
+        let t = |s| Time(k8s_openapi::jiff::Timestamp::from_second(s).expect("ts"));
+        let d = std::time::Duration::from_secs(30);
+        assert!(!is_overdue(Some(&t(990)), &now, d));
+        assert!(!is_overdue(Some(&t(970)), &now, d));
+        assert!(is_overdue(Some(&t(969)), &now, d));
+        assert!(is_overdue(None, &now, d));
+    }
+}

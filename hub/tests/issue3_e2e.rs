@@ -1,0 +1,585 @@
+//! Issue 3's "Done when", end to end with real processes: the `imgfleet-hub`
+//! binary and the `imgfleet` CLI, a htpasswd-protected distribution registry,
+//! and (once) a real etcd. The seed's YAML, pointed at the registry, is
+//! applied; every Repository's resolved digest equals the pushed manifest's;
+//! a wrong password turns the RegistrySecret AuthFailed; a stale
+//! resourceVersion is refused; the plaintext password is in no stored byte,
+//! log or answer; a SIGKILLed hub restarts with everything. On etcd, two
+//! replicas elect exactly one resolver leader, and the other takes over when
+//! the leader is SIGKILLed.
+//!
+//! The CLI binary must be built first: `cargo build -p imgfleet --bin imgfleet`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use imgfleet_tests::images::{ImageSpec, push_image};
+use imgfleet_tests::{ChildGuard, Etcd, Registry, RegistryOptions, free_port};
+use serde_json::Value;
+
+const HUB: &str = env!("CARGO_BIN_EXE_imgfleet-hub");
+const SEEDS: [&str; 2] = [
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/testdata/seed-quickstart.yaml"
+    ),
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/testdata/seed-production.yaml"
+    ),
+];
+const USER: &str = "admin";
+const PASSWORD: &str = "Harbor12345";
+/// The production seed's own password; the test registry has one user, so
+/// the seed is pointed at it, and this must appear nowhere either.
+const SEED_PROD_PASSWORD: &str = "SecurePassword123";
+const WRONG_PASSWORD: &str = "WrongPassword999";
+const SECRETS: [&str; 3] = [PASSWORD, SEED_PROD_PASSWORD, WRONG_PASSWORD];
+const ETCD_PREFIX: &str = "/imgfleet";
+/// How long resolution may take to show after a change.
+const RESOLVE_DEADLINE: Duration = Duration::from_secs(20);
+
+fn cli_binary() -> PathBuf {
+    let p = Path::new(HUB).with_file_name("imgfleet");
+    assert!(
+        p.is_file(),
+        "the imgfleet CLI is not built at {}: run `cargo build -p imgfleet --bin imgfleet` before this test",
+        p.display()
+    );
+    p
+}
+
+struct Hub {
+    child: ChildGuard,
+    url: String,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+async fn start_hub(data: &Path, log: &Path, etcd: Option<&Etcd>) -> Hub {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(HUB);
+    cmd.arg("--listen")
+        .arg(&listen)
+        .arg("--metrics-listen")
+        .arg("off")
+        .arg("--data-dir")
+        .arg(data)
+        // Debug logging, so the password check covers the most verbose output.
+        .env("RUST_LOG", "debug");
+    if let Some(e) = etcd {
+        cmd.arg("--etcd-endpoints")
+            .arg(e.endpoint())
+            .arg("--etcd-prefix")
+            .arg(ETCD_PREFIX);
+    }
+    let mut child =
+        ChildGuard::spawn_with_log("imgfleet-hub", cmd, log.to_path_buf()).expect("spawn hub");
+    let l = listen.clone();
+    child
+        .wait_ready("gRPC port open", Duration::from_secs(30), move || {
+            let l = l.clone();
+            async move { Ok(tokio::net::TcpStream::connect(&l).await.is_ok()) }
+        })
+        .await
+        .expect("hub ready");
+    Hub {
+        child,
+        url: format!("https://{listen}"),
+        data: data.to_path_buf(),
+        log: log.to_path_buf(),
+    }
+}
+
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(hub: &Hub, args: &[&str]) -> Out {
+    let out = Command::new(cli_binary())
+        .args(args)
+        .env("IMGFLEET_HUB", &hub.url)
+        .env("IMGFLEET_CREDENTIALS", hub.data.join("admin"))
+        .output()
+        .expect("run imgfleet");
+    let o = Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    // No answer of the CLI ever shows a password.
+    for secret in SECRETS {
+        assert!(
+            !o.stdout.contains(secret) && !o.stderr.contains(secret),
+            "imgfleet {args:?} printed a password"
+        );
+    }
+    o
+}
+
+fn ok(hub: &Hub, args: &[&str]) -> String {
+    let o = cli(hub, args);
+    assert_eq!(
+        o.code,
+        Some(0),
+        "imgfleet {args:?}\nstdout: {}\nstderr: {}",
+        o.stdout,
+        o.stderr
+    );
+    o.stdout
+}
+
+fn json(hub: &Hub, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = ok(hub, &all);
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("imgfleet {all:?}: not JSON ({e}):\n{out}"))
+}
+
+/// The objects of a `get -o json` answer (a List or one object).
+fn items(v: &Value) -> Vec<Value> {
+    match v.get("items").and_then(Value::as_array) {
+        Some(items) => items.clone(),
+        None => vec![v.clone()],
+    }
+}
+
+fn field<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(k))
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    field(v, path).and_then(Value::as_str)
+}
+
+/// `namespace/name` -> first resolved digest, for every Repository.
+fn resolved_digests(hub: &Hub) -> Vec<(String, Option<String>)> {
+    items(&json(hub, &["get", "repositories", "-A"]))
+        .iter()
+        .map(|r| {
+            let id = format!(
+                "{}/{}",
+                str_at(r, &["metadata", "namespace"]).unwrap_or(""),
+                str_at(r, &["metadata", "name"]).unwrap_or("")
+            );
+            let digest = field(r, &["status", "resolved"])
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .and_then(|t| str_at(t, &["digest"]))
+                .map(str::to_owned);
+            (id, digest)
+        })
+        .collect()
+}
+
+/// Polls `probe` until it returns `Some`, at most `deadline`.
+async fn eventually<T>(what: &str, deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "{what}: not within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The seeds, with the domain pointed at the local registry over plain HTTP
+/// and the production credentials set to the registry's one user.
+fn seed_yaml(registry: &Registry) -> String {
+    SEEDS
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("seed file"))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+        .replace(
+            "domain: \"harbor.example.com\"",
+            &format!("domain: \"{}\"\n  insecure: true", registry.addr()),
+        )
+        .replace(
+            "username: \"prod-puller\"",
+            &format!("username: \"{USER}\""),
+        )
+        .replace(
+            &format!("password: \"{SEED_PROD_PASSWORD}\""),
+            &format!("password: \"{PASSWORD}\""),
+        )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write YAML");
+    p.to_str().expect("utf8 path").to_owned()
+}
+
+fn log_has(path: &Path, needle: &str) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle))
+}
+
+const LEADER_LINE: &str = "Became the tag resolver leader";
+
+async fn scenario(etcd: Option<&Etcd>) {
+    cli_binary();
+    let store = if etcd.is_some() { "etcd" } else { "embedded" };
+    let registry = Registry::start(RegistryOptions::plain().with_auth(USER, PASSWORD))
+        .await
+        .expect("registry starts");
+    let nginx = push_image(
+        &registry,
+        "library/nginx",
+        "latest",
+        &ImageSpec::random(&[4096], 1),
+    )
+    .await
+    .expect("push nginx");
+    let myapp = push_image(
+        &registry,
+        "myapp/myapp",
+        "v1.0.0",
+        &ImageSpec::random(&[4096], 2),
+    )
+    .await
+    .expect("push myapp");
+    let want = [
+        (
+            "default/nginx-latest".to_string(),
+            nginx.manifest_digest.clone(),
+        ),
+        (
+            "production/myapp-v1.0.0".to_string(),
+            myapp.manifest_digest.clone(),
+        ),
+    ];
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("hub-data");
+    let mut logs = vec![dir.path().join("hub1.log")];
+    let mut hub = start_hub(&data, &logs[0], etcd).await;
+
+    // The seed applies, and each Repository shows the digest the registry serves.
+    let seed = write(dir.path(), "seed.yaml", &seed_yaml(&registry));
+    let applied = Instant::now();
+    let out = ok(&hub, &["apply", "-f", &seed]);
+    assert!(
+        out.contains("RegistrySecret default/harbor-prod created"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Repository production/myapp-v1.0.0 created"),
+        "{out}"
+    );
+    let got = eventually("every Repository resolved", RESOLVE_DEADLINE, || {
+        let got = resolved_digests(&hub);
+        got.iter().all(|(_, d)| d.is_some()).then_some(got)
+    })
+    .await;
+    let resolve_ms = applied.elapsed().as_millis();
+    let got: Vec<(String, String)> = got
+        .into_iter()
+        .map(|(id, d)| (id, d.unwrap_or_default()))
+        .collect();
+    let mut want_sorted = want.to_vec();
+    want_sorted.sort();
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    assert_eq!(
+        got_sorted, want_sorted,
+        "resolved digests equal the pushed manifests'"
+    );
+    eprintln!("[{store}] apply -> every resolved digest shown: {resolve_ms} ms");
+
+    let table = ok(&hub, &["get", "repositories", "-A"]);
+    assert!(
+        table.lines().next().is_some_and(|h| h.contains("DIGEST")),
+        "{table}"
+    );
+    for (id, digest) in &want {
+        let name = id.split('/').nth(1).expect("ns/name");
+        assert!(
+            table
+                .lines()
+                .any(|l| l.contains(name) && l.contains(digest.as_str())),
+            "{id} with {digest} in:\n{table}"
+        );
+    }
+
+    // Registry health: both secrets Connected.
+    for ns in ["default", "production"] {
+        eventually("RegistrySecret Connected", RESOLVE_DEADLINE, || {
+            let v = json(&hub, &["get", "rs", "harbor-prod", "-n", ns]);
+            let last_check = str_at(&v, &["status", "lastCheckTime"]).is_some();
+            (str_at(&v, &["status", "phase"]) == Some("Connected") && last_check).then_some(())
+        })
+        .await;
+    }
+    let rs_table = ok(&hub, &["get", "rs", "-A"]);
+    assert!(
+        rs_table.lines().filter(|l| l.contains("Connected")).count() == 2,
+        "{rs_table}"
+    );
+
+    // A wrong password: the RegistrySecret becomes AuthFailed, and so does
+    // resolution of its Repository, which keeps its last good digest as stale.
+    let wrong = std::fs::read_to_string(SEEDS[1])
+        .expect("seed")
+        .replace(
+            "domain: \"harbor.example.com\"",
+            &format!("domain: \"{}\"\n  insecure: true", registry.addr()),
+        )
+        .replace(
+            "username: \"prod-puller\"",
+            &format!("username: \"{USER}\""),
+        )
+        .replace(SEED_PROD_PASSWORD, WRONG_PASSWORD);
+    let wrong = write(dir.path(), "wrong.yaml", &wrong);
+    let changed = Instant::now();
+    ok(&hub, &["apply", "-f", &wrong]);
+    eventually("RegistrySecret AuthFailed", RESOLVE_DEADLINE, || {
+        let v = json(&hub, &["get", "rs", "harbor-prod", "-n", "production"]);
+        (str_at(&v, &["status", "phase"]) == Some("AuthFailed")).then_some(())
+    })
+    .await;
+    let repo = eventually("Repository reason AuthFailed", RESOLVE_DEADLINE, || {
+        let v = json(
+            &hub,
+            &["get", "repository", "myapp-v1.0.0", "-n", "production"],
+        );
+        (str_at(&v, &["status", "reason"]) == Some("AuthFailed")).then_some(v)
+    })
+    .await;
+    eprintln!(
+        "[{store}] wrong password -> AuthFailed shown: {} ms",
+        changed.elapsed().as_millis()
+    );
+    assert_eq!(
+        field(&repo, &["status", "stale"]).and_then(Value::as_bool),
+        Some(true),
+        "the last good digest is kept and marked stale: {repo}"
+    );
+    let table = ok(&hub, &["get", "repositories", "-n", "production"]);
+    assert!(
+        table.contains(&format!("{} (stale)", myapp.manifest_digest)),
+        "{table}"
+    );
+    // The default namespace's secret is untouched.
+    let v = json(&hub, &["get", "rs", "harbor-prod"]);
+    assert_eq!(str_at(&v, &["status", "phase"]), Some("Connected"), "{v}");
+
+    // A stale resourceVersion is refused.
+    let shown = json(&hub, &["get", "repository", "nginx-latest"]);
+    let rv = str_at(&shown, &["metadata", "resourceVersion"])
+        .expect("resourceVersion")
+        .to_owned();
+    let quick = std::fs::read_to_string(SEEDS[0]).expect("seed");
+    let bumped = write(
+        dir.path(),
+        "bumped.yaml",
+        &quick
+            .replace("harbor.example.com", &registry.addr())
+            .replace("syncInterval: \"1h\"", "syncInterval: \"2h\""),
+    );
+    let old = write(
+        dir.path(),
+        "old-rv.yaml",
+        &quick
+            .replace("harbor.example.com", &registry.addr())
+            .replace(
+                "  name: nginx-latest\n",
+                &format!("  name: nginx-latest\n  resourceVersion: \"{rv}\"\n"),
+            )
+            .replace("syncInterval: \"1h\"", "syncInterval: \"3h\""),
+    );
+    // Only the Repository document of each file is wanted here.
+    for f in [&bumped, &old] {
+        let text = std::fs::read_to_string(f).expect("read");
+        let repo_doc = text
+            .split("---")
+            .find(|d| d.contains("kind: Repository"))
+            .expect("Repository document")
+            .to_owned();
+        std::fs::write(f, repo_doc).expect("write");
+    }
+    ok(&hub, &["apply", "-f", &bumped]);
+    let o = cli(&hub, &["apply", "-f", &old]);
+    assert_ne!(
+        o.code,
+        Some(0),
+        "an apply with a stale resourceVersion was accepted: {}",
+        o.stdout
+    );
+    assert!(o.stderr.contains("resourceVersion"), "{}", o.stderr);
+
+    // No answer shows a password (cli() checks every output for it).
+    for args in [
+        ["get", "rs", "-A", "-o", "yaml"].as_slice(),
+        &["get", "rs", "-A", "-o", "json"],
+        &[
+            "describe",
+            "registrysecret",
+            "harbor-prod",
+            "-n",
+            "production",
+        ],
+        &["describe", "repository", "nginx-latest"],
+        &["get", "repositories", "-A", "-o", "yaml"],
+    ] {
+        ok(&hub, args);
+    }
+
+    // SIGKILL and restart on the same data: every object is still there.
+    hub.child.kill();
+    logs.push(dir.path().join("hub2.log"));
+    let hub2 = start_hub(&data, &logs[1], etcd).await;
+    let table = ok(&hub2, &["get", "repositories", "-A"]);
+    for (id, digest) in &want {
+        let name = id.split('/').nth(1).expect("ns/name");
+        assert!(
+            table
+                .lines()
+                .any(|l| l.contains(name) && l.contains(digest.as_str())),
+            "{id} with {digest} after the restart:\n{table}"
+        );
+    }
+    let rs = ok(&hub2, &["get", "rs", "-A"]);
+    assert_eq!(
+        rs.lines().filter(|l| l.contains("harbor-prod")).count(),
+        2,
+        "{rs}"
+    );
+    let v = json(&hub2, &["get", "repository", "nginx-latest"]);
+    assert_eq!(str_at(&v, &["spec", "syncInterval"]), Some("2h"), "{v}");
+
+    if let Some(etcd) = etcd {
+        // A second replica on the same etcd (sharing the data dir, hence the
+        // keyring and the admin bundle): exactly one leads the resolver.
+        logs.push(dir.path().join("hub3.log"));
+        let mut replicas = [hub2, start_hub(&data, &logs[2], Some(etcd)).await];
+        let leader = eventually("one resolver leader", Duration::from_secs(15), || {
+            let leading: Vec<usize> = (0..2)
+                .filter(|&i| log_has(&replicas[i].log, LEADER_LINE))
+                .collect();
+            (leading.len() == 1).then(|| leading[0])
+        })
+        .await;
+        // Several campaign ticks later, still exactly one.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            !log_has(&replicas[1 - leader].log, LEADER_LINE),
+            "both replicas lead the resolver"
+        );
+        let follower = 1 - leader;
+
+        // SIGKILL the leader; push a new `latest` and change the spec through
+        // the follower: it takes over and resolves the new digest.
+        let nginx2 = push_image(
+            &registry,
+            "library/nginx",
+            "latest",
+            &ImageSpec::random(&[4096], 3),
+        )
+        .await
+        .expect("push a new nginx:latest");
+        assert_ne!(nginx2.manifest_digest, nginx.manifest_digest);
+        replicas[leader].child.kill();
+        let killed = Instant::now();
+        let third = write(
+            dir.path(),
+            "third.yaml",
+            &std::fs::read_to_string(&bumped)
+                .expect("read")
+                .replace("syncInterval: \"2h\"", "syncInterval: \"30m\""),
+        );
+        ok(&replicas[follower], &["apply", "-f", &third]);
+        eventually(
+            "the follower resolves the new digest",
+            RESOLVE_DEADLINE,
+            || {
+                resolved_digests(&replicas[follower])
+                    .into_iter()
+                    .any(|(id, d)| {
+                        id == "default/nginx-latest"
+                            && d.as_deref() == Some(nginx2.manifest_digest.as_str())
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+        eprintln!(
+            "[{store}] leader SIGKILLed -> new digest resolved by the other replica: {} ms",
+            killed.elapsed().as_millis()
+        );
+        assert!(
+            log_has(&replicas[follower].log, LEADER_LINE),
+            "the follower took over"
+        );
+
+        // Nothing under the prefix holds a plaintext password.
+        let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+            .await
+            .expect("etcd client");
+        let resp = client
+            .get(
+                ETCD_PREFIX,
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .expect("etcd get --prefix");
+        assert!(resp.kvs().len() >= 4, "objects stored under {ETCD_PREFIX}");
+        let mut sealed = 0;
+        for kv in resp.kvs() {
+            for secret in SECRETS {
+                assert!(
+                    !contains(kv.key(), secret.as_bytes())
+                        && !contains(kv.value(), secret.as_bytes()),
+                    "a plaintext password in etcd key {}",
+                    String::from_utf8_lossy(kv.key())
+                );
+            }
+            sealed += usize::from(contains(kv.value(), b"enc:v1:"));
+        }
+        assert!(
+            sealed >= 2,
+            "both passwords are stored sealed ({sealed} sealed values)"
+        );
+    } else {
+        let raw = std::fs::read(data.join("policy.redb")).expect("redb file");
+        assert!(contains(&raw, b"enc:v1:"), "sealed password stored");
+        for secret in SECRETS {
+            assert!(
+                !contains(&raw, secret.as_bytes()),
+                "plaintext password in the redb file"
+            );
+        }
+    }
+
+    // No log holds a password, though every log holds resolutions.
+    for log in &logs {
+        let text = std::fs::read_to_string(log).expect("hub log");
+        for secret in SECRETS {
+            assert!(!text.contains(secret), "a password in {}", log.display());
+        }
+    }
+    assert!(log_has(&logs[0], "Resolved tags"), "the first hub resolved");
+}
+
+#[tokio::test]
+async fn issue3_done_when_on_the_embedded_store() {
+    scenario(None).await;
+}
+
+#[tokio::test]
+async fn issue3_done_when_on_etcd_with_two_replicas() {
+    let etcd = Etcd::start().await.expect("etcd starts");
+    scenario(Some(&etcd)).await;
+}
