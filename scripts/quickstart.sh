@@ -37,11 +37,17 @@ done
 
 QS=$ROOT/quickstart
 LOGS=$QS/logs
-BIN=$ROOT/target/debug
+TARGET=${CARGO_TARGET_DIR:-target}
+case $TARGET in /*) ;; *) TARGET=$ROOT/$TARGET ;; esac
+BIN=$TARGET/debug
 REG_USER=admin
 REG_PASSWORD=Harbor12345
 
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+BOLD="" PLAIN=""
+if [ -t 1 ]; then
+  BOLD=$(printf '\033[1m') PLAIN=$(printf '\033[0m')
+fi
+step() { printf '\n%s==> %s%s\n' "$BOLD" "$*" "$PLAIN"; }
 note() { printf '    %s\n' "$*"; }
 die() {
   printf '\nquickstart: %s\n' "$*" >&2
@@ -62,16 +68,17 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo; echo "stopping..."; exit 130' INT TERM
 
-# A free 127.0.0.1 port: nothing answers a connect on it and we have not handed it out.
+# pick_port VAR: sets VAR to a free 127.0.0.1 port (nothing answers a connect on it) that
+# was not picked before. Not run in a subshell, so that USED_PORTS remembers every pick.
 USED_PORTS=" "
-free_port() {
+pick_port() {
   local p i
   for i in $(seq 1 500); do
     p=$((20000 + RANDOM % 30000))
     case $USED_PORTS in *" $p "*) continue ;; esac
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
       USED_PORTS="$USED_PORTS$p "
-      echo "$p"
+      printf -v "$1" '%s' "$p"
       return 0
     fi
   done
@@ -130,7 +137,7 @@ rm -rf "$QS"
 mkdir -p "$LOGS"
 
 step "Starting the upstream registry (docker-registry, basic auth $REG_USER/$REG_PASSWORD)"
-REG_PORT=$(free_port)
+pick_port REG_PORT
 mkdir -p "$QS/registry/storage"
 htpasswd -Bbn "$REG_USER" "$REG_PASSWORD" >"$QS/registry/htpasswd"
 cat >"$QS/registry/config.yml" <<EOF
@@ -163,8 +170,8 @@ UPSTREAM_DIGEST=$("$BIN/imgfleet-sample" --registry "127.0.0.1:$REG_PORT" --repo
 note "pushed library/nginx:latest = $UPSTREAM_DIGEST"
 
 step "Starting the hub on its embedded store (quickstart/hub)"
-HUB_PORT=$(free_port)
-HUB_METRICS_PORT=$(free_port)
+pick_port HUB_PORT
+pick_port HUB_METRICS_PORT
 export IMGFLEET_HUB="https://127.0.0.1:$HUB_PORT"
 export IMGFLEET_CREDENTIALS="$QS/hub/admin"
 start hub env RUST_LOG=info "$BIN/imgfleet-hub" --listen "127.0.0.1:$HUB_PORT" \
@@ -180,8 +187,8 @@ step "Enrolling cluster edge-1"
 
 step "Starting edge-1's agent (quickstart/agent)"
 MIRROR_PORT=5050
-port_free "$MIRROR_PORT" || MIRROR_PORT=$(free_port)
-AGENT_METRICS_PORT=$(free_port)
+port_free "$MIRROR_PORT" || pick_port MIRROR_PORT
+pick_port AGENT_METRICS_PORT
 MIRROR="127.0.0.1:$MIRROR_PORT"
 start agent env RUST_LOG=info "$BIN/imgfleet-agent" --hub "$IMGFLEET_HUB" \
   --credentials "$QS/edge-1" --data-dir "$QS/agent" --mirror-listen "$MIRROR" \
@@ -254,7 +261,7 @@ note "the digests match: the mirror serves the upstream image byte for byte"
 
 cat <<EOF
 
-$(printf '\033[1m')Done: edge-1's agent holds library/nginx:latest and serves it from its mirror.$(printf '\033[0m')
+${BOLD}Done: edge-1's agent holds library/nginx:latest and serves it from its mirror.$PLAIN
 
 Pull from the mirror:
   skopeo inspect --tls-verify=false docker://$MIRROR/library/nginx:latest
@@ -266,10 +273,10 @@ $(sed 's/^/  /' "$QS/hosts.toml")
 
 Talk to the hub (in another shell):
   export IMGFLEET_HUB=$IMGFLEET_HUB IMGFLEET_CREDENTIALS=$IMGFLEET_CREDENTIALS
-  target/debug/imgfleet get repositories
-  target/debug/imgfleet describe repository nginx-latest
-  target/debug/imgfleet get clusters
-  target/debug/imgfleet watch repository nginx-latest
+  ${BIN#"$ROOT"/}/imgfleet get repositories
+  ${BIN#"$ROOT"/}/imgfleet describe repository nginx-latest
+  ${BIN#"$ROOT"/}/imgfleet get clusters
+  ${BIN#"$ROOT"/}/imgfleet watch repository nginx-latest
 
 Logs: quickstart/logs/{registry,hub,agent}.log
 EOF

@@ -1,5 +1,5 @@
-//! The `imgfleet-agent` binary: standalone sync, the mirror server, and the
-//! containerd `hosts.toml` generator.
+//! The `imgfleet-agent` binary: the daemon (hub session, sync, mirror),
+//! standalone sync, the mirror server, and the containerd `hosts.toml` generator.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;

@@ -285,7 +285,7 @@ impl Session {
                         failures = 0;
                     }
                     failures += 1;
-                    if failures <= self.config.hubs.len() as u64 || failures % 100 == 0 {
+                    if failures <= self.config.hubs.len() as u64 || failures.is_multiple_of(100) {
                         warn!(hub = %url, failures, error = %e, "Hub session ended; will reconnect");
                     } else {
                         debug!(hub = %url, failures, error = %e, "Hub still unreachable; will retry");
@@ -316,7 +316,10 @@ impl Session {
     ) -> Result<Outcome, SessionError> {
         let channel = tokio::select! {
             _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
-            c = self.config.tls.connect(url) => c?,
+            // A hub that accepts TCP and then says nothing counts as silent.
+            c = tokio::time::timeout(self.config.silence, self.config.tls.connect(url)) => {
+                c.map_err(|_| SessionError::Silent(self.config.silence))??
+            }
         };
         let (tx, rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
         let held = self.desired.borrow().clone();
@@ -333,7 +336,10 @@ impl Session {
         let mut client = AgentServiceClient::new(channel);
         let response = tokio::select! {
             _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
-            r = client.connect(UnboundedReceiverStream::new(rx)) => r?,
+            r = tokio::time::timeout(
+                self.config.silence,
+                client.connect(UnboundedReceiverStream::new(rx)),
+            ) => r.map_err(|_| SessionError::Silent(self.config.silence))??,
         };
         let mut inbound = response.into_inner();
         self.status.connected.store(true, Ordering::Relaxed);

@@ -306,10 +306,14 @@ impl Display {
                 for r in repos {
                     let id = repo_id(r);
                     seen.insert(id.clone());
-                    let bar = summaries.entry(id).or_insert_with(|| {
-                        multi.add(ProgressBar::new(0).with_style(summary_style.clone()))
-                    });
-                    bar.set_message(summary_line(r));
+                    match summaries.get(&id) {
+                        Some(bar) => bar.set_message(summary_line(r)),
+                        None => {
+                            let bar = ProgressBar::new(0).with_style(summary_style.clone());
+                            bar.set_message(summary_line(r));
+                            summaries.insert(id, multi.add(bar));
+                        }
+                    }
                 }
                 summaries.retain(|id, bar| {
                     let keep = seen.contains(id);
@@ -323,30 +327,38 @@ impl Display {
                 for row in rows(repos) {
                     let key = row.key();
                     seen.insert(key.clone());
-                    let bar = bars.entry(key).or_insert_with(|| {
-                        let bar = multi.add(ProgressBar::new(0).with_style(style.clone()));
-                        bar.set_prefix(format!(
-                            "{} {} {}",
-                            row.repository,
-                            row.cluster,
-                            short_digest(&row.digest)
-                        ));
-                        bar
-                    });
                     // A Synced image is complete even if no byte count was reported.
                     let total = row.bytes_total.max(1);
-                    bar.set_length(total);
-                    bar.set_position(if row.phase == Some(ImagePhase::Synced) {
+                    let position = if row.phase == Some(ImagePhase::Synced) {
                         total
                     } else {
                         row.bytes_done.min(total)
-                    });
+                    };
                     let mut msg = phase_text(&row);
                     if let Some(m) = row.message.as_deref().filter(|m| !m.is_empty()) {
                         msg.push_str(": ");
                         msg.push_str(m);
                     }
-                    bar.set_message(msg);
+                    match bars.get(&key) {
+                        Some(bar) => {
+                            bar.set_length(total);
+                            bar.set_position(position);
+                            bar.set_message(msg);
+                        }
+                        None => {
+                            // Fully set up before it is added, so it never flashes empty.
+                            let bar = ProgressBar::new(total).with_style(style.clone());
+                            bar.set_prefix(format!(
+                                "{} {} {}",
+                                row.repository,
+                                row.cluster,
+                                short_digest(&row.digest)
+                            ));
+                            bar.set_position(position);
+                            bar.set_message(msg);
+                            bars.insert(key, multi.add(bar));
+                        }
+                    }
                 }
                 bars.retain(|key, bar| {
                     let keep = seen.contains(key);

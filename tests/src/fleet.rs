@@ -49,7 +49,7 @@ pub struct HubOptions {
     pub data_dir: PathBuf,
     /// gRPC listen port; a free one when `None`.
     pub listen_port: Option<u16>,
-    /// `--offline-after`, when set.
+    /// `--offline-after` (whole seconds), when set.
     pub offline_after: Option<Duration>,
     /// Copy `pki/`, `admin/` and `secret.key` from this other hub's data dir before the first
     /// start, so that replicas share one CA, one server certificate and one secret key.
@@ -129,8 +129,9 @@ impl HubProcess {
             cmd.arg("--etcd-endpoints").arg(etcd);
         }
         if let Some(after) = self.options.offline_after {
+            // The hub takes whole seconds (`30s`).
             cmd.arg("--offline-after")
-                .arg(format!("{}ms", after.as_millis()));
+                .arg(format!("{}s", after.as_secs().max(1)));
         }
         cmd.args(&self.options.extra_args);
         let mut child = ChildGuard::spawn_with_log("hub", cmd, self.log.clone())?;
@@ -288,10 +289,8 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// A CLI for hub `url` with the credentials folder `credentials`.
-    ///
-    /// # Panics
-    /// Never; a missing binary shows as an error of [`Cli::run`].
+    /// A CLI for hub `url` with the credentials folder `credentials`. A missing binary
+    /// shows as an error of [`Cli::run`].
     pub fn new(url: &str, credentials: &Path) -> Cli {
         let binary = crate::process::target_dir().join("debug").join("imgfleet");
         Cli {

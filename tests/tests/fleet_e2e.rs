@@ -33,6 +33,9 @@ const USER: &str = "admin";
 const PASSWORD: &str = "Harbor12345";
 /// How long a sync or a convergence may take in this test.
 const CONVERGE: Duration = Duration::from_secs(60);
+/// The hubs' `--offline-after`: short to keep the test quick, yet twice the agents' 5 s
+/// heartbeat so that connected clusters never look offline.
+const OFFLINE_AFTER: Duration = Duration::from_secs(10);
 
 /// The seed's first RegistrySecret, byte for byte, with only `domain` pointed at the test
 /// registry and `insecure: true` (plain HTTP) added.
@@ -268,9 +271,13 @@ async fn fleet_syncs_fails_over_and_works_offline() -> Result<()> {
 
     // --- Two hub replicas on one etcd, sharing CA and secret key.
     let etcd = Etcd::start().await?;
-    let mut hub_a =
-        HubProcess::start(HubOptions::etcd(&etcd.endpoint(), root.join("hub-a"))).await?;
+    let mut hub_a = HubProcess::start(HubOptions {
+        offline_after: Some(OFFLINE_AFTER),
+        ..HubOptions::etcd(&etcd.endpoint(), root.join("hub-a"))
+    })
+    .await?;
     let mut hub_b = HubProcess::start(HubOptions {
+        offline_after: Some(OFFLINE_AFTER),
         replica_of: Some(root.join("hub-a")),
         ..HubOptions::etcd(&etcd.endpoint(), root.join("hub-b"))
     })
@@ -587,6 +594,30 @@ async fn fleet_syncs_fails_over_and_works_offline() -> Result<()> {
         Some("Synced".to_owned()),
         "the hub shows Synced although edge-1 could not report it"
     );
+    // After --offline-after of silence the hub shows edge-1 Offline, and its images' states
+    // as last known, never as current.
+    wait_until("the hub showing edge-1 Offline", CONVERGE, || async {
+        Ok(cluster_statuses(&cli).await?["edge-1"]["phase"] == "Offline")
+    })
+    .await?;
+    let repo = cli.get_json(&["repository", "big-east"]).await?;
+    let entries: Vec<&Value> = repo["status"]["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["cluster"] == "edge-1")
+        .collect();
+    assert!(!entries.is_empty(), "no edge-1 entry in {repo}");
+    for entry in entries {
+        assert_eq!(
+            entry["lastKnown"], true,
+            "offline edge-1 shown as current: {entry}"
+        );
+        assert_ne!(
+            entry["phase"], "Synced",
+            "offline edge-1 claimed Synced: {entry}"
+        );
+    }
     link_a.set_refuse(false);
     link_b.set_refuse(false);
     wait_repository_synced(&cli, "default", "big-east", 1, CONVERGE).await?;
