@@ -261,7 +261,47 @@ async fn agent_vs_skopeo() {
     for _ in 0..RUNS {
         sk_noop.push(timed(to_edge()).await);
     }
-    report("no-op re-sync of the 50 (by tag)", agent_noop, sk_noop);
+    report(
+        "no-op re-sync of the 50 (by tag)",
+        agent_noop.clone(),
+        sk_noop,
+    );
+
+    // The floor of a no-op by tag: the registry answering the 50 tag HEADs,
+    // asked by curl, all at once, with nothing else done.
+    let mut heads = Vec::new();
+    for _ in 0..RUNS {
+        let mut c = tokio::process::Command::new(require_curl());
+        c.args([
+            "--silent",
+            "--fail",
+            "--head",
+            "--parallel",
+            "--parallel-max",
+            "64",
+        ])
+        .args([
+            "-H",
+            &format!("Accept: {}", imgfleet_common::registry::MANIFEST_ACCEPT),
+        ]);
+        for r in &repos {
+            c.arg("-o")
+                .arg("/dev/null")
+                .arg(format!("http://{addr}/v2/{r}/manifests/v1"));
+        }
+        heads.push(timed(c).await);
+    }
+    let (a, h) = (median(agent_noop), median(heads.clone()));
+    println!(
+        "{:<34} agent {:>8.3}s  curl   {:>8.3}s  (curl HEADs of the 50 tags only; runs: {:?})",
+        "no-op floor: the 50 tag lookups",
+        a.as_secs_f64(),
+        h.as_secs_f64(),
+        heads
+            .iter()
+            .map(|d| format!("{:.3}", d.as_secs_f64()))
+            .collect::<Vec<_>>(),
+    );
 
     // The same pinned by digest (as the hub sends them): no tag to resolve.
     let pinned_yaml = work.path().join("pinned.yaml");

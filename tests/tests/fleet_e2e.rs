@@ -4,13 +4,15 @@
 //!
 //! One test walks the whole story in order, because every scenario needs the same fleet and
 //! starting it once keeps the run short:
-//! 1. the seed's YAML plus placements syncs to the targeted agents, skopeo reads identical
-//!    digests from each one's mirror, and the untargeted agent holds nothing;
+//! 1. the seed's YAML plus placements syncs to the targeted agents (`imgfleet watch
+//!    --until-synced` follows it), skopeo reads identical digests from each one's mirror,
+//!    the untargeted agent holds nothing, and a cluster's certificate is refused as admin;
 //! 2. a policy change reaches all three agents; the time is measured and printed;
 //! 3. the hub replica an agent is connected to is SIGKILLed: the agent fails over and the
 //!    status stays right;
 //! 4. an agent's link to the hubs is cut in the middle of a transfer: the transfer completes
-//!    anyway, and after reconnecting the hub shows Synced;
+//!    anyway, the hub marks the cluster Offline with its states as last known (never
+//!    Synced), and after reconnecting it shows Synced;
 //! 5. with every hub down an agent is SIGKILLed and restarted: it still serves its images
 //!    and finishes its pending work;
 //! 6. throughout, no agent ever stores an image placed only on another cluster.
@@ -239,6 +241,10 @@ fn hub_addr(hub: &HubProcess) -> Result<SocketAddr> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fleet_syncs_fails_over_and_works_offline() -> Result<()> {
     let started = Instant::now();
+    println!(
+        "logs of every process: {}",
+        imgfleet_tests::test_log_dir().display()
+    );
     let dir = tempfile::Builder::new()
         .prefix("imgfleet-fleet-e2e-")
         .tempdir()?;

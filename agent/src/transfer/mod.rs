@@ -276,6 +276,7 @@ impl Engine {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
+        let started = std::time::Instant::now();
         let client = Arc::new(RegistryClient::new(RegistryConfig {
             host: registry.to_string(),
             credentials: credentials.cloned(),
@@ -284,6 +285,7 @@ impl Engine {
             connect_timeout: None,
             read_timeout: Some(self.config.read_timeout),
         })?);
+        debug!(registry, elapsed = ?started.elapsed(), "Registry client built");
         clients.insert(key, client.clone());
         Ok(client)
     }

@@ -234,7 +234,13 @@ impl RegistryClient {
                 .map_err(|e| malformed(format!("extra CA roots: {e}")))?;
             roots.extend(certs);
         }
-        if !roots.is_empty() {
+        if config.insecure {
+            // A plain-HTTP registry needs no system roots, and loading them
+            // (the platform verifier reads the system store) is most of the
+            // cost of building a client: a no-op re-sync pays it per run.
+            // TLS is then only for a token realm, which --ca-file can trust.
+            builder = builder.tls_certs_only(roots);
+        } else if !roots.is_empty() {
             builder = builder.tls_certs_merge(roots);
         }
         let http = builder
