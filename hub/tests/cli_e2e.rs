@@ -7,91 +7,20 @@
 //! The CLI binary must be built first: `cargo build -p imgfleet --bin imgfleet`
 //! (cargo builds only this package's binaries for its tests).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
-
 use imgfleet_common::pki::{self, Identity};
-use imgfleet_tests::{ChildGuard, Etcd, free_port};
+use imgfleet_tests::{Etcd, free_port};
 
-const HUB: &str = env!("CARGO_BIN_EXE_imgfleet-hub");
+mod support;
+use support::{ETCD_PREFIX, Hub, Out, cli_binary, run_cli, start_hub};
+
 const SEED_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/testdata/seed-quickstart.yaml"
 );
 const PASSWORD: &str = "Harbor12345";
-const ETCD_PREFIX: &str = "/imgfleet";
-
-fn cli_binary() -> PathBuf {
-    let p = Path::new(HUB).with_file_name("imgfleet");
-    assert!(
-        p.is_file(),
-        "the imgfleet CLI is not built at {}: run `cargo build -p imgfleet --bin imgfleet` before this test",
-        p.display()
-    );
-    p
-}
-
-struct Hub {
-    child: ChildGuard,
-    url: String,
-    data: PathBuf,
-    log: PathBuf,
-}
-
-async fn start_hub(data: &Path, log: &Path, etcd: Option<&Etcd>) -> Hub {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut cmd = Command::new(HUB);
-    cmd.arg("--listen")
-        .arg(&listen)
-        .arg("--metrics-listen")
-        .arg("off")
-        .arg("--data-dir")
-        .arg(data)
-        .env("RUST_LOG", "debug");
-    if let Some(e) = etcd {
-        cmd.arg("--etcd-endpoints")
-            .arg(e.endpoint())
-            .arg("--etcd-prefix")
-            .arg(ETCD_PREFIX);
-    }
-    let mut child =
-        ChildGuard::spawn_with_log("imgfleet-hub", cmd, log.to_path_buf()).expect("spawn hub");
-    let l = listen.clone();
-    child
-        .wait_ready("gRPC port open", Duration::from_secs(30), move || {
-            let l = l.clone();
-            async move { Ok(tokio::net::TcpStream::connect(&l).await.is_ok()) }
-        })
-        .await
-        .expect("hub ready");
-    Hub {
-        child,
-        url: format!("https://{listen}"),
-        data: data.to_path_buf(),
-        log: log.to_path_buf(),
-    }
-}
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
 
 fn cli(hub: &Hub, args: &[&str]) -> Out {
-    let out = Command::new(cli_binary())
-        .args(args)
-        .env("IMGFLEET_HUB", &hub.url)
-        .env("IMGFLEET_CREDENTIALS", hub.data.join("admin"))
-        .output()
-        .expect("run imgfleet");
-    let o = Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+    let o = run_cli(hub, args);
     // No answer of the CLI ever shows the password.
     assert!(
         !o.stdout.contains(PASSWORD) && !o.stderr.contains(PASSWORD),

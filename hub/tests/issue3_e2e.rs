@@ -10,15 +10,16 @@
 //!
 //! The CLI binary must be built first: `cargo build -p imgfleet --bin imgfleet`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use imgfleet_tests::images::{ImageSpec, push_image};
-use imgfleet_tests::{ChildGuard, Etcd, Registry, RegistryOptions, free_port};
+use imgfleet_tests::{Etcd, Registry, RegistryOptions};
 use serde_json::Value;
 
-const HUB: &str = env!("CARGO_BIN_EXE_imgfleet-hub");
+mod support;
+use support::{ETCD_PREFIX, Hub, Out, cli_binary, run_cli, start_hub};
+
 const SEEDS: [&str; 2] = [
     concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -36,80 +37,11 @@ const PASSWORD: &str = "Harbor12345";
 const SEED_PROD_PASSWORD: &str = "SecurePassword123";
 const WRONG_PASSWORD: &str = "WrongPassword999";
 const SECRETS: [&str; 3] = [PASSWORD, SEED_PROD_PASSWORD, WRONG_PASSWORD];
-const ETCD_PREFIX: &str = "/imgfleet";
 /// How long resolution may take to show after a change.
 const RESOLVE_DEADLINE: Duration = Duration::from_secs(20);
 
-fn cli_binary() -> PathBuf {
-    let p = Path::new(HUB).with_file_name("imgfleet");
-    assert!(
-        p.is_file(),
-        "the imgfleet CLI is not built at {}: run `cargo build -p imgfleet --bin imgfleet` before this test",
-        p.display()
-    );
-    p
-}
-
-struct Hub {
-    child: ChildGuard,
-    url: String,
-    data: PathBuf,
-    log: PathBuf,
-}
-
-async fn start_hub(data: &Path, log: &Path, etcd: Option<&Etcd>) -> Hub {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut cmd = Command::new(HUB);
-    cmd.arg("--listen")
-        .arg(&listen)
-        .arg("--metrics-listen")
-        .arg("off")
-        .arg("--data-dir")
-        .arg(data)
-        // Debug logging, so the password check covers the most verbose output.
-        .env("RUST_LOG", "debug");
-    if let Some(e) = etcd {
-        cmd.arg("--etcd-endpoints")
-            .arg(e.endpoint())
-            .arg("--etcd-prefix")
-            .arg(ETCD_PREFIX);
-    }
-    let mut child =
-        ChildGuard::spawn_with_log("imgfleet-hub", cmd, log.to_path_buf()).expect("spawn hub");
-    let l = listen.clone();
-    child
-        .wait_ready("gRPC port open", Duration::from_secs(30), move || {
-            let l = l.clone();
-            async move { Ok(tokio::net::TcpStream::connect(&l).await.is_ok()) }
-        })
-        .await
-        .expect("hub ready");
-    Hub {
-        child,
-        url: format!("https://{listen}"),
-        data: data.to_path_buf(),
-        log: log.to_path_buf(),
-    }
-}
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 fn cli(hub: &Hub, args: &[&str]) -> Out {
-    let out = Command::new(cli_binary())
-        .args(args)
-        .env("IMGFLEET_HUB", &hub.url)
-        .env("IMGFLEET_CREDENTIALS", hub.data.join("admin"))
-        .output()
-        .expect("run imgfleet");
-    let o = Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+    let o = run_cli(hub, args);
     // No answer of the CLI ever shows a password.
     for secret in SECRETS {
         assert!(
