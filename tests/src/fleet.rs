@@ -488,17 +488,9 @@ impl AgentProcess {
             .args(&self.options.extra_args)
             .env("RUST_LOG", "info");
         let mut child = ChildGuard::spawn_with_log("agent", cmd, self.log.clone())?;
-        let http = self.http.clone();
-        let url = format!("http://{}/v2/", self.mirror_addr());
+        let base_url = format!("http://{}", self.mirror_addr());
         child
-            .wait_ready("serving the mirror", AGENT_READY_TIMEOUT, || {
-                let http = http.clone();
-                let url = url.clone();
-                async move {
-                    let status = http.get(&url).send().await?.status().as_u16();
-                    Ok(status == 200 || status == 401)
-                }
-            })
+            .wait_distribution_api(&self.http, &base_url, AGENT_READY_TIMEOUT)
             .await?;
         self.child = Some(child);
         Ok(())

@@ -284,6 +284,26 @@ impl ChildGuard {
         )
     }
 
+    /// Waits until `GET {base_url}/v2/` answers 200 or 401: the readiness of
+    /// anything that speaks the OCI distribution API (a registry, the agent's
+    /// mirror).
+    pub async fn wait_distribution_api(
+        &mut self,
+        http: &reqwest::Client,
+        base_url: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        let url = format!("{base_url}/v2/");
+        self.wait_ready("answering GET /v2/", timeout, || {
+            let request = http.get(&url).send();
+            async move {
+                let status = request.await?.status().as_u16();
+                Ok(status == 200 || status == 401)
+            }
+        })
+        .await
+    }
+
     /// Polls `probe` every 50 ms until it returns `Ok(true)`, for at most `timeout`.
     /// Fails early if the child exits. The error carries the last lines of the log and the
     /// last probe error, so a failed start explains itself.

@@ -187,17 +187,8 @@ impl Registry {
         let mut cmd = Command::new(&self.binary);
         cmd.arg("serve").arg(self.dir.path().join("config.yml"));
         let mut child = ChildGuard::spawn("registry", cmd)?;
-        let http = self.http.clone();
-        let url = format!("{}/v2/", self.base_url());
         child
-            .wait_ready("answering GET /v2/", READY_TIMEOUT, || {
-                let http = http.clone();
-                let url = url.clone();
-                async move {
-                    let status = http.get(&url).send().await?.status().as_u16();
-                    Ok(status == 200 || status == 401)
-                }
-            })
+            .wait_distribution_api(&self.http, &self.base_url(), READY_TIMEOUT)
             .await?;
         self.child = Some(child);
         Ok(())
