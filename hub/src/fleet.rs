@@ -7,7 +7,7 @@
 //! The pure adapter ([`placement_inputs`], [`desired_sets`]) does no I/O;
 //! [`run`] watches the store and writes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use crate::placement::{
     self, DesiredImageEntry, ObjectId, PlacementCluster, PlacementRepo, RegistryInfo, Resolution,
     ResolvedImage, Selector, SelectorOperator, SelectorRequirement,
 };
-use crate::store::{Key, PolicyStore, StoreError};
+use crate::store::{Key, PolicyStore, Put, StoreError};
 
 /// Store kind of the per-cluster desired sets (cluster-scoped: empty namespace).
 pub const DESIRED_KIND: &str = "desiredsets";
@@ -31,6 +31,9 @@ pub const DESIRED_KIND: &str = "desiredsets";
 pub const META_KIND: &str = "meta";
 /// Name of the epoch record in [`META_KIND`].
 pub const EPOCH_NAME: &str = "epoch";
+/// How many changed desired sets a recompute logs one by one; a change to a
+/// whole fleet logs one summary line beyond that.
+const LOGGED_CHANGES: usize = 20;
 /// How long the controller waits for more changes before recomputing.
 pub const DEBOUNCE: Duration = Duration::from_millis(60);
 
@@ -391,42 +394,127 @@ pub async fn recompute(objects: &Objects) -> Result<Vec<(String, u64)>, FleetErr
             false
         }
     });
-    let mut sets = desired_sets(&inputs);
+    let sets = desired_sets(&inputs);
     let (stored, _) = objects.store().list(DESIRED_KIND, None).await?;
-    let known: BTreeSet<String> = sets.keys().cloned().collect();
-    for v in stored {
-        if !known.contains(&v.key.name) {
-            sets.insert(v.key.name.clone(), DesiredContent::default());
-        }
+    let mut stored: BTreeMap<String, crate::store::Versioned> = stored
+        .into_iter()
+        .map(|v| (v.key.name.clone(), v))
+        .collect();
+    // Clusters that are gone keep a stored set: it becomes empty.
+    let gone: Vec<(String, DesiredContent)> = stored
+        .keys()
+        .filter(|name| !sets.contains_key(*name))
+        .map(|name| (name.clone(), DesiredContent::default()))
+        .collect();
+    let sets: BTreeMap<String, DesiredContent> = sets.into_iter().chain(gone).collect();
+
+    // Every changed set, written in batches: one transaction per hundred
+    // clusters instead of one per cluster keeps a policy change that touches
+    // a whole fleet to a few store round trips.
+    let mut puts = Vec::new();
+    let mut changed = Vec::new();
+    for (cluster, content) in &sets {
+        let (generation, expected) = match stored.remove(cluster) {
+            Some(v) => {
+                let old = decode_desired(cluster, &v.value)?;
+                if &old.content == content {
+                    continue;
+                }
+                (old.generation + 1, Some(v.revision))
+            }
+            None => (1, None),
+        };
+        let value = serde_json::to_vec(&StoredDesiredSet {
+            generation,
+            content: content.clone(),
+        })
+        .map_err(|source| FleetError::Corrupt {
+            cluster: cluster.clone(),
+            source,
+        })?;
+        puts.push(Put {
+            key: desired_key(cluster),
+            value,
+            expected,
+        });
+        changed.push((cluster.clone(), generation));
     }
     let mut written = Vec::new();
-    for (cluster, content) in &sets {
-        if let Some(generation) = store_desired(objects.store().as_ref(), cluster, content).await? {
-            info!(cluster = %cluster, generation, images = content.images.len(), "Desired set changed");
-            written.push((cluster.clone(), generation));
+    let mut pending = changed.into_iter();
+    for batch in crate::store::batches(puts) {
+        let these: Vec<(String, u64)> = pending.by_ref().take(batch.len()).collect();
+        match objects.store().put_batch(batch).await {
+            Ok(_) => written.extend(these),
+            // Another replica wrote some of them first: redo these one by
+            // one, each re-reading what is stored.
+            Err(StoreError::Conflict { .. })
+            | Err(StoreError::AlreadyExists(_))
+            | Err(StoreError::NotFound(_)) => {
+                for (cluster, _) in these {
+                    let content = sets.get(&cluster).cloned().unwrap_or_default();
+                    if let Some(generation) =
+                        store_desired(objects.store().as_ref(), &cluster, &content).await?
+                    {
+                        written.push((cluster, generation));
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
         }
+    }
+    for (cluster, generation) in written.iter().take(LOGGED_CHANGES) {
+        let images = sets.get(cluster).map_or(0, |c| c.images.len());
+        info!(cluster = %cluster, generation, images, "Desired set changed");
+    }
+    if written.len() > LOGGED_CHANGES {
+        info!(
+            clusters = written.len(),
+            "Desired sets changed (the first {LOGGED_CHANGES} are logged one by one)"
+        );
     }
     Ok(written)
 }
 
-/// Watch one store kind from `after` and ring `notify` on every change. A
-/// broken or compacted watch is reopened from the current revision after a
-/// notify, because changes in between may have been missed (the receiver
-/// recomputes from a full list, so that is a relist).
+/// Watch one store kind and ring `notify` on every change placement can see
+/// (see [`placement_fingerprint`]). A broken or compacted watch is relisted,
+/// with a notify, because changes in between may have been missed (the
+/// receiver recomputes from a full list).
 pub async fn watch_kind(
     store: Arc<dyn PolicyStore>,
     kind: &'static str,
-    mut after: u64,
     notify: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     use futures::StreamExt;
+    // What placement reads of each object, so that the status writes of
+    // agent sessions (thousands a minute in a large fleet) do not each cause
+    // a recompute.
     loop {
-        let stream = tokio::select! {
+        let listed = tokio::select! {
             _ = shutdown.cancelled() => return,
-            s = store.watch(kind, after) => s,
+            l = store.list(kind, None) => l,
         };
-        match stream {
+        let (mut seen, mut after) = match listed {
+            Ok((items, revision)) => {
+                let seen: HashMap<Key, u64> = items
+                    .iter()
+                    .map(|v| (v.key.clone(), placement_fingerprint(kind, &v.value)))
+                    .collect();
+                (seen, revision)
+            }
+            Err(e) => {
+                debug!(kind, error = %e, "Listing failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
+        };
+        // Anything may have changed before this list (the first pass of the
+        // controller can read older state than this list): recompute.
+        notify.notify_one();
+        match store.watch(kind, after).await {
             Ok(mut stream) => loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -434,14 +522,24 @@ pub async fn watch_kind(
                 };
                 match next {
                     Some(Ok(ev)) => {
-                        after = match &ev {
-                            crate::store::WatchEvent::Put(v) => v.revision,
-                            crate::store::WatchEvent::Delete(v) => v.revision,
+                        let relevant = match &ev {
+                            crate::store::WatchEvent::Put(v) => {
+                                after = v.revision;
+                                let print = placement_fingerprint(kind, &v.value);
+                                seen.insert(v.key.clone(), print) != Some(print)
+                            }
+                            crate::store::WatchEvent::Delete(v) => {
+                                after = v.revision;
+                                seen.remove(&v.key);
+                                true
+                            }
                         };
-                        notify.notify_one();
+                        if relevant {
+                            notify.notify_one();
+                        }
                     }
                     Some(Err(e)) => {
-                        debug!(kind, error = %e, "Watch broke; relisting");
+                        debug!(kind, after, error = %e, "Watch broke; relisting");
                         break;
                     }
                     None => break,
@@ -453,11 +551,35 @@ pub async fn watch_kind(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        if let Ok(rev) = store.revision().await {
-            after = rev;
-        }
-        notify.notify_one();
     }
+}
+
+/// A hash of what placement reads from a stored object: everything but the
+/// status that agent sessions write (a Cluster's whole status, a
+/// Repository's per-cluster entries and counts) and the resource version.
+fn placement_fingerprint(kind: &str, bytes: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(mut v) => {
+            if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+                meta.remove("resourceVersion");
+            }
+            if kind == Kind::Cluster.plural() {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("status");
+                }
+            } else if let Some(st) = v.get_mut("status").and_then(|s| s.as_object_mut()) {
+                for field in ["clusters", "syncedClusters", "targetClusters"] {
+                    st.remove(field);
+                }
+            }
+            v.to_string().hash(&mut hasher);
+        }
+        // Unreadable: hash the bytes, so any rewrite counts as a change.
+        Err(_) => bytes.hash(&mut hasher),
+    }
+    hasher.finish()
 }
 
 /// The controller: recompute on every change of repositories, clusters or
@@ -465,18 +587,6 @@ pub async fn watch_kind(
 pub async fn run(objects: Objects, shutdown: CancellationToken) -> Result<(), String> {
     let store = objects.store().clone();
     let notify = Arc::new(Notify::new());
-    let start = loop {
-        match store.revision().await {
-            Ok(r) => break r,
-            Err(e) => {
-                warn!(error = %e, "Desired-set controller cannot reach the store; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    };
     let mut watchers = tokio::task::JoinSet::new();
     for kind in [
         Kind::Repository.plural(),
@@ -486,7 +596,6 @@ pub async fn run(objects: Objects, shutdown: CancellationToken) -> Result<(), St
         watchers.spawn(watch_kind(
             store.clone(),
             kind,
-            start,
             notify.clone(),
             shutdown.clone(),
         ));

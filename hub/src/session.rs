@@ -45,7 +45,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Most image states kept per session; an agent reporting more is misbehaving.
 const MAX_IMAGES: usize = 100_000;
 
-type DesiredMap = Arc<BTreeMap<String, StoredDesiredSet>>;
+type DesiredMap = Arc<BTreeMap<String, Arc<StoredDesiredSet>>>;
+type ClusterDesired = Option<Arc<StoredDesiredSet>>;
 
 struct LiveEntry {
     session: u64,
@@ -64,7 +65,12 @@ pub struct Shared {
     replica: String,
     offline_after: Duration,
     epoch: watch::Sender<Option<String>>,
+    /// Every stored desired set; for the status writer and readiness.
     desired: watch::Sender<Option<DesiredMap>>,
+    /// Each cluster's stored desired set, so that a change wakes only the
+    /// session of that cluster (a fleet-wide change is one wake-up per
+    /// session, not one per session per changed cluster).
+    per_cluster: Mutex<HashMap<String, watch::Sender<ClusterDesired>>>,
     desired_changed: AtomicBool,
     live: Mutex<HashMap<String, LiveEntry>>,
     next_session: AtomicU64,
@@ -108,6 +114,7 @@ impl Shared {
             offline_after,
             epoch: watch::Sender::new(None),
             desired: watch::Sender::new(None),
+            per_cluster: Mutex::new(HashMap::new()),
             desired_changed: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
@@ -122,6 +129,49 @@ impl Shared {
             Err(poisoned) => poisoned.into_inner(),
         };
         f(&mut guard)
+    }
+
+    fn with_per_cluster<R>(
+        &self,
+        f: impl FnOnce(&mut HashMap<String, watch::Sender<ClusterDesired>>) -> R,
+    ) -> R {
+        let mut guard = match self.per_cluster.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    /// The channel of one cluster's stored desired set.
+    fn subscribe_cluster(&self, cluster: &str) -> watch::Receiver<ClusterDesired> {
+        self.with_per_cluster(|map| {
+            map.entry(cluster.to_string())
+                .or_insert_with(|| watch::Sender::new(None))
+                .subscribe()
+        })
+    }
+
+    /// Sets one cluster's stored desired set; its session wakes only when
+    /// the generation changed.
+    fn set_cluster(
+        map: &mut HashMap<String, watch::Sender<ClusterDesired>>,
+        cluster: &str,
+        set: ClusterDesired,
+    ) {
+        let tx = map
+            .entry(cluster.to_string())
+            .or_insert_with(|| watch::Sender::new(None));
+        tx.send_if_modified(|cur| {
+            let same = match (cur.as_ref(), set.as_ref()) {
+                (Some(a), Some(b)) => a.generation == b.generation,
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                *cur = set;
+            }
+            !same
+        });
     }
 
     /// Update this session's live entry (ignored once a newer session for the
@@ -303,10 +353,10 @@ impl Session {
         mut inbound: Streaming<pb::AgentMessage>,
         shutdown: CancellationToken,
     ) {
-        let mut desired_rx = self.shared.desired.subscribe();
-        let current = self.current(&mut desired_rx);
+        let mut desired_rx = self.shared.subscribe_cluster(&self.cluster);
+        let current = desired_rx.borrow_and_update().clone();
         // What the agent holds, as far as this session knows.
-        let mut held: Option<StoredDesiredSet> = None;
+        let mut held: ClusterDesired = None;
         if let Some(cur) = current {
             if held_epoch == self.epoch && held_generation == cur.generation {
                 debug!(cluster = %self.cluster, generation = cur.generation, "Agent is up to date");
@@ -342,7 +392,7 @@ impl Session {
                     if changed.is_err() {
                         break;
                     }
-                    let Some(cur) = self.current(&mut desired_rx) else { continue };
+                    let Some(cur) = desired_rx.borrow_and_update().clone() else { continue };
                     let sent = match &held {
                         Some(h) if h.generation == cur.generation => true,
                         Some(h) if cur.generation > h.generation => self.send_delta(h, &cur).await,
@@ -370,12 +420,6 @@ impl Session {
             }
         }
         self.end();
-    }
-
-    fn current(&self, rx: &mut watch::Receiver<Option<DesiredMap>>) -> Option<StoredDesiredSet> {
-        rx.borrow_and_update()
-            .as_ref()
-            .and_then(|m| m.get(&self.cluster).cloned())
     }
 
     fn end(&self) {
@@ -658,8 +702,10 @@ async fn run_background(ctx: HubContext, shared: Arc<Shared>) -> Result<(), Stri
     controller
 }
 
-/// Keeps `shared.desired` equal to the stored desired sets.
+/// Keeps `shared.desired` and the per-cluster channels equal to the stored
+/// desired sets.
 async fn desired_cache(objects: &Objects, shared: &Shared, shutdown: &CancellationToken) {
+    use futures::FutureExt as _;
     let store = objects.store().clone();
     loop {
         let (items, rev) = tokio::select! {
@@ -673,16 +719,26 @@ async fn desired_cache(objects: &Objects, shared: &Shared, shutdown: &Cancellati
                 }
             },
         };
-        let mut map = BTreeMap::new();
+        let mut map: BTreeMap<String, Arc<StoredDesiredSet>> = BTreeMap::new();
         for v in &items {
             match fleet::decode_desired(&v.key.name, &v.value) {
                 Ok(s) => {
-                    map.insert(v.key.name.clone(), s);
+                    map.insert(v.key.name.clone(), Arc::new(s));
                 }
                 Err(e) => warn!(error = %e, "Skipping an unreadable desired set"),
             }
         }
-        publish(shared, map.clone());
+        shared.with_per_cluster(|channels| {
+            for (name, set) in &map {
+                Shared::set_cluster(channels, name, Some(set.clone()));
+            }
+            for (name, tx) in channels.iter() {
+                if !map.contains_key(name) {
+                    tx.send_replace(None);
+                }
+            }
+        });
+        publish(shared, &map);
         let mut stream = match store.watch(DESIRED_KIND, rev).await {
             Ok(s) => s,
             Err(e) => {
@@ -691,38 +747,51 @@ async fn desired_cache(objects: &Objects, shared: &Shared, shutdown: &Cancellati
                 continue;
             }
         };
-        loop {
-            let next = tokio::select! {
+        'events: loop {
+            let first = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 n = stream.next() => n,
             };
-            match next {
-                Some(Ok(WatchEvent::Put(v))) => {
-                    match fleet::decode_desired(&v.key.name, &v.value) {
-                        Ok(s) => {
-                            map.insert(v.key.name.clone(), s);
-                            publish(shared, map.clone());
+            // Take every event that is already there before publishing the
+            // whole map: a fleet-wide change arrives as thousands of events.
+            let mut next = first;
+            loop {
+                match next {
+                    Some(Ok(WatchEvent::Put(v))) => {
+                        match fleet::decode_desired(&v.key.name, &v.value) {
+                            Ok(s) => {
+                                let s = Arc::new(s);
+                                shared.with_per_cluster(|c| {
+                                    Shared::set_cluster(c, &v.key.name, Some(s.clone()))
+                                });
+                                map.insert(v.key.name.clone(), s);
+                            }
+                            Err(e) => warn!(error = %e, "Skipping an unreadable desired set"),
                         }
-                        Err(e) => warn!(error = %e, "Skipping an unreadable desired set"),
                     }
+                    Some(Ok(WatchEvent::Delete(v))) => {
+                        shared.with_per_cluster(|c| Shared::set_cluster(c, &v.key.name, None));
+                        map.remove(&v.key.name);
+                    }
+                    Some(Err(e)) => {
+                        debug!(error = %e, "Desired-set watch broke; relisting");
+                        break 'events;
+                    }
+                    None => break 'events,
                 }
-                Some(Ok(WatchEvent::Delete(v))) => {
-                    map.remove(&v.key.name);
-                    publish(shared, map.clone());
+                match stream.next().now_or_never() {
+                    Some(n) => next = n,
+                    None => break,
                 }
-                Some(Err(e)) => {
-                    debug!(error = %e, "Desired-set watch broke; relisting");
-                    break;
-                }
-                None => break,
             }
+            publish(shared, &map);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-fn publish(shared: &Shared, map: BTreeMap<String, StoredDesiredSet>) {
-    shared.desired.send_replace(Some(Arc::new(map)));
+fn publish(shared: &Shared, map: &BTreeMap<String, Arc<StoredDesiredSet>>) {
+    shared.desired.send_replace(Some(Arc::new(map.clone())));
     shared.desired_changed.store(true, Ordering::SeqCst);
 }
 
@@ -768,7 +837,7 @@ async fn flush(
 ) -> Result<(), ObjectError> {
     let desired: DesiredMap = shared.desired.borrow().clone().unwrap_or_default();
     for name in clusters {
-        let d = desired.get(name);
+        let d = desired.get(name).map(|d| d.as_ref());
         let l = live.get(name);
         let r = update_status(objects, Kind::Cluster, None, name, |obj| {
             let Object::Cluster(c) = obj else {

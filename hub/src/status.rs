@@ -37,14 +37,14 @@ pub struct LiveCluster {
 }
 
 /// The (cluster -> digests with image keys) of one repository, from all desired sets.
-pub fn targets_of(
+pub fn targets_of<S: std::borrow::Borrow<StoredDesiredSet>>(
     repo_ns: &str,
     repo_name: &str,
-    desired: &BTreeMap<String, StoredDesiredSet>,
+    desired: &BTreeMap<String, S>,
 ) -> BTreeMap<String, Vec<(String, String)>> {
     let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for (cluster, set) in desired {
-        for img in &set.content.images {
+        for img in &set.borrow().content.images {
             if img.source_namespace == repo_ns && img.source_name == repo_name {
                 out.entry(cluster.clone())
                     .or_default()

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
 use imgfleet_hub::store::{
-    EtcdStore, Key, PolicyStore, RedbStore, StoreError, WatchEvent, WatchStream,
+    self, EtcdStore, Key, MAX_BATCH_PUTS, PolicyStore, Put, RedbStore, StoreError, WatchEvent,
+    WatchStream,
 };
 use imgfleet_tests::Etcd;
 
@@ -101,6 +102,9 @@ conformance!(
     watch_from_compacted_revision_is_refused,
     concurrent_updates_exactly_one_wins,
     cluster_scoped_keys_round_trip,
+    batch_writes_all_and_watchers_see_each,
+    batch_with_one_bad_precondition_writes_nothing,
+    batch_limits_are_enforced,
 );
 
 fn key(ns: &str, name: &str) -> Key {
@@ -619,5 +623,146 @@ async fn etcd_connect_to_nothing_is_unavailable() -> Result<()> {
         other => bail!("expected Unavailable, got {other:?}"),
     }
     ensure!(t.elapsed() < Duration::from_secs(15));
+    Ok(())
+}
+
+fn put(k: &Key, value: &[u8], expected: Option<u64>) -> Put {
+    Put {
+        key: k.clone(),
+        value: value.to_vec(),
+        expected,
+    }
+}
+
+async fn batch_writes_all_and_watchers_see_each(b: &Backend) -> Result<()> {
+    let s = &b.store;
+    let old = key("team-a", "old");
+    let old_rev = s.create(&old, b"v1".to_vec()).await?;
+    let mut w = s.watch("repositories", old_rev).await?;
+    let fresh: Vec<Key> = (0..MAX_BATCH_PUTS - 1)
+        .map(|i| key("team-a", &format!("n{i:03}")))
+        .collect();
+    let mut puts = vec![put(&old, b"v2", Some(old_rev))];
+    puts.extend(fresh.iter().map(|k| put(k, k.name.as_bytes(), None)));
+    let revs = s.put_batch(puts).await?;
+    assert_eq!(revs.len(), MAX_BATCH_PUTS);
+    ensure!(
+        revs.windows(2).all(|w| w[0] <= w[1]),
+        "revisions out of order: {revs:?}"
+    );
+    let rev = *revs.last().context("revisions")?;
+    ensure!(
+        revs[0] > old_rev,
+        "batch revision {} must exceed {old_rev}",
+        revs[0]
+    );
+    assert_eq!(s.revision().await?, rev);
+    let got = s.get(&old).await?.context("updated key")?;
+    assert_eq!(got.value, b"v2");
+    assert_eq!(got.create_revision, old_rev);
+    assert_eq!(got.revision, revs[0]);
+    for (k, r) in fresh.iter().zip(&revs[1..]) {
+        let v = s.get(k).await?.context("created key")?;
+        assert_eq!(v.value, k.name.as_bytes());
+        assert_eq!(v.revision, *r);
+    }
+    // One event per put, in the batch's order, none of them older than the batch.
+    let mut seen = Vec::new();
+    for _ in 0..MAX_BATCH_PUTS {
+        match next_event(&mut w).await? {
+            WatchEvent::Put(v) => seen.push(v.key),
+            other => bail!("expected puts, got {other:?}"),
+        }
+    }
+    let mut expected = vec![old.clone()];
+    expected.extend(fresh.iter().cloned());
+    assert_eq!(seen, expected);
+    no_event(&mut w).await?;
+    // An empty batch writes nothing.
+    ensure!(s.put_batch(Vec::new()).await?.is_empty());
+    assert_eq!(s.revision().await?, rev);
+    Ok(())
+}
+
+async fn batch_with_one_bad_precondition_writes_nothing(b: &Backend) -> Result<()> {
+    let s = &b.store;
+    let a = key("team-b", "a");
+    let a_rev = s.create(&a, b"a1".to_vec()).await?;
+    let fresh = key("team-b", "fresh");
+    let missing = key("team-b", "missing");
+    let before = s.revision().await?;
+
+    // A stale revision: Conflict naming the key, nothing written.
+    match s
+        .put_batch(vec![
+            put(&fresh, b"f", None),
+            put(&a, b"a2", Some(a_rev + 100)),
+        ])
+        .await
+    {
+        Err(StoreError::Conflict {
+            key,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(key, a);
+            assert_eq!(expected, a_rev + 100);
+            assert_eq!(actual, a_rev);
+        }
+        other => bail!("expected Conflict, got {other:?}"),
+    }
+    // A create of an existing key: AlreadyExists.
+    match s
+        .put_batch(vec![put(&fresh, b"f", None), put(&a, b"a2", None)])
+        .await
+    {
+        Err(StoreError::AlreadyExists(k)) => assert_eq!(k, a),
+        other => bail!("expected AlreadyExists, got {other:?}"),
+    }
+    // An update of a missing key: NotFound.
+    match s
+        .put_batch(vec![put(&fresh, b"f", None), put(&missing, b"m", Some(5))])
+        .await
+    {
+        Err(StoreError::NotFound(k)) => assert_eq!(k, missing),
+        other => bail!("expected NotFound, got {other:?}"),
+    }
+    ensure!(
+        s.get(&fresh).await?.is_none(),
+        "a refused batch wrote {fresh:?}"
+    );
+    assert_eq!(s.get(&a).await?.context("a")?.value, b"a1");
+    assert_eq!(
+        s.revision().await?,
+        before,
+        "a refused batch moved the revision"
+    );
+    Ok(())
+}
+
+async fn batch_limits_are_enforced(b: &Backend) -> Result<()> {
+    let s = &b.store;
+    let too_many: Vec<Put> = (0..=MAX_BATCH_PUTS)
+        .map(|i| put(&key("team-c", &format!("k{i}")), b"x", None))
+        .collect();
+    ensure!(
+        s.put_batch(too_many.clone()).await.is_err(),
+        "a batch over the limit must be refused"
+    );
+    let k = key("team-c", "twice");
+    ensure!(
+        s.put_batch(vec![put(&k, b"1", None), put(&k, b"2", None)])
+            .await
+            .is_err(),
+        "a batch naming a key twice must be refused"
+    );
+    // store::batches splits it into batches the store takes.
+    let parts = store::batches(too_many);
+    assert_eq!(parts.len(), 2);
+    for part in parts {
+        s.put_batch(part).await?;
+    }
+    let (listed, _) = s.list("repositories", Some("team-c")).await?;
+    assert_eq!(listed.len(), MAX_BATCH_PUTS + 1);
     Ok(())
 }

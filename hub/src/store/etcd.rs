@@ -14,7 +14,7 @@ use etcd_client::{
 };
 use futures::StreamExt;
 
-use super::{Key, PolicyStore, StoreError, Versioned, WatchEvent, WatchStream};
+use super::{Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream, check_batch};
 
 /// The path segment that stands for the empty namespace.
 const CLUSTER_SCOPE: &str = "_";
@@ -264,6 +264,65 @@ impl PolicyStore for EtcdStore {
             return Err(self.compare_failure(key, expected_revision, resp.op_responses()));
         }
         Ok(resp.header().map_or(0, |h| to_u64(h.revision())))
+    }
+
+    async fn put_batch(&self, puts: Vec<Put>) -> Result<Vec<u64>, StoreError> {
+        check_batch(&puts)?;
+        if puts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut compares = Vec::with_capacity(puts.len());
+        let mut writes = Vec::with_capacity(puts.len());
+        let mut reads = Vec::with_capacity(puts.len());
+        let mut wanted = Vec::with_capacity(puts.len());
+        for put in puts {
+            let ek = self.etcd_key(&put.key)?;
+            compares.push(match put.expected {
+                None => Compare::create_revision(ek.as_str(), CompareOp::Equal, 0),
+                Some(r) => Compare::mod_revision(ek.as_str(), CompareOp::Equal, to_i64(r)?),
+            });
+            writes.push(TxnOp::put(ek.as_str(), put.value, None));
+            reads.push(TxnOp::get(
+                ek.as_str(),
+                Some(GetOptions::new().with_keys_only()),
+            ));
+            wanted.push((put.key, put.expected));
+        }
+        let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
+        let mut c = self.client.clone();
+        let resp = self.call("batch put", c.txn(txn)).await?;
+        if resp.succeeded() {
+            let revision = resp.header().map_or(0, |h| to_u64(h.revision()));
+            return Ok(vec![revision; wanted.len()]);
+        }
+        // The failure branch read every key: name the first that did not match.
+        let actual = resp.op_responses().into_iter().map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| to_u64(kv.mod_revision())),
+            _ => None,
+        });
+        for ((key, expected), actual) in wanted.iter().zip(actual) {
+            match (expected, actual) {
+                (None, None) => {}
+                (Some(e), Some(a)) if *e == a => {}
+                (None, Some(_)) => return Err(StoreError::AlreadyExists(key.clone())),
+                (Some(_), None) => return Err(StoreError::NotFound(key.clone())),
+                (Some(e), Some(a)) => {
+                    return Err(StoreError::Conflict {
+                        key: key.clone(),
+                        expected: *e,
+                        actual: a,
+                    });
+                }
+            }
+        }
+        // Every key matched when read back: it changed and changed back in
+        // between. A retry will read it again.
+        let (key, expected) = &wanted[0];
+        Err(StoreError::Conflict {
+            key: key.clone(),
+            expected: expected.unwrap_or(0),
+            actual: 0,
+        })
     }
 
     async fn delete(

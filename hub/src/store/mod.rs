@@ -82,6 +82,65 @@ pub enum StoreError {
     Internal(String),
 }
 
+/// One conditional write of a [`PolicyStore::put_batch`].
+#[derive(Debug, Clone)]
+pub struct Put {
+    pub key: Key,
+    pub value: Vec<u8>,
+    /// `None`: the key must not exist (a create). `Some(r)`: it must exist
+    /// with revision `r` (an update).
+    pub expected: Option<u64>,
+}
+
+/// Most puts one batch may hold (etcd refuses transactions of more than 128
+/// operations by default).
+pub const MAX_BATCH_PUTS: usize = 100;
+/// Most value bytes one batch may hold (etcd refuses requests over 1.5 MiB
+/// by default).
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Splits puts into batches within [`MAX_BATCH_PUTS`] and
+/// [`MAX_BATCH_BYTES`], keeping their order. A put larger than the byte limit
+/// gets a batch of its own.
+pub fn batches(puts: Vec<Put>) -> Vec<Vec<Put>> {
+    let mut out: Vec<Vec<Put>> = Vec::new();
+    let mut bytes = 0;
+    for put in puts {
+        let fits = out.last().is_some_and(|b| {
+            b.len() < MAX_BATCH_PUTS && bytes + put.value.len() <= MAX_BATCH_BYTES
+        });
+        if !fits {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += put.value.len();
+        if let Some(b) = out.last_mut() {
+            b.push(put);
+        }
+    }
+    out
+}
+
+/// Refuses a batch the backends cannot apply as one transaction.
+fn check_batch(puts: &[Put]) -> Result<(), StoreError> {
+    let bytes: usize = puts.iter().map(|p| p.value.len()).sum();
+    if puts.len() > MAX_BATCH_PUTS || (puts.len() > 1 && bytes > MAX_BATCH_BYTES) {
+        return Err(StoreError::Internal(format!(
+            "a batch of {} puts and {bytes} bytes exceeds {MAX_BATCH_PUTS} puts or {MAX_BATCH_BYTES} bytes; split it with store::batches",
+            puts.len()
+        )));
+    }
+    let mut keys: Vec<&Key> = puts.iter().map(|p| &p.key).collect();
+    keys.sort();
+    if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+        return Err(StoreError::Internal(format!(
+            "a batch names {:?} twice",
+            w[0]
+        )));
+    }
+    Ok(())
+}
+
 /// The policy store. Both backends give every write a store-wide revision that
 /// only grows, as etcd does.
 #[async_trait::async_trait]
@@ -114,6 +173,14 @@ pub trait PolicyStore: Send + Sync + 'static {
         key: &Key,
         expected_revision: Option<u64>,
     ) -> Result<Versioned, StoreError>;
+    /// Writes every put or none, in one transaction. Fails with AlreadyExists,
+    /// NotFound or Conflict naming the first put whose precondition does not
+    /// hold; then nothing was written. At most [`MAX_BATCH_PUTS`] puts and
+    /// [`MAX_BATCH_BYTES`] bytes (see [`batches`]), each key once. Returns the
+    /// revision each put was written at, in order. Watchers see one event per
+    /// put, in order; etcd gives them all one revision, the embedded store one
+    /// each.
+    async fn put_batch(&self, puts: Vec<Put>) -> Result<Vec<u64>, StoreError>;
     /// Changes to one kind with revision > `after_revision`, in order, then live.
     /// Fails with Compacted when `after_revision` is too old to replay.
     async fn watch(&self, kind: &str, after_revision: u64) -> Result<WatchStream, StoreError>;

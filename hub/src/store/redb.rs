@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use ::redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::broadcast;
 
-use super::{Key, PolicyStore, StoreError, Versioned, WatchEvent, WatchStream};
+use super::{Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream, check_batch};
 
 const OBJECTS: TableDefinition<&str, (&[u8], u64, u64)> = TableDefinition::new("objects");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -31,9 +31,9 @@ const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
 
 /// How many events the change log keeps by default.
-pub const DEFAULT_LOG_CAPACITY: u64 = 10_000;
+pub const DEFAULT_LOG_CAPACITY: u64 = 50_000;
 /// Live events buffered per watcher before it has to fall back to the log.
-const BROADCAST_CAPACITY: usize = 1024;
+const BROADCAST_CAPACITY: usize = 16_384;
 
 /// The embedded store. Cheap to clone; all clones share one database.
 #[derive(Clone)]
@@ -157,74 +157,95 @@ impl Inner {
     /// the object as written (for a delete: the last value, with the revision
     /// of the deletion).
     fn change(&self, key: &Key, op: Op) -> Result<Versioned, StoreError> {
+        self.apply(vec![(key.clone(), op)])?
+            .pop()
+            .ok_or_else(|| StoreError::Internal("redb write returned nothing".into()))
+    }
+
+    /// Applies writes in one transaction, all or none, each with its own
+    /// revision in order, then publishes their events.
+    fn apply(&self, ops: Vec<(Key, Op)>) -> Result<Vec<Versioned>, StoreError> {
         let p = &self.path;
         let _guard = self
             .write_lock
             .lock()
             .map_err(|_| StoreError::Internal("redb write lock poisoned".into()))?;
         let txn = self.db.begin_write().map_err(|e| internal(p, e))?;
-        let skey = storage_key(key);
-        let event;
+        let mut events = Vec::with_capacity(ops.len());
         {
             let mut objects = txn.open_table(OBJECTS).map_err(|e| internal(p, e))?;
             let mut meta = txn.open_table(META).map_err(|e| internal(p, e))?;
             let mut log = txn.open_table(CHANGELOG).map_err(|e| internal(p, e))?;
-            let existing: Option<(Vec<u8>, u64, u64)> = objects
-                .get(skey.as_str())
-                .map_err(|e| internal(p, e))?
-                .map(|g| {
-                    let (v, r, c) = g.value();
-                    (v.to_vec(), r, c)
-                });
-            let check = |expected: Option<u64>| -> Result<(), StoreError> {
-                match (&existing, expected) {
-                    (None, _) => Err(StoreError::NotFound(key.clone())),
-                    (Some((_, actual, _)), Some(expected)) if *actual != expected => {
-                        Err(StoreError::Conflict {
-                            key: key.clone(),
-                            expected,
-                            actual: *actual,
-                        })
+            let mut revision = read_meta(&meta, META_REVISION, p)?;
+            for (key, op) in ops {
+                revision += 1;
+                let skey = storage_key(&key);
+                let existing: Option<(Vec<u8>, u64, u64)> = objects
+                    .get(skey.as_str())
+                    .map_err(|e| internal(p, e))?
+                    .map(|g| {
+                        let (v, r, c) = g.value();
+                        (v.to_vec(), r, c)
+                    });
+                let check = |expected: Option<u64>| -> Result<(), StoreError> {
+                    match (&existing, expected) {
+                        (None, _) => Err(StoreError::NotFound(key.clone())),
+                        (Some((_, actual, _)), Some(expected)) if *actual != expected => {
+                            Err(StoreError::Conflict {
+                                key: key.clone(),
+                                expected,
+                                actual: *actual,
+                            })
+                        }
+                        _ => Ok(()),
                     }
-                    _ => Ok(()),
-                }
-            };
-            let revision = read_meta(&meta, META_REVISION, p)? + 1;
-            event = match op {
-                Op::Create(value) => {
-                    if existing.is_some() {
-                        return Err(StoreError::AlreadyExists(key.clone()));
+                };
+                let event = match op {
+                    Op::Create(value) => {
+                        if existing.is_some() {
+                            return Err(StoreError::AlreadyExists(key.clone()));
+                        }
+                        objects
+                            .insert(skey.as_str(), (value.as_slice(), revision, revision))
+                            .map_err(|e| internal(p, e))?;
+                        WatchEvent::Put(versioned(&key, value, revision, revision))
                     }
-                    objects
-                        .insert(skey.as_str(), (value.as_slice(), revision, revision))
-                        .map_err(|e| internal(p, e))?;
-                    WatchEvent::Put(versioned(key, value, revision, revision))
-                }
-                Op::Update(value, expected) => {
-                    check(expected)?;
-                    let create_revision = existing.as_ref().map_or(revision, |e| e.2);
-                    objects
-                        .insert(skey.as_str(), (value.as_slice(), revision, create_revision))
-                        .map_err(|e| internal(p, e))?;
-                    WatchEvent::Put(versioned(key, value, revision, create_revision))
-                }
-                Op::Delete(expected) => {
-                    check(expected)?;
-                    objects.remove(skey.as_str()).map_err(|e| internal(p, e))?;
-                    let (value, _, create_revision) = existing.unwrap_or_default();
-                    WatchEvent::Delete(versioned(key, value, revision, create_revision))
-                }
-            };
-            log.insert(revision, encode_event(&event).as_slice())
-                .map_err(|e| internal(p, e))?;
+                    Op::Update(value, expected) => {
+                        check(expected)?;
+                        let create_revision = existing.as_ref().map_or(revision, |e| e.2);
+                        objects
+                            .insert(skey.as_str(), (value.as_slice(), revision, create_revision))
+                            .map_err(|e| internal(p, e))?;
+                        WatchEvent::Put(versioned(&key, value, revision, create_revision))
+                    }
+                    Op::Delete(expected) => {
+                        check(expected)?;
+                        objects.remove(skey.as_str()).map_err(|e| internal(p, e))?;
+                        let (value, _, create_revision) = existing.unwrap_or_default();
+                        WatchEvent::Delete(versioned(&key, value, revision, create_revision))
+                    }
+                };
+                log.insert(revision, encode_event(&event).as_slice())
+                    .map_err(|e| internal(p, e))?;
+                events.push(event);
+            }
             // Keep the log bounded; remember how far it was cut so a watch
             // from before that point answers Compacted instead of missing events.
             let mut compacted = read_meta(&meta, META_COMPACTED, p)?;
-            while log.len().map_err(|e| internal(p, e))? > self.log_capacity {
-                match log.pop_first().map_err(|e| internal(p, e))? {
-                    Some((k, _)) => compacted = compacted.max(k.value()),
-                    None => break,
-                }
+            let excess = log
+                .len()
+                .map_err(|e| internal(p, e))?
+                .saturating_sub(self.log_capacity);
+            if excess > 0 {
+                let first = log
+                    .first()
+                    .map_err(|e| internal(p, e))?
+                    .map(|(k, _)| k.value())
+                    .unwrap_or(0);
+                let cut = first.saturating_add(excess - 1);
+                log.retain_in(..=cut, |_, _| false)
+                    .map_err(|e| internal(p, e))?;
+                compacted = compacted.max(cut);
             }
             meta.insert(META_COMPACTED, compacted)
                 .map_err(|e| internal(p, e))?;
@@ -232,11 +253,15 @@ impl Inner {
                 .map_err(|e| internal(p, e))?;
         }
         txn.commit().map_err(|e| internal(p, e))?;
-        // No receiver is fine: nobody watches.
-        let _ = self.events.send(event.clone());
-        Ok(match event {
-            WatchEvent::Put(v) | WatchEvent::Delete(v) => v,
-        })
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            // No receiver is fine: nobody watches.
+            let _ = self.events.send(event.clone());
+            out.push(match event {
+                WatchEvent::Put(v) | WatchEvent::Delete(v) => v,
+            });
+        }
+        Ok(out)
     }
 
     /// Events of `kind` with revision > `after`, from the change log, and the
@@ -363,6 +388,29 @@ impl PolicyStore for RedbStore {
         expected_revision: Option<u64>,
     ) -> Result<Versioned, StoreError> {
         self.change(key, Op::Delete(expected_revision)).await
+    }
+
+    async fn put_batch(&self, puts: Vec<Put>) -> Result<Vec<u64>, StoreError> {
+        check_batch(&puts)?;
+        for put in &puts {
+            check_key(&put.key)?;
+        }
+        if puts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inner = self.inner.clone();
+        let ops = puts
+            .into_iter()
+            .map(|p| {
+                let op = match p.expected {
+                    None => Op::Create(p.value),
+                    Some(r) => Op::Update(p.value, Some(r)),
+                };
+                (p.key, op)
+            })
+            .collect();
+        let written = blocking(move || inner.apply(ops)).await?;
+        Ok(written.iter().map(|v| v.revision).collect())
     }
 
     async fn watch(&self, kind: &str, after_revision: u64) -> Result<WatchStream, StoreError> {
