@@ -23,7 +23,7 @@ use imgfleet::model::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use zeroize::Zeroizing;
 
-use crate::store::{Key, PolicyStore, StoreError, Versioned};
+use crate::store::{Key, PolicyStore, Put, StoreError, Versioned};
 
 /// Seals and opens secret fields. Implemented by the hub's keyring; narrow so
 /// that the storage format does not depend on the key management.
@@ -431,6 +431,18 @@ impl Objects {
     /// Replace the status of a stored object (tag resolver, sessions). The
     /// spec and generation are left alone; `expected_revision` guards against
     /// overwriting a concurrent spec change.
+    /// A batched status write of `obj` (see [`PolicyStore::put_batch`]):
+    /// the whole object as stored, expected at `expected_revision`.
+    pub fn status_put(&self, obj: &Object, expected_revision: u64) -> Result<Put, ObjectError> {
+        let mut copy = obj.clone();
+        copy.metadata_mut().resource_version = None;
+        Ok(Put {
+            key: key_of(obj.kind(), obj.namespace(), obj.name()),
+            value: encode(&copy).map_err(store_err)?,
+            expected: Some(expected_revision),
+        })
+    }
+
     pub async fn write_status(
         &self,
         obj: &Object,

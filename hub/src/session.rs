@@ -17,7 +17,7 @@ use futures::StreamExt;
 use imgfleet::api::v1 as pb;
 use imgfleet::api::v1::agent_message::Msg as AgentMsg;
 use imgfleet::api::v1::hub_message::Msg as HubMsg;
-use imgfleet::model::{self, DEFAULT_NAMESPACE, ImagePhase, Kind, Object};
+use imgfleet::model::{self, ClusterStatus, DEFAULT_NAMESPACE, ImagePhase, Kind, Object};
 use imgfleet_common::pki::Identity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::{mpsc, watch};
@@ -32,7 +32,7 @@ use crate::fleet::{self, DESIRED_KIND, DesiredContent, StoredDesiredSet, StoredI
 use crate::objects::{ObjectError, Objects};
 use crate::server::{Extensions, HubContext};
 use crate::status::{self, ImageState, LiveCluster};
-use crate::store::WatchEvent;
+use crate::store::{StoreError, WatchEvent};
 
 /// How often each side sends a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
@@ -826,35 +826,153 @@ async fn update_status(
     )))
 }
 
+/// What the status writer last read or wrote of each Cluster, so that a
+/// heartbeat that changes nothing costs no store access. Refreshed by one
+/// list when older than [`STATUS_CACHE_TTL`]; an entry that turns out stale
+/// fails its conditional write and is re-read.
+#[derive(Default)]
+struct StatusCache {
+    clusters: HashMap<String, (model::Cluster, u64)>,
+    listed: Option<Instant>,
+}
+
+/// How long the status writer trusts its cached Cluster objects.
+const STATUS_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Above this many uncached clusters one list is cheaper than many gets.
+const LIST_ABOVE: usize = 32;
+
+impl StatusCache {
+    async fn fill(&mut self, objects: &Objects, names: &[String]) -> Result<(), ObjectError> {
+        let expired = self.listed.is_none_or(|t| t.elapsed() >= STATUS_CACHE_TTL);
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|n| !self.clusters.contains_key(*n))
+            .collect();
+        if expired || missing.len() > LIST_ABOVE {
+            let (list, _) = objects.list(Kind::Cluster, None).await?;
+            self.clusters.clear();
+            for obj in list {
+                if let Object::Cluster(c) = obj {
+                    let rev = revision_of(&c.metadata);
+                    let name = c.metadata.name.clone().unwrap_or_default();
+                    self.clusters.insert(name, (c, rev));
+                }
+            }
+            self.listed = Some(Instant::now());
+            return Ok(());
+        }
+        for name in missing {
+            match objects.get(Kind::Cluster, None, name).await {
+                Ok(Object::Cluster(c)) => {
+                    let rev = revision_of(&c.metadata);
+                    self.clusters.insert(name.clone(), (c, rev));
+                }
+                Ok(_) | Err(ObjectError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn revision_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `next` differs from `prev` in more than a `lastSeen` that was
+/// stored recently enough. Refreshing `lastSeen` on every heartbeat would be
+/// a store write per agent every few seconds; the offline sweeper only needs
+/// it fresher than `offline_after`.
+fn worth_writing(prev: &ClusterStatus, next: &ClusterStatus, refresh: Duration) -> bool {
+    if prev == next {
+        return false;
+    }
+    let mut same_but_seen = next.clone();
+    same_but_seen.last_seen = prev.last_seen.clone();
+    if &same_but_seen != prev {
+        return true;
+    }
+    match (&prev.last_seen, &next.last_seen) {
+        (Some(old), Some(new)) => {
+            new.0.as_millisecond() - old.0.as_millisecond() >= refresh.as_millis() as i64
+        }
+        _ => true,
+    }
+}
+
 /// Writes Cluster status for `clusters` and, when `repos`, every
 /// Repository's cluster entries and counts.
 async fn flush(
     objects: &Objects,
     shared: &Shared,
+    cache: &mut StatusCache,
     clusters: &[String],
     live: &BTreeMap<String, LiveCluster>,
     repos: bool,
 ) -> Result<(), ObjectError> {
     let desired: DesiredMap = shared.desired.borrow().clone().unwrap_or_default();
+    cache.fill(objects, clusters).await?;
+    let refresh = (shared.offline_after / 4).max(Duration::from_secs(1));
+    let mut puts = Vec::new();
+    let mut written = Vec::new();
     for name in clusters {
-        let d = desired.get(name).map(|d| d.as_ref());
-        let l = live.get(name);
-        let r = update_status(objects, Kind::Cluster, None, name, |obj| {
-            let Object::Cluster(c) = obj else {
-                return false;
-            };
-            let prev = c.status.clone().unwrap_or_default();
-            let next = status::cluster_status(&prev, d, l, &shared.replica);
-            if next == prev {
-                return false;
+        let Some((cluster, rev)) = cache.clusters.get(name) else {
+            continue;
+        };
+        let prev = cluster.status.clone().unwrap_or_default();
+        let next = status::cluster_status(
+            &prev,
+            desired.get(name).map(|d| d.as_ref()),
+            live.get(name),
+            &shared.replica,
+        );
+        if !worth_writing(&prev, &next, refresh) {
+            continue;
+        }
+        let mut updated = cluster.clone();
+        updated.status = Some(next);
+        puts.push(objects.status_put(&Object::Cluster(updated.clone()), *rev)?);
+        written.push((name.clone(), updated));
+    }
+    // One transaction per hundred clusters; a batch that meets a concurrent
+    // write (an apply, another replica) is redone one cluster at a time.
+    let mut pending = written.into_iter();
+    for batch in crate::store::batches(puts) {
+        let these: Vec<(String, model::Cluster)> = pending.by_ref().take(batch.len()).collect();
+        match objects.store().put_batch(batch).await {
+            Ok(revs) => {
+                for ((name, c), rev) in these.into_iter().zip(revs) {
+                    cache.clusters.insert(name, (c, rev));
+                }
             }
-            c.status = Some(next);
-            true
-        })
-        .await;
-        match r {
-            Ok(_) | Err(ObjectError::NotFound(_)) => {}
-            Err(e) => return Err(e),
+            Err(StoreError::Conflict { .. }) | Err(StoreError::NotFound(_)) => {
+                for (name, _) in these {
+                    cache.clusters.remove(&name);
+                    let d = desired.get(&name).map(|d| d.as_ref());
+                    let l = live.get(&name);
+                    let r = update_status(objects, Kind::Cluster, None, &name, |obj| {
+                        let Object::Cluster(c) = obj else {
+                            return false;
+                        };
+                        let prev = c.status.clone().unwrap_or_default();
+                        let next = status::cluster_status(&prev, d, l, &shared.replica);
+                        if next == prev {
+                            return false;
+                        }
+                        c.status = Some(next);
+                        true
+                    })
+                    .await;
+                    match r {
+                        Ok(_) | Err(ObjectError::NotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => return Err(ObjectError::Unavailable(e.to_string())),
         }
     }
     if !repos {
@@ -904,6 +1022,7 @@ async fn status_writer(objects: &Objects, shared: &Shared, shutdown: &Cancellati
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry_all = false;
+    let mut cache = StatusCache::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -924,10 +1043,17 @@ async fn status_writer(objects: &Objects, shared: &Shared, shutdown: &Cancellati
                     e.last_flush = Some(Instant::now());
                 }
             }
-            let live: BTreeMap<String, LiveCluster> = map
-                .iter()
-                .map(|(k, v)| (k.clone(), v.state.clone()))
-                .collect();
+            // Copy only what this pass reads: every session's state for a
+            // full pass or one over repositories, else the due clusters'.
+            let live: BTreeMap<String, LiveCluster> = if all || images_due {
+                map.iter()
+                    .map(|(k, v)| (k.clone(), v.state.clone()))
+                    .collect()
+            } else {
+                due.iter()
+                    .filter_map(|k| map.get(k).map(|v| (k.clone(), v.state.clone())))
+                    .collect()
+            };
             map.retain(|_, e| !e.ended);
             (due, images_due, live)
         });
@@ -936,7 +1062,21 @@ async fn status_writer(objects: &Objects, shared: &Shared, shutdown: &Cancellati
         }
         let clusters = if all {
             match objects.list(Kind::Cluster, None).await {
-                Ok((l, _)) => l.iter().map(|o| o.name().to_string()).collect(),
+                Ok((l, _)) => {
+                    // A full pass refreshes the cache with what it listed.
+                    cache.clusters.clear();
+                    let mut names = Vec::with_capacity(l.len());
+                    for obj in l {
+                        if let Object::Cluster(c) = obj {
+                            let name = c.metadata.name.clone().unwrap_or_default();
+                            let rev = revision_of(&c.metadata);
+                            names.push(name.clone());
+                            cache.clusters.insert(name, (c, rev));
+                        }
+                    }
+                    cache.listed = Some(Instant::now());
+                    names
+                }
                 Err(e) => {
                     warn!(error = %e, "Listing clusters for status failed; retrying");
                     retry_all = true;
@@ -946,7 +1086,16 @@ async fn status_writer(objects: &Objects, shared: &Shared, shutdown: &Cancellati
         } else {
             due
         };
-        if let Err(e) = flush(objects, shared, &clusters, &live, all || images_due).await {
+        let result = flush(
+            objects,
+            shared,
+            &mut cache,
+            &clusters,
+            &live,
+            all || images_due,
+        )
+        .await;
+        if let Err(e) = result {
             warn!(error = %e, "Writing session status failed; retrying");
             retry_all = true;
         }

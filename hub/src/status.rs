@@ -3,7 +3,7 @@
 //! the hub owns (`Repository.status.clusters/syncedClusters/targetClusters`
 //! and `Cluster.status`). The session module does the I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use imgfleet::model::{ClusterImageStatus, ClusterPhase, ClusterStatus, ImagePhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -98,11 +98,20 @@ fn entry_from(cluster: &str, digest: &str, s: &ImageState) -> ClusterImageStatus
 /// - A cluster counts as synced when every desired digest is Synced and the
 ///   entry is current (not `lastKnown`): an offline cluster is never reported
 ///   as currently synced.
+/// Most per-cluster entries a Repository's status lists. A fleet of ten
+/// thousand clusters would otherwise make the object megabytes long, over
+/// etcd's request limit; `syncedClusters`/`targetClusters` still count all.
+pub const MAX_CLUSTER_ENTRIES: usize = 1000;
+
 pub fn repository_clusters(
     existing: &[ClusterImageStatus],
     targets: &BTreeMap<String, Vec<(String, String)>>,
     live: &BTreeMap<String, &LiveCluster>,
 ) -> (Vec<ClusterImageStatus>, u32, u32) {
+    let by_key: HashMap<(&str, &str), &ClusterImageStatus> = existing
+        .iter()
+        .map(|e| ((e.cluster.as_str(), e.digest.as_str()), e))
+        .collect();
     let mut out = Vec::new();
     let mut synced = 0u32;
     for (cluster, digests) in targets {
@@ -114,10 +123,9 @@ pub fn repository_clusters(
                     .get(key)
                     .map(|s| entry_from(cluster, digest, s))
                     .unwrap_or_else(|| pending(cluster, digest)),
-                None => existing
-                    .iter()
-                    .find(|e| &e.cluster == cluster && &e.digest == digest)
-                    .cloned()
+                None => by_key
+                    .get(&(cluster.as_str(), digest.as_str()))
+                    .map(|e| (*e).clone())
                     .unwrap_or_else(|| pending(cluster, digest)),
             };
             all_synced &= entry.phase == Some(ImagePhase::Synced) && !entry.last_known;
@@ -129,6 +137,13 @@ pub fn repository_clusters(
     }
     out.sort_by(|a, b| (&a.cluster, &a.digest).cmp(&(&b.cluster, &b.digest)));
     out.dedup_by(|b, a| a.cluster == b.cluster && a.digest == b.digest);
+    if out.len() > MAX_CLUSTER_ENTRIES {
+        // Keep what needs attention: entries not synced first (a stable sort
+        // keeps cluster order within each group). The counts cover all.
+        out.sort_by_key(|e| e.phase == Some(ImagePhase::Synced) && !e.last_known);
+        out.truncate(MAX_CLUSTER_ENTRIES);
+        out.sort_by(|a, b| (&a.cluster, &a.digest).cmp(&(&b.cluster, &b.digest)));
+    }
     (out, synced, targets.len() as u32)
 }
 
@@ -450,5 +465,39 @@ mod tests {
         assert!(!is_overdue(Some(&t(970)), &now, d));
         assert!(is_overdue(Some(&t(969)), &now, d));
         assert!(is_overdue(None, &now, d));
+    }
+
+    #[test]
+    fn a_large_fleet_lists_at_most_the_cap_unsynced_first() {
+        let n = MAX_CLUSTER_ENTRIES + 500;
+        let mut targets = BTreeMap::new();
+        for i in 0..n {
+            targets.insert(
+                format!("c{i:05}"),
+                vec![("sha256:1".to_string(), "k".to_string())],
+            );
+        }
+        // The last 100 clusters are live and not synced; the rest have synced entries.
+        let existing: Vec<ClusterImageStatus> = (0..n - 100)
+            .map(|i| ClusterImageStatus {
+                phase: Some(ImagePhase::Synced),
+                ..pending(&format!("c{i:05}"), "sha256:1")
+            })
+            .collect();
+        let live_states: BTreeMap<String, LiveCluster> = (n - 100..n)
+            .map(|i| (format!("c{i:05}"), LiveCluster::default()))
+            .collect();
+        let live: BTreeMap<String, &LiveCluster> =
+            live_states.iter().map(|(k, v)| (k.clone(), v)).collect();
+        let (entries, synced, target) = repository_clusters(&existing, &targets, &live);
+        assert_eq!(target as usize, n);
+        assert_eq!(synced as usize, n - 100);
+        assert_eq!(entries.len(), MAX_CLUSTER_ENTRIES);
+        let pending_count = entries
+            .iter()
+            .filter(|e| e.phase == Some(ImagePhase::Pending))
+            .count();
+        assert_eq!(pending_count, 100, "every unsynced cluster must be listed");
+        assert!(entries.windows(2).all(|w| w[0].cluster < w[1].cluster));
     }
 }
