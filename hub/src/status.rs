@@ -87,6 +87,11 @@ fn entry_from(cluster: &str, digest: &str, s: &ImageState) -> ClusterImageStatus
     }
 }
 
+/// Most per-cluster entries a Repository's status lists. A fleet of ten
+/// thousand clusters would otherwise make the object megabytes long, over
+/// etcd's request limit; `syncedClusters`/`targetClusters` still count all.
+pub const MAX_CLUSTER_ENTRIES: usize = 1000;
+
 /// The new `clusters[]` of a repository plus (synced, target) counts.
 ///
 /// - One entry per (targeted cluster, desired digest); entries of clusters or
@@ -98,11 +103,6 @@ fn entry_from(cluster: &str, digest: &str, s: &ImageState) -> ClusterImageStatus
 /// - A cluster counts as synced when every desired digest is Synced and the
 ///   entry is current (not `lastKnown`): an offline cluster is never reported
 ///   as currently synced.
-/// Most per-cluster entries a Repository's status lists. A fleet of ten
-/// thousand clusters would otherwise make the object megabytes long, over
-/// etcd's request limit; `syncedClusters`/`targetClusters` still count all.
-pub const MAX_CLUSTER_ENTRIES: usize = 1000;
-
 pub fn repository_clusters(
     existing: &[ClusterImageStatus],
     targets: &BTreeMap<String, Vec<(String, String)>>,
