@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `AgentServiceClient::connect(dst)` constructor; clients are built
         // from a `Channel` with `new` instead.
         .build_transport(false)
+        // Small per-RPC buffers: a hub holds one stream per agent (src/codec.rs).
+        .codec_path("crate::codec::LeanCodec")
         // Messages that carry a registry password get hand-written Debug
         // impls (src/api_debug.rs) that redact it, so `{:?}` of a request
         // can never leak a credential into a log.

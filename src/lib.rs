@@ -8,6 +8,7 @@
 //! - [`crd`] generates the Kubernetes CRDs in `deploy/crds/` from the model.
 
 mod api_debug;
+pub mod codec;
 pub mod convert;
 pub mod crd;
 pub mod model;
