@@ -408,9 +408,9 @@ pub async fn recompute(objects: &Objects) -> Result<Vec<(String, u64)>, FleetErr
         .collect();
     let sets: BTreeMap<String, DesiredContent> = sets.into_iter().chain(gone).collect();
 
-    // Every changed set, written in batches: one transaction per hundred
-    // clusters instead of one per cluster keeps a policy change that touches
-    // a whole fleet to a few store round trips.
+    // Every changed set, written in batches (a hundred clusters per etcd
+    // transaction, several in flight; the whole fleet in one embedded-store
+    // transaction) rather than one write per cluster.
     let mut puts = Vec::new();
     let mut changed = Vec::new();
     for (cluster, content) in &sets {
@@ -440,22 +440,21 @@ pub async fn recompute(objects: &Objects) -> Result<Vec<(String, u64)>, FleetErr
         changed.push((cluster.clone(), generation));
     }
     let mut written = Vec::new();
-    let mut pending = changed.into_iter();
-    for batch in crate::store::batches(puts) {
-        let these: Vec<(String, u64)> = pending.by_ref().take(batch.len()).collect();
-        match objects.store().put_batch(batch).await {
-            Ok(_) => written.extend(these),
+    for (range, result) in crate::store::put_batches(objects.store().as_ref(), puts).await {
+        let these = &changed[range];
+        match result {
+            Ok(_) => written.extend(these.iter().cloned()),
             // Another replica wrote some of them first: redo these one by
             // one, each re-reading what is stored.
             Err(StoreError::Conflict { .. })
             | Err(StoreError::AlreadyExists(_))
             | Err(StoreError::NotFound(_)) => {
                 for (cluster, _) in these {
-                    let content = sets.get(&cluster).cloned().unwrap_or_default();
+                    let content = sets.get(cluster).cloned().unwrap_or_default();
                     if let Some(generation) =
-                        store_desired(objects.store().as_ref(), &cluster, &content).await?
+                        store_desired(objects.store().as_ref(), cluster, &content).await?
                     {
-                        written.push((cluster, generation));
+                        written.push((cluster.clone(), generation));
                     }
                 }
             }

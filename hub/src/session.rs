@@ -937,23 +937,22 @@ async fn flush(
         puts.push(objects.status_put(&Object::Cluster(updated.clone()), *rev)?);
         written.push((name.clone(), updated));
     }
-    // One transaction per hundred clusters; a batch that meets a concurrent
-    // write (an apply, another replica) is redone one cluster at a time.
-    let mut pending = written.into_iter();
-    for batch in crate::store::batches(puts) {
-        let these: Vec<(String, model::Cluster)> = pending.by_ref().take(batch.len()).collect();
-        match objects.store().put_batch(batch).await {
+    // Batched; a batch that meets a concurrent write (an apply, another
+    // replica) is redone one cluster at a time.
+    for (range, result) in crate::store::put_batches(objects.store().as_ref(), puts).await {
+        let these = &written[range];
+        match result {
             Ok(revs) => {
-                for ((name, c), rev) in these.into_iter().zip(revs) {
-                    cache.clusters.insert(name, (c, rev));
+                for ((name, c), rev) in these.iter().zip(revs) {
+                    cache.clusters.insert(name.clone(), (c.clone(), rev));
                 }
             }
             Err(StoreError::Conflict { .. }) | Err(StoreError::NotFound(_)) => {
                 for (name, _) in these {
-                    cache.clusters.remove(&name);
-                    let d = desired.get(&name).map(|d| d.as_ref());
-                    let l = live.get(&name);
-                    let r = update_status(objects, Kind::Cluster, None, &name, |obj| {
+                    cache.clusters.remove(name);
+                    let d = desired.get(name).map(|d| d.as_ref());
+                    let l = live.get(name);
+                    let r = update_status(objects, Kind::Cluster, None, name, |obj| {
                         let Object::Cluster(c) = obj else {
                             return false;
                         };
@@ -1109,10 +1108,17 @@ async fn sweeper(objects: &Objects, shared: &Shared, shutdown: &CancellationToke
         (shared.offline_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        // After a (re)start, agents that were connected are still finding
+        // their way back (backoff, thousands at once); until they had
+        // `offline_after` to do so, an old lastSeen proves nothing.
+        if started.elapsed() < shared.offline_after {
+            continue;
         }
         if let Err(e) = sweep(objects, shared).await {
             warn!(error = %e, "Offline sweep failed; retrying");

@@ -742,7 +742,8 @@ async fn batch_with_one_bad_precondition_writes_nothing(b: &Backend) -> Result<(
 
 async fn batch_limits_are_enforced(b: &Backend) -> Result<()> {
     let s = &b.store;
-    let too_many: Vec<Put> = (0..=MAX_BATCH_PUTS)
+    let limit = s.batch_limits().puts;
+    let too_many: Vec<Put> = (0..=limit)
         .map(|i| put(&key("team-c", &format!("k{i}")), b"x", None))
         .collect();
     ensure!(
@@ -757,12 +758,15 @@ async fn batch_limits_are_enforced(b: &Backend) -> Result<()> {
         "a batch naming a key twice must be refused"
     );
     // store::batches splits it into batches the store takes.
-    let parts = store::batches(too_many);
+    let parts = store::batches(too_many.clone(), s.batch_limits());
     assert_eq!(parts.len(), 2);
-    for part in parts {
-        s.put_batch(part).await?;
+    // put_batches does the splitting itself and writes batches concurrently.
+    let results = store::put_batches(s.as_ref(), too_many).await;
+    assert_eq!(results.len(), 2);
+    for (range, r) in results {
+        assert_eq!(r?.len(), range.len());
     }
     let (listed, _) = s.list("repositories", Some("team-c")).await?;
-    assert_eq!(listed.len(), MAX_BATCH_PUTS + 1);
+    assert_eq!(listed.len(), limit + 1);
     Ok(())
 }

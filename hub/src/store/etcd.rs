@@ -267,7 +267,7 @@ impl PolicyStore for EtcdStore {
     }
 
     async fn put_batch(&self, puts: Vec<Put>) -> Result<Vec<u64>, StoreError> {
-        check_batch(&puts)?;
+        check_batch(&puts, self.batch_limits())?;
         if puts.is_empty() {
             return Ok(Vec::new());
         }

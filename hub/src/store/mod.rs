@@ -92,23 +92,43 @@ pub struct Put {
     pub expected: Option<u64>,
 }
 
-/// Most puts one batch may hold (etcd refuses transactions of more than 128
-/// operations by default).
+/// Most puts one batch may hold by default (etcd refuses transactions of
+/// more than 128 operations unless configured otherwise).
 pub const MAX_BATCH_PUTS: usize = 100;
-/// Most value bytes one batch may hold (etcd refuses requests over 1.5 MiB
-/// by default).
+/// Most value bytes one batch may hold by default (etcd refuses requests
+/// over 1.5 MiB unless configured otherwise).
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
-/// Splits puts into batches within [`MAX_BATCH_PUTS`] and
-/// [`MAX_BATCH_BYTES`], keeping their order. A put larger than the byte limit
-/// gets a batch of its own.
-pub fn batches(puts: Vec<Put>) -> Vec<Vec<Put>> {
+/// How large one [`PolicyStore::put_batch`] may be: puts and value bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub puts: usize,
+    pub bytes: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            puts: MAX_BATCH_PUTS,
+            bytes: MAX_BATCH_BYTES,
+        }
+    }
+}
+
+/// How many batches [`put_batches`] keeps in flight. etcd commits
+/// concurrent transactions in one raft round and one fsync; the embedded
+/// store takes them one after another.
+const BATCHES_IN_FLIGHT: usize = 8;
+
+/// Splits puts into batches within `limits`, keeping their order. A put
+/// larger than the byte limit gets a batch of its own.
+pub fn batches(puts: Vec<Put>, limits: BatchLimits) -> Vec<Vec<Put>> {
     let mut out: Vec<Vec<Put>> = Vec::new();
     let mut bytes = 0;
     for put in puts {
-        let fits = out.last().is_some_and(|b| {
-            b.len() < MAX_BATCH_PUTS && bytes + put.value.len() <= MAX_BATCH_BYTES
-        });
+        let fits = out
+            .last()
+            .is_some_and(|b| b.len() < limits.puts && bytes + put.value.len() <= limits.bytes);
         if !fits {
             out.push(Vec::new());
             bytes = 0;
@@ -121,13 +141,39 @@ pub fn batches(puts: Vec<Put>) -> Vec<Vec<Put>> {
     out
 }
 
-/// Refuses a batch the backends cannot apply as one transaction.
-fn check_batch(puts: &[Put]) -> Result<(), StoreError> {
+/// Writes `puts` in batches within the store's limits, several at a time.
+/// Returns each batch's result with the positions of its puts in `puts`;
+/// the caller redoes refused batches (a concurrent writer) one by one.
+pub async fn put_batches(
+    store: &dyn PolicyStore,
+    puts: Vec<Put>,
+) -> Vec<(std::ops::Range<usize>, Result<Vec<u64>, StoreError>)> {
+    use futures::StreamExt as _;
+    let mut start = 0;
+    let ranged: Vec<(std::ops::Range<usize>, Vec<Put>)> = batches(puts, store.batch_limits())
+        .into_iter()
+        .map(|b| {
+            let range = start..start + b.len();
+            start = range.end;
+            (range, b)
+        })
+        .collect();
+    futures::stream::iter(ranged)
+        .map(|(range, batch)| async move { (range, store.put_batch(batch).await) })
+        .buffer_unordered(BATCHES_IN_FLIGHT)
+        .collect()
+        .await
+}
+
+/// Refuses a batch the backend cannot apply as one transaction.
+fn check_batch(puts: &[Put], limits: BatchLimits) -> Result<(), StoreError> {
     let bytes: usize = puts.iter().map(|p| p.value.len()).sum();
-    if puts.len() > MAX_BATCH_PUTS || (puts.len() > 1 && bytes > MAX_BATCH_BYTES) {
+    if puts.len() > limits.puts || (puts.len() > 1 && bytes > limits.bytes) {
         return Err(StoreError::Internal(format!(
-            "a batch of {} puts and {bytes} bytes exceeds {MAX_BATCH_PUTS} puts or {MAX_BATCH_BYTES} bytes; split it with store::batches",
-            puts.len()
+            "a batch of {} puts and {bytes} bytes exceeds {} puts or {} bytes; split it with store::batches",
+            puts.len(),
+            limits.puts,
+            limits.bytes
         )));
     }
     let mut keys: Vec<&Key> = puts.iter().map(|p| &p.key).collect();
@@ -173,10 +219,14 @@ pub trait PolicyStore: Send + Sync + 'static {
         key: &Key,
         expected_revision: Option<u64>,
     ) -> Result<Versioned, StoreError>;
+    /// How large one [`PolicyStore::put_batch`] may be.
+    fn batch_limits(&self) -> BatchLimits {
+        BatchLimits::default()
+    }
     /// Writes every put or none, in one transaction. Fails with AlreadyExists,
     /// NotFound or Conflict naming the first put whose precondition does not
-    /// hold; then nothing was written. At most [`MAX_BATCH_PUTS`] puts and
-    /// [`MAX_BATCH_BYTES`] bytes (see [`batches`]), each key once. Returns the
+    /// hold; then nothing was written. Within [`PolicyStore::batch_limits`]
+    /// (see [`batches`]), each key once. Returns the
     /// revision each put was written at, in order. Watchers see one event per
     /// put, in order; etcd gives them all one revision, the embedded store one
     /// each.

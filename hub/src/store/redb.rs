@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use ::redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::broadcast;
 
-use super::{Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream, check_batch};
+use super::{
+    BatchLimits, Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream, check_batch,
+};
 
 const OBJECTS: TableDefinition<&str, (&[u8], u64, u64)> = TableDefinition::new("objects");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -32,6 +34,10 @@ const META_COMPACTED: &str = "compacted";
 
 /// How many events the change log keeps by default.
 pub const DEFAULT_LOG_CAPACITY: u64 = 50_000;
+/// redb's page cache. Its default (1 GiB) would let the hub's memory grow
+/// with the file (objects plus the change log); reads past the cache are
+/// served by the OS page cache.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Live events buffered per watcher before it has to fall back to the log.
 const BROADCAST_CAPACITY: usize = 16_384;
 
@@ -85,9 +91,12 @@ impl RedbStore {
                     StoreError::Internal(format!("creating directory {}: {e}", parent.display()))
                 })?;
             }
-            let db = Database::create(&path).map_err(|e| {
-                StoreError::Internal(format!("opening redb store {}: {e}", path.display()))
-            })?;
+            let db = ::redb::Builder::new()
+                .set_cache_size(CACHE_BYTES)
+                .create(&path)
+                .map_err(|e| {
+                    StoreError::Internal(format!("opening redb store {}: {e}", path.display()))
+                })?;
             // Create the tables up front so readers never see them missing.
             let txn = db.begin_write().map_err(|e| internal(&path, e))?;
             {
@@ -390,8 +399,17 @@ impl PolicyStore for RedbStore {
         self.change(key, Op::Delete(expected_revision)).await
     }
 
+    /// One transaction costs one fsync however many puts it holds, so a
+    /// whole fleet's desired sets fit in one.
+    fn batch_limits(&self) -> BatchLimits {
+        BatchLimits {
+            puts: 50_000,
+            bytes: 256 * 1024 * 1024,
+        }
+    }
+
     async fn put_batch(&self, puts: Vec<Put>) -> Result<Vec<u64>, StoreError> {
-        check_batch(&puts)?;
+        check_batch(&puts, self.batch_limits())?;
         for put in &puts {
             check_key(&put.key)?;
         }
