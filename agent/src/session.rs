@@ -333,7 +333,9 @@ impl Session {
                 storage: Some(self.book.storage()),
             }),
         )?;
-        let mut client = AgentServiceClient::new(channel);
+        // A desired set of thousands of images can pass tonic's 4 MiB default.
+        let mut client =
+            AgentServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
         let response = tokio::select! {
             _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
             r = tokio::time::timeout(

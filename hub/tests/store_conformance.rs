@@ -105,6 +105,7 @@ conformance!(
     batch_writes_all_and_watchers_see_each,
     batch_with_one_bad_precondition_writes_nothing,
     batch_limits_are_enforced,
+    list_pages_through_a_large_kind,
 );
 
 fn key(ns: &str, name: &str) -> Key {
@@ -768,5 +769,35 @@ async fn batch_limits_are_enforced(b: &Backend) -> Result<()> {
     }
     let (listed, _) = s.list("repositories", Some("team-c")).await?;
     assert_eq!(listed.len(), limit + 1);
+    Ok(())
+}
+
+async fn list_pages_through_a_large_kind(b: &Backend) -> Result<()> {
+    let s = &b.store;
+    // More than one etcd page (1000 keys), with values large enough that one
+    // response for all would pass the 4 MiB gRPC limit.
+    let n = 2_500;
+    let value = vec![b'x'; 2_000];
+    let puts: Vec<Put> = (0..n)
+        .map(|i| {
+            put(
+                &Key::new("clusters", "", format!("edge-{i:05}")),
+                &value,
+                None,
+            )
+        })
+        .collect();
+    for (_, r) in store::put_batches(s.as_ref(), puts).await {
+        r?;
+    }
+    let (listed, rev) = s.list("clusters", None).await?;
+    assert_eq!(listed.len(), n);
+    ensure!(
+        listed.windows(2).all(|w| w[0].key < w[1].key),
+        "list must be sorted"
+    );
+    assert_eq!(listed[0].key.name, "edge-00000");
+    assert_eq!(listed[n - 1].key.name, format!("edge-{:05}", n - 1));
+    ensure!(rev >= listed.iter().map(|v| v.revision).max().unwrap_or(0));
     Ok(())
 }

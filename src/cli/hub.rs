@@ -59,8 +59,13 @@ pub async fn connect(target: &Target) -> anyhow::Result<AdminServiceClient<Chann
         .connect()
         .await
         .map_err(|e| anyhow!("cannot reach the hub at {url}: {}", error_chain(&e)))?;
-    Ok(AdminServiceClient::new(channel))
+    // A fleet's list answers (10,000 Clusters is ~5 MB) pass tonic's 4 MiB
+    // default.
+    Ok(AdminServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
+
+/// Largest admin answer the CLI accepts.
+const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
 /// An error and its causes on one line, without repeating a cause that its
 /// wrapper already quotes.

@@ -186,6 +186,9 @@ impl EtcdStore {
     }
 }
 
+/// Keys per page of a list.
+const LIST_PAGE: i64 = 1000;
+
 #[async_trait::async_trait]
 impl PolicyStore for EtcdStore {
     async fn revision(&self) -> Result<u64, StoreError> {
@@ -219,16 +222,39 @@ impl PolicyStore for EtcdStore {
             Some(ns) => format!("{}/{kind}/{ns}/", self.prefix),
             None => format!("{}/{kind}/", self.prefix),
         };
-        let mut c = self.client.clone();
-        let resp = self
-            .call("list", c.get(prefix, Some(GetOptions::new().with_prefix())))
-            .await?;
-        let revision = resp.header().map_or(0, |h| to_u64(h.revision()));
-        let mut out = resp
-            .kvs()
-            .iter()
-            .map(|kv| self.versioned(kv))
-            .collect::<Result<Vec<_>, _>>()?;
+        // In pages, all read at the first page's revision: one response for
+        // a whole fleet would pass the gRPC message limit (4 MiB, about
+        // 8,000 Cluster objects) and hold it all in memory twice.
+        let end = prefix_end(prefix.as_bytes());
+        let mut start = prefix.into_bytes();
+        let mut revision = 0i64;
+        let mut out = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut c = self.client.clone();
+            let resp = self
+                .call("list", c.get(start.clone(), Some(options)))
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                out.push(self.versioned(kv)?);
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        let revision = to_u64(revision);
         // etcd sorts by raw key; "_" and "-" sort differently from Key's order.
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok((out, revision))
@@ -562,6 +588,20 @@ fn check_key(key: &Key) -> Result<(), StoreError> {
         )));
     }
     Ok(())
+}
+
+/// The first key after every key that starts with `prefix` (etcd's range
+/// end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (never for our prefixes): to the end of the key space.
+    vec![0]
 }
 
 fn to_u64(v: i64) -> u64 {
