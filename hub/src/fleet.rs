@@ -559,16 +559,32 @@ pub async fn watch_kind(
 fn placement_fingerprint(kind: &str, bytes: &[u8]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    if kind == Kind::Cluster.plural() {
+        // Thousands of these per fleet-wide change (every agent's status):
+        // hash the raw metadata and spec without building a tree. Stored
+        // objects carry no resourceVersion (it is the store revision).
+        #[derive(Deserialize)]
+        struct Placed<'a> {
+            #[serde(borrow)]
+            metadata: Option<&'a serde_json::value::RawValue>,
+            #[serde(borrow)]
+            spec: Option<&'a serde_json::value::RawValue>,
+        }
+        match serde_json::from_slice::<Placed<'_>>(bytes) {
+            Ok(p) => {
+                p.metadata.map(|m| m.get()).hash(&mut hasher);
+                p.spec.map(|m| m.get()).hash(&mut hasher);
+            }
+            Err(_) => bytes.hash(&mut hasher),
+        }
+        return hasher.finish();
+    }
     match serde_json::from_slice::<serde_json::Value>(bytes) {
         Ok(mut v) => {
             if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
                 meta.remove("resourceVersion");
             }
-            if kind == Kind::Cluster.plural() {
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("status");
-                }
-            } else if let Some(st) = v.get_mut("status").and_then(|s| s.as_object_mut()) {
+            if let Some(st) = v.get_mut("status").and_then(|s| s.as_object_mut()) {
                 for field in ["clusters", "syncedClusters", "targetClusters"] {
                     st.remove(field);
                 }

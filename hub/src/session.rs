@@ -518,7 +518,8 @@ impl Session {
     async fn send_delta(&self, old: &StoredDesiredSet, new: &StoredDesiredSet) -> bool {
         let d = delta(&old.content, &new.content);
         let registry_upserts = self.credentials(&d.registry_upserts).await;
-        info!(cluster = %self.cluster, from = old.generation, generation = new.generation,
+        // Debug, not info: a fleet-wide change would log one line per agent.
+        debug!(cluster = %self.cluster, from = old.generation, generation = new.generation,
               upserts = d.upserts.len(), removals = d.removals.len(), "Sending desired-set delta");
         self.send(HubMsg::Delta(pb::DesiredSetDelta {
             from_generation: old.generation,
@@ -918,7 +919,12 @@ async fn flush(
     let refresh = (shared.offline_after / 4).max(Duration::from_secs(1));
     let mut puts = Vec::new();
     let mut written = Vec::new();
-    for name in clusters {
+    for (i, name) in clusters.iter().enumerate() {
+        // A full pass over a large fleet is long; let sessions run between
+        // slices of it.
+        if i % 256 == 255 {
+            tokio::task::yield_now().await;
+        }
         let Some((cluster, rev)) = cache.clusters.get(name) else {
             continue;
         };
@@ -1060,28 +1066,14 @@ async fn status_writer(objects: &Objects, shared: &Shared, shutdown: &Cancellati
             continue;
         }
         let clusters = if all {
-            match objects.list(Kind::Cluster, None).await {
-                Ok((l, _)) => {
-                    // A full pass refreshes the cache with what it listed.
-                    cache.clusters.clear();
-                    let mut names = Vec::with_capacity(l.len());
-                    for obj in l {
-                        if let Object::Cluster(c) = obj {
-                            let name = c.metadata.name.clone().unwrap_or_default();
-                            let rev = revision_of(&c.metadata);
-                            names.push(name.clone());
-                            cache.clusters.insert(name, (c, rev));
-                        }
-                    }
-                    cache.listed = Some(Instant::now());
-                    names
-                }
-                Err(e) => {
-                    warn!(error = %e, "Listing clusters for status failed; retrying");
-                    retry_all = true;
-                    continue;
-                }
+            // Every cluster the writer knows of or has a desired set for;
+            // `fill` lists them all again when its cache has aged.
+            let mut names: std::collections::BTreeSet<String> =
+                cache.clusters.keys().cloned().collect();
+            if let Some(d) = shared.desired.borrow().as_ref() {
+                names.extend(d.keys().cloned());
             }
+            names.into_iter().collect()
         } else {
             due
         };
