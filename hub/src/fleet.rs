@@ -295,6 +295,18 @@ pub fn decode_desired(cluster: &str, bytes: &[u8]) -> Result<StoredDesiredSet, F
     })
 }
 
+/// The generation of a stored desired set, read without building its
+/// content.
+pub fn peek_generation(bytes: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Generation {
+        generation: u64,
+    }
+    serde_json::from_slice::<Generation>(bytes)
+        .ok()
+        .map(|g| g.generation)
+}
+
 /// The hub store's epoch, created (once, by whichever replica is first) if absent.
 pub async fn ensure_epoch(store: &dyn PolicyStore) -> Result<String, StoreError> {
     let key = Key::new(META_KIND, "", EPOCH_NAME);
@@ -362,7 +374,10 @@ pub async fn store_desired(
 /// Clusters that no longer exist get an empty set (their generation keeps
 /// growing, so a re-enrolled cluster never sees a generation go back).
 /// Returns the clusters whose set was written.
-pub async fn recompute(objects: &Objects) -> Result<Vec<(String, u64)>, FleetError> {
+pub async fn recompute(
+    objects: &Objects,
+) -> Result<Vec<(String, Arc<StoredDesiredSet>)>, FleetError> {
+    let started = std::time::Instant::now();
     let (repos, _) = objects.list(Kind::Repository, None).await?;
     let (clusters, _) = objects.list(Kind::Cluster, None).await?;
     let (secrets, _) = objects.list(Kind::RegistrySecret, None).await?;
@@ -394,6 +409,7 @@ pub async fn recompute(objects: &Objects) -> Result<Vec<(String, u64)>, FleetErr
             false
         }
     });
+    let read_ms = started.elapsed().as_millis();
     let sets = desired_sets(&inputs);
     let (stored, _) = objects.store().list(DESIRED_KIND, None).await?;
     let mut stored: BTreeMap<String, crate::store::Versioned> = stored
@@ -424,11 +440,11 @@ pub async fn recompute(objects: &Objects) -> Result<Vec<(String, u64)>, FleetErr
             }
             None => (1, None),
         };
-        let value = serde_json::to_vec(&StoredDesiredSet {
+        let set = Arc::new(StoredDesiredSet {
             generation,
             content: content.clone(),
-        })
-        .map_err(|source| FleetError::Corrupt {
+        });
+        let value = serde_json::to_vec(set.as_ref()).map_err(|source| FleetError::Corrupt {
             cluster: cluster.clone(),
             source,
         })?;
@@ -437,8 +453,9 @@ pub async fn recompute(objects: &Objects) -> Result<Vec<(String, u64)>, FleetErr
             value,
             expected,
         });
-        changed.push((cluster.clone(), generation));
+        changed.push((cluster.clone(), set));
     }
+    let compute_ms = started.elapsed().as_millis() - read_ms;
     let mut written = Vec::new();
     for (range, result) in crate::store::put_batches(objects.store().as_ref(), puts).await {
         let these = &changed[range];
@@ -454,20 +471,27 @@ pub async fn recompute(objects: &Objects) -> Result<Vec<(String, u64)>, FleetErr
                     if let Some(generation) =
                         store_desired(objects.store().as_ref(), cluster, &content).await?
                     {
-                        written.push((cluster.clone(), generation));
+                        let set = StoredDesiredSet {
+                            generation,
+                            content,
+                        };
+                        written.push((cluster.clone(), Arc::new(set)));
                     }
                 }
             }
             Err(e) => return Err(e.into()),
         }
     }
-    for (cluster, generation) in written.iter().take(LOGGED_CHANGES) {
-        let images = sets.get(cluster).map_or(0, |c| c.images.len());
-        info!(cluster = %cluster, generation, images, "Desired set changed");
+    for (cluster, set) in written.iter().take(LOGGED_CHANGES) {
+        info!(cluster = %cluster, generation = set.generation,
+              images = set.content.images.len(), "Desired set changed");
     }
     if written.len() > LOGGED_CHANGES {
         info!(
             clusters = written.len(),
+            read_ms,
+            compute_ms,
+            total_ms = started.elapsed().as_millis(),
             "Desired sets changed (the first {LOGGED_CHANGES} are logged one by one)"
         );
     }
@@ -597,9 +621,18 @@ fn placement_fingerprint(kind: &str, bytes: &[u8]) -> u64 {
     hasher.finish()
 }
 
+/// Told about desired sets as soon as they are stored, before the store's
+/// watch delivers them (which also happens, to every replica).
+pub type OnWritten = Arc<dyn Fn(&[(String, Arc<StoredDesiredSet>)]) + Send + Sync>;
+
 /// The controller: recompute on every change of repositories, clusters or
-/// registry secrets (debounced), until `shutdown`.
-pub async fn run(objects: Objects, shutdown: CancellationToken) -> Result<(), String> {
+/// registry secrets (debounced), until `shutdown`. `on_written` gets every
+/// set this replica stored, so its own sessions need not wait for the watch.
+pub async fn run(
+    objects: Objects,
+    on_written: OnWritten,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
     let store = objects.store().clone();
     let notify = Arc::new(Notify::new());
     let mut watchers = tokio::task::JoinSet::new();
@@ -624,12 +657,16 @@ pub async fn run(objects: Objects, shutdown: CancellationToken) -> Result<(), St
         }
         // Debounce: let a burst of changes (an apply of many objects) settle.
         tokio::time::sleep(DEBOUNCE).await;
-        if let Err(e) = recompute(&objects).await {
-            warn!(error = %e, "Computing desired sets failed; retrying");
-            let n = notify.clone();
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => n.notify_one(),
+        match recompute(&objects).await {
+            Ok(written) if !written.is_empty() => on_written(&written),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "Computing desired sets failed; retrying");
+                let n = notify.clone();
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => n.notify_one(),
+                }
             }
         }
     }

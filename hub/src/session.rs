@@ -42,6 +42,9 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Store writes per cluster are coalesced to at most one per this interval.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the desired sets must stay unchanged before the status writer
+/// makes its pass over every cluster.
+const DESIRED_SETTLE: Duration = Duration::from_millis(500);
 /// Most image states kept per session; an agent reporting more is misbehaving.
 const MAX_IMAGES: usize = 100_000;
 
@@ -72,6 +75,8 @@ pub struct Shared {
     /// session, not one per session per changed cluster).
     per_cluster: Mutex<HashMap<String, watch::Sender<ClusterDesired>>>,
     desired_changed: AtomicBool,
+    /// When the desired sets last changed, for the status writer's debounce.
+    desired_changed_at: Mutex<Option<Instant>>,
     live: Mutex<HashMap<String, LiveEntry>>,
     next_session: AtomicU64,
     tracker: TaskTracker,
@@ -116,6 +121,7 @@ impl Shared {
             desired: watch::Sender::new(None),
             per_cluster: Mutex::new(HashMap::new()),
             desired_changed: AtomicBool::new(false),
+            desired_changed_at: Mutex::new(None),
             live: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             tracker: TaskTracker::new(),
@@ -152,26 +158,43 @@ impl Shared {
     }
 
     /// Sets one cluster's stored desired set; its session wakes only when
-    /// the generation changed.
+    /// the generation changed. Unless `relist`, a set never replaces a newer
+    /// generation: the controller hands its sets over before the store's
+    /// watch delivers them, and an older event still in flight must not
+    /// take an agent back.
     fn set_cluster(
         map: &mut HashMap<String, watch::Sender<ClusterDesired>>,
         cluster: &str,
         set: ClusterDesired,
+        relist: bool,
     ) {
-        let tx = map
-            .entry(cluster.to_string())
-            .or_insert_with(|| watch::Sender::new(None));
+        let tx = match map.get(cluster) {
+            Some(tx) => tx,
+            None => map
+                .entry(cluster.to_string())
+                .or_insert_with(|| watch::Sender::new(None)),
+        };
         tx.send_if_modified(|cur| {
-            let same = match (cur.as_ref(), set.as_ref()) {
-                (Some(a), Some(b)) => a.generation == b.generation,
-                (None, None) => true,
-                _ => false,
+            let take = match (cur.as_ref(), set.as_ref()) {
+                (Some(a), Some(b)) if relist => a.generation != b.generation,
+                (Some(a), Some(b)) => b.generation > a.generation,
+                (None, None) => false,
+                _ => true,
             };
-            if !same {
+            if take {
                 *cur = set;
             }
-            !same
+            take
         });
+    }
+
+    /// The set a cluster's channel holds if it is of `generation`.
+    fn held_set(&self, cluster: &str, generation: u64) -> ClusterDesired {
+        self.with_per_cluster(|map| {
+            map.get(cluster)
+                .and_then(|tx| tx.borrow().clone())
+                .filter(|s| s.generation == generation)
+        })
     }
 
     /// Update this session's live entry (ignored once a newer session for the
@@ -689,7 +712,20 @@ async fn run_background(ctx: HubContext, shared: Arc<Shared>) -> Result<(), Stri
     };
     let (_, controller, ()) = tokio::join!(
         epoch,
-        fleet::run(objects.clone(), shutdown.clone()),
+        fleet::run(
+            objects.clone(),
+            {
+                let shared = shared.clone();
+                Arc::new(move |written: &[(String, Arc<StoredDesiredSet>)]| {
+                    shared.with_per_cluster(|channels| {
+                        for (name, set) in written {
+                            Shared::set_cluster(channels, name, Some(set.clone()), false);
+                        }
+                    });
+                })
+            },
+            shutdown.clone(),
+        ),
         async {
             tokio::join!(
                 desired_cache(&objects, &shared, &shutdown),
@@ -731,7 +767,7 @@ async fn desired_cache(objects: &Objects, shared: &Shared, shutdown: &Cancellati
         }
         shared.with_per_cluster(|channels| {
             for (name, set) in &map {
-                Shared::set_cluster(channels, name, Some(set.clone()));
+                Shared::set_cluster(channels, name, Some(set.clone()), true);
             }
             for (name, tx) in channels.iter() {
                 if !map.contains_key(name) {
@@ -756,14 +792,24 @@ async fn desired_cache(objects: &Objects, shared: &Shared, shutdown: &Cancellati
             // Take every event that is already there before publishing the
             // whole map: a fleet-wide change arrives as thousands of events.
             let mut next = first;
+            let burst_start = Instant::now();
+            let mut burst = 0usize;
             loop {
+                burst += 1;
                 match next {
                     Some(Ok(WatchEvent::Put(v))) => {
-                        match fleet::decode_desired(&v.key.name, &v.value) {
+                        // Sets this replica wrote are already in their
+                        // channel: reuse them instead of decoding again.
+                        let known = fleet::peek_generation(&v.value)
+                            .and_then(|g| shared.held_set(&v.key.name, g));
+                        let decoded = match known {
+                            Some(s) => Ok(s),
+                            None => fleet::decode_desired(&v.key.name, &v.value).map(Arc::new),
+                        };
+                        match decoded {
                             Ok(s) => {
-                                let s = Arc::new(s);
                                 shared.with_per_cluster(|c| {
-                                    Shared::set_cluster(c, &v.key.name, Some(s.clone()))
+                                    Shared::set_cluster(c, &v.key.name, Some(s.clone()), false)
                                 });
                                 map.insert(v.key.name.clone(), s);
                             }
@@ -771,7 +817,8 @@ async fn desired_cache(objects: &Objects, shared: &Shared, shutdown: &Cancellati
                         }
                     }
                     Some(Ok(WatchEvent::Delete(v))) => {
-                        shared.with_per_cluster(|c| Shared::set_cluster(c, &v.key.name, None));
+                        shared
+                            .with_per_cluster(|c| Shared::set_cluster(c, &v.key.name, None, false));
                         map.remove(&v.key.name);
                     }
                     Some(Err(e)) => {
@@ -780,12 +827,22 @@ async fn desired_cache(objects: &Objects, shared: &Shared, shutdown: &Cancellati
                     }
                     None => break 'events,
                 }
-                match stream.next().now_or_never() {
+                // Unconstrained: tokio's cooperative budget would otherwise
+                // end the drain every 128 events and publish the whole map
+                // each time.
+                match tokio::task::unconstrained(stream.next()).now_or_never() {
                     Some(n) => next = n,
                     None => break,
                 }
             }
             publish(shared, &map);
+            if burst >= 100 {
+                info!(
+                    changes = burst,
+                    elapsed_ms = burst_start.elapsed().as_millis(),
+                    "Desired sets handed to sessions"
+                );
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -794,6 +851,9 @@ async fn desired_cache(objects: &Objects, shared: &Shared, shutdown: &Cancellati
 fn publish(shared: &Shared, map: &BTreeMap<String, Arc<StoredDesiredSet>>) {
     shared.desired.send_replace(Some(Arc::new(map.clone())));
     shared.desired_changed.store(true, Ordering::SeqCst);
+    if let Ok(mut at) = shared.desired_changed_at.lock() {
+        *at = Some(Instant::now());
+    }
 }
 
 /// Read-modify-write of an object's status, retried when another writer (the
@@ -1033,7 +1093,17 @@ async fn status_writer(objects: &Objects, shared: &Shared, shutdown: &Cancellati
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let all = shared.desired_changed.swap(false, Ordering::SeqCst) || retry_all;
+        // The full pass waits until the desired sets stop changing: during a
+        // fleet-wide change it would otherwise rewrite every Cluster once per
+        // tick while the sessions need the CPU. Clusters with a session here
+        // are written as their acks arrive anyway.
+        let settled = shared
+            .desired_changed_at
+            .lock()
+            .ok()
+            .and_then(|at| *at)
+            .is_none_or(|at| at.elapsed() >= DESIRED_SETTLE);
+        let all = (settled && shared.desired_changed.swap(false, Ordering::SeqCst)) || retry_all;
         retry_all = false;
         let (due, images_due, live) = shared.with_live(|map| {
             let mut due = Vec::new();
