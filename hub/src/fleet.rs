@@ -35,7 +35,7 @@ pub const EPOCH_NAME: &str = "epoch";
 /// whole fleet logs one summary line beyond that.
 const LOGGED_CHANGES: usize = 20;
 /// How long the controller waits for more changes before recomputing.
-pub const DEBOUNCE: Duration = Duration::from_millis(60);
+pub const DEBOUNCE: Duration = Duration::from_millis(30);
 
 /// One desired image as stored; mirrors [`DesiredImageEntry`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -98,6 +98,14 @@ pub struct DesiredContent {
 pub struct StoredDesiredSet {
     pub generation: u64,
     pub content: DesiredContent,
+}
+
+/// [`StoredDesiredSet`] by reference, to encode without cloning the content;
+/// must serialize exactly like it.
+#[derive(Serialize)]
+struct StoredDesiredSetRef<'a> {
+    generation: u64,
+    content: &'a DesiredContent,
 }
 
 /// Errors of the controller's store access. `Store(Unavailable)` is worth a retry.
@@ -376,6 +384,7 @@ pub async fn store_desired(
 /// Returns the clusters whose set was written.
 pub async fn recompute(
     objects: &Objects,
+    on_written: &WrittenFn,
 ) -> Result<Vec<(String, Arc<StoredDesiredSet>)>, FleetError> {
     let started = std::time::Instant::now();
     let (repos, _) = objects.list(Kind::Repository, None).await?;
@@ -432,11 +441,22 @@ pub async fn recompute(
     for (cluster, content) in &sets {
         let (generation, expected) = match stored.remove(cluster) {
             Some(v) => {
-                let old = decode_desired(cluster, &v.value)?;
-                if &old.content == content {
+                // Compare encodings rather than decode every stored set: a
+                // fleet-wide recompute reads thousands of them. Encoding is
+                // deterministic, so equal content gives equal bytes.
+                let old_generation = match peek_generation(&v.value) {
+                    Some(g) => g,
+                    None => decode_desired(cluster, &v.value)?.generation,
+                };
+                let same = serde_json::to_vec(&StoredDesiredSetRef {
+                    generation: old_generation,
+                    content,
+                })
+                .is_ok_and(|bytes| bytes == v.value);
+                if same {
                     continue;
                 }
-                (old.generation + 1, Some(v.revision))
+                (old_generation + 1, Some(v.revision))
             }
             None => (1, None),
         };
@@ -456,30 +476,45 @@ pub async fn recompute(
         changed.push((cluster.clone(), set));
     }
     let compute_ms = started.elapsed().as_millis() - read_ms;
+    // Sessions get each batch as soon as it is durable, while later
+    // batches are still being written.
     let mut written = Vec::new();
-    for (range, result) in crate::store::put_batches(objects.store().as_ref(), puts).await {
-        let these = &changed[range];
-        match result {
-            Ok(_) => written.extend(these.iter().cloned()),
-            // Another replica wrote some of them first: redo these one by
-            // one, each re-reading what is stored.
+    let mut refused = Vec::new();
+    let mut failed = None;
+    crate::store::put_batches(
+        objects.store().as_ref(),
+        puts,
+        |range, result| match result {
+            Ok(_) => {
+                on_written(&changed[range.clone()]);
+                written.extend(changed[range].iter().cloned());
+            }
+            // Another replica wrote some of them first: redone below.
             Err(StoreError::Conflict { .. })
             | Err(StoreError::AlreadyExists(_))
-            | Err(StoreError::NotFound(_)) => {
-                for (cluster, _) in these {
-                    let content = sets.get(cluster).cloned().unwrap_or_default();
-                    if let Some(generation) =
-                        store_desired(objects.store().as_ref(), cluster, &content).await?
-                    {
-                        let set = StoredDesiredSet {
-                            generation,
-                            content,
-                        };
-                        written.push((cluster.clone(), Arc::new(set)));
-                    }
-                }
-            }
-            Err(e) => return Err(e.into()),
+            | Err(StoreError::NotFound(_)) => refused.extend(changed[range].iter().cloned()),
+            Err(e) => failed = Some(e),
+        },
+    )
+    .await;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    // One by one, each re-reading what is stored.
+    for (cluster, _) in refused {
+        let content = sets.get(&cluster).cloned().unwrap_or_default();
+        if let Some(generation) =
+            store_desired(objects.store().as_ref(), &cluster, &content).await?
+        {
+            let set = (
+                cluster,
+                Arc::new(StoredDesiredSet {
+                    generation,
+                    content,
+                }),
+            );
+            on_written(std::slice::from_ref(&set));
+            written.push(set);
         }
     }
     for (cluster, set) in written.iter().take(LOGGED_CHANGES) {
@@ -623,7 +658,9 @@ fn placement_fingerprint(kind: &str, bytes: &[u8]) -> u64 {
 
 /// Told about desired sets as soon as they are stored, before the store's
 /// watch delivers them (which also happens, to every replica).
-pub type OnWritten = Arc<dyn Fn(&[(String, Arc<StoredDesiredSet>)]) + Send + Sync>;
+pub type OnWritten = Arc<WrittenFn>;
+/// See [`OnWritten`].
+pub type WrittenFn = dyn Fn(&[(String, Arc<StoredDesiredSet>)]) + Send + Sync;
 
 /// The controller: recompute on every change of repositories, clusters or
 /// registry secrets (debounced), until `shutdown`. `on_written` gets every
@@ -657,8 +694,7 @@ pub async fn run(
         }
         // Debounce: let a burst of changes (an apply of many objects) settle.
         tokio::time::sleep(DEBOUNCE).await;
-        match recompute(&objects).await {
-            Ok(written) if !written.is_empty() => on_written(&written),
+        match recompute(&objects, on_written.as_ref()).await {
             Ok(_) => {}
             Err(e) => {
                 warn!(error = %e, "Computing desired sets failed; retrying");
@@ -776,5 +812,33 @@ spec: {tenants: [default]}
         let before = credential_fingerprint(&s);
         s.spec.password = Some("sealed-other".into());
         assert_ne!(before, credential_fingerprint(&s));
+    }
+
+    #[test]
+    fn the_borrowed_encoding_equals_the_stored_one() {
+        let set = StoredDesiredSet {
+            generation: 7,
+            content: DesiredContent {
+                images: vec![StoredImage {
+                    key: "k".into(),
+                    digest: "sha256:1".into(),
+                    tags: vec!["v1".into()],
+                    ..Default::default()
+                }],
+                registries: vec![StoredRegistry {
+                    key: "default/reg".into(),
+                    fingerprint: "f".into(),
+                }],
+            },
+        };
+        let owned = serde_json::to_vec(&set).unwrap();
+        let borrowed = serde_json::to_vec(&StoredDesiredSetRef {
+            generation: 7,
+            content: &set.content,
+        })
+        .unwrap();
+        assert_eq!(owned, borrowed);
+        assert_eq!(peek_generation(&owned), Some(7));
+        assert_eq!(peek_generation(b"{}"), None);
     }
 }

@@ -1005,7 +1005,12 @@ async fn flush(
     }
     // Batched; a batch that meets a concurrent write (an apply, another
     // replica) is redone one cluster at a time.
-    for (range, result) in crate::store::put_batches(objects.store().as_ref(), puts).await {
+    let mut results = Vec::new();
+    crate::store::put_batches(objects.store().as_ref(), puts, |range, result| {
+        results.push((range, result))
+    })
+    .await;
+    for (range, result) in results {
         let these = &written[range];
         match result {
             Ok(revs) => {

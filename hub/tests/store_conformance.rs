@@ -762,7 +762,8 @@ async fn batch_limits_are_enforced(b: &Backend) -> Result<()> {
     let parts = store::batches(too_many.clone(), s.batch_limits());
     assert_eq!(parts.len(), 2);
     // put_batches does the splitting itself and writes batches concurrently.
-    let results = store::put_batches(s.as_ref(), too_many).await;
+    let mut results = Vec::new();
+    store::put_batches(s.as_ref(), too_many, |range, r| results.push((range, r))).await;
     assert_eq!(results.len(), 2);
     for (range, r) in results {
         assert_eq!(r?.len(), range.len());
@@ -787,7 +788,9 @@ async fn list_pages_through_a_large_kind(b: &Backend) -> Result<()> {
             )
         })
         .collect();
-    for (_, r) in store::put_batches(s.as_ref(), puts).await {
+    let mut results = Vec::new();
+    store::put_batches(s.as_ref(), puts, |_, r| results.push(r)).await;
+    for r in results {
         r?;
     }
     let (listed, rev) = s.list("clusters", None).await?;

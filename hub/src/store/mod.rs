@@ -118,7 +118,7 @@ impl Default for BatchLimits {
 /// How many batches [`put_batches`] keeps in flight. etcd commits
 /// concurrent transactions in one raft round and one fsync; the embedded
 /// store takes them one after another.
-const BATCHES_IN_FLIGHT: usize = 8;
+const BATCHES_IN_FLIGHT: usize = 32;
 
 /// Splits puts into batches within `limits`, keeping their order. A put
 /// larger than the byte limit gets a batch of its own.
@@ -141,13 +141,15 @@ pub fn batches(puts: Vec<Put>, limits: BatchLimits) -> Vec<Vec<Put>> {
     out
 }
 
-/// Writes `puts` in batches within the store's limits, several at a time.
-/// Returns each batch's result with the positions of its puts in `puts`;
-/// the caller redoes refused batches (a concurrent writer) one by one.
+/// Writes `puts` in batches within the store's limits, several at a time,
+/// and calls `done` with each batch's result and the positions of its puts
+/// in `puts` as it completes; the caller redoes refused batches (a
+/// concurrent writer) one by one.
 pub async fn put_batches(
     store: &dyn PolicyStore,
     puts: Vec<Put>,
-) -> Vec<(std::ops::Range<usize>, Result<Vec<u64>, StoreError>)> {
+    mut done: impl FnMut(std::ops::Range<usize>, Result<Vec<u64>, StoreError>),
+) {
     use futures::StreamExt as _;
     let mut start = 0;
     let ranged: Vec<(std::ops::Range<usize>, Vec<Put>)> = batches(puts, store.batch_limits())
@@ -158,11 +160,12 @@ pub async fn put_batches(
             (range, b)
         })
         .collect();
-    futures::stream::iter(ranged)
+    let mut results = futures::stream::iter(ranged)
         .map(|(range, batch)| async move { (range, store.put_batch(batch).await) })
-        .buffer_unordered(BATCHES_IN_FLIGHT)
-        .collect()
-        .await
+        .buffer_unordered(BATCHES_IN_FLIGHT);
+    while let Some((range, result)) = results.next().await {
+        done(range, result);
+    }
 }
 
 /// Refuses a batch the backend cannot apply as one transaction.
