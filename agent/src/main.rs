@@ -92,6 +92,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    tune_malloc();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     // The daemon's log is its record of sessions and transfers; one-shot
@@ -109,7 +110,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -123,6 +124,89 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The malloc tunable the agent runs with, and its value: glibc's default
+/// mmap threshold (128 KiB), fixed.
+/// Set in the environment of the re-executed agent (see [`tune_malloc`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const REEXEC_MARKER: &str = "IMGFLEET_AGENT_MALLOC_TUNED";
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD_TUNABLE: (&str, &str) = ("glibc.malloc.mmap_threshold", "131072");
+
+/// Re-executes the agent once (same pid, same arguments) with glibc's mmap
+/// threshold fixed at 128 KiB.
+///
+/// Why: by default glibc raises the threshold each time a large block is
+/// freed (up to 32 MiB); from then on the transfers' 1 MiB buffers come from
+/// per-thread malloc arenas, which keep the memory after it is freed. Measured
+/// on the release daemon after a 256 MiB sync: 19.8 MB idle RSS untuned
+/// against 12.3 MB tuned (28.6 MB against 12.4 MB with 16 runtime workers),
+/// with the same throughput. A glibc tunable is read only at process start,
+/// and `mallopt` is out of reach without unsafe code, hence the exec.
+///
+/// An operator's own setting of this tunable in GLIBC_TUNABLES wins. The
+/// re-executed agent finds [`REEXEC_MARKER`] set and goes on: glibc drops
+/// GLIBC_TUNABLES for privileged (setuid or file-capability) programs, so the
+/// tunable alone cannot end the recursion. When exec fails the agent runs on
+/// untuned; nothing else changes.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_malloc() {
+    use std::os::unix::process::CommandExt as _;
+    if std::env::var_os(REEXEC_MARKER).is_some() {
+        return;
+    }
+    let (name, value) = MMAP_THRESHOLD_TUNABLE;
+    let current = match std::env::var("GLIBC_TUNABLES") {
+        Ok(c) => c,
+        Err(std::env::VarError::NotPresent) => String::new(),
+        // Not ours to rewrite.
+        Err(std::env::VarError::NotUnicode(_)) => return,
+    };
+    if current.contains(name) {
+        return;
+    }
+    let tunables = if current.is_empty() {
+        format!("{name}={value}")
+    } else {
+        format!("{current}:{name}={value}")
+    };
+    let mut args = std::env::args_os();
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    if let Some(arg0) = args.next() {
+        cmd.arg0(arg0);
+    }
+    // Returns only on failure.
+    let err = cmd
+        .args(args)
+        .env("GLIBC_TUNABLES", tunables)
+        .env(REEXEC_MARKER, "1")
+        .exec();
+    eprintln!("warning: cannot re-execute with {name}={value} ({err}); running untuned");
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_malloc() {}
+
+/// Most runtime worker threads the agent uses. Its work is moving bytes at
+/// link speed; hashing and file writes run on the blocking pool. More workers
+/// only add stacks and malloc arenas on nodes with many cores.
+const MAX_WORKERS: usize = 4;
+/// Most blocking-pool threads (tokio's default is 512): file writes and
+/// hashes of at most `--concurrency-blobs` transfers plus mirror reads.
+const MAX_BLOCKING_THREADS: usize = 64;
+/// Idle blocking threads exit after this (tokio's default is 10 s).
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores.clamp(1, MAX_WORKERS))
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .enable_all()
+        .build()
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

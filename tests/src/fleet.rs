@@ -56,6 +56,11 @@ pub struct HubOptions {
     pub replica_of: Option<PathBuf>,
     /// Further flags passed as given.
     pub extra_args: Vec<String>,
+    /// The `imgfleet-hub` binary to run instead of `<target>/debug/imgfleet-hub` (benchmarks
+    /// run the release build).
+    pub binary: Option<PathBuf>,
+    /// The `imgfleet` CLI binary [`HubProcess::cli`] runs instead of `<target>/debug/imgfleet`.
+    pub cli_binary: Option<PathBuf>,
 }
 
 impl HubOptions {
@@ -68,6 +73,8 @@ impl HubOptions {
             offline_after: None,
             replica_of: None,
             extra_args: Vec::new(),
+            binary: None,
+            cli_binary: None,
         }
     }
 
@@ -96,7 +103,10 @@ impl HubProcess {
     /// succeeds against it.
     pub async fn start(options: HubOptions) -> Result<HubProcess> {
         install_crypto_provider();
-        let binary = workspace_binary("imgfleet-hub")?;
+        let binary = match &options.binary {
+            Some(b) => b.clone(),
+            None => workspace_binary("imgfleet-hub")?,
+        };
         std::fs::create_dir_all(&options.data_dir)
             .with_context(|| format!("create hub data dir {}", options.data_dir.display()))?;
         if let Some(source) = &options.replica_of {
@@ -202,7 +212,11 @@ impl HubProcess {
 
     /// A CLI talking to this hub with the admin bundle.
     pub fn cli(&self) -> Cli {
-        Cli::new(&self.url(), &self.admin_credentials_dir())
+        let cli = Cli::new(&self.url(), &self.admin_credentials_dir());
+        match &self.options.cli_binary {
+            Some(b) => cli.with_binary(b),
+            None => cli,
+        }
     }
 
     /// The hub's log (all its runs, appended).
@@ -297,6 +311,14 @@ impl Cli {
             binary,
             hub: url.to_owned(),
             credentials: credentials.to_owned(),
+        }
+    }
+
+    /// The same CLI running another `imgfleet` binary (benchmarks run the release build).
+    pub fn with_binary(&self, binary: &Path) -> Cli {
+        Cli {
+            binary: binary.to_owned(),
+            ..self.clone()
         }
     }
 
@@ -415,6 +437,9 @@ pub struct AgentOptions {
     pub mirror_port: Option<u16>,
     /// Further flags passed as given.
     pub extra_args: Vec<String>,
+    /// The `imgfleet-agent` binary to run instead of `<target>/debug/imgfleet-agent`
+    /// (benchmarks run the release build).
+    pub binary: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -430,6 +455,7 @@ impl AgentOptions {
             data_dir: data_dir.into(),
             mirror_port: None,
             extra_args: Vec::new(),
+            binary: None,
         }
     }
 }
@@ -450,7 +476,10 @@ impl AgentProcess {
     /// Starts the agent and waits until its mirror answers `GET /v2/`.
     pub async fn start(options: AgentOptions) -> Result<AgentProcess> {
         install_crypto_provider();
-        let binary = workspace_binary("imgfleet-agent")?;
+        let binary = match &options.binary {
+            Some(b) => b.clone(),
+            None => workspace_binary("imgfleet-agent")?,
+        };
         std::fs::create_dir_all(&options.data_dir)
             .with_context(|| format!("create agent data dir {}", options.data_dir.display()))?;
         let http = reqwest::Client::builder()
@@ -509,6 +538,11 @@ impl AgentProcess {
     /// The agent's data dir.
     pub fn data_dir(&self) -> &Path {
         &self.options.data_dir
+    }
+
+    /// The process id while the agent runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(ChildGuard::pid)
     }
 
     /// The agent's log (all its runs, appended).

@@ -147,3 +147,31 @@ fn records_replace_by_tag_and_survive_reopen() {
         vec!["v2".to_string()]
     );
 }
+
+#[tokio::test]
+async fn partial_writes_batches_while_receiving() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // Several batches of 1 MiB, appended in network-sized pieces, so that a
+    // batch is in flight while the next gathers.
+    let data: Vec<u8> = (0..5_300_000u32).map(|i| (i % 253) as u8).collect();
+    let digest = sha256_digest(&data);
+    let mut p = store.open_partial(&digest).unwrap();
+    let mut appended = 0u64;
+    for piece in data.chunks(65_536) {
+        p.append(piece).await.unwrap();
+        appended += piece.len() as u64;
+        assert_eq!(p.offset(), appended, "the offset counts bytes in flight");
+    }
+    p.flush().await.unwrap();
+    let on_disk = std::fs::metadata(store.partial_path(&digest).unwrap())
+        .unwrap()
+        .len();
+    assert_eq!(
+        on_disk,
+        data.len() as u64,
+        "flush leaves every byte on disk"
+    );
+    assert_eq!(store.commit_partial(p).unwrap(), data.len() as u64);
+    assert_eq!(store.read_blob(&digest).unwrap(), data);
+}

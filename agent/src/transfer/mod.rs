@@ -716,15 +716,17 @@ impl Engine {
                             message: format!("more bytes than the {} the manifest says", blob.size),
                         });
                     }
+                    let len = chunk.len() as u64;
                     if let Some(l) = &self.limiter {
-                        l.acquire(chunk.len() as u64).await;
+                        l.acquire(len).await;
                     }
+                    // Batches are hashed and written while the next arrives.
                     partial.append(&chunk).await?;
-                    received += chunk.len() as u64;
+                    received += len;
                     self.counters
                         .bytes_received
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    tracker.add_bytes(chunk.len() as u64);
+                        .fetch_add(len, Ordering::Relaxed);
+                    tracker.add_bytes(len);
                 }
                 if partial.offset() < blob.size {
                     return Err(TransferError::BadBody {
@@ -737,6 +739,9 @@ impl Engine {
                     });
                 }
             }
+            // The last batch is written before the commit, on this task, so
+            // that the blocking commit never waits for it.
+            partial.flush().await?;
             Ok(())
         }
         .await;

@@ -1,0 +1,108 @@
+//! `imgfleet-bench`: the benchmarks behind BENCHMARKS.md. Three suites, each
+//! run side by side with what it is compared against, repeated `--runs` times
+//! and reported as medians:
+//!
+//! - `transfer`: the agent's copy against `skopeo copy`/`skopeo sync` and the
+//!   raw limit of `curl` GETs of the same blobs;
+//! - `fanout`: thousands of simulated mTLS agents against one hub, with the
+//!   embedded store and with etcd;
+//! - `footprint`: the agent's RSS idle and during a transfer, binary sizes.
+//!
+//! Run the release build (`bash scripts/bench.sh`); it finds the other
+//! binaries next to itself.
+
+mod fanout;
+mod footprint;
+mod report;
+mod transfer;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::report::Report;
+
+#[derive(Parser, Debug)]
+#[command(name = "imgfleet-bench", version, about = "imgfleet's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Options every suite takes.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// How many times each measurement is repeated; figures are medians.
+    #[arg(long, global = true, default_value_t = 3)]
+    pub runs: usize,
+    /// Also write the results as a Markdown table to this file.
+    #[arg(long, global = true)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Suite {
+    /// The agent's copy against skopeo copy/sync and curl.
+    Transfer(transfer::Options),
+    /// N simulated agents against one hub (embedded store and etcd).
+    Fanout(fanout::Options),
+    /// Agent RSS idle and during a 256 MiB transfer; release binary sizes.
+    Footprint(footprint::Options),
+    /// All three suites with their defaults.
+    All,
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    if cli.common.runs == 0 {
+        eprintln!("error: --runs must be at least 1");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut report = Report::new();
+    let result = runtime.block_on(async {
+        match cli.suite {
+            Suite::Transfer(o) => transfer::run(&cli.common, &o, &mut report).await,
+            Suite::Fanout(o) => fanout::run(&cli.common, &o, &mut report).await,
+            Suite::Footprint(o) => footprint::run(&cli.common, &o, &mut report).await,
+            Suite::All => {
+                // A failing suite does not keep the others from reporting.
+                let c = &cli.common;
+                let results = [
+                    transfer::run(c, &transfer::Options::default(), &mut report).await,
+                    footprint::run(c, &footprint::Options::default(), &mut report).await,
+                    fanout::run(c, &fanout::Options::default(), &mut report).await,
+                ];
+                results.into_iter().collect::<Result<Vec<()>, _>>().map(|_| ())
+            }
+        }
+    });
+    let table = report.markdown(cli.common.runs);
+    println!("\n{table}");
+    if let Some(path) = &cli.common.out
+        && let Err(e) = std::fs::write(path, &table)
+    {
+        eprintln!("error: writing {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

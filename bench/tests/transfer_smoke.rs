@@ -1,0 +1,84 @@
+//! Smoke test of the `transfer` suite: runs the debug `imgfleet-bench
+//! transfer` at a tiny scale against the debug agent, the real
+//! docker-registry, skopeo and curl, and checks that its table holds every
+//! case's row with a positive median.
+
+use std::process::Command;
+use std::time::Instant;
+
+/// Rows the table must hold, each as a fragment of the measurement's name
+/// (the sizes in the names come from the options given below).
+const ROWS: &[&str] = &[
+    "8 MiB / 4 layers: imgfleet-agent sync",
+    "8 MiB / 4 layers: skopeo copy",
+    "8 MiB / 4 layers: skopeo copy ÷ agent",
+    "8 MiB / 4 layers: agent throughput (MiB/s)",
+    "8 MiB / 4 layers: curl GET limit, to /dev/null",
+    "8 MiB / 4 layers: curl GET limit, to files + fsync",
+    "8 MiB / 4 layers: agent speed, % of curl + fsync limit",
+    "8 MiB / 4 layers: agent speed, % of curl to /dev/null limit",
+    "3 images sharing a 1 MiB base: imgfleet-agent sync",
+    "3 images sharing a 1 MiB base: skopeo sync",
+    "3 images sharing a 1 MiB base: skopeo sync ÷ agent",
+    "2-platform index, 2 MiB each: imgfleet-agent sync",
+    "2-platform index, 2 MiB each: skopeo copy --multi-arch all",
+    "2-platform index, 2 MiB each: skopeo copy --multi-arch all ÷ agent",
+    "no-op re-sync of the 3, pinned by digest (the hub's path): imgfleet-agent sync",
+    "no-op re-sync of the 3, pinned by digest (the hub's path): skopeo sync",
+    "no-op re-sync of the 3, pinned by digest (the hub's path): skopeo sync ÷ agent",
+    "no-op re-sync of the 3, by tag (sync --from): imgfleet-agent sync",
+    "no-op re-sync of the 3, by tag (sync --from): skopeo sync",
+    "no-op re-sync of the 3, by tag (sync --from): skopeo sync ÷ agent",
+    "no-op floor: curl HEAD of the 3 tags",
+];
+
+/// The number at the start of a shown value (`1.234 s`, `1.72×`, `95%`).
+fn leading_number(cell: &str) -> Option<f64> {
+    let end = cell
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(cell.len());
+    cell[..end].parse().ok()
+}
+
+#[test]
+fn transfer_suite_reports_every_case() {
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_imgfleet-bench"))
+        .args([
+            "transfer",
+            "--runs",
+            "1",
+            "--size-mib",
+            "8",
+            "--images",
+            "3",
+            "--base-mib",
+            "1",
+            "--index-mib",
+            "2",
+        ])
+        .output()
+        .expect("running imgfleet-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "imgfleet-bench transfer failed ({}); if the agent is missing, run \
+         `cargo build --workspace --bins` first\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    for row in ROWS {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("| transfer |") && l.contains(&format!("| {row} |")))
+            .unwrap_or_else(|| panic!("no row {row:?} in the table:\n{stdout}"));
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // cells: "", suite, measurement, median, runs, target, ""
+        let median = cells
+            .get(3)
+            .and_then(|c| leading_number(c))
+            .unwrap_or_else(|| panic!("row {row:?}: no numeric median in {line:?}"));
+        assert!(median > 0.0, "row {row:?}: median {median} is not positive");
+    }
+    eprintln!("transfer smoke took {:?}", started.elapsed());
+}
