@@ -86,7 +86,10 @@ fn main() -> ExitCode {
                     footprint::run(c, &footprint::Options::default(), &mut report).await,
                     fanout::run(c, &fanout::Options::default(), &mut report).await,
                 ];
-                results.into_iter().collect::<Result<Vec<()>, _>>().map(|_| ())
+                results
+                    .into_iter()
+                    .collect::<Result<Vec<()>, _>>()
+                    .map(|_| ())
             }
         }
     });

@@ -108,7 +108,12 @@ impl Report {
             target: target.map(|t| t(m)),
             runs,
         };
-        eprintln!("[{suite}] {}: {}{}", fig.metric, unit.show(m), verdict(&fig));
+        eprintln!(
+            "[{suite}] {}: {}{}",
+            fig.metric,
+            unit.show(m),
+            verdict(&fig)
+        );
         self.figures.push(fig);
         m
     }
