@@ -45,6 +45,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the desired sets must stay unchanged before the status writer
 /// makes its pass over every cluster.
 const DESIRED_SETTLE: Duration = Duration::from_millis(500);
+/// Longest the status writer holds back while desired sets keep changing.
+const MAX_DEFER: Duration = Duration::from_secs(2);
 /// Most image states kept per session; an agent reporting more is misbehaving.
 const MAX_IMAGES: usize = 100_000;
 
@@ -1093,6 +1095,7 @@ async fn status_writer(objects: &Objects, shared: &Shared, shutdown: &Cancellati
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry_all = false;
     let mut cache = StatusCache::default();
+    let mut deferred_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -1108,6 +1111,16 @@ async fn status_writer(objects: &Objects, shared: &Shared, shutdown: &Cancellati
             .ok()
             .and_then(|at| *at)
             .is_none_or(|at| at.elapsed() >= DESIRED_SETTLE);
+        // While a change is going out, the acks it brings back wait too (at
+        // most MAX_DEFER): their status writes would compete with the
+        // desired-set writes for the store.
+        if !settled {
+            let since = *deferred_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < MAX_DEFER {
+                continue;
+            }
+        }
+        deferred_since = None;
         let all = (settled && shared.desired_changed.swap(false, Ordering::SeqCst)) || retry_all;
         retry_all = false;
         let (due, images_due, live) = shared.with_live(|map| {
