@@ -573,6 +573,17 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
             ],
             &rows,
         )));
+        // The hub lists at most 1000 clusters (those not synced first).
+        let listed: std::collections::BTreeSet<&str> =
+            st.clusters.iter().map(|c| c.cluster.as_str()).collect();
+        if (listed.len() as u32) < st.target_clusters {
+            let _ = writeln!(
+                out,
+                "  ({} of {} clusters listed, those not synced first)",
+                listed.len(),
+                st.target_clusters
+            );
+        }
     }
 }
 
@@ -722,6 +733,11 @@ status: {phase: Connected, lastSeen: 2026-01-08T11:59:30Z}
             "{text}"
         );
         assert!(text.contains("Clusters (3/4 synced):"), "{text}");
+        // Two entries for four targets: the hub capped the list.
+        assert!(
+            text.contains("(2 of 4 clusters listed, those not synced first)"),
+            "{text}"
+        );
         let edge1 = text
             .lines()
             .find(|l| l.trim_start().starts_with("edge-1"))
