@@ -387,9 +387,15 @@ pub async fn recompute(
     on_written: &WrittenFn,
 ) -> Result<Vec<(String, Arc<StoredDesiredSet>)>, FleetError> {
     let started = std::time::Instant::now();
-    let (repos, _) = objects.list(Kind::Repository, None).await?;
-    let (clusters, _) = objects.list(Kind::Cluster, None).await?;
-    let (secrets, _) = objects.list(Kind::RegistrySecret, None).await?;
+    // The four reads are independent; on etcd each is several pages, so
+    // overlap their round trips. The writes below are conditional, so the
+    // order of the reads does not matter.
+    let ((repos, _), (clusters, _), (secrets, _), (stored, _)) = tokio::try_join!(
+        async { Ok::<_, FleetError>(objects.list(Kind::Repository, None).await?) },
+        async { Ok(objects.list(Kind::Cluster, None).await?) },
+        async { Ok(objects.list(Kind::RegistrySecret, None).await?) },
+        async { Ok(objects.store().list(DESIRED_KIND, None).await?) },
+    )?;
     let repos: Vec<_> = repos
         .into_iter()
         .filter_map(|o| match o {
@@ -420,7 +426,6 @@ pub async fn recompute(
     });
     let read_ms = started.elapsed().as_millis();
     let sets = desired_sets(&inputs);
-    let (stored, _) = objects.store().list(DESIRED_KIND, None).await?;
     let mut stored: BTreeMap<String, crate::store::Versioned> = stored
         .into_iter()
         .map(|v| (v.key.name.clone(), v))
