@@ -2,8 +2,9 @@
 //! the debug hub on both stores, one run, checking that the table holds the
 //! fan-out latency and RSS rows with positive values.
 
+mod support;
+
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The median column of the table row whose measurement starts with `prefix`.
@@ -34,8 +35,8 @@ fn fanout_suite_runs_at_small_scale() {
         hub.display()
     );
     let started = Instant::now();
-    let out = Command::new(bench)
-        .args([
+    let stdout = support::run_bench(
+        &[
             "fanout",
             "--agents",
             "20",
@@ -45,15 +46,8 @@ fn fanout_suite_runs_at_small_scale() {
             "1",
             "--idle-secs",
             "2",
-        ])
-        .output()
-        .expect("run imgfleet-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "imgfleet-bench fanout failed ({}):\n{stderr}\n{stdout}",
-        out.status
+        ],
+        "see the hub's log under target/test-logs/",
     );
     for store in ["embedded", "etcd"] {
         for stat in ["p50", "p99", "max"] {

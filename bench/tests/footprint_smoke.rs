@@ -2,7 +2,8 @@
 //! footprint` against the debug binaries next to it, with an 8 MiB image and one run, and
 //! checks that every row is in the table with a positive value.
 
-use std::process::Command;
+mod support;
+
 use std::time::{Duration, Instant};
 
 /// The table's rows this suite must print (substrings of the Measurement column).
@@ -36,8 +37,8 @@ fn parse_value(text: &str) -> Option<f64> {
 #[test]
 fn footprint_suite_reports_every_row() {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_imgfleet-bench"))
-        .args([
+    let stdout = support::run_bench(
+        &[
             "footprint",
             "--size-mib",
             "8",
@@ -45,15 +46,8 @@ fn footprint_suite_reports_every_row() {
             "2",
             "--runs",
             "1",
-        ])
-        .output()
-        .expect("run imgfleet-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "imgfleet-bench footprint failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
+        ],
+        "it needs the debug hub, agent and CLI: cargo build --workspace --bins",
     );
     for row in ROWS {
         let line = stdout

@@ -3,7 +3,8 @@
 //! docker-registry, skopeo and curl, and checks that its table holds every
 //! case's row with a positive median.
 
-use std::process::Command;
+mod support;
+
 use std::time::Instant;
 
 /// Rows the table must hold, each as a fragment of the measurement's name
@@ -43,8 +44,8 @@ fn leading_number(cell: &str) -> Option<f64> {
 #[test]
 fn transfer_suite_reports_every_case() {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_imgfleet-bench"))
-        .args([
+    let stdout = support::run_bench(
+        &[
             "transfer",
             "--runs",
             "1",
@@ -56,16 +57,8 @@ fn transfer_suite_reports_every_case() {
             "1",
             "--index-mib",
             "2",
-        ])
-        .output()
-        .expect("running imgfleet-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "imgfleet-bench transfer failed ({}); if the agent is missing, run \
-         `cargo build --workspace --bins` first\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
+        ],
+        "if the agent is missing, run `cargo build --workspace --bins` first",
     );
     for row in ROWS {
         let line = stdout
