@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
 # Installs the real components imgfleet's build and tests use, if missing:
-# protoc (etcd-client's build script), etcd, the CNCF distribution registry,
-# skopeo and htpasswd. Idempotent; needs root or sudo on Debian.
+# protoc and the protobuf well-known types (etcd-client's build script), etcd, the
+# CNCF distribution registry, skopeo, htpasswd, curl, containerd and Prometheus.
+# Idempotent; needs root or sudo on Debian.
+#
+# Each need is checked by a file its package provides, not only by a command on
+# PATH: `protoc` without `libprotobuf-dev` is on PATH yet cannot compile
+# etcd-client's protos, which import google/protobuf/descriptor.proto.
 set -euo pipefail
 
-declare -A want=(
-  [protoc]=protobuf-compiler
-  [etcd]=etcd-server
-  [docker-registry]=docker-registry
-  [skopeo]=skopeo
-  [htpasswd]=apache2-utils
-  [curl]=curl
+# file that must exist (absolute path, or a command name looked up on PATH) → package
+needs=(
+  "protoc protobuf-compiler"
+  "/usr/include/google/protobuf/descriptor.proto libprotobuf-dev"
+  "etcd etcd-server"
+  "docker-registry docker-registry"
+  "skopeo skopeo"
+  "htpasswd apache2-utils"
+  "curl curl"
+  "containerd containerd"
+  "ctr containerd"
 )
 missing=()
-for bin in "${!want[@]}"; do
-  command -v "$bin" >/dev/null 2>&1 || missing+=("${want[$bin]}")
+for need in "${needs[@]}"; do
+  read -r file pkg <<<"$need"
+  case $file in
+    /*) [ -e "$file" ] && continue ;;
+    *) command -v "$file" >/dev/null 2>&1 && continue ;;
+  esac
+  case " ${missing[*]} " in *" $pkg "*) ;; *) missing+=("$pkg") ;; esac
 done
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
@@ -24,11 +38,18 @@ sudo=""
 echo "installing: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
-# The Debian packages of etcd and docker-registry try to start system services;
-# policy-rc.d keeps them from doing so, since tests start their own instances.
+# The Debian packages of etcd, docker-registry and containerd try to start system
+# services; policy-rc.d keeps them from doing so, since tests start their own instances.
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
   $sudo chmod +x /usr/sbin/policy-rc.d
   trap '$sudo rm -f /usr/sbin/policy-rc.d' EXIT
 fi
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+for need in "${needs[@]}"; do
+  read -r file pkg <<<"$need"
+  case $file in
+    /*) [ -e "$file" ] || { echo "install-deps: $pkg was installed but $file is still missing" >&2; exit 1; } ;;
+    *) command -v "$file" >/dev/null 2>&1 || { echo "install-deps: $pkg was installed but $file is not on PATH" >&2; exit 1; } ;;
+  esac
+done
