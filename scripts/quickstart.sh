@@ -6,8 +6,9 @@
 #   3. starts a local upstream registry (htpasswd admin/Harbor12345) holding a generated
 #      sample image library/nginx:latest;
 #   4. starts a hub on its embedded store, enrolls cluster edge-1 and starts its agent;
-#   5. applies the seed's RegistrySecret and Repository, pointed at that registry and
-#      placed on edge-1, and shows the sync happening (`imgfleet watch`);
+#   5. applies the seed's RegistrySecret and Repository as the seed writes them, with only the
+#      domain pointed at that registry and insecure: true (no placement: the Repository goes to
+#      every cluster that admits its namespace), and shows the sync happening (`imgfleet watch`);
 #   6. pulls the image's manifest from the agent's mirror with skopeo, checks its digest is
 #      the upstream's, and prints how to pull from the mirror.
 #
@@ -198,38 +199,16 @@ wait_for "the agent's mirror answering on $MIRROR" 60 "$AGENT_PID" "$LOGS/agent.
 note "mirror: http://$MIRROR (log: quickstart/logs/agent.log)"
 
 step "Applying the seed's RegistrySecret and Repository, pointed at the local registry"
-cat >"$QS/policy.yaml" <<EOF
-apiVersion: image.theriseunion.io/v1alpha1
-kind: RegistrySecret
-metadata:
-  name: harbor-prod
-  namespace: default
-spec:
-  domain: "127.0.0.1:$REG_PORT"
-  username: "admin"
-  password: "Harbor12345"
-  provider: "harbor"
-  insecure: true
----
-apiVersion: image.theriseunion.io/v1alpha1
-kind: Repository
-metadata:
-  name: nginx-latest
-  namespace: default
-spec:
-  repository: "library/nginx"
-  tag: "latest"
-  registryRef:
-    name: harbor-prod
-    namespace: "default"
-  syncInterval: "1h"
-  placement:
-    clusterSelector:
-      matchLabels:
-        region: lab
-EOF
-note "quickstart/policy.yaml: the seed's objects with domain 127.0.0.1:$REG_PORT, insecure: true"
-note "(the registry speaks plain HTTP) and a placement on clusters labelled region=lab"
+# The seed's two objects exactly as the seed document writes them (src/model/testdata holds
+# its YAML blocks byte for byte), with only the registry's domain changed and insecure: true
+# added, because this lab registry speaks plain HTTP. The Repository has no placement: it
+# goes to every cluster that admits its namespace, here edge-1 (enrolled for "default").
+sed -e "s|domain: \"harbor.example.com\"|domain: \"127.0.0.1:$REG_PORT\"\n  insecure: true|" \
+  src/model/testdata/seed-quickstart-registrysecret.yaml >"$QS/policy.yaml"
+grep -q "insecure: true" "$QS/policy.yaml" || die "could not point the seed's RegistrySecret at the local registry"
+{ echo "---"; cat src/model/testdata/seed-quickstart-repository.yaml; } >>"$QS/policy.yaml"
+note "quickstart/policy.yaml: the seed's objects with domain 127.0.0.1:$REG_PORT and insecure: true"
+sed 's/^/      /' "$QS/policy.yaml"
 (set -x; "$BIN/imgfleet" apply -f "$QS/policy.yaml")
 
 step "Watching the sync (imgfleet watch repository nginx-latest --until-synced)"

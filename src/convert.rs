@@ -12,10 +12,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use crate::api::v1 as pb;
 use crate::model::{
     Cluster, ClusterImageStatus, ClusterPhase, ClusterSpec, ClusterStatus, ConnectionPhase,
-    ImagePhase, Kind, LabelSelector, LabelSelectorRequirement, Object, Placement, Provider,
-    RegistryRef, RegistrySecret, RegistrySecretSpec, RegistrySecretStatus, Repository,
-    RepositorySpec, RepositoryStatus, ResolveReason, ResolvedTag, Retention, SelectorOperator,
-    TagPattern, object_id,
+    ImagePhase, Kind, LabelSelector, LabelSelectorRequirement, Object, Placement, PlacementReason,
+    PlacementStatus, Provider, RegistryRef, RegistrySecret, RegistrySecretSpec,
+    RegistrySecretStatus, Repository, RepositorySpec, RepositoryStatus, ResolveReason, ResolvedTag,
+    Retention, SelectorOperator, TagPattern, object_id,
 };
 
 /// A wire object that does not map onto the model.
@@ -252,6 +252,9 @@ impl From<&RegistrySecret> for pb::RegistrySecret {
                     Some(ConnectionPhase::Connected) => pb::ConnectionPhase::Connected,
                     Some(ConnectionPhase::AuthFailed) => pb::ConnectionPhase::AuthFailed,
                     Some(ConnectionPhase::Unreachable) => pb::ConnectionPhase::Unreachable,
+                    Some(ConnectionPhase::CredentialUnusable) => {
+                        pb::ConnectionPhase::CredentialUnusable
+                    }
                 } as i32,
                 last_check_time: st.last_check_time.as_ref().map(time_to_proto),
                 latency_ms: st.latency_ms,
@@ -280,6 +283,9 @@ impl TryFrom<pb::RegistrySecret> for RegistrySecret {
                     pb::ConnectionPhase::Connected => Some(ConnectionPhase::Connected),
                     pb::ConnectionPhase::AuthFailed => Some(ConnectionPhase::AuthFailed),
                     pb::ConnectionPhase::Unreachable => Some(ConnectionPhase::Unreachable),
+                    pb::ConnectionPhase::CredentialUnusable => {
+                        Some(ConnectionPhase::CredentialUnusable)
+                    }
                 },
                 last_check_time: time_field(&id, "status.lastCheckTime", st.last_check_time)?,
                 latency_ms: st.latency_ms,
@@ -391,7 +397,45 @@ pub fn cluster_image_status_to_proto(c: &ClusterImageStatus) -> pb::ClusterImage
         message: c.message.clone().unwrap_or_default(),
         next_retry_time: c.next_retry_time.as_ref().map(time_to_proto),
         last_known: c.last_known,
+        held_digests: c.held_digests.clone(),
     }
+}
+
+fn placement_reason_to_proto(r: PlacementReason) -> pb::PlacementReason {
+    match r {
+        PlacementReason::NoClusterAdmitsNamespace => pb::PlacementReason::NoClusterAdmitsNamespace,
+        PlacementReason::NoClusterMatches => pb::PlacementReason::NoClusterMatches,
+        PlacementReason::SecretNotFound => pb::PlacementReason::SecretNotFound,
+        PlacementReason::SecretInOtherNamespace => pb::PlacementReason::SecretInOtherNamespace,
+        PlacementReason::CredentialUnusable => pb::PlacementReason::CredentialUnusable,
+        PlacementReason::Suspended => pb::PlacementReason::Suspended,
+        PlacementReason::NotResolved => pb::PlacementReason::NotResolved,
+        PlacementReason::TenantNotAllowed => pb::PlacementReason::TenantNotAllowed,
+    }
+}
+
+fn placement_status_from_proto(
+    object: &str,
+    p: pb::PlacementStatus,
+) -> Result<Option<PlacementStatus>, ConvertError> {
+    let reason =
+        match enum_field::<pb::PlacementReason>(object, "status.placement.reason", p.reason)? {
+            pb::PlacementReason::Unspecified => return Ok(None),
+            pb::PlacementReason::NoClusterAdmitsNamespace => {
+                PlacementReason::NoClusterAdmitsNamespace
+            }
+            pb::PlacementReason::NoClusterMatches => PlacementReason::NoClusterMatches,
+            pb::PlacementReason::SecretNotFound => PlacementReason::SecretNotFound,
+            pb::PlacementReason::SecretInOtherNamespace => PlacementReason::SecretInOtherNamespace,
+            pb::PlacementReason::CredentialUnusable => PlacementReason::CredentialUnusable,
+            pb::PlacementReason::Suspended => PlacementReason::Suspended,
+            pb::PlacementReason::NotResolved => PlacementReason::NotResolved,
+            pb::PlacementReason::TenantNotAllowed => PlacementReason::TenantNotAllowed,
+        };
+    Ok(Some(PlacementStatus {
+        reason,
+        message: p.message,
+    }))
 }
 
 /// A wire per-cluster image status in the model; `object` and `field` name it in errors.
@@ -420,6 +464,7 @@ pub fn cluster_image_status_from_proto(
         message: opt(c.message),
         next_retry_time: time_field(object, &format!("{field}.nextRetryTime"), c.next_retry_time)?,
         last_known: c.last_known,
+        held_digests: c.held_digests,
     })
 }
 
@@ -482,6 +527,10 @@ impl From<&Repository> for pb::Repository {
                 synced_clusters: st.synced_clusters,
                 target_clusters: st.target_clusters,
                 observed_generation: st.observed_generation,
+                placement: st.placement.as_ref().map(|p| pb::PlacementStatus {
+                    reason: placement_reason_to_proto(p.reason) as i32,
+                    message: p.message.clone(),
+                }),
             }),
         }
     }
@@ -554,6 +603,10 @@ impl TryFrom<pb::Repository> for Repository {
                     synced_clusters: st.synced_clusters,
                     target_clusters: st.target_clusters,
                     observed_generation: st.observed_generation,
+                    placement: match st.placement {
+                        Some(p) => placement_status_from_proto(&id, p)?,
+                        None => None,
+                    },
                 })
             }
         };

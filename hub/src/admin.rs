@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::fleet::{PlacementReport, PlacementReports};
 use crate::metrics::HubMetrics;
 use crate::objects::{ApplyOutcome, ObjectError, Objects};
 use crate::selector::parse_selector;
@@ -103,6 +104,9 @@ struct Inner {
     objects: Objects,
     ca: Option<Arc<CertificateAuthority>>,
     metrics: HubMetrics,
+    /// The controller's placement report, shown as a Repository's
+    /// `status.placement` when it is read.
+    placement: PlacementReports,
     shutdown: CancellationToken,
 }
 
@@ -121,6 +125,7 @@ impl AdminService {
         objects: Objects,
         ca: Option<Arc<CertificateAuthority>>,
         metrics: HubMetrics,
+        placement: PlacementReports,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -128,6 +133,7 @@ impl AdminService {
                 objects,
                 ca,
                 metrics,
+                placement,
                 shutdown,
             }),
         }
@@ -193,7 +199,7 @@ impl AdminService {
             .objects
             .get(kind, ns_arg(kind, &req.namespace), name)
             .await?;
-        Ok(to_response(&obj))
+        Ok(response(&obj, &self.inner.placement.latest()))
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<pb::ListResponse, AdminError> {
@@ -209,10 +215,11 @@ impl AdminService {
         };
         let (items, rev) = self.inner.objects.list(kind, ns).await?;
         let empty = Default::default();
+        let report = self.inner.placement.latest();
         let items = items
             .iter()
             .filter(|o| selector.matches(o.metadata().labels.as_ref().unwrap_or(&empty)))
-            .map(to_response)
+            .map(|o| response(o, &report))
             .collect();
         Ok(pb::ListResponse {
             items,
@@ -229,15 +236,58 @@ impl AdminService {
         let kind = kind_arg(req.kind)?;
         let name = name_arg(kind, &req.name)?;
         let rv = Some(req.resource_version.as_str()).filter(|s| !s.is_empty());
-        let obj = self
-            .inner
-            .objects
-            .delete(kind, ns_arg(kind, &req.namespace), name, rv)
-            .await?;
+        let ns = ns_arg(kind, &req.namespace);
+        if kind == Kind::RegistrySecret {
+            let users = self.secret_users(ns.unwrap_or_default(), name).await?;
+            if !users.is_empty() && !req.force {
+                return Err(AdminError::FailedPrecondition(format!(
+                    "{}: still used by {} {}: delete or repoint them first, or delete with \
+                     --force (they then reach no cluster, and their status says the secret is gone)",
+                    model::object_id(kind, ns, name),
+                    if users.len() == 1 {
+                        "Repository"
+                    } else {
+                        "Repositories"
+                    },
+                    users.join(", ")
+                )));
+            }
+            if !users.is_empty() {
+                warn!(admin = %who, object = %model::object_id(kind, ns, name),
+                      repositories = %users.join(","), "Deleting a RegistrySecret still in use (--force)");
+            }
+        }
+        let obj = self.inner.objects.delete(kind, ns, name, rv).await?;
         info!(admin = %who, object = %obj.id(), "Deleted");
         Ok(pb::DeleteResponse {
             object: Some(to_response(&obj)),
         })
+    }
+
+    /// The Repositories (`namespace/name`, sorted) whose `registryRef` names
+    /// the RegistrySecret `namespace/name`.
+    async fn secret_users(&self, namespace: &str, name: &str) -> Result<Vec<String>, AdminError> {
+        let (repos, _) = self.inner.objects.list(Kind::Repository, None).await?;
+        let mut users: Vec<String> = repos
+            .iter()
+            .filter_map(|o| match o {
+                Object::Repository(r) => {
+                    let own = o.namespace().unwrap_or(model::DEFAULT_NAMESPACE);
+                    let ref_ns = r
+                        .spec
+                        .registry_ref
+                        .namespace
+                        .as_deref()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or(own);
+                    (ref_ns == namespace && r.spec.registry_ref.name == name)
+                        .then(|| format!("{own}/{}", o.name()))
+                }
+                _ => None,
+            })
+            .collect();
+        users.sort();
+        Ok(users)
     }
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<WatchStream, AdminError> {
@@ -251,18 +301,20 @@ impl AdminService {
         };
         let objects = self.inner.objects.clone();
         let store = objects.store().clone();
+        let reports = self.inner.placement.clone();
 
         // List-then-watch: without a resourceVersion the current objects
         // come first as ADDED, then changes after the list's revision.
         let (initial, after) = if req.resource_version.is_empty() {
             let (items, rev) = objects.list(kind, ns.as_deref()).await?;
+            let report = reports.latest();
             let events: Vec<Result<pb::WatchEvent, Status>> = items
                 .iter()
                 .map(|o| {
                     Ok(pb::WatchEvent {
                         r#type: pb::WatchEventType::Added as i32,
                         resource_version: o.metadata().resource_version.clone().unwrap_or_default(),
-                        object: Some(to_response(o)),
+                        object: Some(response(o, &report)),
                     })
                 })
                 .collect();
@@ -282,7 +334,7 @@ impl AdminService {
         let live: WatchStream = match store.watch(kind.plural(), after).await {
             Ok(s) => {
                 let s = s.filter_map(move |ev| {
-                    let out = convert_event(&objects, ns.as_deref(), ev);
+                    let out = convert_event(&objects, &reports.latest(), ns.as_deref(), ev);
                     async move { out }
                 });
                 Box::pin(s)
@@ -384,6 +436,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + S
 
 fn convert_event(
     objects: &Objects,
+    report: &PlacementReport,
     ns: Option<&str>,
     ev: Result<WatchEvent, StoreError>,
 ) -> Option<Result<pb::WatchEvent, Status>> {
@@ -423,12 +476,27 @@ fn convert_event(
             obj.metadata_mut().resource_version = Some(rev.to_string());
             Some(Ok(pb::WatchEvent {
                 r#type: typ as i32,
-                object: Some(to_response(&obj)),
+                object: Some(response(&obj, report)),
                 resource_version: rev.to_string(),
             }))
         }
         Err(e) => Some(Err(AdminError::from(e).into())),
     }
+}
+
+/// The wire form of a stored object as the admin API answers it: secrets
+/// removed, and a Repository's `status.placement` filled in from the
+/// controller's latest report.
+fn response(obj: &Object, report: &PlacementReport) -> pb::Object {
+    if let Object::Repository(r) = obj {
+        let ns = obj.namespace().unwrap_or(model::DEFAULT_NAMESPACE);
+        if let Some(problem) = report.of(ns, obj.name()) {
+            let mut r = r.clone();
+            r.status.get_or_insert_with(Default::default).placement = Some(problem.clone());
+            return to_response(&Object::Repository(r));
+        }
+    }
+    to_response(obj)
 }
 
 /// The caller must present an admin certificate from the hub's CA.

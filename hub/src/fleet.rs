@@ -132,6 +132,58 @@ pub struct Inputs {
     pub resolutions: BTreeMap<ObjectId, Resolution>,
     /// Credential fingerprint per registry key `<namespace>/<name>`.
     pub fingerprints: BTreeMap<String, String>,
+    /// Registry keys whose password cannot be opened, with why (never the
+    /// password). Their images stay placed: see [`placement_inputs`].
+    pub unusable: BTreeMap<String, String>,
+}
+
+/// What the controller found about Repositories at its last recompute: why a
+/// Repository reaches no cluster, or what keeps clusters from pulling it.
+/// The admin API shows it as `status.placement` when a Repository is read; it
+/// is never stored, so it cannot go stale in the store.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PlacementReport {
+    problems: HashMap<ObjectId, model::PlacementStatus>,
+}
+
+impl PlacementReport {
+    /// The problem of one Repository, if it has one.
+    pub fn of(&self, namespace: &str, name: &str) -> Option<&model::PlacementStatus> {
+        self.problems.get(&ObjectId::new(namespace, name))
+    }
+
+    /// How many Repositories have a problem.
+    pub fn len(&self) -> usize {
+        self.problems.len()
+    }
+
+    /// True when every Repository is placed without a problem.
+    pub fn is_empty(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// The latest [`PlacementReport`] of this replica's controller. A cheap
+/// handle: the controller publishes, the admin API reads.
+#[derive(Debug, Clone, Default)]
+pub struct PlacementReports(Arc<tokio::sync::watch::Sender<Arc<PlacementReport>>>);
+
+impl PlacementReports {
+    /// The newest report (empty before the first recompute).
+    pub fn latest(&self) -> Arc<PlacementReport> {
+        self.0.borrow().clone()
+    }
+
+    fn publish(&self, report: PlacementReport) {
+        self.0.send_replace(Arc::new(report));
+    }
+}
+
+/// The desired content of every cluster, and what placement reported.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Placed {
+    pub sets: BTreeMap<String, DesiredContent>,
+    pub report: PlacementReport,
 }
 
 fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -175,6 +227,7 @@ pub fn repo_input(r: &model::Repository) -> (PlacementRepo, Resolution) {
         .map_or(0, |d| d.as_secs());
     let repo = PlacementRepo {
         id,
+        default_placement: r.spec.placement.is_none(),
         selector: placement.cluster_selector.as_ref().map(convert_selector),
         clusters: placement.clusters.clone(),
         registry_ref: ObjectId::new(
@@ -220,14 +273,16 @@ pub fn credential_fingerprint(rs: &model::RegistrySecret) -> String {
     hex::encode(&h.finalize()[..12])
 }
 
-/// Placement inputs from the model. `usable` says whether a RegistrySecret's
-/// credential can be opened; one that cannot is left out, so its images go
-/// nowhere (placement reports them as secret not found).
+/// Placement inputs from the model. `unusable` says why a RegistrySecret's
+/// password cannot be opened (`None` when it can). Such a secret still places
+/// its images: a credential the hub cannot open must never take an image off
+/// a cluster. Sessions then send the set without that credential, so agents
+/// keep the one they hold, and the Repositories report the problem.
 pub fn placement_inputs(
     repos: &[model::Repository],
     clusters: &[model::Cluster],
     secrets: &[model::RegistrySecret],
-    usable: impl Fn(&model::RegistrySecret) -> bool,
+    unusable: impl Fn(&model::RegistrySecret) -> Option<String>,
 ) -> Inputs {
     let mut inputs = Inputs::default();
     for r in repos {
@@ -242,11 +297,14 @@ pub fn placement_inputs(
             tenants: c.spec.tenants.iter().cloned().collect(),
         });
     }
-    for s in secrets.iter().filter(|s| usable(s)) {
+    for s in secrets {
         let id = ObjectId::new(
             ns_of(&s.metadata),
             s.metadata.name.clone().unwrap_or_default(),
         );
+        if let Some(why) = unusable(s) {
+            inputs.unusable.insert(id.key(), why);
+        }
         inputs
             .fingerprints
             .insert(id.key(), credential_fingerprint(s));
@@ -259,15 +317,16 @@ pub fn placement_inputs(
     inputs
 }
 
-/// Every cluster's desired content.
-pub fn desired_sets(inputs: &Inputs) -> BTreeMap<String, DesiredContent> {
+/// Every cluster's desired content, and the Repositories' placement problems.
+pub fn desired_sets(inputs: &Inputs) -> Placed {
     let placed = placement::place(
         &inputs.repos,
         &inputs.clusters,
         &inputs.registries,
         &inputs.resolutions,
     );
-    placed
+    let report = placement_report(inputs, &placed.skipped);
+    let sets = placed
         .clusters
         .into_iter()
         .map(|(name, c)| {
@@ -287,7 +346,82 @@ pub fn desired_sets(inputs: &Inputs) -> BTreeMap<String, DesiredContent> {
                 },
             )
         })
-        .collect()
+        .collect();
+    Placed { sets, report }
+}
+
+/// One problem per Repository: the most telling reason first (what keeps it
+/// from every cluster before what concerns only some), every reason in the
+/// message.
+fn placement_report(inputs: &Inputs, skipped: &[placement::Skipped]) -> PlacementReport {
+    use model::PlacementReason as R;
+    use placement::SkipReason as S;
+    let mut found: HashMap<ObjectId, Vec<(R, String)>> = HashMap::new();
+    for s in skipped {
+        let reason = match &s.reason {
+            S::Suspended => R::Suspended,
+            S::CrossNamespaceSecret { .. } => R::SecretInOtherNamespace,
+            S::SecretNotFound { .. } => R::SecretNotFound,
+            S::NotResolved => R::NotResolved,
+            S::NoClusterAdmitsNamespace => R::NoClusterAdmitsNamespace,
+            S::NoClusterMatches => R::NoClusterMatches,
+            S::TenantNotAllowed { .. } => R::TenantNotAllowed,
+        };
+        let message = match &s.reason {
+            S::Suspended => "spec.suspend is true: nothing new is resolved or shipped; \
+                             content already synced stays"
+                .to_string(),
+            S::NotResolved => "no tag is resolved to a digest yet".to_string(),
+            other => other.to_string(),
+        };
+        found
+            .entry(s.repo.clone())
+            .or_default()
+            .push((reason, message));
+    }
+    for r in &inputs.repos {
+        let secret = if r.registry_ref.namespace.is_empty() {
+            ObjectId::new(r.id.namespace.clone(), r.registry_ref.name.clone())
+        } else {
+            r.registry_ref.clone()
+        };
+        if let Some(why) = inputs.unusable.get(&secret.key()) {
+            found.entry(r.id.clone()).or_default().push((
+                R::CredentialUnusable,
+                format!(
+                    "RegistrySecret {secret}: the stored password cannot be opened with this \
+                     hub's keys ({why}); clusters keep what they hold, but cannot pull anything new"
+                ),
+            ));
+        }
+    }
+    let rank = |r: &R| match r {
+        R::Suspended => 0,
+        R::SecretInOtherNamespace => 1,
+        R::SecretNotFound => 2,
+        R::NotResolved => 3,
+        R::NoClusterAdmitsNamespace => 4,
+        R::NoClusterMatches => 5,
+        R::CredentialUnusable => 6,
+        R::TenantNotAllowed => 7,
+    };
+    let problems = found
+        .into_iter()
+        .map(|(id, mut reasons)| {
+            reasons.sort_by(|a, b| (rank(&a.0), &a.1).cmp(&(rank(&b.0), &b.1)));
+            reasons.dedup();
+            let status = model::PlacementStatus {
+                reason: reasons[0].0,
+                message: reasons
+                    .iter()
+                    .map(|(_, m)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            };
+            (id, status)
+        })
+        .collect();
+    PlacementReport { problems }
 }
 
 /// The store key of a cluster's desired set.
@@ -384,6 +518,7 @@ pub async fn store_desired(
 /// Returns the clusters whose set was written.
 pub async fn recompute(
     objects: &Objects,
+    reports: &PlacementReports,
     on_written: &WrittenFn,
 ) -> Result<Vec<(String, Arc<StoredDesiredSet>)>, FleetError> {
     let started = std::time::Instant::now();
@@ -418,14 +553,16 @@ pub async fn recompute(
         })
         .collect();
     let inputs = placement_inputs(&repos, &clusters, &secrets, |s| match objects.password(s) {
-        Ok(_) => true,
-        Err(e) => {
-            warn!(error = %e, "Leaving out images whose registry credential cannot be opened");
-            false
-        }
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
     });
+    for (key, why) in &inputs.unusable {
+        warn!(registry_secret = %key, error = %why,
+              "Registry credential cannot be opened; its images stay placed with the credential agents hold");
+    }
     let read_ms = started.elapsed().as_millis();
-    let sets = desired_sets(&inputs);
+    let Placed { sets, report } = desired_sets(&inputs);
+    reports.publish(report);
     let mut stored: BTreeMap<String, crate::store::Versioned> = stored
         .into_iter()
         .map(|v| (v.key.name.clone(), v))
@@ -561,7 +698,7 @@ pub async fn watch_kind(
             Ok((items, revision)) => {
                 let seen: HashMap<Key, u64> = items
                     .iter()
-                    .map(|v| (v.key.clone(), placement_fingerprint(kind, &v.value)))
+                    .map(|v| (v.key.clone(), placement_fingerprint(&v.value)))
                     .collect();
                 (seen, revision)
             }
@@ -588,7 +725,7 @@ pub async fn watch_kind(
                         let relevant = match &ev {
                             crate::store::WatchEvent::Put(v) => {
                                 after = v.revision;
-                                let print = placement_fingerprint(kind, &v.value);
+                                let print = placement_fingerprint(&v.value);
                                 seen.insert(v.key.clone(), print) != Some(print)
                             }
                             crate::store::WatchEvent::Delete(v) => {
@@ -617,43 +754,38 @@ pub async fn watch_kind(
     }
 }
 
-/// A hash of what placement reads from a stored object: everything but the
-/// status that agent sessions write (a Cluster's whole status, a
-/// Repository's per-cluster entries and counts) and the resource version.
-fn placement_fingerprint(kind: &str, bytes: &[u8]) -> u64 {
+/// A hash of what placement reads from a stored object: its metadata and
+/// spec, and of the status only a Repository's resolved digests. Everything
+/// else in a status is written by others (agent sessions, the tag resolver's
+/// messages and times, registry health), thousands of times a minute in a
+/// large fleet, and must not each cause a recompute. Stored objects carry no
+/// resourceVersion (it is the store revision). Hashed from the raw JSON,
+/// without building a tree.
+fn placement_fingerprint(bytes: &[u8]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    if kind == Kind::Cluster.plural() {
-        // Thousands of these per fleet-wide change (every agent's status):
-        // hash the raw metadata and spec without building a tree. Stored
-        // objects carry no resourceVersion (it is the store revision).
-        #[derive(Deserialize)]
-        struct Placed<'a> {
-            #[serde(borrow)]
-            metadata: Option<&'a serde_json::value::RawValue>,
-            #[serde(borrow)]
-            spec: Option<&'a serde_json::value::RawValue>,
-        }
-        match serde_json::from_slice::<Placed<'_>>(bytes) {
-            Ok(p) => {
-                p.metadata.map(|m| m.get()).hash(&mut hasher);
-                p.spec.map(|m| m.get()).hash(&mut hasher);
-            }
-            Err(_) => bytes.hash(&mut hasher),
-        }
-        return hasher.finish();
+    #[derive(Deserialize)]
+    struct Resolved<'a> {
+        #[serde(borrow)]
+        resolved: Option<&'a serde_json::value::RawValue>,
     }
-    match serde_json::from_slice::<serde_json::Value>(bytes) {
-        Ok(mut v) => {
-            if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-                meta.remove("resourceVersion");
-            }
-            if let Some(st) = v.get_mut("status").and_then(|s| s.as_object_mut()) {
-                for field in ["clusters", "syncedClusters", "targetClusters"] {
-                    st.remove(field);
-                }
-            }
-            v.to_string().hash(&mut hasher);
+    #[derive(Deserialize)]
+    struct Placed<'a> {
+        #[serde(borrow)]
+        metadata: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow)]
+        spec: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow)]
+        status: Option<Resolved<'a>>,
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match serde_json::from_slice::<Placed<'_>>(bytes) {
+        Ok(p) => {
+            p.metadata.map(|m| m.get()).hash(&mut hasher);
+            p.spec.map(|m| m.get()).hash(&mut hasher);
+            p.status
+                .and_then(|s| s.resolved)
+                .map(|r| r.get())
+                .hash(&mut hasher);
         }
         // Unreadable: hash the bytes, so any rewrite counts as a change.
         Err(_) => bytes.hash(&mut hasher),
@@ -672,6 +804,7 @@ pub type WrittenFn = dyn Fn(&[(String, Arc<StoredDesiredSet>)]) + Send + Sync;
 /// set this replica stored, so its own sessions need not wait for the watch.
 pub async fn run(
     objects: Objects,
+    reports: PlacementReports,
     on_written: OnWritten,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
@@ -699,7 +832,7 @@ pub async fn run(
         }
         // Debounce: let a burst of changes (an apply of many objects) settle.
         tokio::time::sleep(DEBOUNCE).await;
-        match recompute(&objects, on_written.as_ref()).await {
+        match recompute(&objects, &reports, on_written.as_ref()).await {
             Ok(_) => {}
             Err(e) => {
                 warn!(error = %e, "Computing desired sets failed; retrying");
@@ -782,16 +915,20 @@ spec: {tenants: [default]}
     #[test]
     fn model_to_desired_sets() {
         let (mut repos, clusters, secrets) = split(parse_documents(POLICY).expect("parses"));
-        // Not resolved yet: nothing anywhere.
-        let sets = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| true));
-        assert_eq!(sets.len(), 2);
-        assert!(sets.values().all(|s| s.images.is_empty()));
+        // Not resolved yet: nothing anywhere, and the report says so.
+        let placed = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| None));
+        assert_eq!(placed.sets.len(), 2);
+        assert!(placed.sets.values().all(|s| s.images.is_empty()));
+        let problem = placed.report.of("default", "app").expect("reported");
+        assert_eq!(problem.reason, model::PlacementReason::NotResolved);
 
         resolved(
             &mut repos[0],
             &[("v1", "sha256:aa"), ("stable", "sha256:aa")],
         );
-        let sets = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| true));
+        let placed = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| None));
+        assert!(placed.report.is_empty(), "{:?}", placed.report);
+        let sets = placed.sets;
         let a = &sets["a"];
         assert_eq!(a.images.len(), 1);
         let img = &a.images[0];
@@ -805,9 +942,79 @@ spec: {tenants: [default]}
         assert!(!a.registries[0].fingerprint.is_empty());
         assert!(sets["b"].images.is_empty());
 
-        // A credential that cannot be opened ships nothing.
-        let sets = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| false));
-        assert!(sets["a"].images.is_empty());
+        // A credential that cannot be opened never takes an image off a
+        // cluster: the set is unchanged, and the Repository reports why.
+        let placed = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| {
+            Some("sealed value uses key \"k9\", which is not in the keyring".into())
+        }));
+        assert_eq!(placed.sets, sets);
+        let problem = placed.report.of("default", "app").expect("reported");
+        assert_eq!(problem.reason, model::PlacementReason::CredentialUnusable);
+        assert!(
+            problem.message.contains("default/reg"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn the_seeds_repository_without_placement_reaches_every_admitting_cluster() {
+        let (mut repos, clusters, secrets) = split(parse_documents(POLICY).expect("parses"));
+        repos[0].spec.placement = None;
+        resolved(&mut repos[0], &[("v1", "sha256:aa")]);
+        let placed = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| None));
+        assert_eq!(placed.sets["a"].images.len(), 1);
+        assert_eq!(placed.sets["b"].images.len(), 1);
+        assert!(placed.report.is_empty());
+
+        // No cluster admits the namespace: nothing goes anywhere, and why.
+        repos[0].metadata.namespace = Some("team-z".into());
+        let placed = desired_sets(&placement_inputs(&repos, &clusters, &secrets, |_| None));
+        assert!(placed.sets.values().all(|s| s.images.is_empty()));
+        let problem = placed.report.of("team-z", "app").expect("reported");
+        // The secret is looked up in team-z, where there is none.
+        assert_eq!(problem.reason, model::PlacementReason::SecretNotFound);
+    }
+
+    #[test]
+    fn only_what_placement_reads_wakes_the_controller() {
+        let base = serde_json::json!({
+            "apiVersion": "image.theriseunion.io/v1alpha1",
+            "kind": "Repository",
+            "metadata": {"name": "app", "namespace": "default", "generation": 1},
+            "spec": {"repository": "x/app", "tag": "v1", "registryRef": {"name": "reg"}},
+            "status": {"resolved": [{"tag": "v1", "digest": "sha256:1"}]}
+        });
+        let print = |v: &serde_json::Value| placement_fingerprint(&serde_json::to_vec(v).unwrap());
+        let with = |path: &str, value: serde_json::Value| {
+            let mut v = base.clone();
+            *v.pointer_mut(path).expect("path") = value;
+            v
+        };
+        let mut status_only = base.clone();
+        status_only["status"]["message"] = "registry down".into();
+        status_only["status"]["syncedClusters"] = 3.into();
+        status_only["status"]["clusters"] = serde_json::json!([{"cluster": "a"}]);
+        assert_eq!(
+            print(&base),
+            print(&status_only),
+            "status writes are not placement"
+        );
+        assert_ne!(
+            print(&base),
+            print(&with("/status/resolved/0/digest", "sha256:2".into())),
+            "a new digest is"
+        );
+        assert_ne!(
+            print(&base),
+            print(&with("/spec/tag", "v2".into())),
+            "a spec change is"
+        );
+        assert_ne!(
+            print(&base),
+            print(&with("/metadata/generation", 2.into())),
+            "metadata is"
+        );
     }
 
     #[test]

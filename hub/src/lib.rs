@@ -3,6 +3,7 @@ pub mod admin;
 pub mod ca;
 pub mod config;
 pub mod fleet;
+pub mod keycheck;
 pub mod leader;
 pub mod metrics;
 pub mod objects;

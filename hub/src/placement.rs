@@ -6,12 +6,16 @@
 //! not depend on the shape of the resource model; adapters from the model
 //! fill them in. The rules:
 //!
-//! - A repository goes to the clusters its label selector matches, plus the
-//!   clusters it names explicitly (the union).
+//! - A repository **without a placement** (the seed's YAML has none) goes to
+//!   every cluster whose tenants include its namespace. Tenant isolation is the
+//!   guard: a cluster receives only the namespaces it admits.
+//! - A repository with a placement goes to the clusters its label selector
+//!   matches, plus the clusters it names explicitly (the union), of those the
+//!   ones that admit its namespace.
 //! - An **empty selector selects nothing** (unlike Kubernetes, where it selects
-//!   everything): forgetting to fill in a selector must not ship an image to
-//!   the whole fleet. To target every cluster, use an `Exists` expression on a
-//!   label every cluster carries, or name the clusters.
+//!   everything): a placement written but left unfinished must not ship an
+//!   image to the whole fleet. Leave the placement out to target every cluster
+//!   that admits the namespace.
 //! - `NotIn` matches a cluster without the label, as in Kubernetes.
 //! - Tenants: a cluster receives a repository only if the repository's
 //!   namespace is one of the cluster's tenants. An explicitly named cluster
@@ -20,6 +24,8 @@
 //! - A RegistrySecret is usable only from its own namespace: a repository whose
 //!   `registryRef` points into another namespace is skipped and reported.
 //! - Suspended and not yet resolved repositories produce nothing (reported).
+//! - A repository that reaches no cluster is reported with why: no cluster
+//!   admits its namespace, or its placement matches none that does.
 //!
 //! The output is deterministic: it does not depend on the order of the inputs,
 //! and every list in it is sorted.
@@ -113,6 +119,9 @@ impl Selector {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PlacementRepo {
     pub id: ObjectId,
+    /// True when the Repository has no `spec.placement`: it goes to every
+    /// cluster that admits its namespace, and `selector`/`clusters` are unused.
+    pub default_placement: bool,
     /// `spec.placement.clusterSelector`.
     pub selector: Option<Selector>,
     /// `spec.placement.clusters`: cluster names.
@@ -221,6 +230,10 @@ pub enum SkipReason {
     TenantNotAllowed {
         cluster: String,
     },
+    /// No placement, and no cluster lists the repository's namespace as a tenant.
+    NoClusterAdmitsNamespace,
+    /// The placement selects or names no cluster that admits the namespace.
+    NoClusterMatches,
 }
 
 impl std::fmt::Display for SkipReason {
@@ -238,6 +251,16 @@ impl std::fmt::Display for SkipReason {
             SkipReason::TenantNotAllowed { cluster } => write!(
                 f,
                 "cluster {cluster} does not allow this namespace (not in its tenants)"
+            ),
+            SkipReason::NoClusterAdmitsNamespace => write!(
+                f,
+                "no cluster admits this namespace: add it to a cluster's tenants \
+                 (imgfleet cluster enroll NAME --namespace NS, or spec.tenants of a Cluster)"
+            ),
+            SkipReason::NoClusterMatches => write!(
+                f,
+                "the placement selects no cluster that admits this namespace \
+                 (check the selector, the cluster names and the clusters' tenants)"
             ),
         }
     }
@@ -322,12 +345,14 @@ pub fn place(
         }
 
         let named: BTreeSet<&str> = repo.clusters.iter().map(String::as_str).collect();
+        let mut reached = 0usize;
         for (name, cluster) in &clusters {
-            let by_name = named.contains(name.as_str());
-            let by_selector = repo
-                .selector
-                .as_ref()
-                .is_some_and(|s| s.matches(&cluster.labels));
+            let by_name = !repo.default_placement && named.contains(name.as_str());
+            let by_selector = repo.default_placement
+                || repo
+                    .selector
+                    .as_ref()
+                    .is_some_and(|s| s.matches(&cluster.labels));
             if !by_name && !by_selector {
                 continue;
             }
@@ -346,6 +371,7 @@ pub fn place(
             let Some(list) = images.get_mut(name.as_str()) else {
                 continue;
             };
+            reached += 1;
             for (digest, tags) in &resolved {
                 list.push(DesiredImageEntry {
                     key: format!("{}/{}@{}", repo.id.namespace, repo.id.name, digest),
@@ -360,6 +386,14 @@ pub fn place(
                     grace_period_seconds: repo.grace_period_seconds,
                 });
             }
+        }
+        if reached == 0 {
+            let reason = if repo.default_placement {
+                SkipReason::NoClusterAdmitsNamespace
+            } else {
+                SkipReason::NoClusterMatches
+            };
+            skip(&mut skipped, repo, reason);
         }
     }
 

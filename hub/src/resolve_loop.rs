@@ -38,8 +38,12 @@ use crate::store::{Key, StoreError, WatchEvent};
 pub const MAX_CONCURRENT: usize = 8;
 /// How often every registry's health is checked.
 pub const HEALTH_PERIOD: Duration = Duration::from_secs(30);
-/// How soon a failed resolution is retried (capped by the sync interval).
+/// How soon a failed resolution is first retried; each further failure in a
+/// row doubles it, up to the Repository's sync interval (see [`failure_backoff`]).
 pub const FAILURE_RETRY: Duration = Duration::from_secs(30);
+/// How often a summary of failing Repositories is logged; the failures
+/// themselves are logged when they start or change.
+const FAILURE_SUMMARY: Duration = Duration::from_secs(60);
 /// Longest a whole resolution of one Repository may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often due work is looked for between watch events.
@@ -84,6 +88,8 @@ pub struct Attempt {
     pub secret: Option<SecretVersion>,
     /// When the next attempt is due by the attempt's own outcome.
     pub next: SystemTime,
+    /// Failed attempts in a row; 0 after a success.
+    pub failures: u32,
 }
 
 /// What [`repository_due`] looks at.
@@ -136,12 +142,32 @@ pub fn repository_due(view: &RepoView, last: Option<&Attempt>, now: SystemTime) 
     if at <= now { Due::Now } else { Due::At(at) }
 }
 
-/// The next attempt after one that ended with `status` at `at`: after a
-/// failure, [`FAILURE_RETRY`] (capped by the interval) unless Retry-After says later.
-pub fn next_after(status: &ResolveStatus, interval: Duration, at: SystemTime) -> SystemTime {
+/// The wait after `failures` failed attempts in a row: [`FAILURE_RETRY`],
+/// doubled for each further failure, capped at `interval`, then spread by
+/// `jitter` (in `[0, 1)`) over its upper half, so that Repositories failing
+/// together (one registry down) do not retry together. A fleet of thousands
+/// of Repositories behind a dead registry then costs the hub next to nothing.
+pub fn failure_backoff(failures: u32, interval: Duration, jitter: f64) -> Duration {
+    let doublings = failures.saturating_sub(1).min(20);
+    let full = FAILURE_RETRY
+        .saturating_mul(1u32 << doublings)
+        .min(interval);
+    full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
+/// The next attempt after one that ended with `status` at `at`, the
+/// `failures`-th failure in a row when it failed: after a failure,
+/// [`failure_backoff`] unless Retry-After says later.
+pub fn next_after(
+    status: &ResolveStatus,
+    interval: Duration,
+    at: SystemTime,
+    failures: u32,
+    jitter: f64,
+) -> SystemTime {
     match (status.reason, status.retry_after) {
         (_, Some(after)) => after.max(at),
-        (Some(_), None) => at + interval.min(FAILURE_RETRY),
+        (Some(_), None) => at + failure_backoff(failures, interval, jitter),
         (None, None) => at + interval,
     }
 }
@@ -383,6 +409,9 @@ async fn lead_once(
     let mut in_flight: HashSet<(Kind, Id)> = HashSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut summary = tokio::time::interval(FAILURE_SUMMARY);
+    summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing_logged = 0usize;
     loop {
         // Forget what was deleted, so a re-created object starts afresh.
         attempts.retain(|id, _| cache.repos.contains_key(id));
@@ -403,6 +432,13 @@ async fn lead_once(
                 Err(e) => return Err(format!("a resolver task failed: {e}")),
             },
             _ = tick.tick() => {}
+            _ = summary.tick() => {
+                let failing = attempts.values().filter(|a| a.failures > 0).count();
+                if failing > 0 || failing_logged > 0 {
+                    info!(failing, "Repositories whose tag resolution keeps failing (each retried with back-off, up to its syncInterval)");
+                }
+                failing_logged = failing;
+            }
         }
     }
 }
@@ -478,17 +514,30 @@ fn schedule(
         }
         in_flight.insert(key);
         let rs = cache.secrets.get(&secret_ref(repo)).cloned();
+        let failures = attempts.get(id).map_or(0, |a| a.failures);
         let (objects, id, repo) = (objects.clone(), id.clone(), repo.clone());
         work.spawn(async move {
-            let attempt = resolve_and_record(&objects, &id, &repo, rs.as_ref(), secret).await;
+            let attempt =
+                resolve_and_record(&objects, &id, &repo, rs.as_ref(), secret, failures).await;
             Done::Resolved { id, attempt }
         });
     }
 }
 
+/// Why no registry client could be made for a RegistrySecret.
+#[derive(Debug, thiserror::Error)]
+enum ClientError {
+    /// The stored password does not open with this hub's keys.
+    #[error("{0}")]
+    Credential(ObjectError),
+    /// The client could not be built (a bad domain, TLS setup).
+    #[error("{0}")]
+    Build(String),
+}
+
 /// A client for the registry a RegistrySecret describes.
-fn client_for(objects: &Objects, rs: &RegistrySecret) -> Result<RegistryClient, String> {
-    let password = objects.password(rs).map_err(|e| e.to_string())?;
+fn client_for(objects: &Objects, rs: &RegistrySecret) -> Result<RegistryClient, ClientError> {
+    let password = objects.password(rs).map_err(ClientError::Credential)?;
     let credentials = rs.spec.username.as_ref().map(|u| {
         Credentials::new(
             u.clone(),
@@ -503,7 +552,7 @@ fn client_for(objects: &Objects, rs: &RegistrySecret) -> Result<RegistryClient, 
         read_timeout: Some(Duration::from_secs(15)),
         ..Default::default()
     })
-    .map_err(|e| e.to_string())
+    .map_err(|e| ClientError::Build(e.to_string()))
 }
 
 async fn resolve_and_record(
@@ -512,6 +561,7 @@ async fn resolve_and_record(
     repo: &Repository,
     rs: Option<&RegistrySecret>,
     secret: Option<SecretVersion>,
+    failures_before: u32,
 ) -> Attempt {
     let generation = repo.metadata.generation.unwrap_or(0);
     let interval = repo.spec.sync_interval_duration();
@@ -533,9 +583,9 @@ async fn resolve_and_record(
             retry_after: None,
         }),
         Some(rs) => match client_for(objects, rs) {
-            Err(message) => Err(Failure {
+            Err(e) => Err(Failure {
                 reason: FailureReason::Unreachable,
-                message: format!("RegistrySecret {secret_ns}/{secret_name}: {message}"),
+                message: format!("RegistrySecret {secret_ns}/{secret_name}: {e}"),
                 retry_after: None,
             }),
             Ok(client) => {
@@ -557,37 +607,63 @@ async fn resolve_and_record(
     };
     let at = SystemTime::now();
     let elapsed_ms = started.elapsed().as_millis() as u64;
+    let repository = format!("{}/{}", id.0, id.1);
     match &outcome {
-        Ok(r) => info!(
-            repository = %format!("{}/{}", id.0, id.1),
-            generation,
-            digests = %r.iter().map(|x| format!("{}={}", x.tag, x.digest)).collect::<Vec<_>>().join(","),
-            elapsed_ms,
-            "Resolved tags"
-        ),
-        Err(f) => warn!(
-            repository = %format!("{}/{}", id.0, id.1),
-            generation,
-            reason = f.reason.as_str(),
-            message = %f.message,
-            elapsed_ms,
-            "Tag resolution failed"
-        ),
+        Ok(r) => {
+            let digests = r
+                .iter()
+                .map(|x| format!("{}={}", x.tag, x.digest))
+                .collect::<Vec<_>>()
+                .join(",");
+            // A success after failures is news; a periodic re-resolution
+            // that finds the same digests is not.
+            let previous = resolve_status_of(repo.status.as_ref());
+            let same = previous.reason.is_none()
+                && previous
+                    .resolved
+                    .iter()
+                    .map(|x| &x.digest)
+                    .eq(r.iter().map(|x| &x.digest));
+            if same && failures_before == 0 {
+                debug!(repository = %repository, generation, digests = %digests, elapsed_ms, "Resolved tags (unchanged)");
+            } else {
+                info!(repository = %repository, generation, digests = %digests, elapsed_ms, "Resolved tags");
+            }
+        }
+        Err(f) => {
+            // Warn when a failure starts or changes; the same failure again
+            // (a registry that stays down) is debug, summarised each minute.
+            let previous = resolve_status_of(repo.status.as_ref());
+            if failures_before == 0 || previous.message != f.message {
+                warn!(repository = %repository, generation, reason = f.reason.as_str(),
+                      message = %f.message, elapsed_ms, "Tag resolution failed; retrying with back-off");
+            } else {
+                debug!(repository = %repository, generation, reason = f.reason.as_str(),
+                       message = %f.message, failures = failures_before + 1, elapsed_ms,
+                       "Tag resolution failed again");
+            }
+        }
     }
     let written = write_repo_status(objects, id, &outcome, generation, at).await;
     let status = match written {
         Ok(s) => s,
         Err(e) => {
-            warn!(repository = %format!("{}/{}", id.0, id.1), error = %e, "Could not record the resolution");
+            warn!(repository = %repository, error = %e, "Could not record the resolution");
             // Try again soon rather than waiting a whole interval.
             next_status_failed(&e)
         }
+    };
+    let failures = if status.reason.is_some() {
+        failures_before.saturating_add(1)
+    } else {
+        0
     };
     Attempt {
         at,
         generation,
         secret,
-        next: next_after(&status, interval, at),
+        next: next_after(&status, interval, at, failures, rand::random::<f64>()),
+        failures,
     }
 }
 
@@ -620,7 +696,20 @@ async fn write_repo_status(
         let previous = resolve_status_of(repo.status.as_ref());
         let next = resolver::next_status(&previous, outcome, at);
         let mut status = repo.status.take().unwrap_or_default();
+        let before = status.clone();
         apply_resolve_status(&mut status, &next, generation);
+        // A new digest counts as synced nowhere until clusters report it:
+        // recount in the same write, so no reader ever sees the new digest
+        // next to the old count.
+        status.synced_clusters = crate::status::count_synced(
+            &status.clusters,
+            &crate::status::wanted_digests(Some(&status)),
+        );
+        if status == before {
+            // The same outcome as last time (a registry that stays down):
+            // nothing to write, and no watch event for every replica.
+            return Ok(next);
+        }
         repo.status = Some(status);
         match objects
             .write_status(&Object::Repository(repo), Some(rev))
@@ -647,7 +736,8 @@ fn revision_of(
 }
 
 async fn check_and_record(objects: &Objects, id: &Id, rs: &RegistrySecret) {
-    let health = match client_for(objects, rs) {
+    let client = client_for(objects, rs);
+    let health = match &client {
         Ok(client) => {
             match tokio::time::timeout(RESOLVE_TIMEOUT, resolver::check_health(&client)).await {
                 Ok(h) => h,
@@ -659,17 +749,18 @@ async fn check_and_record(objects: &Objects, id: &Id, rs: &RegistrySecret) {
                 },
             }
         }
-        Err(message) => resolver::Health {
+        Err(e) => resolver::Health {
             phase: HealthPhase::Unreachable,
             latency: Duration::ZERO,
-            message,
+            message: e.to_string(),
             checked_at: SystemTime::now(),
         },
     };
-    let phase = match health.phase {
-        HealthPhase::Connected => ConnectionPhase::Connected,
-        HealthPhase::AuthFailed => ConnectionPhase::AuthFailed,
-        HealthPhase::Unreachable => ConnectionPhase::Unreachable,
+    let phase = match (&client, health.phase) {
+        (Err(ClientError::Credential(_)), _) => ConnectionPhase::CredentialUnusable,
+        (_, HealthPhase::Connected) => ConnectionPhase::Connected,
+        (_, HealthPhase::AuthFailed) => ConnectionPhase::AuthFailed,
+        (_, HealthPhase::Unreachable) => ConnectionPhase::Unreachable,
     };
     debug!(registry_secret = %format!("{}/{}", id.0, id.1), domain = %rs.spec.domain,
            phase = ?phase, latency_ms = health.latency.as_millis() as u64, "Checked registry health");
@@ -763,6 +854,7 @@ mod tests {
             generation,
             secret: secret(1),
             next: t(next),
+            failures: 0,
         }
     }
 
@@ -892,25 +984,102 @@ mod tests {
             retry_after: Some(t(300)),
             ..Default::default()
         };
+        // (name, status, interval, failures in a row, jitter, when)
         let cases = [
             (
                 "success: one interval",
                 good_status(t(0)),
                 HOUR,
+                0,
+                0.3,
                 t(HOUR.as_secs()),
             ),
-            ("failure: back-off", failed.clone(), HOUR, t(30)),
+            (
+                "first failure: 30 s",
+                failed.clone(),
+                HOUR,
+                1,
+                0.999_999,
+                t(30),
+            ),
+            (
+                "first failure, least jitter: half",
+                failed.clone(),
+                HOUR,
+                1,
+                0.0,
+                t(15),
+            ),
+            (
+                "second failure: doubled",
+                failed.clone(),
+                HOUR,
+                2,
+                0.999_999,
+                t(60),
+            ),
+            (
+                "fifth failure: 16 × 30 s",
+                failed.clone(),
+                HOUR,
+                5,
+                0.999_999,
+                t(480),
+            ),
+            (
+                "many failures: capped at the interval",
+                failed.clone(),
+                HOUR,
+                40,
+                0.999_999,
+                t(3600),
+            ),
             (
                 "failure: capped by a short interval",
                 failed,
                 interval,
+                3,
+                0.999_999,
                 t(20),
             ),
-            ("rate limited: Retry-After", limited, interval, t(300)),
+            (
+                "rate limited: Retry-After",
+                limited,
+                interval,
+                9,
+                0.5,
+                t(300),
+            ),
         ];
-        for (name, status, interval, want) in cases {
-            assert_eq!(next_after(&status, interval, t(0)), want, "{name}");
+        for (name, status, interval, failures, jitter, want) in cases {
+            let got = next_after(&status, interval, t(0), failures, jitter);
+            let diff = got.duration_since(want).unwrap_or_else(|e| e.duration());
+            assert!(
+                diff < Duration::from_millis(5),
+                "{name}: {got:?} vs {want:?}"
+            );
         }
+    }
+
+    #[test]
+    fn backoff_grows_spreads_and_stays_under_the_interval() {
+        let mut last = Duration::ZERO;
+        for n in 1..30 {
+            let full = failure_backoff(n, HOUR, 0.999_999_999);
+            assert!(full >= last, "{n}: never shrinks");
+            assert!(full <= HOUR, "{n}: capped");
+            // Jitter spreads over the upper half, never beyond the cap.
+            let low = failure_backoff(n, HOUR, 0.0);
+            assert!(
+                low * 2 >= full - Duration::from_millis(1) && low <= full,
+                "{n}"
+            );
+            last = full;
+        }
+        assert_eq!(
+            failure_backoff(u32::MAX, HOUR, 0.999_999_999).as_secs(),
+            3599
+        );
     }
 
     #[test]

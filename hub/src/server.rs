@@ -59,15 +59,20 @@ pub enum StartError {
     },
     #[error("{0}")]
     Io(String),
+    /// The keyring does not fit what the store holds (or the store could not
+    /// be read to tell).
+    #[error(transparent)]
+    KeyCheck(crate::keycheck::KeyCheckError),
 }
 
 impl StartError {
     /// True when the configuration is at fault (exit code 64).
     pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            StartError::Config(_) | StartError::Pki { .. } | StartError::Keyring { .. }
-        )
+        match self {
+            StartError::Config(_) | StartError::Pki { .. } | StartError::Keyring { .. } => true,
+            StartError::KeyCheck(e) => e.is_config(),
+            _ => false,
+        }
     }
 }
 
@@ -78,6 +83,9 @@ pub struct HubContext {
     pub objects: Objects,
     pub metrics: HubMetrics,
     pub pki: Arc<HubPki>,
+    /// The desired-set controller's latest placement report, which the admin
+    /// API shows as `status.placement`.
+    pub placement: crate::fleet::PlacementReports,
     pub shutdown: CancellationToken,
 }
 
@@ -211,20 +219,6 @@ pub async fn start_with(
         },
         source,
     })?;
-    let keyring = match &config.secret_key {
-        SecretKeySource::File(path) => {
-            Keyring::load_or_create(path).map_err(|source| StartError::Keyring {
-                setting: "--secret-key-file",
-                source,
-            })?
-        }
-        SecretKeySource::Raw(bytes) => {
-            Keyring::from_key("flag", bytes).map_err(|source| StartError::Keyring {
-                setting: "--secret-key",
-                source,
-            })?
-        }
-    };
     let (store, what): (Arc<dyn PolicyStore>, String) = match &config.store {
         StoreConfig::Embedded { path } => {
             let s = crate::store::redb::RedbStore::open(path)
@@ -247,16 +241,30 @@ pub async fn start_with(
         }
     };
 
+    let (keyring, setting) = open_keyring(&config.secret_key, store.as_ref()).await?;
+    let keyring = Arc::new(keyring);
+    let objects = Objects::new(store, keyring.clone());
+    crate::keycheck::verify(&objects, &keyring, &setting)
+        .await
+        .map_err(StartError::KeyCheck)?;
+
     let pki = Arc::new(pki);
     let metrics = HubMetrics::new();
-    let objects = Objects::new(store, Arc::new(keyring));
+    let placement = crate::fleet::PlacementReports::default();
     let context = HubContext {
         objects: objects.clone(),
         metrics: metrics.clone(),
         pki: pki.clone(),
+        placement: placement.clone(),
         shutdown: shutdown.clone(),
     };
-    let admin = AdminService::new(objects, pki.ca.clone(), metrics.clone(), shutdown.clone());
+    let admin = AdminService::new(
+        objects,
+        pki.ca.clone(),
+        metrics.clone(),
+        placement,
+        shutdown.clone(),
+    );
 
     let grpc_listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -327,6 +335,42 @@ pub async fn start_with(
         context,
         tasks,
     })
+}
+
+/// The keyring and how its setting is named in errors. A missing key file
+/// is created only on a store that holds nothing sealed yet: over sealed
+/// data a new key could open nothing.
+async fn open_keyring(
+    source: &SecretKeySource,
+    store: &dyn PolicyStore,
+) -> Result<(Keyring, String), StartError> {
+    match source {
+        SecretKeySource::File(path) => {
+            let setting = format!("--secret-key-file {}", path.display());
+            let exists = std::fs::symlink_metadata(path).is_ok();
+            if !exists
+                && crate::keycheck::store_has_sealed_data(store)
+                    .await
+                    .map_err(StartError::KeyCheck)?
+            {
+                return Err(StartError::KeyCheck(
+                    crate::keycheck::KeyCheckError::KeyMissing { setting },
+                ));
+            }
+            let ring = Keyring::load_or_create(path).map_err(|source| StartError::Keyring {
+                setting: "--secret-key-file",
+                source,
+            })?;
+            Ok((ring, setting))
+        }
+        SecretKeySource::Raw(bytes) => {
+            let ring = Keyring::from_key("flag", bytes).map_err(|source| StartError::Keyring {
+                setting: "--secret-key",
+                source,
+            })?;
+            Ok((ring, "--secret-key".to_string()))
+        }
+    }
 }
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), StartError> {

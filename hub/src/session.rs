@@ -693,7 +693,10 @@ async fn credential(objects: &Objects, key: &str) -> Result<pb::RegistryCredenti
 
 async fn run_background(ctx: HubContext, shared: Arc<Shared>) -> Result<(), String> {
     let HubContext {
-        objects, shutdown, ..
+        objects,
+        placement,
+        shutdown,
+        ..
     } = ctx;
     let epoch = async {
         loop {
@@ -716,6 +719,7 @@ async fn run_background(ctx: HubContext, shared: Arc<Shared>) -> Result<(), Stri
         epoch,
         fleet::run(
             objects.clone(),
+            placement,
             {
                 let shared = shared.clone();
                 Arc::new(move |written: &[(String, Arc<StoredDesiredSet>)]| {
@@ -1057,13 +1061,17 @@ async fn flush(
         let ns = obj.namespace().unwrap_or(DEFAULT_NAMESPACE).to_string();
         let name = obj.name().to_string();
         let targets = status::targets_of(&ns, &name, &desired);
+        let prefix = status::image_key_prefix(&ns, &name);
         let compute = |obj: &mut Object| {
             let Object::Repository(r) = obj else {
                 return false;
             };
             let mut st = r.status.clone().unwrap_or_default();
+            // Read from the object being written, so that a resolution
+            // written in between is counted against.
+            let wanted = status::wanted_digests(Some(&st));
             let (entries, synced, target) =
-                status::repository_clusters(&st.clusters, &targets, &live_refs);
+                status::repository_clusters(&prefix, &st.clusters, &targets, &wanted, &live_refs);
             if entries == st.clusters
                 && synced == st.synced_clusters
                 && target == st.target_clusters
@@ -1269,7 +1277,8 @@ async fn sweep(objects: &Objects, shared: &Shared) -> Result<(), ObjectError> {
                 changed |= status::mark_last_known(&mut st.clusters, c);
             }
             if changed {
-                st.synced_clusters = status::count_synced(&st.clusters);
+                st.synced_clusters =
+                    status::count_synced(&st.clusters, &status::wanted_digests(Some(st)));
             }
             changed
         };

@@ -3,9 +3,11 @@
 //! the hub owns (`Repository.status.clusters/syncedClusters/targetClusters`
 //! and `Cluster.status`). The session module does the I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use imgfleet::model::{ClusterImageStatus, ClusterPhase, ClusterStatus, ImagePhase};
+use imgfleet::model::{
+    ClusterImageStatus, ClusterPhase, ClusterStatus, ImagePhase, RepositoryStatus,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::fleet::StoredDesiredSet;
@@ -55,19 +57,32 @@ pub fn targets_of<S: std::borrow::Borrow<StoredDesiredSet>>(
     out
 }
 
+/// The digests a Repository resolves to now: what every targeted cluster
+/// must hold before it counts as synced.
+pub fn wanted_digests(status: Option<&RepositoryStatus>) -> BTreeSet<String> {
+    status
+        .map(|s| {
+            s.resolved
+                .iter()
+                .filter(|r| !r.digest.is_empty())
+                .map(|r| r.digest.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The prefix of every image key of Repository `namespace/name` (see
+/// `DesiredImage.key`).
+pub fn image_key_prefix(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}@")
+}
+
 fn pending(cluster: &str, digest: &str) -> ClusterImageStatus {
     ClusterImageStatus {
         cluster: cluster.to_string(),
         digest: digest.to_string(),
         phase: Some(ImagePhase::Pending),
-        bytes_done: 0,
-        bytes_total: 0,
-        layers_done: 0,
-        layers_total: 0,
-        last_sync_time: None,
-        message: None,
-        next_retry_time: None,
-        last_known: false,
+        ..Default::default()
     }
 }
 
@@ -84,7 +99,38 @@ fn entry_from(cluster: &str, digest: &str, s: &ImageState) -> ClusterImageStatus
         message: s.message.clone().filter(|m| !m.is_empty()),
         next_retry_time: s.next_retry_time.clone(),
         last_known: false,
+        held_digests: Vec::new(),
     }
+}
+
+/// The digests of one Repository a live cluster reported as servable.
+fn held_by(live: &LiveCluster, key_prefix: &str) -> Vec<String> {
+    let held: BTreeSet<&str> = live
+        .images
+        .range(key_prefix.to_string()..)
+        .take_while(|(k, _)| k.starts_with(key_prefix))
+        .filter(|(_, s)| s.phase == Some(ImagePhase::Synced))
+        .map(|(k, s)| {
+            if s.digest.is_empty() {
+                &k[key_prefix.len()..]
+            } else {
+                s.digest.as_str()
+            }
+        })
+        .collect();
+    held.into_iter().map(str::to_string).collect()
+}
+
+/// Whether a cluster's entries show every wanted digest servable now: each
+/// one Synced, and not a last-known state of an offline cluster. Nothing
+/// wanted (no digest resolved yet) is never synced.
+fn holds_all(entries: &[&ClusterImageStatus], wanted: &BTreeSet<String>) -> bool {
+    !wanted.is_empty()
+        && wanted.iter().all(|d| {
+            entries
+                .iter()
+                .any(|e| &e.digest == d && e.phase == Some(ImagePhase::Synced) && !e.last_known)
+        })
 }
 
 /// Most per-cluster entries a Repository's status lists. A fleet of ten
@@ -97,15 +143,20 @@ pub const MAX_CLUSTER_ENTRIES: usize = 1000;
 /// - One entry per (targeted cluster, desired digest); entries of clusters or
 ///   digests no longer desired are dropped.
 /// - Clusters with a live session here (`live`) take their entries from the
-///   reported progress (Pending when nothing was reported yet).
+///   reported progress (Pending when nothing was reported yet), and each
+///   entry lists the digests of the repository (keys under `key_prefix`)
+///   the cluster reported as servable: during a version change, the old one.
 /// - Other clusters keep their existing entries (another replica, or the
 ///   offline sweeper, owns them), or Pending when there is none.
-/// - A cluster counts as synced when every desired digest is Synced and the
-///   entry is current (not `lastKnown`): an offline cluster is never reported
-///   as currently synced.
+/// - A cluster counts as synced only when it reported as servable every
+///   digest in `wanted` (what the repository resolves to now, which the
+///   desired sets may not show yet), and the entries are current (not
+///   `lastKnown`): the status never claims what the edge does not hold.
 pub fn repository_clusters(
+    key_prefix: &str,
     existing: &[ClusterImageStatus],
     targets: &BTreeMap<String, Vec<(String, String)>>,
+    wanted: &BTreeSet<String>,
     live: &BTreeMap<String, &LiveCluster>,
 ) -> (Vec<ClusterImageStatus>, u32, u32) {
     let by_key: HashMap<(&str, &str), &ClusterImageStatus> = existing
@@ -115,23 +166,28 @@ pub fn repository_clusters(
     let mut out = Vec::new();
     let mut synced = 0u32;
     for (cluster, digests) in targets {
-        let mut all_synced = !digests.is_empty();
+        let first = out.len();
+        let held = live.get(cluster).map(|l| held_by(l, key_prefix));
         for (digest, key) in digests {
-            let entry = match live.get(cluster) {
-                Some(l) => l
-                    .images
-                    .get(key)
-                    .map(|s| entry_from(cluster, digest, s))
-                    .unwrap_or_else(|| pending(cluster, digest)),
-                None => by_key
+            let entry = match (live.get(cluster), &held) {
+                (Some(l), Some(held)) => {
+                    let mut e = l
+                        .images
+                        .get(key)
+                        .map(|s| entry_from(cluster, digest, s))
+                        .unwrap_or_else(|| pending(cluster, digest));
+                    e.held_digests = held.clone();
+                    e
+                }
+                _ => by_key
                     .get(&(cluster.as_str(), digest.as_str()))
                     .map(|e| (*e).clone())
                     .unwrap_or_else(|| pending(cluster, digest)),
             };
-            all_synced &= entry.phase == Some(ImagePhase::Synced) && !entry.last_known;
             out.push(entry);
         }
-        if all_synced {
+        let mine: Vec<&ClusterImageStatus> = out[first..].iter().collect();
+        if holds_all(&mine, wanted) {
             synced += 1;
         }
     }
@@ -157,14 +213,18 @@ pub fn mark_last_known(entries: &mut [ClusterImageStatus], cluster: &str) -> boo
     changed
 }
 
-/// Recounts synced clusters after entries changed (e.g. flagged last known).
-pub fn count_synced(entries: &[ClusterImageStatus]) -> u32 {
-    let mut by_cluster: BTreeMap<&str, bool> = BTreeMap::new();
+/// Recounts synced clusters after entries or the wanted digests changed (a
+/// cluster flagged last known, a tag resolved to a new digest), by the rule
+/// of [`repository_clusters`].
+pub fn count_synced(entries: &[ClusterImageStatus], wanted: &BTreeSet<String>) -> u32 {
+    let mut by_cluster: BTreeMap<&str, Vec<&ClusterImageStatus>> = BTreeMap::new();
     for e in entries {
-        let ok = e.phase == Some(ImagePhase::Synced) && !e.last_known;
-        *by_cluster.entry(e.cluster.as_str()).or_insert(true) &= ok;
+        by_cluster.entry(e.cluster.as_str()).or_default().push(e);
     }
-    by_cluster.values().filter(|ok| **ok).count() as u32
+    by_cluster
+        .values()
+        .filter(|mine| holds_all(mine, wanted))
+        .count() as u32
 }
 
 /// The new `Cluster.status`: desired fields from the stored desired set,
@@ -279,6 +339,8 @@ mod tests {
     struct Case {
         name: &'static str,
         desired: BTreeMap<String, StoredDesiredSet>,
+        /// What the Repository resolves to now; `None`: every desired digest.
+        wanted: Option<&'static [&'static str]>,
         existing: Vec<ClusterImageStatus>,
         live: BTreeMap<String, LiveCluster>,
         want: Vec<(&'static str, &'static str, ImagePhase, bool)>,
@@ -286,11 +348,17 @@ mod tests {
         target: u32,
     }
 
-    fn check(c: Case) {
+    fn check(c: Case) -> Vec<ClusterImageStatus> {
         let targets = targets_of("default", "app", &c.desired);
+        let wanted: BTreeSet<String> = match c.wanted {
+            Some(w) => w.iter().map(|d| d.to_string()).collect(),
+            None => targets.values().flatten().map(|(d, _)| d.clone()).collect(),
+        };
         let live: BTreeMap<String, &LiveCluster> =
             c.live.iter().map(|(k, v)| (k.clone(), v)).collect();
-        let (entries, synced, target) = repository_clusters(&c.existing, &targets, &live);
+        let prefix = image_key_prefix("default", "app");
+        let (entries, synced, target) =
+            repository_clusters(&prefix, &c.existing, &targets, &wanted, &live);
         let got: Vec<_> = entries
             .iter()
             .map(|e| {
@@ -304,6 +372,13 @@ mod tests {
             .collect();
         assert_eq!(got, c.want, "{}", c.name);
         assert_eq!((synced, target), (c.synced, c.target), "{}", c.name);
+        assert_eq!(
+            count_synced(&entries, &wanted),
+            synced,
+            "{}: the recount agrees",
+            c.name
+        );
+        entries
     }
 
     #[test]
@@ -321,6 +396,7 @@ mod tests {
         };
         check(Case {
             name: "untargeted",
+            wanted: None,
             desired: d(&[("a", vec![img("default", "other", "sha256:1")])]),
             existing: vec![pending("a", "sha256:1")],
             live: BTreeMap::new(),
@@ -330,6 +406,7 @@ mod tests {
         });
         check(Case {
             name: "targeted, never reported",
+            wanted: None,
             desired: d(&[
                 ("a", vec![img("default", "app", "sha256:1")]),
                 ("b", vec![]),
@@ -342,6 +419,7 @@ mod tests {
         });
         check(Case {
             name: "live synced and syncing",
+            wanted: None,
             desired: d(&[
                 ("a", vec![img("default", "app", "sha256:1")]),
                 ("b", vec![img("default", "app", "sha256:1")]),
@@ -374,6 +452,7 @@ mod tests {
         });
         check(Case {
             name: "offline last known kept, not counted; stale digest dropped",
+            wanted: None,
             desired: d(&[("b", vec![img("default", "app", "sha256:1")])]),
             existing: vec![offline_synced.clone(), pending("b", "sha256:old")],
             live: BTreeMap::new(),
@@ -383,6 +462,7 @@ mod tests {
         });
         check(Case {
             name: "all digests must be synced",
+            wanted: None,
             desired: d(&[(
                 "a",
                 vec![
@@ -410,6 +490,95 @@ mod tests {
     }
 
     #[test]
+    fn a_new_digest_is_not_synced_until_reported() {
+        let d = |digest: &str| -> BTreeMap<String, StoredDesiredSet> {
+            [("a".to_string(), set(1, vec![img("default", "app", digest)]))].into()
+        };
+        let old_synced = || -> BTreeMap<String, LiveCluster> {
+            [(
+                "a".to_string(),
+                live(&[(
+                    "default/app@sha256:old",
+                    state(ImagePhase::Synced, "sha256:old"),
+                )]),
+            )]
+            .into()
+        };
+        // The tag moved: the desired sets still name the old digest, the
+        // Repository already resolves to the new one.
+        check(Case {
+            name: "resolved ahead of the desired sets",
+            desired: d("sha256:old"),
+            wanted: Some(&["sha256:new"]),
+            existing: vec![],
+            live: old_synced(),
+            want: vec![("a", "sha256:old", ImagePhase::Synced, false)],
+            synced: 0,
+            target: 1,
+        });
+        // The desired set caught up; the (frozen) agent has not reported it.
+        let entries = check(Case {
+            name: "desired, not reported: the cluster still holds the old digest",
+            desired: d("sha256:new"),
+            wanted: Some(&["sha256:new"]),
+            existing: vec![],
+            live: old_synced(),
+            want: vec![("a", "sha256:new", ImagePhase::Pending, false)],
+            synced: 0,
+            target: 1,
+        });
+        assert_eq!(entries[0].held_digests, vec!["sha256:old".to_string()]);
+        // Nothing resolved: nothing counts as synced.
+        check(Case {
+            name: "nothing wanted",
+            desired: d("sha256:old"),
+            wanted: Some(&[]),
+            existing: vec![],
+            live: old_synced(),
+            want: vec![("a", "sha256:old", ImagePhase::Synced, false)],
+            synced: 0,
+            target: 1,
+        });
+        // Reported: synced, and it holds both until retention drops the old.
+        let mut l = old_synced();
+        l.get_mut("a").expect("a").images.insert(
+            "default/app@sha256:new".into(),
+            state(ImagePhase::Synced, "sha256:new"),
+        );
+        let entries = check(Case {
+            name: "reported",
+            desired: d("sha256:new"),
+            wanted: Some(&["sha256:new"]),
+            existing: vec![],
+            live: l,
+            want: vec![("a", "sha256:new", ImagePhase::Synced, false)],
+            synced: 1,
+            target: 1,
+        });
+        assert_eq!(
+            entries[0].held_digests,
+            vec!["sha256:new".to_string(), "sha256:old".to_string()]
+        );
+        // Another repository's images with a similar name are not held.
+        let mut other = old_synced();
+        other.get_mut("a").expect("a").images.insert(
+            "default/app2@sha256:x".into(),
+            state(ImagePhase::Synced, "sha256:x"),
+        );
+        let entries = check(Case {
+            name: "only this repository's digests are held",
+            desired: d("sha256:new"),
+            wanted: Some(&["sha256:new"]),
+            existing: vec![],
+            live: other,
+            want: vec![("a", "sha256:new", ImagePhase::Pending, false)],
+            synced: 0,
+            target: 1,
+        });
+        assert_eq!(entries[0].held_digests, vec!["sha256:old".to_string()]);
+    }
+
+    #[test]
     fn last_known_and_counts() {
         let mut entries = vec![
             ClusterImageStatus {
@@ -421,10 +590,14 @@ mod tests {
                 ..pending("b", "sha256:1")
             },
         ];
-        assert_eq!(count_synced(&entries), 2);
+        let wanted: BTreeSet<String> = ["sha256:1".to_string()].into();
+        assert_eq!(count_synced(&entries, &wanted), 2);
         assert!(mark_last_known(&mut entries, "b"));
         assert!(!mark_last_known(&mut entries, "b"));
-        assert_eq!(count_synced(&entries), 1);
+        assert_eq!(count_synced(&entries, &wanted), 1);
+        // A new digest resolved: nobody holds it yet.
+        let moved: BTreeSet<String> = ["sha256:2".to_string()].into();
+        assert_eq!(count_synced(&entries, &moved), 0);
     }
 
     #[test]
@@ -489,7 +662,9 @@ mod tests {
             .collect();
         let live: BTreeMap<String, &LiveCluster> =
             live_states.iter().map(|(k, v)| (k.clone(), v)).collect();
-        let (entries, synced, target) = repository_clusters(&existing, &targets, &live);
+        let wanted: BTreeSet<String> = ["sha256:1".to_string()].into();
+        let (entries, synced, target) =
+            repository_clusters("default/app@", &existing, &targets, &wanted, &live);
         assert_eq!(target as usize, n);
         assert_eq!(synced as usize, n - 100);
         assert_eq!(entries.len(), MAX_CLUSTER_ENTRIES);

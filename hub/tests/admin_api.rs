@@ -443,6 +443,7 @@ async fn scenario(hub: &TestHub) {
         namespace: "default".into(),
         name: "raced".into(),
         resource_version: rv.into(),
+        force: false,
     };
     let e = c.delete(del("1")).await.expect_err("stale delete");
     assert_conflict(&e, "stale delete");
@@ -488,6 +489,7 @@ async fn watch_sequence(c: &mut AdminServiceClient<Channel>, seed: &[pb::Object]
         namespace: "default".into(),
         name: "watched".into(),
         resource_version: String::new(),
+        force: false,
     })
     .await
     .expect("delete");
@@ -934,4 +936,59 @@ async fn production_tls_from_files() {
         }
         hub.stop().await.expect("stop");
     }
+}
+
+/// A RegistrySecret that Repositories use is not deleted by accident: the
+/// refusal is FAILED_PRECONDITION naming the Repositories, and `force`
+/// deletes it anyway.
+#[tokio::test]
+async fn a_registry_secret_in_use_is_deleted_only_with_force() {
+    let hub = TestHub::start(None).await;
+    let mut c = hub.client().await;
+    let seed = seed_objects();
+    for o in &seed {
+        c.apply(apply_req(o.clone())).await.expect("apply");
+    }
+    // A second user of the same secret, and an unrelated namespace's
+    // Repository of the same name that does not use it.
+    let mut second = seed[1].clone();
+    meta_mut(&mut second).name = "nginx-stable".into();
+    c.apply(apply_req(second)).await.expect("apply second");
+    let mut elsewhere = seed[1].clone();
+    meta_mut(&mut elsewhere).namespace = "team-b".into();
+    repo_spec_mut(&mut elsewhere).registry_ref = Some(pb::ObjectRef {
+        name: "harbor-prod".into(),
+        namespace: "team-b".into(),
+    });
+    c.apply(apply_req(elsewhere))
+        .await
+        .expect("apply elsewhere");
+
+    let del = |force| pb::DeleteRequest {
+        kind: pb::Kind::RegistrySecret as i32,
+        namespace: "default".into(),
+        name: "harbor-prod".into(),
+        resource_version: String::new(),
+        force,
+    };
+    let e = c.delete(del(false)).await.expect_err("in use");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("RegistrySecret default/harbor-prod")
+            && e.message()
+                .contains("Repositories default/nginx-latest, default/nginx-stable")
+            && !e.message().contains("team-b"),
+        "{}",
+        e.message()
+    );
+    c.get(get_req(pb::Kind::RegistrySecret, "default", "harbor-prod"))
+        .await
+        .expect("still there");
+    c.delete(del(true)).await.expect("forced delete");
+    let e = c
+        .get(get_req(pb::Kind::RegistrySecret, "default", "harbor-prod"))
+        .await
+        .expect_err("gone");
+    assert_eq!(e.code(), Code::NotFound);
+    hub.stop().await;
 }

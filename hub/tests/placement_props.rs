@@ -1,6 +1,8 @@
 //! Property tests of placement over random fleets: the output does not depend
 //! on input order, diff/apply round-trip, diff of a set with itself is empty,
-//! and a cluster never receives a repository from outside its tenants.
+//! a cluster never receives a repository from outside its tenants, a
+//! repository without placement reaches exactly the clusters that admit its
+//! namespace, and a repository that reaches no cluster is reported.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -87,6 +89,7 @@ fn repo() -> impl Strategy<Value = (PlacementRepo, Option<Resolution>)> {
         subsequence(CLUSTERS, 0..3),
         select(&["", "ns1", "ns2"][..]),
         prop::bool::weighted(0.15),
+        prop::bool::weighted(0.3),
         proptest::option::weighted(
             0.85,
             proptest::collection::vec(
@@ -100,9 +103,10 @@ fn repo() -> impl Strategy<Value = (PlacementRepo, Option<Resolution>)> {
         subsequence(&["linux/amd64", "linux/arm64"][..], 0..=2),
     )
         .prop_map(
-            |(ns, n, sel, names, reg_ns, suspend, resolved, platforms)| {
+            |(ns, n, sel, names, reg_ns, suspend, default_placement, resolved, platforms)| {
                 let r = PlacementRepo {
                     id: ObjectId::new(ns, format!("r{n}")),
+                    default_placement,
                     selector: sel,
                     clusters: names.into_iter().map(str::to_string).collect(),
                     registry_ref: ObjectId::new(reg_ns, "reg"),
@@ -234,6 +238,37 @@ proptest! {
             let new = pb.clusters.get(name).unwrap_or(&empty);
             prop_assert_eq!(&apply(old, &diff(old, new)), new);
             prop_assert!(diff(new, new).is_empty());
+        }
+    }
+
+    #[test]
+    fn without_placement_every_admitting_cluster_and_no_other(w in world()) {
+        let p = run(&w);
+        let registries: BTreeSet<&ObjectId> = w.registries.iter().map(|r| &r.id).collect();
+        for r in &w.repos {
+            let reached: BTreeSet<&String> = p
+                .clusters
+                .iter()
+                .filter(|(_, set)| set.images.iter().any(|i| i.source == r.id))
+                .map(|(name, _)| name)
+                .collect();
+            let reported = p.skipped.iter().any(|s| s.repo == r.id);
+            // Every repository either reaches a cluster or says why not.
+            prop_assert!(!reached.is_empty() || reported, "{} reached nothing, silently", r.id);
+            let secret_ns = if r.registry_ref.namespace.is_empty() { &r.id.namespace } else { &r.registry_ref.namespace };
+            let placeable = !r.suspend
+                && *secret_ns == r.id.namespace
+                && registries.contains(&ObjectId::new(secret_ns.clone(), "reg"))
+                && w.resolutions.get(&r.id).is_some_and(|res| !res.images.is_empty());
+            if r.default_placement && placeable {
+                let admitting: BTreeSet<&String> = w
+                    .clusters
+                    .iter()
+                    .filter(|c| c.tenants.contains(&r.id.namespace))
+                    .map(|c| &c.name)
+                    .collect();
+                prop_assert_eq!(reached, admitting);
+            }
         }
     }
 

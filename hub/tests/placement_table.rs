@@ -81,7 +81,7 @@ fn fleet() -> Vec<PlacementCluster> {
 }
 
 fn registries() -> Vec<RegistryInfo> {
-    ["team-a", "team-b"]
+    ["team-a", "team-b", "team-z"]
         .iter()
         .map(|ns| RegistryInfo {
             id: ObjectId::new(*ns, "reg"),
@@ -245,8 +245,62 @@ fn selectors() {
         ("no selector, no names", web(), &[]),
     ];
     for (case, r, want) in cases {
-        check(case, vec![r], fleet(), want, &[]);
+        // A repository that reaches no cluster says why.
+        let skipped: &[(&str, SkipReason)] = if want.is_empty() {
+            &[("team-a/web", SkipReason::NoClusterMatches)]
+        } else {
+            &[]
+        };
+        check(case, vec![r], fleet(), want, skipped);
     }
+}
+
+#[test]
+fn without_placement_every_cluster_that_admits_the_namespace() {
+    let everywhere = |ns: &str, name: &str| PlacementRepo {
+        default_placement: true,
+        ..repo(ns, name)
+    };
+    check(
+        "team-a: the two clusters admitting team-a",
+        vec![everywhere("team-a", "web")],
+        fleet(),
+        &[("edge-a", &[A]), ("edge-b", &[A])],
+        &[],
+    );
+    check(
+        "team-b: edge-a and edge-c",
+        vec![everywhere("team-b", "db")],
+        fleet(),
+        &[
+            ("edge-a", &["team-b/db@sha256:db"]),
+            ("edge-c", &["team-b/db@sha256:db"]),
+        ],
+        &[],
+    );
+    // Selector and names are unused without a placement (the model cannot
+    // express both; the adapter never sets them together).
+    check(
+        "selector fields are ignored",
+        vec![everywhere("team-a", "web").sel(labels(&[("env", "dev")]))],
+        fleet(),
+        &[("edge-a", &[A]), ("edge-b", &[A])],
+        &[],
+    );
+    check(
+        "no cluster admits the namespace",
+        vec![everywhere("team-z", "app")],
+        fleet(),
+        &[],
+        &[("team-z/app", SkipReason::NoClusterAdmitsNamespace)],
+    );
+    check(
+        "no cluster at all",
+        vec![everywhere("team-a", "web")],
+        vec![],
+        &[],
+        &[("team-a/web", SkipReason::NoClusterAdmitsNamespace)],
+    );
 }
 
 #[test]
@@ -287,7 +341,7 @@ fn names_union_and_tenants() {
         vec![web().sel(labels(&[("env", "dev")]))],
         fleet(),
         &[],
-        &[],
+        &[("team-a/web", SkipReason::NoClusterMatches)],
     );
     check(
         "tenant refuses an explicit name",

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 
 use imgfleet::api::v1 as pb;
 use imgfleet::model::{
-    Cluster, ImagePhase, Kind, LabelSelector, Object, RegistrySecret, Repository, SelectorOperator,
+    Cluster, ClusterImageStatus, ImagePhase, Kind, LabelSelector, Object, RegistrySecret,
+    Repository, SelectorOperator,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -164,6 +165,19 @@ fn digest_cell(r: &Repository) -> String {
     cell
 }
 
+/// Why a Repository reaches no cluster or cannot be pulled (the hub's
+/// placement report), else why its last resolution failed, else `-`.
+fn reason_cell(r: &Repository) -> String {
+    let status = r.status.as_ref();
+    if let Some(p) = status.and_then(|s| s.placement.as_ref()) {
+        return format!("{:?}", p.reason);
+    }
+    match status.and_then(|s| s.reason) {
+        Some(reason) => format!("Resolve{reason:?}"),
+        None => "-".to_owned(),
+    }
+}
+
 fn rs_status(rs: &RegistrySecret) -> String {
     rs.status
         .as_ref()
@@ -224,6 +238,7 @@ pub fn table_for(kind: Kind, objects: &[Object], wide: bool, now: Timestamp) -> 
                                     .clone()
                                     .unwrap_or_else(|| "1h".to_owned()),
                             );
+                            row.push(reason_cell(r));
                         }
                         Some(row)
                     }
@@ -240,7 +255,7 @@ pub fn table_for(kind: Kind, objects: &[Object], wide: bool, now: Timestamp) -> 
                 "AGE",
             ];
             if wide {
-                headers.push("INTERVAL");
+                headers.extend(["INTERVAL", "REASON"]);
             }
             table(&headers, &rows)
         }
@@ -450,7 +465,7 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
         s.sync_interval.as_deref().unwrap_or("1h (default)"),
     );
     let placement = match &s.placement {
-        None => "<none: no cluster receives it>".to_owned(),
+        None => "<none>: every cluster that admits this namespace".to_owned(),
         Some(p) => {
             let mut parts = Vec::new();
             if let Some(sel) = &p.cluster_selector {
@@ -460,7 +475,7 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
                 parts.push(format!("clusters {}", p.clusters.join(", ")));
             }
             if parts.is_empty() {
-                "<none: no cluster receives it>".to_owned()
+                "<empty>: selects no cluster".to_owned()
             } else {
                 parts.join("; ")
             }
@@ -482,6 +497,14 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
     field(out, "Suspended", s.suspend);
 
     let st = r.status.clone().unwrap_or_default();
+    if let Some(p) = &st.placement {
+        let what = if st.target_clusters == 0 {
+            "Not placed"
+        } else {
+            "Problem"
+        };
+        field(out, what, format!("{:?}: {}", p.reason, p.message));
+    }
     field(
         out,
         "Last resolve",
@@ -538,13 +561,14 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
                     .unwrap_or_else(|| "Unknown".to_owned());
                 vec![
                     c.cluster.clone(),
+                    short_digest(&c.digest),
+                    holds_cell(c),
                     if c.last_known {
                         format!("{phase} (last known)")
                     } else {
                         phase
                     },
                     progress(c.phase, c.bytes_done, c.bytes_total),
-                    short_digest(&c.digest),
                     c.last_sync_time
                         .as_ref()
                         .map(|t| format!("{} ago", age(Some(t), now)))
@@ -565,9 +589,10 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
         out.push_str(&indent(&table(
             &[
                 "CLUSTER",
+                "WANTED",
+                "HOLDS",
                 "PHASE",
                 "PROGRESS",
-                "DIGEST",
                 "LAST SYNC",
                 "MESSAGE",
             ],
@@ -585,6 +610,23 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
             );
         }
     }
+}
+
+/// What a cluster holds of a Repository next to the digest it should hold:
+/// the wanted digest once servable there, else the digests its mirror still
+/// serves (an older version during a change), else `<nothing>`.
+fn holds_cell(c: &ClusterImageStatus) -> String {
+    if c.phase == Some(ImagePhase::Synced) || c.held_digests.contains(&c.digest) {
+        return short_digest(&c.digest);
+    }
+    if c.held_digests.is_empty() {
+        return "<nothing>".to_owned();
+    }
+    c.held_digests
+        .iter()
+        .map(|d| short_digest(d))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The line `apply` prints per object.
@@ -688,7 +730,7 @@ status: {phase: Connected, lastSeen: 2026-01-08T11:59:30Z}
             wide.starts_with("NAMESPACE   NAME    REPOSITORY      TAG      DIGEST "),
             "{wide}"
         );
-        assert!(wide.contains("3/4      2d    30m\n"), "{wide}");
+        assert!(wide.contains("3/4      2d    30m        -\n"), "{wide}");
         let clusters = table_for(Kind::Cluster, &objects, false, now());
         assert_eq!(
             clusters,
@@ -760,6 +802,68 @@ status: {phase: Connected, lastSeen: 2026-01-08T11:59:30Z}
             text.contains(
                 "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
             )
+        );
+    }
+
+    #[test]
+    fn describe_says_why_nothing_is_placed_and_what_clusters_hold() {
+        let new = format!("sha256:{}", "a".repeat(64));
+        let old = format!("sha256:{}", "b".repeat(64));
+        let yaml = format!(
+            "apiVersion: image.theriseunion.io/v1alpha1\nkind: Repository\n\
+             metadata: {{name: app, namespace: team-z}}\n\
+             spec: {{repository: x/app, tag: v1, registryRef: {{name: r}}}}\n\
+             status:\n  resolved: [{{tag: v1, digest: \"{new}\"}}]\n  targetClusters: 2\n  clusters:\n\
+             \x20 - {{cluster: edge-1, digest: \"{new}\", phase: Pending, heldDigests: [\"{old}\"]}}\n\
+             \x20 - {{cluster: edge-2, digest: \"{new}\", phase: Synced, heldDigests: [\"{new}\"]}}\n\
+             \x20 - {{cluster: edge-3, digest: \"{new}\", phase: Pending}}\n\
+             \x20 placement: {{reason: TenantNotAllowed, message: cluster edge-9 does not allow this namespace}}\n"
+        );
+        let objects = parse(&yaml);
+        let text = describe(&objects[0], now());
+        assert!(
+            text.contains("Placement:      <none>: every cluster that admits this namespace"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Problem:        TenantNotAllowed: cluster edge-9"),
+            "{text}"
+        );
+        assert!(text.contains("WANTED"), "{text}");
+        let row = |c: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(c))
+                .unwrap_or_else(|| panic!("{c} row in {text}"))
+                .to_owned()
+        };
+        let (short_new, short_old) = (short_digest(&new), short_digest(&old));
+        let e1 = row("edge-1");
+        assert!(
+            e1.contains(&format!("{short_new}   {short_old}   Pending")),
+            "{e1}"
+        );
+        let e2 = row("edge-2");
+        assert!(
+            e2.contains(&format!("{short_new}   {short_new}   Synced")),
+            "{e2}"
+        );
+        assert!(row("edge-3").contains("<nothing>"));
+        let Object::Repository(r) = &objects[0] else {
+            panic!("a repository")
+        };
+        assert_eq!(reason_cell(r), "TenantNotAllowed");
+
+        // Reaching no cluster is said as such.
+        let nowhere = yaml
+            .replace("targetClusters: 2", "targetClusters: 0")
+            .replace(
+                "TenantNotAllowed, message: cluster edge-9 does not allow this namespace",
+                "NoClusterAdmitsNamespace, message: no cluster admits this namespace",
+            );
+        let text = describe(&parse(&nowhere)[0], now());
+        assert!(
+            text.contains("Not placed:     NoClusterAdmitsNamespace: no cluster admits"),
+            "{text}"
         );
     }
 

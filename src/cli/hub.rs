@@ -122,7 +122,10 @@ pub fn status_message(code: Code, message: &str, what: &str, hub: &str) -> Strin
         Code::NotFound => format!("{what} not found"),
         Code::InvalidArgument => format!("the hub refused {what}{detail}"),
         Code::AlreadyExists => format!("{what} already exists{detail}"),
-        Code::FailedPrecondition | Code::Aborted => {
+        // The hub's message says which precondition failed: a stale
+        // resourceVersion, or a RegistrySecret still in use.
+        Code::FailedPrecondition => format!("the hub refused {what}{detail}"),
+        Code::Aborted => {
             format!("{what} was changed by someone else{detail}; get it again and retry")
         }
         Code::PermissionDenied => format!("permission denied for {what}{detail}"),
@@ -207,9 +210,15 @@ mod tests {
             status_message(Code::InvalidArgument, "spec.tag: bad", what, hub),
             "the hub refused Repository default/x: spec.tag: bad"
         );
-        assert!(
-            status_message(Code::FailedPrecondition, "", what, hub)
-                .contains("get it again and retry")
+        assert!(status_message(Code::Aborted, "", what, hub).contains("get it again and retry"));
+        assert_eq!(
+            status_message(
+                Code::FailedPrecondition,
+                "still used by Repository default/y",
+                what,
+                hub
+            ),
+            "the hub refused Repository default/x: still used by Repository default/y"
         );
         assert_eq!(
             status_message(Code::Unavailable, "connection reset", what, hub),

@@ -98,6 +98,10 @@ enum Command {
         /// Delete the objects of these files instead.
         #[arg(short = 'f', long = "filename", value_name = "FILE", conflicts_with_all = ["kind", "name"])]
         files: Vec<String>,
+        /// Delete a RegistrySecret even though Repositories still use it; they then
+        /// reach no cluster, and their status says the secret is gone.
+        #[arg(long)]
+        force: bool,
     },
     /// Follow the sync of Repositories across clusters: live progress bars on a terminal,
     /// plain lines otherwise.
@@ -233,7 +237,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             name,
             namespace,
             files,
-        } => delete(&target, kind, name, &namespace, &files).await,
+            force,
+        } => delete(&target, kind, name, &namespace, &files, force).await,
         Command::Watch {
             kind: _,
             name,
@@ -491,6 +496,7 @@ async fn delete(
     name: Option<String>,
     namespace: &str,
     files: &[String],
+    force: bool,
 ) -> anyhow::Result<ExitCode> {
     let targets: Vec<(Kind, String, String)> = if files.is_empty() {
         let (Some(kind), Some(name)) = (kind, name) else {
@@ -531,6 +537,7 @@ async fn delete(
             namespace,
             name,
             resource_version: String::new(),
+            force,
         };
         match client.delete(request).await {
             Ok(_) => println!("{id} deleted"),

@@ -574,6 +574,7 @@ mod tests {
             message: None,
             next_retry_time: None,
             last_known: false,
+            held_digests: Vec::new(),
         }
     }
 

@@ -168,6 +168,9 @@ pub enum ConnectionPhase {
     AuthFailed,
     /// The registry could not be reached.
     Unreachable,
+    /// The stored password cannot be opened with the hub's keys (a key missing
+    /// from the keyring, or a damaged value). Images already placed stay placed.
+    CredentialUnusable,
 }
 
 /// Observed health of an upstream registry.
@@ -246,7 +249,10 @@ pub struct RepositorySpec {
     /// How often tags are re-resolved, e.g. `30m`, `1h`, `24h`. Default 1h, minimum 10s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_interval: Option<String>,
-    /// Which clusters receive the image. Unset means none.
+    /// Which clusters receive the image. Unset (as in the seed's YAML) means every
+    /// cluster whose tenants include this Repository's namespace: tenant isolation is
+    /// the guard. Set, only the clusters it selects or names, and of those only the
+    /// ones that admit the namespace; an empty selector selects nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
     /// How long versions no longer desired are kept on clusters.
@@ -421,7 +427,7 @@ pub enum ImagePhase {
 }
 
 /// The state of one image of one Repository on one cluster.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterImageStatus {
     /// The cluster's name.
@@ -456,6 +462,42 @@ pub struct ClusterImageStatus {
     /// True when the cluster is offline and this is its last known state.
     #[serde(default, skip_serializing_if = "is_false")]
     pub last_known: bool,
+    /// Digests of this Repository the cluster reported as servable (Synced). While
+    /// `digest` is not among them, these are the versions its mirror still serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_digests: Vec<String>,
+}
+
+/// Why a Repository reaches no cluster, or what keeps clusters from pulling it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PlacementReason {
+    /// No enrolled cluster lists the Repository's namespace in its tenants.
+    NoClusterAdmitsNamespace,
+    /// The placement selects or names no cluster that admits the namespace.
+    NoClusterMatches,
+    /// `spec.registryRef` names a RegistrySecret that does not exist.
+    SecretNotFound,
+    /// `spec.registryRef` points into another namespace.
+    SecretInOtherNamespace,
+    /// The RegistrySecret's password cannot be opened with the hub's keys.
+    CredentialUnusable,
+    /// `spec.suspend` is true.
+    Suspended,
+    /// No tag is resolved to a digest yet.
+    NotResolved,
+    /// A cluster named in the placement does not admit the namespace.
+    TenantNotAllowed,
+}
+
+/// What the hub's desired-set controller found when it placed a Repository.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementStatus {
+    /// The first reason that applies.
+    pub reason: PlacementReason,
+    /// Detail for people, naming the object or cluster at fault.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// What the hub and the agents observed about a Repository.
@@ -483,7 +525,8 @@ pub struct RepositoryStatus {
     /// Per-cluster state, one entry per cluster and digest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clusters: Vec<ClusterImageStatus>,
-    /// Number of targeted clusters holding every desired digest.
+    /// Number of targeted clusters that reported, as servable, every digest in
+    /// `resolved`: a cluster still holding an older digest does not count.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub synced_clusters: u32,
     /// Number of clusters targeted.
@@ -492,6 +535,10 @@ pub struct RepositoryStatus {
     /// The spec generation the status describes.
     #[serde(default, skip_serializing_if = "is_zero_i64")]
     pub observed_generation: i64,
+    /// Set when the Repository reaches no cluster, or something keeps clusters
+    /// from pulling it. Computed by the hub when the object is read; never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementStatus>,
 }
 
 // ---------------------------------------------------------------------------

@@ -54,6 +54,9 @@ pub struct HubOptions {
     /// Copy `pki/`, `admin/` and `secret.key` from this other hub's data dir before the first
     /// start, so that replicas share one CA, one server certificate and one secret key.
     pub replica_of: Option<PathBuf>,
+    /// With `replica_of`: also copy its `secret.key` (true unless a test wants a replica
+    /// with a key of its own).
+    pub share_secret_key: bool,
     /// Further flags passed as given.
     pub extra_args: Vec<String>,
     /// The `imgfleet-hub` binary to run instead of `<target>/debug/imgfleet-hub` (benchmarks
@@ -72,6 +75,7 @@ impl HubOptions {
             listen_port: None,
             offline_after: None,
             replica_of: None,
+            share_secret_key: true,
             extra_args: Vec::new(),
             binary: None,
             cli_binary: None,
@@ -110,7 +114,7 @@ impl HubProcess {
         std::fs::create_dir_all(&options.data_dir)
             .with_context(|| format!("create hub data dir {}", options.data_dir.display()))?;
         if let Some(source) = &options.replica_of {
-            copy_replica_material(source, &options.data_dir)?;
+            copy_replica_material(source, &options.data_dir, options.share_secret_key)?;
         }
         let port = options.listen_port.unwrap_or_else(free_port);
         let mut hub = HubProcess {
@@ -126,7 +130,61 @@ impl HubProcess {
         Ok(hub)
     }
 
-    async fn spawn(&mut self) -> Result<()> {
+    /// Starts the hub expecting it to refuse to start: waits (up to `timeout`) for it to
+    /// exit and returns its exit status and log. Fails if it is still running then.
+    pub async fn start_expecting_exit(
+        options: HubOptions,
+        timeout: Duration,
+    ) -> Result<(ExitStatus, String)> {
+        install_crypto_provider();
+        let binary = match &options.binary {
+            Some(b) => b.clone(),
+            None => workspace_binary("imgfleet-hub")?,
+        };
+        std::fs::create_dir_all(&options.data_dir)
+            .with_context(|| format!("create hub data dir {}", options.data_dir.display()))?;
+        if let Some(source) = &options.replica_of {
+            copy_replica_material(source, &options.data_dir, options.share_secret_key)?;
+        }
+        let mut hub = HubProcess {
+            child: None,
+            binary,
+            port: options.listen_port.unwrap_or_else(free_port),
+            options,
+            metrics_port: free_port(),
+            log: log_file("hub"),
+        };
+        hub.run_to_exit(timeout).await
+    }
+
+    /// Kills the hub if it runs and starts it again, expecting it to refuse to start (see
+    /// [`HubProcess::start_expecting_exit`]).
+    pub async fn restart_expecting_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(ExitStatus, String)> {
+        self.kill();
+        self.run_to_exit(timeout).await
+    }
+
+    async fn run_to_exit(&mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
+        let mut child = ChildGuard::spawn_with_log("hub", self.command(), self.log.clone())?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait() {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                return Ok((status, log));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(child.error_with_log(format!(
+                    "expected the hub to refuse to start, but it still runs after {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
@@ -144,7 +202,11 @@ impl HubProcess {
                 .arg(format!("{}s", after.as_secs().max(1)));
         }
         cmd.args(&self.options.extra_args);
-        let mut child = ChildGuard::spawn_with_log("hub", cmd, self.log.clone())?;
+        cmd
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let mut child = ChildGuard::spawn_with_log("hub", self.command(), self.log.clone())?;
         let cli = self.cli();
         let admin = self.admin_credentials_dir();
         child
@@ -249,8 +311,8 @@ impl HubProcess {
 }
 
 /// Copies what replicas must share from another hub's data dir: the CA and server
-/// certificate (`pki/`), the admin bundle (`admin/`) and the secret key.
-fn copy_replica_material(source: &Path, dest: &Path) -> Result<()> {
+/// certificate (`pki/`), the admin bundle (`admin/`) and (when `key`) the secret key.
+fn copy_replica_material(source: &Path, dest: &Path, key: bool) -> Result<()> {
     for sub in ["pki", "admin"] {
         let from = source.join(sub);
         let to = dest.join(sub);
@@ -268,10 +330,10 @@ fn copy_replica_material(source: &Path, dest: &Path) -> Result<()> {
             }
         }
     }
-    let key = source.join("secret.key");
-    if key.is_file() {
-        std::fs::copy(&key, dest.join("secret.key"))
-            .with_context(|| format!("copy {}", key.display()))?;
+    let key_file = source.join("secret.key");
+    if key && key_file.is_file() {
+        std::fs::copy(&key_file, dest.join("secret.key"))
+            .with_context(|| format!("copy {}", key_file.display()))?;
     }
     Ok(())
 }
@@ -565,6 +627,14 @@ impl AgentProcess {
         if let Some(mut child) = self.child.take() {
             child.kill();
         }
+    }
+
+    /// Sends `signal` to the agent (SIGSTOP to freeze it, SIGCONT to let it go on).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        self.child
+            .as_ref()
+            .ok_or_else(|| anyhow!("the agent is not running"))?
+            .signal(signal)
     }
 
     /// Kills the agent if it runs and starts it again with the same options and ports.
