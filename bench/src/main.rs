@@ -6,11 +6,14 @@
 //!   raw limit of `curl` GETs of the same blobs;
 //! - `fanout`: thousands of simulated mTLS agents against one hub, with the
 //!   embedded store and with etcd;
-//! - `footprint`: the agent's RSS idle and during a transfer, binary sizes.
+//! - `footprint`: the agent's RSS idle and during a transfer, binary sizes;
+//! - `control`: bulk-apply cost as the hub's store grows, and the hub's CPU
+//!   while thousands of Repositories keep failing to resolve.
 //!
 //! Run the release build (`bash scripts/bench.sh`); it finds the other
 //! binaries next to itself.
 
+mod control;
 mod fanout;
 mod footprint;
 mod report;
@@ -51,7 +54,9 @@ enum Suite {
     Fanout(fanout::Options),
     /// Agent RSS idle and during a 256 MiB transfer; release binary sizes.
     Footprint(footprint::Options),
-    /// All three suites with their defaults.
+    /// Bulk apply as the store grows; hub CPU with every resolution failing.
+    Control(control::Options),
+    /// Every suite with its defaults.
     All,
 }
 
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
             Suite::Transfer(o) => transfer::run(&cli.common, &o, &mut report).await,
             Suite::Fanout(o) => fanout::run(&cli.common, &o, &mut report).await,
             Suite::Footprint(o) => footprint::run(&cli.common, &o, &mut report).await,
+            Suite::Control(o) => control::run(&cli.common, &o, &mut report).await,
             Suite::All => {
                 // A failing suite does not keep the others from reporting.
                 let c = &cli.common;
@@ -85,6 +91,7 @@ fn main() -> ExitCode {
                     transfer::run(c, &transfer::Options::default(), &mut report).await,
                     footprint::run(c, &footprint::Options::default(), &mut report).await,
                     fanout::run(c, &fanout::Options::default(), &mut report).await,
+                    control::run(c, &control::Options::default(), &mut report).await,
                 ];
                 results
                     .into_iter()
