@@ -271,18 +271,13 @@ impl AdminService {
         let mut users: Vec<String> = repos
             .iter()
             .filter_map(|o| match o {
-                Object::Repository(r) => {
-                    let own = o.namespace().unwrap_or(model::DEFAULT_NAMESPACE);
-                    let ref_ns = r
-                        .spec
-                        .registry_ref
-                        .namespace
-                        .as_deref()
-                        .filter(|n| !n.is_empty())
-                        .unwrap_or(own);
-                    (ref_ns == namespace && r.spec.registry_ref.name == name)
-                        .then(|| format!("{own}/{}", o.name()))
-                }
+                Object::Repository(r) => (r.registry_secret() == (namespace, name)).then(|| {
+                    format!(
+                        "{}/{}",
+                        o.namespace().unwrap_or(model::DEFAULT_NAMESPACE),
+                        o.name()
+                    )
+                }),
                 _ => None,
             })
             .collect();

@@ -380,11 +380,7 @@ fn placement_report(inputs: &Inputs, skipped: &[placement::Skipped]) -> Placemen
             .push((reason, message));
     }
     for r in &inputs.repos {
-        let secret = if r.registry_ref.namespace.is_empty() {
-            ObjectId::new(r.id.namespace.clone(), r.registry_ref.name.clone())
-        } else {
-            r.registry_ref.clone()
-        };
+        let secret = r.secret();
         if let Some(why) = inputs.unusable.get(&secret.key()) {
             found.entry(r.id.clone()).or_default().push((
                 R::CredentialUnusable,

@@ -139,6 +139,21 @@ pub struct PlacementRepo {
     pub grace_period_seconds: u64,
 }
 
+impl PlacementRepo {
+    /// The RegistrySecret it uses: `registry_ref`, in its own namespace when
+    /// that is left empty.
+    pub fn secret(&self) -> ObjectId {
+        ObjectId::new(
+            if self.registry_ref.namespace.is_empty() {
+                self.id.namespace.clone()
+            } else {
+                self.registry_ref.namespace.clone()
+            },
+            self.registry_ref.name.clone(),
+        )
+    }
+}
+
 /// What placement needs of a Cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PlacementCluster {
@@ -318,14 +333,7 @@ pub fn place(
             skip(&mut skipped, repo, SkipReason::Suspended);
             continue;
         }
-        let secret = ObjectId::new(
-            if repo.registry_ref.namespace.is_empty() {
-                repo.id.namespace.clone()
-            } else {
-                repo.registry_ref.namespace.clone()
-            },
-            repo.registry_ref.name.clone(),
-        );
+        let secret = repo.secret();
         if secret.namespace != repo.id.namespace {
             skip(
                 &mut skipped,

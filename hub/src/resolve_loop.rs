@@ -279,19 +279,8 @@ fn repo_namespace(o: &Object) -> String {
 
 /// `(namespace, name)` of the RegistrySecret a Repository uses.
 fn secret_ref(repo: &Repository) -> (String, String) {
-    let own = repo
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
-    let ns = repo
-        .spec
-        .registry_ref
-        .namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .unwrap_or(own);
-    (ns, repo.spec.registry_ref.name.clone())
+    let (ns, name) = repo.registry_secret();
+    (ns.to_owned(), name.to_owned())
 }
 
 fn version_of(rs: &RegistrySecret) -> SecretVersion {

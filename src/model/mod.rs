@@ -263,6 +263,26 @@ pub struct RepositorySpec {
     pub suspend: bool,
 }
 
+impl Repository {
+    /// `(namespace, name)` of the RegistrySecret it uses: `spec.registryRef`,
+    /// whose namespace defaults to the Repository's own.
+    pub fn registry_secret(&self) -> (&str, &str) {
+        let own = self
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(DEFAULT_NAMESPACE);
+        let ns = self
+            .spec
+            .registry_ref
+            .namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(own);
+        (ns, &self.spec.registry_ref.name)
+    }
+}
+
 impl RepositorySpec {
     /// The sync interval as a duration: the default when unset or unparsable
     /// (validation refuses the latter, so it only happens to unvalidated objects).
