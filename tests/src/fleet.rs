@@ -106,26 +106,7 @@ impl HubProcess {
     /// Starts the hub and waits until its admin bundle exists and `imgfleet get clusters`
     /// succeeds against it.
     pub async fn start(options: HubOptions) -> Result<HubProcess> {
-        install_crypto_provider();
-        let binary = match &options.binary {
-            Some(b) => b.clone(),
-            None => workspace_binary("imgfleet-hub")?,
-        };
-        std::fs::create_dir_all(&options.data_dir)
-            .with_context(|| format!("create hub data dir {}", options.data_dir.display()))?;
-        if let Some(source) = &options.replica_of {
-            copy_replica_material(source, &options.data_dir, options.share_secret_key)?;
-        }
-        let port = options.listen_port.unwrap_or_else(free_port);
-        let mut hub = HubProcess {
-            child: None,
-            binary,
-            options,
-            port,
-            metrics_port: free_port(),
-            log: log_file("hub"),
-        };
-        let _ = std::fs::remove_file(&hub.log);
+        let mut hub = Self::prepare(options)?;
         hub.spawn().await?;
         Ok(hub)
     }
@@ -136,6 +117,12 @@ impl HubProcess {
         options: HubOptions,
         timeout: Duration,
     ) -> Result<(ExitStatus, String)> {
+        Self::prepare(options)?.run_to_exit(timeout).await
+    }
+
+    /// The data dir made ready (with a replica's shared material), ports picked, the log
+    /// of an earlier test run removed; nothing started yet.
+    fn prepare(options: HubOptions) -> Result<HubProcess> {
         install_crypto_provider();
         let binary = match &options.binary {
             Some(b) => b.clone(),
@@ -146,7 +133,7 @@ impl HubProcess {
         if let Some(source) = &options.replica_of {
             copy_replica_material(source, &options.data_dir, options.share_secret_key)?;
         }
-        let mut hub = HubProcess {
+        let hub = HubProcess {
             child: None,
             binary,
             port: options.listen_port.unwrap_or_else(free_port),
@@ -154,7 +141,28 @@ impl HubProcess {
             metrics_port: free_port(),
             log: log_file("hub"),
         };
-        hub.run_to_exit(timeout).await
+        let _ = std::fs::remove_file(&hub.log);
+        Ok(hub)
+    }
+
+    /// Enrolls cluster `name` (admitting `tenants`, no labels) and starts its agent
+    /// against this hub, with credentials and data under `dir`.
+    pub async fn start_agent(
+        &self,
+        name: &str,
+        tenants: &[&str],
+        dir: &Path,
+    ) -> Result<AgentProcess> {
+        let creds = self
+            .cli()
+            .enroll(name, &[], tenants, &dir.join(format!("{name}-credentials")))
+            .await?;
+        AgentProcess::start(AgentOptions::new(
+            vec![self.url()],
+            creds,
+            dir.join(format!("{name}-agent")),
+        ))
+        .await
     }
 
     /// Kills the hub if it runs and starts it again, expecting it to refuse to start (see

@@ -7,9 +7,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use imgfleet_tests::fleet::{
-    AgentOptions, AgentProcess, HubOptions, HubProcess, wait_repository_synced,
-};
+use imgfleet_tests::fleet::{HubOptions, HubProcess, wait_repository_synced};
 use imgfleet_tests::images::{ImageSpec, PushTarget};
 use imgfleet_tests::{Etcd, Registry, RegistryOptions, wait_until};
 
@@ -46,15 +44,7 @@ async fn a_lost_key_stops_the_hub_and_the_agent_keeps_serving() -> Result<()> {
         .await?;
     let mut hub = HubProcess::start(HubOptions::embedded(root.join("hub"))).await?;
     let cli = hub.cli();
-    let creds = cli
-        .enroll("edge-1", &[], &["default"], &root.join("edge-1"))
-        .await?;
-    let agent = AgentProcess::start(AgentOptions::new(
-        vec![hub.url()],
-        creds,
-        root.join("agent"),
-    ))
-    .await?;
+    let agent = hub.start_agent("edge-1", &["default"], root).await?;
     cli.apply_yaml(&policy(&registry.addr())).await?;
     wait_repository_synced(&cli, "default", "app", 1, CONVERGE).await?;
 

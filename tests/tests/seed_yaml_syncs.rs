@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use imgfleet_tests::fleet::{AgentOptions, AgentProcess, HubOptions, HubProcess};
+use imgfleet_tests::fleet::{HubOptions, HubProcess};
 use imgfleet_tests::images::{ImageSpec, PushTarget};
 use imgfleet_tests::{Registry, RegistryOptions, skopeo, wait_until};
 
@@ -73,15 +73,7 @@ async fn the_seeds_yaml_syncs_to_every_cluster_that_admits_its_namespace() -> Re
     );
 
     // Step 2: a cluster that admits `default` (and carries no label any placement names).
-    let creds = cli
-        .enroll("edge-1", &[], &["default"], &root.join("edge-1"))
-        .await?;
-    let agent = AgentProcess::start(AgentOptions::new(
-        vec![hub.url()],
-        creds,
-        root.join("agent"),
-    ))
-    .await?;
+    let agent = hub.start_agent("edge-1", &["default"], root).await?;
     wait_until("get repositories showing SYNCED 1/1", CONVERGE, || async {
         let table = cli.ok(&["get", "repositories"]).await?;
         Ok(table

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use imgfleet_tests::fleet::{AgentOptions, AgentProcess, Cli, HubOptions, HubProcess};
+use imgfleet_tests::fleet::{Cli, HubOptions, HubProcess};
 use imgfleet_tests::images::{ImageSpec, PushTarget};
 use imgfleet_tests::{Registry, RegistryOptions, skopeo, wait_until};
 use nix::sys::signal::Signal;
@@ -71,15 +71,7 @@ async fn a_moved_tag_is_not_synced_until_the_cluster_holds_it() -> Result<()> {
         .await?;
     let hub = HubProcess::start(HubOptions::embedded(root.join("hub"))).await?;
     let cli = hub.cli();
-    let creds = cli
-        .enroll("edge-1", &[], &["default"], &root.join("edge-1"))
-        .await?;
-    let agent = AgentProcess::start(AgentOptions::new(
-        vec![hub.url()],
-        creds,
-        root.join("agent"),
-    ))
-    .await?;
+    let agent = hub.start_agent("edge-1", &["default"], root).await?;
     cli.apply_yaml(&policy(&registry.addr())).await?;
 
     // Step 1: the first image synced, as the status says.
