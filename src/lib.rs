@@ -15,6 +15,11 @@ pub mod model;
 
 /// The generated wire contract, package `imgfleet.v1`.
 pub mod api {
+    /// How the AdminService's message of an `Unavailable` answer starts when
+    /// the hub is up but its policy store is not, so that clients can tell that
+    /// apart from a hub they cannot reach.
+    pub const STORE_UNAVAILABLE: &str = "policy store unavailable";
+
     #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
     pub mod v1 {
         tonic::include_proto!("imgfleet.v1");

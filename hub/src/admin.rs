@@ -341,8 +341,7 @@ impl AdminService {
                     resource_version: after.to_string(),
                 })
             })),
-            Err(StoreError::Unavailable(m)) => return Err(AdminError::Unavailable(m)),
-            Err(e) => return Err(AdminError::Internal(e.to_string())),
+            Err(e) => return Err(store_err(e)),
         };
         let stream = futures::stream::iter(initial)
             .chain(live)
@@ -429,6 +428,20 @@ impl AdminService {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
+/// Maps a store error met outside [`Objects`] (watch streams) to the admin
+/// API's codes: an unavailable store is `Unavailable`, retryable, and its
+/// message starts with [`imgfleet::api::STORE_UNAVAILABLE`] (as
+/// [`crate::objects::ObjectError::Unavailable`]'s does), which the CLI shows
+/// apart from a hub it cannot reach.
+fn store_err(e: StoreError) -> AdminError {
+    match e {
+        StoreError::Unavailable(m) => {
+            AdminError::Unavailable(format!("{}: {m}", imgfleet::api::STORE_UNAVAILABLE))
+        }
+        other => AdminError::Internal(other.to_string()),
+    }
+}
+
 fn convert_event(
     objects: &Objects,
     report: &PlacementReport,
@@ -452,13 +465,7 @@ fn convert_event(
                 resource_version: requested.to_string(),
             }));
         }
-        Err(e) => {
-            let e = match e {
-                StoreError::Unavailable(m) => AdminError::Unavailable(m),
-                other => AdminError::Internal(other.to_string()),
-            };
-            return Some(Err(e.into()));
-        }
+        Err(e) => return Some(Err(store_err(e).into())),
     };
     if let Some(ns) = ns
         && v.key.namespace != ns

@@ -1,8 +1,10 @@
-//! The hub's Prometheus metrics and the small HTTP server that exposes them
-//! (`/metrics` in Prometheus text format, `/healthz`).
+//! The hub's Prometheus metrics and the small HTTP server that exposes them:
+//! `/metrics` in Prometheus text format, `/healthz` (liveness: the process
+//! answers) and `/readyz` (readiness: the policy store answers too).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -10,6 +12,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
+
+use crate::store::PolicyStore;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -120,12 +124,64 @@ impl Drop for WatchGuard {
     }
 }
 
-/// Serve `/metrics` and `/healthz` on `listener` until `shutdown`.
+/// How long a readiness check waits for the policy store. Probes (a load
+/// balancer, Kubernetes) time out after a second or so themselves.
+pub const READY_TIMEOUT: Duration = Duration::from_millis(800);
+/// How long one readiness check's answer is reused, so that frequent probes
+/// from several checkers cost the store one cheap read a second at most.
+pub const READY_CACHE: Duration = Duration::from_secs(1);
+
+/// Whether the hub can serve: its policy store answers a cheap read (the
+/// current revision) within [`READY_TIMEOUT`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Readiness {
+    store: Arc<dyn PolicyStore>,
+    /// The last answer and when it was taken. The lock is held across a check,
+    /// so concurrent probes wait for one check instead of starting their own.
+    last: Arc<tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness").finish_non_exhaustive()
+    }
+}
+
+impl Readiness {
+    pub fn new(store: Arc<dyn PolicyStore>) -> Self {
+        Self {
+            store,
+            last: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    /// `Ok` when the store answered within the last [`READY_CACHE`], else why not.
+    pub async fn check(&self) -> Result<(), String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, answer)) = last.as_ref()
+            && at.elapsed() < READY_CACHE
+        {
+            return answer.clone();
+        }
+        let answer = match tokio::time::timeout(READY_TIMEOUT, self.store.revision()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(crate::store::StoreError::Unavailable(why))) => Err(why),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {READY_TIMEOUT:?}")),
+        };
+        *last = Some((Instant::now(), answer.clone()));
+        answer
+    }
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: HubMetrics,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::http::StatusCode;
     use axum::routing::get;
     let app = axum::Router::new()
         .route(
@@ -143,7 +199,22 @@ pub async fn serve(
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let r = readiness.clone();
+                async move {
+                    match r.check().await {
+                        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("policy store unavailable: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

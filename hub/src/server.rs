@@ -290,9 +290,10 @@ pub async fn start_with(
                 .local_addr()
                 .map_err(|e| StartError::Io(format!("--metrics-listen: {e}")))?;
             let m = metrics.clone();
+            let ready = crate::metrics::Readiness::new(context.objects.store().clone());
             let token = shutdown.clone();
             tasks.spawn(async move {
-                crate::metrics::serve(l, m, token)
+                crate::metrics::serve(l, m, ready, token)
                     .await
                     .map_err(|e| format!("metrics server: {e}"))
             });

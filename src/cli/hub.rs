@@ -85,6 +85,20 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Turns a gRPC status into a message about `what` (an object such as
 /// `Repository default/nginx`, or a list).
 pub fn status_error(status: tonic::Status, what: &str, target: &Target) -> anyhow::Error {
+    if status.code() == Code::Unavailable
+        && status
+            .message()
+            .starts_with(imgfleet::api::STORE_UNAVAILABLE)
+    {
+        // The hub answered; the store's own error may mention a transport
+        // error (etcd's), which is not the hub's.
+        return anyhow!(status_message(
+            status.code(),
+            status.message(),
+            what,
+            &target.url
+        ));
+    }
     let mut message = status.message().to_owned();
     // Transport failures (TLS alerts, resets) carry the real cause as a source.
     if let Some(source) = std::error::Error::source(&status) {
@@ -132,7 +146,14 @@ pub fn status_message(code: Code, message: &str, what: &str, hub: &str) -> Strin
         Code::Unauthenticated => format!(
             "the hub at {hub} did not accept the client certificate{detail}; check --credentials"
         ),
-        Code::Unavailable => format!("cannot reach the hub at {hub}{detail}"),
+        Code::Unavailable => match message.strip_prefix(imgfleet::api::STORE_UNAVAILABLE) {
+            // The hub answered: it is its policy store (etcd) that does not.
+            Some(why) => format!(
+                "the hub at {hub} is up, but its policy store is unavailable{why}; \
+                 nothing was read or changed: retry once the store is back (the hub's /readyz then answers 200)"
+            ),
+            None => format!("cannot reach the hub at {hub}{detail}"),
+        },
         Code::DeadlineExceeded => format!("the hub at {hub} did not answer in time{detail}"),
         Code::Unimplemented => format!(
             "the hub at {hub} does not support this request{detail}; is it an older version?"
@@ -223,6 +244,17 @@ mod tests {
         assert_eq!(
             status_message(Code::Unavailable, "connection reset", what, hub),
             "cannot reach the hub at https://127.0.0.1:7443: connection reset"
+        );
+        assert_eq!(
+            status_message(
+                Code::Unavailable,
+                "policy store unavailable: etcd get on [\"http://127.0.0.1:2379\"]: connection refused",
+                what,
+                hub
+            ),
+            "the hub at https://127.0.0.1:7443 is up, but its policy store is unavailable: \
+             etcd get on [\"http://127.0.0.1:2379\"]: connection refused; nothing was read or changed: \
+             retry once the store is back (the hub's /readyz then answers 200)"
         );
         assert!(
             status_message(Code::Unauthenticated, "", what, hub).contains("check --credentials")

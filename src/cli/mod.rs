@@ -4,8 +4,13 @@
 //! talks to the hub's AdminService over mutually authenticated TLS ([`hub`]).
 //! What is printed is built by the pure functions of [`format`].
 
+// First, so that its print!/println!/eprint!/eprintln! shadow std's in every
+// module below: a closed pipe then ends any command quietly.
+#[macro_use]
+mod output;
 mod format;
 mod hub;
+mod rate;
 mod watch;
 
 use std::collections::BTreeMap;

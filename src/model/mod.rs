@@ -16,6 +16,7 @@
 
 mod duration;
 mod parse;
+mod sync;
 mod validate;
 
 #[cfg(test)]
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use parse::{Checked, check_documents, parse_documents};
+pub use sync::{Holding, clusters_holding};
 
 /// The API group of every imgfleet kind.
 pub const GROUP: &str = "image.theriseunion.io";

@@ -41,24 +41,25 @@ pub fn parse_documents(text: &str) -> Result<Vec<Object>, Vec<ValidationError>> 
 /// so `validate` can say which objects passed.
 pub fn check_documents(text: &str) -> Checked {
     let mut out = Checked::default();
-    let docs: Vec<Value> = match serde_saphyr::from_str_multiple::<Value, Vec<Value>>(text) {
-        Ok(docs) => docs,
-        Err(e) => {
-            // The parser's text is written for developers; keep the position
-            // and the snippet, drop the advice about parser options.
-            let text = e.to_string();
-            let text = text
-                .strip_prefix("error: ")
-                .unwrap_or(&text)
-                .replace(", set DuplicateKeyPolicy in Options if acceptable", "");
-            out.errors.push(ValidationError::new(
-                "input",
-                "",
-                format!("not valid YAML: {text}"),
-            ));
-            return out;
-        }
+    // One spare document for the empty one after a trailing `---`, which is
+    // not an object; objects are counted below.
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! { max_documents: MAX_DOCUMENTS + 1 },
     };
+    let docs: Vec<Value> =
+        match serde_saphyr::from_str_multiple_with_options::<Value, Vec<Value>>(text, options) {
+            Ok(docs) => docs,
+            Err(e) => {
+                out.errors
+                    .push(ValidationError::new("input", "", yaml_error(&e)));
+                return out;
+            }
+        };
+    if docs.iter().filter(|d| !d.is_null()).count() > MAX_DOCUMENTS {
+        out.errors
+            .push(ValidationError::new("input", "", too_many_documents()));
+        return out;
+    }
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (i, doc) in docs.into_iter().enumerate() {
         let number = i + 1;
@@ -86,6 +87,54 @@ pub fn check_documents(text: &str) -> Checked {
         }
     }
     out
+}
+
+/// Most documents (objects) one file or input may hold. The YAML reader stops
+/// at a limit so that a runaway file (a storm of `---`) cannot exhaust memory;
+/// this is its default, named here so that the error can say it. Several files
+/// can be given at once, so a larger fleet splits its objects across files.
+pub(crate) const MAX_DOCUMENTS: usize = 1024;
+
+const SPLIT: &str = "split it into several files and give each with -f, e.g. imgfleet apply -f part-1.yaml -f part-2.yaml";
+
+fn too_many_documents() -> String {
+    format!(
+        "more than {MAX_DOCUMENTS} documents: one file holds at most {MAX_DOCUMENTS} objects (documents separated by ---); {SPLIT}"
+    )
+}
+
+/// What went wrong reading the YAML, for an operator: a limit of the reader says
+/// which limit and what to do; a syntax error keeps the parser's position and
+/// snippet.
+fn yaml_error(e: &serde_saphyr::Error) -> String {
+    use serde_saphyr::budget::BudgetBreach;
+    if let serde_saphyr::Error::Budget { breach, .. } = e.without_snippet() {
+        let budget = serde_saphyr::Budget::default();
+        return match breach {
+            BudgetBreach::Documents { .. } => too_many_documents(),
+            BudgetBreach::Nodes { .. } | BudgetBreach::Events { .. } => format!(
+                "too large: one file holds at most {} YAML values (scalars, lists and mappings); {SPLIT}",
+                budget.max_nodes
+            ),
+            BudgetBreach::ScalarBytes { .. } | BudgetBreach::InputBytes { .. } => format!(
+                "too large: one file holds at most {} MiB of text; {SPLIT}",
+                budget.max_total_scalar_bytes / (1024 * 1024)
+            ),
+            BudgetBreach::Depth { .. } => format!(
+                "nested more than {} levels deep; imgfleet objects need far fewer: check the indentation",
+                budget.max_depth
+            ),
+            _ => "too many anchors, aliases or merge keys for the YAML reader's safety limits: write the values out instead of referring to them".to_owned(),
+        };
+    }
+    // The parser's text is written for developers; keep the position and the
+    // snippet, drop the advice about parser options.
+    let text = e.to_string();
+    let text = text
+        .strip_prefix("error: ")
+        .unwrap_or(&text)
+        .replace(", set DuplicateKeyPolicy in Options if acceptable", "");
+    format!("not valid YAML: {text}")
 }
 
 /// Checks one document and types it.
@@ -189,7 +238,10 @@ fn check_header(label: &str, map: &Map<String, Value>) -> Result<Kind, Vec<Valid
         Some(Value::String(v)) => errors.push(ValidationError::new(
             label,
             "apiVersion",
-            format!("{v:?}: expected {API_VERSION}; not an imgfleet object"),
+            format!(
+                "{}: expected {API_VERSION}; not an imgfleet object",
+                validate::shown(v)
+            ),
         )),
         Some(other) => errors.push(ValidationError::new(
             label,
@@ -211,7 +263,8 @@ fn check_header(label: &str, map: &Map<String, Value>) -> Result<Kind, Vec<Valid
                     label,
                     "kind",
                     format!(
-                        "{k:?}: expected one of RegistrySecret, Repository, Cluster{}",
+                        "{}: expected one of RegistrySecret, Repository, Cluster{}",
+                        validate::shown(k),
                         hint(k, names.iter().copied())
                     ),
                 ));
@@ -350,7 +403,10 @@ impl Walker<'_> {
                 {
                     let list = allowed.join(", ");
                     let hint = hint(s, allowed.iter().map(String::as_str));
-                    self.error(path, format!("{s:?}: expected one of {list}{hint}"));
+                    self.error(
+                        path,
+                        format!("{}: expected one of {list}{hint}", validate::shown(s)),
+                    );
                     return false;
                 }
                 if schema.get("format").and_then(Value::as_str) == Some("date-time")
@@ -358,7 +414,10 @@ impl Walker<'_> {
                 {
                     self.error(
                         path,
-                        format!("{s:?}: expected an RFC 3339 time like 2026-01-08T10:00:00Z"),
+                        format!(
+                            "{}: expected an RFC 3339 time like 2026-01-08T10:00:00Z",
+                            validate::shown(s)
+                        ),
                     );
                     return false;
                 }
@@ -563,6 +622,19 @@ fn integer_range(schema: &Value) -> (i128, i128) {
 }
 
 fn join(path: &str, key: &str) -> String {
+    // A field path names a key; a key too long to be a field name is cut short.
+    const KEEP: usize = 64;
+    let short;
+    let key = if key.len() > KEEP {
+        let mut end = KEEP;
+        while !key.is_char_boundary(end) {
+            end -= 1;
+        }
+        short = format!("{}...", &key[..end]);
+        short.as_str()
+    } else {
+        key
+    };
     if path.is_empty() {
         key.to_owned()
     } else {
@@ -585,7 +657,7 @@ fn describe(value: &Value) -> String {
         Value::Null => "nothing (null)".to_owned(),
         Value::Bool(b) => format!("the boolean {b}"),
         Value::Number(n) => format!("the number {n}"),
-        Value::String(s) => format!("the string {s:?}"),
+        Value::String(s) => format!("the string {}", validate::shown(s)),
         Value::Array(_) => "a list".to_owned(),
         Value::Object(_) => "a mapping".to_owned(),
     }

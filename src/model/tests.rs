@@ -870,3 +870,292 @@ fn objects_deserialize_by_their_kind() {
     let e = serde_json::from_str::<Object>(r#"{"kind": "Deployment"}"#).expect_err("unknown kind");
     assert!(e.to_string().contains("kind \"Deployment\""), "{e}");
 }
+
+/// A YAML flow list of `n` distinct values made by `item`.
+fn flow_list(n: usize, item: impl Fn(usize) -> String) -> String {
+    let items: Vec<String> = (0..n).map(item).collect();
+    format!("[{}]", items.join(", "))
+}
+
+#[test]
+fn oversized_fields_are_refused_naming_field_and_limit() {
+    use super::validate::*;
+    let long = |n: usize| "a".repeat(n);
+    // (yaml, what the error must say); the same yaml one step smaller is valid.
+    let cases: Vec<(String, String, &str)> = vec![
+        (
+            secret_with(
+                "password: Hunter2Secret",
+                &format!(
+                    "password: Hunter2Secret{}",
+                    long(MAX_PASSWORD_BYTES - 13 + 1)
+                ),
+            ),
+            secret_with(
+                "password: Hunter2Secret",
+                &format!("password: Hunter2Secret{}", long(MAX_PASSWORD_BYTES - 13)),
+            ),
+            "RegistrySecret default/harbor-prod: spec.password: 64.0 KiB long: expected a password or token of at most 64 KiB",
+        ),
+        (
+            secret_with(
+                "username: admin",
+                &format!("username: {}", long(MAX_USERNAME_BYTES + 1)),
+            ),
+            secret_with(
+                "username: admin",
+                &format!("username: {}", long(MAX_USERNAME_BYTES)),
+            ),
+            "spec.username: 1.0 KiB long: expected a user name of at most 1 KiB",
+        ),
+        (
+            repo_with(
+                "tag: latest",
+                &format!("tags: {}", flow_list(MAX_TAGS + 1, |i| format!("v{i}"))),
+            ),
+            repo_with(
+                "tag: latest",
+                &format!("tags: {}", flow_list(MAX_TAGS, |i| format!("v{i}"))),
+            ),
+            "spec.tags: 257 entries: expected at most 256; a tagPattern with keepLatest picks many tags",
+        ),
+        (
+            repo_with(
+                "tag: latest",
+                "tagPattern: {pattern: '^v', keepLatest: 257}",
+            ),
+            repo_with(
+                "tag: latest",
+                "tagPattern: {pattern: '^v', keepLatest: 256}",
+            ),
+            "spec.tagPattern.keepLatest: 257 is too large: expected at most 256 versions",
+        ),
+        (
+            repo_with(
+                "tag: latest",
+                &format!("tagPattern: {{pattern: '{}'}}", long(MAX_PATTERN_BYTES + 1)),
+            ),
+            repo_with(
+                "tag: latest",
+                &format!("tagPattern: {{pattern: '{}'}}", long(MAX_PATTERN_BYTES)),
+            ),
+            "spec.tagPattern.pattern: 1.0 KiB long: expected a regular expression of at most 1 KiB",
+        ),
+        (
+            repo_with(
+                "tag: latest",
+                &format!(
+                    "tag: latest\n  platforms: {}",
+                    flow_list(MAX_PLATFORMS + 1, |i| format!("linux/arch{i}"))
+                ),
+            ),
+            repo_with(
+                "tag: latest",
+                &format!(
+                    "tag: latest\n  platforms: {}",
+                    flow_list(MAX_PLATFORMS, |i| format!("linux/arch{i}"))
+                ),
+            ),
+            "spec.platforms: 17 entries: expected at most 16",
+        ),
+        (
+            repo_with(
+                "tag: latest",
+                &format!(
+                    "tag: latest\n  placement: {{clusters: {}}}",
+                    flow_list(MAX_PLACEMENT_CLUSTERS + 1, |i| format!("edge-{i}"))
+                ),
+            ),
+            repo_with(
+                "tag: latest",
+                &format!(
+                    "tag: latest\n  placement: {{clusters: {}}}",
+                    flow_list(MAX_PLACEMENT_CLUSTERS, |i| format!("edge-{i}"))
+                ),
+            ),
+            "spec.placement.clusters: 1001 entries: expected at most 1000; select that many clusters by label with clusterSelector",
+        ),
+        (
+            repo_with(
+                "tag: latest",
+                &format!(
+                    "tag: latest\n  placement: {{clusterSelector: {{matchExpressions: [{{key: site, operator: In, values: {}}}]}}}}",
+                    flow_list(MAX_SELECTOR_VALUES + 1, |i| format!("s{i}"))
+                ),
+            ),
+            repo_with(
+                "tag: latest",
+                &format!(
+                    "tag: latest\n  placement: {{clusterSelector: {{matchExpressions: [{{key: site, operator: In, values: {}}}]}}}}",
+                    flow_list(MAX_SELECTOR_VALUES, |i| format!("s{i}"))
+                ),
+            ),
+            "spec.placement.clusterSelector.matchExpressions[0].values: 65 entries: expected at most 64",
+        ),
+        (
+            repo_with(
+                "tag: latest",
+                &format!(
+                    "tag: latest\n  placement: {{clusterSelector: {{matchExpressions: {}}}}}",
+                    flow_list(MAX_SELECTOR_EXPRESSIONS + 1, |i| format!(
+                        "{{key: k{i}, operator: Exists}}"
+                    ))
+                ),
+            ),
+            repo_with(
+                "tag: latest",
+                &format!(
+                    "tag: latest\n  placement: {{clusterSelector: {{matchExpressions: {}}}}}",
+                    flow_list(MAX_SELECTOR_EXPRESSIONS, |i| format!(
+                        "{{key: k{i}, operator: Exists}}"
+                    ))
+                ),
+            ),
+            "spec.placement.clusterSelector.matchExpressions: 33 entries: expected at most 32",
+        ),
+        (
+            repo_with(
+                "  namespace: default\n",
+                &format!(
+                    "  namespace: default\n  labels: {{{}}}\n",
+                    (0..=MAX_LABELS)
+                        .map(|i| format!("k{i}: v"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            repo_with(
+                "  namespace: default\n",
+                &format!(
+                    "  namespace: default\n  labels: {{{}}}\n",
+                    (0..MAX_LABELS)
+                        .map(|i| format!("k{i}: v"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            "metadata.labels: 65 entries: expected at most 64",
+        ),
+        (
+            repo_with(
+                "  namespace: default\n",
+                &format!(
+                    "  namespace: default\n  annotations: {{note: {}}}\n",
+                    long(MAX_ANNOTATIONS_BYTES - 4 + 1)
+                ),
+            ),
+            repo_with(
+                "  namespace: default\n",
+                &format!(
+                    "  namespace: default\n  annotations: {{note: {}}}\n",
+                    long(MAX_ANNOTATIONS_BYTES - 4)
+                ),
+            ),
+            "metadata.annotations: 256.0 KiB in keys and values: expected at most 256 KiB in total, as in Kubernetes",
+        ),
+        (
+            repo_with(
+                "syncInterval: 1h",
+                &format!("syncInterval: \"{}\"", "1h".repeat(MAX_DURATION_BYTES)),
+            ),
+            repo_with(
+                "syncInterval: 1h",
+                "syncInterval: \"000000000001d000000000001h000000000001m000000000001s\"",
+            ),
+            "spec.syncInterval: 104 bytes long: expected a duration like 30m, 1h or 24h of at most 52 bytes",
+        ),
+        (
+            format!(
+                "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: edge-1\nspec:\n  tenants: {}\n",
+                flow_list(MAX_TENANTS + 1, |i| format!("t{i}"))
+            ),
+            format!(
+                "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: edge-1\nspec:\n  tenants: {}\n",
+                flow_list(MAX_TENANTS, |i| format!("t{i}"))
+            ),
+            "Cluster edge-1: spec.tenants: 1001 entries: expected at most 1000",
+        ),
+        (
+            format!(
+                "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: edge-1\nspec:\n  description: {}\n",
+                long(MAX_DESCRIPTION_BYTES + 1)
+            ),
+            format!(
+                "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: edge-1\nspec:\n  description: {}\n",
+                long(MAX_DESCRIPTION_BYTES)
+            ),
+            "Cluster edge-1: spec.description: 4.0 KiB long: expected a description of at most 4 KiB",
+        ),
+    ];
+    for (over, at_limit, want) in &cases {
+        check(over, &[want]);
+        if let Err(e) = parse_documents(at_limit) {
+            panic!("at the limit of {want:?}, refused: {e:?}");
+        }
+    }
+}
+
+#[test]
+fn errors_about_long_values_do_not_repeat_them() {
+    let name = "x".repeat(10_000);
+    let errors = parse_documents(&repo_with("tag: latest", &format!("tag: {name}")))
+        .expect_err("too long a tag");
+    let text = errors[0].to_string();
+    assert!(
+        text.starts_with(&format!(
+            "Repository default/nginx: spec.tag \"{}\"... (9.8 KiB): expected a tag",
+            "x".repeat(64)
+        )),
+        "{text}"
+    );
+    assert!(text.len() < 400, "{text}");
+    let errors = parse_documents(&secret_with(
+        "domain: harbor.example.com",
+        &format!("domain: {name}"),
+    ))
+    .expect_err("too long a domain");
+    assert!(
+        errors[0].to_string().contains("spec.domain \"xxxx"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("9.8 KiB long: expected a host")
+    );
+    assert!(errors[0].to_string().len() < 400);
+}
+
+#[test]
+fn the_document_limit_is_named_with_what_to_do() {
+    use super::parse::MAX_DOCUMENTS;
+    let object = |i: usize| repo_with("name: nginx", &format!("name: r{i}"));
+    let many = |n: usize| (0..n).map(object).collect::<Vec<_>>().join("---\n");
+    // At the limit, with or without a trailing separator, every object is read.
+    for text in [many(MAX_DOCUMENTS), format!("{}---\n", many(MAX_DOCUMENTS))] {
+        let objects = parse_documents(&text).unwrap_or_else(|e| panic!("{:?}", &e[..1]));
+        assert_eq!(objects.len(), MAX_DOCUMENTS);
+    }
+    for text in [many(MAX_DOCUMENTS + 1), many(MAX_DOCUMENTS + 100)] {
+        let checked = check_documents(&text);
+        assert!(checked.objects.is_empty());
+        assert_eq!(checked.errors.len(), 1, "{:?}", &checked.errors[..2]);
+        assert_eq!(
+            checked.errors[0].to_string(),
+            "input: more than 1024 documents: one file holds at most 1024 objects \
+             (documents separated by ---); split it into several files and give each with -f, \
+             e.g. imgfleet apply -f part-1.yaml -f part-2.yaml"
+        );
+    }
+    // Other limits of the YAML reader are named too, not shown as debug output.
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let checked = check_documents(&deep);
+    assert_eq!(checked.errors.len(), 1);
+    assert!(
+        checked.errors[0]
+            .to_string()
+            .starts_with("input: nested more than 64 levels deep"),
+        "{}",
+        checked.errors[0]
+    );
+}

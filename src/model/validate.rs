@@ -11,6 +11,86 @@ use super::{
     SelectorOperator, ValidationError, format_duration, parse_duration,
 };
 
+// Size limits of the fields an operator writes. Each bounds one field, so that
+// `validate` names the field over its limit; together they keep the largest valid
+// object near 1 MiB, below etcd's 1.5 MiB request limit and gRPC's 4 MiB message
+// limit, so what `validate` accepts the hub can store and send. Names, label
+// keys and values, namespaces, tags and repository paths keep the Kubernetes and
+// OCI limits their format rules already carry.
+
+/// `spec.username`: registry user names are short (Harbor's robot accounts, the
+/// longest in use, stay under 256 bytes); 1 KiB leaves room for any provider.
+pub(crate) const MAX_USERNAME_BYTES: usize = 1024;
+/// `spec.password`: passwords and tokens. The largest in use (JWT access tokens,
+/// a GCP service-account key used as `_json_key` password) are a few KiB; the
+/// password travels in an HTTP Authorization header, which registries cap at
+/// 8 KiB to 1 MiB. 64 KiB accepts every real token and still fits the hub's
+/// stores with room to spare once sealed and base64-encoded.
+pub(crate) const MAX_PASSWORD_BYTES: usize = 64 * 1024;
+/// `metadata.labels` and a selector's `matchLabels`: entries.
+pub(crate) const MAX_LABELS: usize = 64;
+/// `metadata.annotations`: keys and values together, Kubernetes' own limit
+/// (`TotalAnnotationSizeLimitB`), so objects exported by kubectl still fit.
+pub(crate) const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+/// `metadata.uid` and `metadata.resourceVersion`: the hub writes both; a copy
+/// from `get -o yaml` is far shorter.
+pub(crate) const MAX_METADATA_VALUE_BYTES: usize = 128;
+/// `spec.tags` entries and `spec.tagPattern.keepLatest`: versions of one
+/// Repository every targeted cluster stores.
+pub(crate) const MAX_TAGS: usize = 256;
+/// `spec.tagPattern.pattern`.
+pub(crate) const MAX_PATTERN_BYTES: usize = 1024;
+/// `spec.platforms` entries (OCI knows about a dozen os/arch pairs in use).
+pub(crate) const MAX_PLATFORMS: usize = 16;
+/// One `spec.platforms` entry, `os/arch/variant`.
+pub(crate) const MAX_PLATFORM_BYTES: usize = 64;
+/// `spec.placement.clusters` entries; a larger set is better chosen by labels.
+pub(crate) const MAX_PLACEMENT_CLUSTERS: usize = 1000;
+/// `matchExpressions` of a selector.
+pub(crate) const MAX_SELECTOR_EXPRESSIONS: usize = 32;
+/// `values` of one selector expression.
+pub(crate) const MAX_SELECTOR_VALUES: usize = 64;
+/// A Cluster's `spec.tenants` entries.
+pub(crate) const MAX_TENANTS: usize = 1000;
+/// A Cluster's `spec.description`.
+pub(crate) const MAX_DESCRIPTION_BYTES: usize = 4096;
+/// Durations such as `syncInterval` (`24h`, `1h30m`): the longest the grammar
+/// reads, four parts (d, h, m, s) of at most 12 digits each.
+pub(crate) const MAX_DURATION_BYTES: usize = 4 * (12 + 1);
+
+/// A value quoted for a message, cut short when long, so that an error about
+/// an oversized field never repeats megabytes of it.
+pub(crate) fn shown(s: &str) -> String {
+    const KEEP: usize = 64;
+    if s.len() <= KEEP + 16 {
+        return format!("{s:?}");
+    }
+    let mut end = KEEP;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({})", &s[..end], size(s.len()))
+}
+
+/// A size for messages: `900 bytes`, `64 KiB`, `50.0 MiB`.
+pub(crate) fn size(bytes: usize) -> String {
+    const KIB: usize = 1024;
+    const MIB: usize = 1024 * 1024;
+    if bytes < KIB {
+        format!("{bytes} bytes")
+    } else if bytes < MIB {
+        if bytes.is_multiple_of(KIB) {
+            format!("{} KiB", bytes / KIB)
+        } else {
+            format!("{:.1} KiB", bytes as f64 / KIB as f64)
+        }
+    } else if bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / MIB as f64)
+    }
+}
+
 /// Every violation of the semantic rules by one object.
 pub(crate) fn validate_object(object: &Object) -> Vec<ValidationError> {
     let mut v = Errors {
@@ -102,6 +182,14 @@ pub(crate) fn check_domain(domain: &str) -> Result<(), String> {
     if domain.is_empty() {
         return Err("must not be empty; expected a host or host:port".to_owned());
     }
+    // A host name of 253 characters, ':' and a port.
+    const MAX_DOMAIN_BYTES: usize = 253 + 6;
+    if domain.len() > MAX_DOMAIN_BYTES {
+        return Err(format!(
+            "{} long: {EXPECTED}, at most {MAX_DOMAIN_BYTES} characters",
+            size(domain.len())
+        ));
+    }
     if domain.contains("://") {
         return Err(format!(
             "{EXPECTED}, without a scheme (http:// or https://); use insecure: true for plain HTTP"
@@ -166,44 +254,118 @@ impl Errors {
             .push(ValidationError::new(self.id.clone(), field, message));
     }
 
+    /// Refuses a string longer than `max` bytes; returns whether it fits, so that
+    /// callers check its format only then.
+    fn within(&mut self, field: &str, value: &str, max: usize, what: &str) -> bool {
+        if value.len() > max {
+            self.push(
+                field,
+                format!(
+                    "{} long: expected {what} of at most {}",
+                    size(value.len()),
+                    size(max)
+                ),
+            );
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Refuses a list or map with more than `max` entries.
+    fn at_most(&mut self, field: &str, entries: usize, max: usize, hint: &str) {
+        if entries > max {
+            self.push(
+                field,
+                format!("{entries} entries: expected at most {max}{hint}"),
+            );
+        }
+    }
+
     fn metadata(&mut self, object: &Object) {
         let meta = object.metadata();
         match meta.name.as_deref() {
             None | Some("") => self.push("metadata.name", "required field is missing"),
             Some(name) if !is_dns_subdomain(name) => self.push(
                 "metadata.name",
-                format!("{name:?}: expected a DNS-1123 name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"),
+                format!("{}: expected a DNS-1123 name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters", shown(name)),
             ),
             Some(_) => {}
         }
         match (object.kind().namespaced(), meta.namespace.as_deref()) {
             (true, Some(ns)) if !is_dns_label(ns) => self.push(
                 "metadata.namespace",
-                format!("{ns:?}: expected a DNS-1123 label: lowercase letters, digits and '-', at most 63 characters"),
+                format!("{}: expected a DNS-1123 label: lowercase letters, digits and '-', at most 63 characters", shown(ns)),
             ),
             (false, Some(ns)) if !ns.is_empty() => self.push(
                 "metadata.namespace",
-                format!("{ns:?}: Cluster is cluster-scoped; expected no namespace"),
+                format!("{}: Cluster is cluster-scoped; expected no namespace", shown(ns)),
             ),
             _ => {}
         }
         if let Some(labels) = &meta.labels {
             self.labels("metadata.labels", labels);
         }
+        if let Some(annotations) = &meta.annotations {
+            let total: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+            if total > MAX_ANNOTATIONS_BYTES {
+                self.push(
+                    "metadata.annotations",
+                    format!(
+                        "{} in keys and values: expected at most {} in total, as in Kubernetes",
+                        size(total),
+                        size(MAX_ANNOTATIONS_BYTES)
+                    ),
+                );
+            }
+            for k in annotations.keys() {
+                if !is_label_key(k) {
+                    self.push(
+                        "metadata.annotations",
+                        format!("key {}: expected an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' or '.'", shown(k)),
+                    );
+                }
+            }
+        }
+        if let Some(uid) = &meta.uid {
+            self.within("metadata.uid", uid, MAX_METADATA_VALUE_BYTES, "a uid");
+        }
+        if let Some(rv) = &meta.resource_version {
+            self.within(
+                "metadata.resourceVersion",
+                rv,
+                MAX_METADATA_VALUE_BYTES,
+                "the resourceVersion a get returned",
+            );
+        }
     }
 
     fn labels(&mut self, field: &str, labels: &BTreeMap<String, String>) {
+        self.at_most(field, labels.len(), MAX_LABELS, "");
         for (k, v) in labels {
             if !is_label_key(k) {
-                self.push(
-                    format!("{field}.{k}"),
-                    "invalid label key: expected an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' or '.'",
-                );
+                // A key too long to be one is not repeated in the field path.
+                let (path, message) = if k.len() > 253 + 1 + 63 {
+                    (
+                        field.to_owned(),
+                        format!(
+                            "key {}: invalid label key: expected an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' or '.'",
+                            shown(k)
+                        ),
+                    )
+                } else {
+                    (
+                        format!("{field}.{k}"),
+                        "invalid label key: expected an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' or '.'".to_owned(),
+                    )
+                };
+                self.push(path, message);
+                continue;
             }
             if !is_label_value(v) {
                 self.push(
                     format!("{field}.{k}"),
-                    format!("{v:?}: expected a label value of at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"),
+                    format!("{}: expected a label value of at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit", shown(v)),
                 );
             }
         }
@@ -212,7 +374,19 @@ impl Errors {
     fn registry_secret(&mut self, o: &RegistrySecret) {
         let spec = &o.spec;
         if let Err(why) = check_domain(&spec.domain) {
-            self.push("spec.domain", format!("{:?}: {why}", spec.domain));
+            self.push("spec.domain", format!("{}: {why}", shown(&spec.domain)));
+        }
+        if let Some(u) = &spec.username {
+            self.within("spec.username", u, MAX_USERNAME_BYTES, "a user name");
+        }
+        if let Some(p) = &spec.password {
+            // Only the size is said, never the value.
+            self.within(
+                "spec.password",
+                p,
+                MAX_PASSWORD_BYTES,
+                "a password or token",
+            );
         }
         match (&spec.username, &spec.password) {
             (Some(u), _) if u.is_empty() => self.push(
@@ -258,7 +432,7 @@ impl Errors {
             };
             self.push(
                 "spec.repository",
-                format!("{repo:?}: expected a repository path like library/nginx: lowercase letters and digits separated by '.', '_' or '-', components joined by '/'{extra}"),
+                format!("{}: expected a repository path like library/nginx: lowercase letters and digits separated by '.', '_' or '-', components joined by '/', at most 255 characters{extra}", shown(repo)),
             );
         }
 
@@ -300,15 +474,21 @@ impl Errors {
         {
             self.push(
                 "spec.tag",
-                format!("{tag:?}: expected a tag: letters, digits, '_', '.' and '-', not starting with '.' or '-', at most 128 characters"),
+                format!("{}: expected a tag: letters, digits, '_', '.' and '-', not starting with '.' or '-', at most 128 characters", shown(tag)),
             );
         }
+        self.at_most(
+            "spec.tags",
+            spec.tags.len(),
+            MAX_TAGS,
+            "; a tagPattern with keepLatest picks many tags",
+        );
         let mut seen = BTreeSet::new();
         for (i, tag) in spec.tags.iter().enumerate() {
             if !is_tag(tag) {
                 self.push(
                     format!("spec.tags[{i}]"),
-                    format!("{tag:?}: expected a tag: letters, digits, '_', '.' and '-', not starting with '.' or '-', at most 128 characters"),
+                    format!("{}: expected a tag: letters, digits, '_', '.' and '-', not starting with '.' or '-', at most 128 characters", shown(tag)),
                 );
             } else if !seen.insert(tag) {
                 self.push(
@@ -323,7 +503,13 @@ impl Errors {
                     "spec.tagPattern.pattern",
                     "must not be empty; expected a regular expression like ^v1\\.[0-9]+\\.[0-9]+$",
                 );
-            } else if let Err(e) = Regex::new(&p.pattern) {
+            } else if self.within(
+                "spec.tagPattern.pattern",
+                &p.pattern,
+                MAX_PATTERN_BYTES,
+                "a regular expression",
+            ) && let Err(e) = Regex::new(&p.pattern)
+            {
                 let first = e
                     .to_string()
                     .lines()
@@ -334,16 +520,21 @@ impl Errors {
                 self.push(
                     "spec.tagPattern.pattern",
                     format!(
-                        "{:?}: expected a valid regular expression ({first})",
-                        p.pattern
+                        "{}: expected a valid regular expression ({first})",
+                        shown(&p.pattern)
                     ),
                 );
             }
-            if p.keep_latest == Some(0) {
-                self.push(
+            match p.keep_latest {
+                Some(0) => self.push(
                     "spec.tagPattern.keepLatest",
                     "0 is too small: expected at least 1",
-                );
+                ),
+                Some(n) if n as usize > MAX_TAGS => self.push(
+                    "spec.tagPattern.keepLatest",
+                    format!("{n} is too large: expected at most {MAX_TAGS} versions"),
+                ),
+                _ => {}
             }
         }
         if let Some(d) = &spec.digest
@@ -351,15 +542,19 @@ impl Errors {
         {
             self.push(
                 "spec.digest",
-                format!("{d:?}: expected sha256: followed by 64 lowercase hex digits"),
+                format!(
+                    "{}: expected sha256: followed by 64 lowercase hex digits",
+                    shown(d)
+                ),
             );
         }
+        self.at_most("spec.platforms", spec.platforms.len(), MAX_PLATFORMS, "");
         let mut seen = BTreeSet::new();
         for (i, p) in spec.platforms.iter().enumerate() {
-            if !is_platform(p) {
+            if !is_platform(p) || p.len() > MAX_PLATFORM_BYTES {
                 self.push(
                     format!("spec.platforms[{i}]"),
-                    format!("{p:?}: expected os/arch or os/arch/variant, e.g. linux/amd64 or linux/arm64/v8"),
+                    format!("{}: expected os/arch or os/arch/variant, e.g. linux/amd64 or linux/arm64/v8, at most {MAX_PLATFORM_BYTES} characters", shown(p)),
                 );
             } else if !seen.insert(p) {
                 self.push(
@@ -379,8 +574,8 @@ impl Errors {
             self.push(
                 "spec.registryRef.name",
                 format!(
-                    "{:?}: expected the DNS-1123 name of a RegistrySecret",
-                    r.name
+                    "{}: expected the DNS-1123 name of a RegistrySecret",
+                    shown(&r.name)
                 ),
             );
         }
@@ -389,7 +584,7 @@ impl Errors {
         {
             self.push(
                 "spec.registryRef.namespace",
-                format!("{ns:?}: expected the Repository's own namespace {namespace:?}; a RegistrySecret is usable only from its own namespace"),
+                format!("{}: expected the Repository's own namespace {namespace:?}; a RegistrySecret is usable only from its own namespace", shown(ns)),
             );
         }
         if let Some(interval) = &spec.sync_interval {
@@ -399,11 +594,20 @@ impl Errors {
             if let Some(sel) = &placement.cluster_selector {
                 self.selector("spec.placement.clusterSelector", sel);
             }
+            self.at_most(
+                "spec.placement.clusters",
+                placement.clusters.len(),
+                MAX_PLACEMENT_CLUSTERS,
+                "; select that many clusters by label with clusterSelector",
+            );
             let mut seen = BTreeSet::new();
             for (i, c) in placement.clusters.iter().enumerate() {
                 let field = format!("spec.placement.clusters[{i}]");
                 if !is_dns_subdomain(c) {
-                    self.push(field, format!("{c:?}: expected a cluster name (DNS-1123)"));
+                    self.push(
+                        field,
+                        format!("{}: expected a cluster name (DNS-1123)", shown(c)),
+                    );
                 } else if !seen.insert(c) {
                     self.push(
                         field,
@@ -426,6 +630,14 @@ impl Errors {
     }
 
     fn duration(&mut self, field: &str, text: &str, min: Option<std::time::Duration>) {
+        if !self.within(
+            field,
+            text,
+            MAX_DURATION_BYTES,
+            "a duration like 30m, 1h or 24h",
+        ) {
+            return;
+        }
         match parse_duration(text) {
             Err(e) => self.push(field, format!("{text:?}: {e}")),
             Ok(d) => {
@@ -446,17 +658,29 @@ impl Errors {
 
     fn selector(&mut self, field: &str, sel: &LabelSelector) {
         self.labels(&format!("{field}.matchLabels"), &sel.match_labels);
+        self.at_most(
+            &format!("{field}.matchExpressions"),
+            sel.match_expressions.len(),
+            MAX_SELECTOR_EXPRESSIONS,
+            "",
+        );
         for (i, e) in sel.match_expressions.iter().enumerate() {
             let base = format!("{field}.matchExpressions[{i}]");
             if !is_label_key(&e.key) {
                 self.push(
                     format!("{base}.key"),
                     format!(
-                        "{:?}: expected a label key like env or example.com/tier",
-                        e.key
+                        "{}: expected a label key like env or example.com/tier",
+                        shown(&e.key)
                     ),
                 );
             }
+            self.at_most(
+                &format!("{base}.values"),
+                e.values.len(),
+                MAX_SELECTOR_VALUES,
+                "",
+            );
             match e.operator {
                 SelectorOperator::In | SelectorOperator::NotIn if e.values.is_empty() => self.push(
                     format!("{base}.values"),
@@ -476,7 +700,7 @@ impl Errors {
                 if !is_label_value(v) {
                     self.push(
                         format!("{base}.values[{j}]"),
-                        format!("{v:?}: expected a label value"),
+                        format!("{}: expected a label value", shown(v)),
                     );
                 }
             }
@@ -484,13 +708,22 @@ impl Errors {
     }
 
     fn cluster(&mut self, o: &Cluster) {
+        self.at_most("spec.tenants", o.spec.tenants.len(), MAX_TENANTS, "");
+        if let Some(d) = &o.spec.description {
+            self.within(
+                "spec.description",
+                d,
+                MAX_DESCRIPTION_BYTES,
+                "a description",
+            );
+        }
         let mut seen = BTreeSet::new();
         for (i, t) in o.spec.tenants.iter().enumerate() {
             let field = format!("spec.tenants[{i}]");
             if !is_dns_label(t) {
                 self.push(
                     field,
-                    format!("{t:?}: expected a namespace name (DNS-1123 label)"),
+                    format!("{}: expected a namespace name (DNS-1123 label)", shown(t)),
                 );
             } else if !seen.insert(t) {
                 self.push(

@@ -204,3 +204,57 @@ fn bad_kinds_and_flags_are_explained() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_file_over_the_document_limit_is_named_with_the_limit_and_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seed = std::fs::read_to_string(testdata("seed-quickstart-repository.yaml")).expect("seed");
+    let many = |n: usize| {
+        (0..n)
+            .map(|i| seed.replace("name: nginx-latest", &format!("name: nginx-{i}")))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    let at_limit = dir.path().join("at-limit.yaml");
+    std::fs::write(&at_limit, format!("{}---\n", many(1024))).expect("write");
+    let out = imgfleet(&["validate", "-f", &at_limit.display().to_string()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 1024);
+
+    let over = dir.path().join("over.yaml");
+    std::fs::write(&over, many(1100)).expect("write");
+    let path = over.display().to_string();
+    let out = imgfleet(&["validate", "-f", &path], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        stderr,
+        format!(
+            "{path}: input: more than 1024 documents: one file holds at most 1024 objects \
+             (documents separated by ---); split it into several files and give each with -f, \
+             e.g. imgfleet apply -f part-1.yaml -f part-2.yaml\nerror: 1 problem found\n"
+        )
+    );
+    assert!(text(&out.stdout).is_empty());
+}
+
+#[test]
+fn a_50_mib_password_is_refused_naming_the_field_and_its_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret =
+        std::fs::read_to_string(testdata("seed-quickstart-registrysecret.yaml")).expect("seed");
+    let huge = "s".repeat(50 * 1024 * 1024);
+    let path = dir.path().join("secret.yaml");
+    std::fs::write(&path, secret.replace("Harbor12345", &huge)).expect("write");
+    let path = path.display().to_string();
+    let out = imgfleet(&["validate", "-f", &path], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        stderr,
+        format!(
+            "{path}: RegistrySecret default/harbor-prod: spec.password: 50 MiB long: \
+             expected a password or token of at most 64 KiB\nerror: 1 problem found\n"
+        )
+    );
+}

@@ -1,0 +1,416 @@
+//! Whether the clusters a Repository targets hold what it resolves to now, judged
+//! by digest. `imgfleet watch --until-synced` ends on it, and `describe` can show
+//! per cluster what is still missing.
+//!
+//! Counts (`syncedClusters == targetClusters`) are not enough: after a tag moves
+//! upstream, a cluster that holds the old digest is still Synced on its entry.
+//! The rule here asks for an entry per wanted digest on every targeted cluster,
+//! Synced and current (not the last known state of an offline cluster). Pure.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{ImagePhase, Repository};
+
+/// What the clusters of one Repository hold of the digests it wants now.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Holding {
+    /// The digests wanted now, distinct, in order: the pinned `spec.digest`, or
+    /// those of `status.resolved`. Empty while nothing is resolved.
+    pub wanted: Vec<String>,
+    /// Per cluster listed in the status: the wanted digests it does not hold
+    /// yet (Synced and current); empty when it holds them all.
+    pub missing: BTreeMap<String, Vec<String>>,
+    /// How many clusters the Repository targets (`status.targetClusters`).
+    pub target: u32,
+}
+
+impl Holding {
+    /// The listed clusters that hold every wanted digest (none while nothing is wanted).
+    pub fn holding(&self) -> impl Iterator<Item = &str> {
+        self.missing
+            .iter()
+            .filter(|(_, m)| m.is_empty() && !self.wanted.is_empty())
+            .map(|(c, _)| c.as_str())
+    }
+
+    /// How many clusters hold every wanted digest.
+    pub fn holding_count(&self) -> usize {
+        self.holding().count()
+    }
+
+    /// True when something is wanted, the Repository targets at least one
+    /// cluster, every targeted cluster is listed, and each holds every wanted
+    /// digest. This is when `watch --until-synced` may stop.
+    pub fn is_complete(&self) -> bool {
+        !self.wanted.is_empty()
+            && self.target > 0
+            && self.missing.len() == self.target as usize
+            && self.missing.values().all(Vec::is_empty)
+    }
+
+    /// Why [`Holding::is_complete`] is false, in a few words; empty when it is true.
+    pub fn waiting_for(&self) -> String {
+        if self.wanted.is_empty() {
+            return "tags not resolved yet".to_owned();
+        }
+        if self.target == 0 {
+            return "targets no cluster".to_owned();
+        }
+        let mut parts = Vec::new();
+        let lacking: Vec<String> = self
+            .missing
+            .iter()
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(c, m)| {
+                let digests: Vec<&str> = m.iter().map(|d| short(d)).collect();
+                format!("{c} lacks {}", digests.join(" "))
+            })
+            .collect();
+        let shown = lacking.len().min(3);
+        parts.extend(lacking[..shown].iter().cloned());
+        if lacking.len() > shown {
+            parts.push(format!(
+                "{} more cluster(s) lack digests",
+                lacking.len() - shown
+            ));
+        }
+        if self.missing.len() != self.target as usize {
+            parts.push(format!(
+                "{} of {} targeted cluster(s) listed",
+                self.missing.len(),
+                self.target
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
+/// `sha256:` and the first 12 hex digits.
+fn short(digest: &str) -> &str {
+    let end = digest
+        .char_indices()
+        .nth("sha256:".len() + 12)
+        .map_or(digest.len(), |(i, _)| i);
+    &digest[..end]
+}
+
+/// What each cluster listed in `repo`'s status holds of the digests it wants now.
+pub fn clusters_holding(repo: &Repository) -> Holding {
+    let Some(status) = &repo.status else {
+        return Holding::default();
+    };
+    let mut wanted: Vec<String> = Vec::new();
+    if !status.resolved.is_empty() {
+        match &repo.spec.digest {
+            Some(pinned) => wanted.push(pinned.clone()),
+            None => {
+                for t in &status.resolved {
+                    if !wanted.contains(&t.digest) {
+                        wanted.push(t.digest.clone());
+                    }
+                }
+            }
+        }
+    }
+    let mut held: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for e in &status.clusters {
+        let digests = held.entry(e.cluster.as_str()).or_default();
+        if e.phase == Some(ImagePhase::Synced) && !e.last_known {
+            digests.insert(e.digest.as_str());
+        }
+    }
+    let missing = held
+        .into_iter()
+        .map(|(cluster, digests)| {
+            let lacks = wanted
+                .iter()
+                .filter(|w| !digests.contains(w.as_str()))
+                .cloned()
+                .collect();
+            (cluster.to_owned(), lacks)
+        })
+        .collect();
+    Holding {
+        wanted,
+        missing,
+        target: status.target_clusters,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        ClusterImageStatus, RegistryRef, RepositorySpec, RepositoryStatus, ResolvedTag,
+    };
+
+    const A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    /// One status entry: cluster, digest, phase, last known.
+    type Entry = (&'static str, &'static str, Option<ImagePhase>, bool);
+
+    struct Case {
+        name: &'static str,
+        pinned: Option<&'static str>,
+        resolved: &'static [&'static str],
+        entries: &'static [Entry],
+        synced: u32,
+        target: u32,
+        complete: bool,
+        holding: &'static [&'static str],
+        waiting: &'static str,
+    }
+
+    fn repo(c: &Case) -> Repository {
+        let mut r = Repository::new(
+            "web",
+            RepositorySpec {
+                repository: "library/nginx".into(),
+                tag: Some("latest".into()),
+                tags: Vec::new(),
+                tag_pattern: None,
+                digest: c.pinned.map(str::to_owned),
+                platforms: Vec::new(),
+                registry_ref: RegistryRef {
+                    name: "harbor".into(),
+                    namespace: None,
+                },
+                sync_interval: None,
+                placement: None,
+                retention: None,
+                suspend: false,
+            },
+        );
+        r.status = Some(RepositoryStatus {
+            resolved: c
+                .resolved
+                .iter()
+                .enumerate()
+                .map(|(i, d)| ResolvedTag {
+                    tag: format!("t{i}"),
+                    digest: (*d).to_owned(),
+                    media_type: String::new(),
+                })
+                .collect(),
+            clusters: c
+                .entries
+                .iter()
+                .map(|(cluster, digest, phase, last_known)| ClusterImageStatus {
+                    cluster: (*cluster).to_owned(),
+                    digest: (*digest).to_owned(),
+                    phase: *phase,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    layers_done: 0,
+                    layers_total: 0,
+                    last_sync_time: None,
+                    message: None,
+                    next_retry_time: None,
+                    last_known: *last_known,
+                })
+                .collect(),
+            synced_clusters: c.synced,
+            target_clusters: c.target,
+            ..Default::default()
+        });
+        r
+    }
+
+    fn check(c: &Case) {
+        let h = clusters_holding(&repo(c));
+        assert_eq!(h.is_complete(), c.complete, "{}: {h:?}", c.name);
+        assert_eq!(
+            h.holding().collect::<Vec<_>>(),
+            c.holding,
+            "{}: holding",
+            c.name
+        );
+        assert_eq!(h.waiting_for(), c.waiting, "{}: waiting_for", c.name);
+    }
+
+    const SYNCED: Option<ImagePhase> = Some(ImagePhase::Synced);
+    const SYNCING: Option<ImagePhase> = Some(ImagePhase::Syncing);
+
+    #[test]
+    fn until_synced_compares_digests_not_counts() {
+        let cases = [
+            Case {
+                name: "one digest synced on the only cluster",
+                pinned: None,
+                resolved: &[A],
+                entries: &[("edge-1", A, SYNCED, false)],
+                synced: 1,
+                target: 1,
+                complete: true,
+                holding: &["edge-1"],
+                waiting: "",
+            },
+            Case {
+                name: "the tag moved: the cluster holds the old digest, counts say 1/1",
+                pinned: None,
+                resolved: &[B],
+                entries: &[("edge-1", A, SYNCED, false)],
+                synced: 1,
+                target: 1,
+                complete: false,
+                holding: &[],
+                waiting: "edge-1 lacks sha256:bbbbbbbbbbbb",
+            },
+            Case {
+                name: "new digest still syncing beside the old one",
+                pinned: None,
+                resolved: &[B],
+                entries: &[("edge-1", A, SYNCED, false), ("edge-1", B, SYNCING, false)],
+                synced: 0,
+                target: 1,
+                complete: false,
+                holding: &[],
+                waiting: "edge-1 lacks sha256:bbbbbbbbbbbb",
+            },
+            Case {
+                name: "nothing resolved yet, whatever the counts say",
+                pinned: None,
+                resolved: &[],
+                entries: &[("edge-1", A, SYNCED, false)],
+                synced: 1,
+                target: 1,
+                complete: false,
+                holding: &[],
+                waiting: "tags not resolved yet",
+            },
+            Case {
+                name: "an offline cluster's last known Synced does not count",
+                pinned: None,
+                resolved: &[A],
+                entries: &[("edge-1", A, SYNCED, true)],
+                synced: 1,
+                target: 1,
+                complete: false,
+                holding: &[],
+                waiting: "edge-1 lacks sha256:aaaaaaaaaaaa",
+            },
+            Case {
+                name: "two tags, two digests: one held is not enough",
+                pinned: None,
+                resolved: &[A, B],
+                entries: &[("edge-1", A, SYNCED, false), ("edge-1", B, SYNCING, false)],
+                synced: 1,
+                target: 1,
+                complete: false,
+                holding: &[],
+                waiting: "edge-1 lacks sha256:bbbbbbbbbbbb",
+            },
+            Case {
+                name: "two tags, two digests, both held",
+                pinned: None,
+                resolved: &[A, B],
+                entries: &[("edge-1", A, SYNCED, false), ("edge-1", B, SYNCED, false)],
+                synced: 1,
+                target: 1,
+                complete: true,
+                holding: &["edge-1"],
+                waiting: "",
+            },
+            Case {
+                name: "two tags on one digest need it once",
+                pinned: None,
+                resolved: &[A, A],
+                entries: &[("edge-1", A, SYNCED, false)],
+                synced: 1,
+                target: 1,
+                complete: true,
+                holding: &["edge-1"],
+                waiting: "",
+            },
+            Case {
+                name: "a targeted cluster not listed yet",
+                pinned: None,
+                resolved: &[A],
+                entries: &[("edge-1", A, SYNCED, false)],
+                synced: 2,
+                target: 2,
+                complete: false,
+                holding: &["edge-1"],
+                waiting: "1 of 2 targeted cluster(s) listed",
+            },
+            Case {
+                name: "two clusters, one behind",
+                pinned: None,
+                resolved: &[A],
+                entries: &[("edge-1", A, SYNCED, false), ("edge-2", A, None, false)],
+                synced: 1,
+                target: 2,
+                complete: false,
+                holding: &["edge-1"],
+                waiting: "edge-2 lacks sha256:aaaaaaaaaaaa",
+            },
+            Case {
+                name: "two clusters, both hold it",
+                pinned: None,
+                resolved: &[A],
+                entries: &[("edge-1", A, SYNCED, false), ("edge-2", A, SYNCED, false)],
+                synced: 2,
+                target: 2,
+                complete: true,
+                holding: &["edge-1", "edge-2"],
+                waiting: "",
+            },
+            Case {
+                name: "targets no cluster",
+                pinned: None,
+                resolved: &[A],
+                entries: &[],
+                synced: 0,
+                target: 0,
+                complete: false,
+                holding: &[],
+                waiting: "targets no cluster",
+            },
+            Case {
+                name: "pinned by digest and held",
+                pinned: Some(A),
+                resolved: &[A],
+                entries: &[("edge-1", A, SYNCED, false)],
+                synced: 1,
+                target: 1,
+                complete: true,
+                holding: &["edge-1"],
+                waiting: "",
+            },
+            Case {
+                name: "pinned by digest: another digest held does not count",
+                pinned: Some(A),
+                resolved: &[B],
+                entries: &[("edge-1", B, SYNCED, false)],
+                synced: 1,
+                target: 1,
+                complete: false,
+                holding: &[],
+                waiting: "edge-1 lacks sha256:aaaaaaaaaaaa",
+            },
+        ];
+        for c in &cases {
+            check(c);
+        }
+    }
+
+    #[test]
+    fn a_repository_without_status_holds_nothing() {
+        let mut r = repo(&Case {
+            name: "",
+            pinned: None,
+            resolved: &[A],
+            entries: &[],
+            synced: 0,
+            target: 0,
+            complete: false,
+            holding: &[],
+            waiting: "",
+        });
+        r.status = None;
+        let h = clusters_holding(&r);
+        assert!(!h.is_complete());
+        assert_eq!(h.waiting_for(), "tags not resolved yet");
+    }
+}
