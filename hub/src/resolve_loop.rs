@@ -684,16 +684,16 @@ async fn write_repo_status(
         let rev = revision_of(&repo.metadata)?;
         let previous = resolve_status_of(repo.status.as_ref());
         let next = resolver::next_status(&previous, outcome, at);
-        let mut status = repo.status.take().unwrap_or_default();
-        let before = status.clone();
+        let before = repo.status.clone().unwrap_or_default();
+        let mut status = before.clone();
         apply_resolve_status(&mut status, &next, generation);
         // A new digest counts as synced nowhere until clusters report it:
         // recount in the same write, so no reader ever sees the new digest
         // next to the old count.
-        status.synced_clusters = crate::status::count_synced(
-            &status.clusters,
-            &crate::status::wanted_digests(Some(&status)),
-        );
+        repo.status = Some(status);
+        let wanted = imgfleet::model::wanted_digests(&repo);
+        let mut status = repo.status.take().unwrap_or_default();
+        status.synced_clusters = crate::status::count_synced(&status.clusters, &wanted);
         if status == before {
             // The same outcome as last time (a registry that stays down):
             // nothing to write, and no watch event for every replica.

@@ -1066,10 +1066,10 @@ async fn flush(
             let Object::Repository(r) = obj else {
                 return false;
             };
-            let mut st = r.status.clone().unwrap_or_default();
             // Read from the object being written, so that a resolution
             // written in between is counted against.
-            let wanted = status::wanted_digests(Some(&st));
+            let wanted = model::wanted_digests(r);
+            let mut st = r.status.clone().unwrap_or_default();
             let (entries, synced, target) =
                 status::repository_clusters(&prefix, &st.clusters, &targets, &wanted, &live_refs);
             if entries == st.clusters
@@ -1269,6 +1269,7 @@ async fn sweep(objects: &Objects, shared: &Shared) -> Result<(), ObjectError> {
             let Object::Repository(r) = o else {
                 return false;
             };
+            let wanted = model::wanted_digests(r);
             let Some(st) = r.status.as_mut() else {
                 return false;
             };
@@ -1277,8 +1278,7 @@ async fn sweep(objects: &Objects, shared: &Shared) -> Result<(), ObjectError> {
                 changed |= status::mark_last_known(&mut st.clusters, c);
             }
             if changed {
-                st.synced_clusters =
-                    status::count_synced(&st.clusters, &status::wanted_digests(Some(st)));
+                st.synced_clusters = status::count_synced(&st.clusters, &wanted);
             }
             changed
         };

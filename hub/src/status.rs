@@ -5,9 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use imgfleet::model::{
-    ClusterImageStatus, ClusterPhase, ClusterStatus, ImagePhase, RepositoryStatus,
-};
+use imgfleet::model::{ClusterImageStatus, ClusterPhase, ClusterStatus, ImagePhase, holds_all};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::fleet::StoredDesiredSet;
@@ -55,20 +53,6 @@ pub fn targets_of<S: std::borrow::Borrow<StoredDesiredSet>>(
         }
     }
     out
-}
-
-/// The digests a Repository resolves to now: what every targeted cluster
-/// must hold before it counts as synced.
-pub fn wanted_digests(status: Option<&RepositoryStatus>) -> BTreeSet<String> {
-    status
-        .map(|s| {
-            s.resolved
-                .iter()
-                .filter(|r| !r.digest.is_empty())
-                .map(|r| r.digest.clone())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The prefix of every image key of Repository `namespace/name` (see
@@ -121,18 +105,6 @@ fn held_by(live: &LiveCluster, key_prefix: &str) -> Vec<String> {
     held.into_iter().map(str::to_string).collect()
 }
 
-/// Whether a cluster's entries show every wanted digest servable now: each
-/// one Synced, and not a last-known state of an offline cluster. Nothing
-/// wanted (no digest resolved yet) is never synced.
-fn holds_all(entries: &[&ClusterImageStatus], wanted: &BTreeSet<String>) -> bool {
-    !wanted.is_empty()
-        && wanted.iter().all(|d| {
-            entries
-                .iter()
-                .any(|e| &e.digest == d && e.phase == Some(ImagePhase::Synced) && !e.last_known)
-        })
-}
-
 /// Most per-cluster entries a Repository's status lists. A fleet of ten
 /// thousand clusters would otherwise make the object megabytes long, over
 /// etcd's request limit; `syncedClusters`/`targetClusters` still count all.
@@ -156,7 +128,7 @@ pub fn repository_clusters(
     key_prefix: &str,
     existing: &[ClusterImageStatus],
     targets: &BTreeMap<String, Vec<(String, String)>>,
-    wanted: &BTreeSet<String>,
+    wanted: &[String],
     live: &BTreeMap<String, &LiveCluster>,
 ) -> (Vec<ClusterImageStatus>, u32, u32) {
     let by_key: HashMap<(&str, &str), &ClusterImageStatus> = existing
@@ -186,8 +158,7 @@ pub fn repository_clusters(
             };
             out.push(entry);
         }
-        let mine: Vec<&ClusterImageStatus> = out[first..].iter().collect();
-        if holds_all(&mine, wanted) {
+        if holds_all(&out[first..], wanted) {
             synced += 1;
         }
     }
@@ -216,14 +187,14 @@ pub fn mark_last_known(entries: &mut [ClusterImageStatus], cluster: &str) -> boo
 /// Recounts synced clusters after entries or the wanted digests changed (a
 /// cluster flagged last known, a tag resolved to a new digest), by the rule
 /// of [`repository_clusters`].
-pub fn count_synced(entries: &[ClusterImageStatus], wanted: &BTreeSet<String>) -> u32 {
+pub fn count_synced(entries: &[ClusterImageStatus], wanted: &[String]) -> u32 {
     let mut by_cluster: BTreeMap<&str, Vec<&ClusterImageStatus>> = BTreeMap::new();
     for e in entries {
         by_cluster.entry(e.cluster.as_str()).or_default().push(e);
     }
     by_cluster
         .values()
-        .filter(|mine| holds_all(mine, wanted))
+        .filter(|mine| holds_all(mine.iter().copied(), wanted))
         .count() as u32
 }
 
@@ -350,9 +321,15 @@ mod tests {
 
     fn check(c: Case) -> Vec<ClusterImageStatus> {
         let targets = targets_of("default", "app", &c.desired);
-        let wanted: BTreeSet<String> = match c.wanted {
+        let wanted: Vec<String> = match c.wanted {
             Some(w) => w.iter().map(|d| d.to_string()).collect(),
-            None => targets.values().flatten().map(|(d, _)| d.clone()).collect(),
+            None => targets
+                .values()
+                .flatten()
+                .map(|(d, _)| d.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
         };
         let live: BTreeMap<String, &LiveCluster> =
             c.live.iter().map(|(k, v)| (k.clone(), v)).collect();
@@ -590,13 +567,13 @@ mod tests {
                 ..pending("b", "sha256:1")
             },
         ];
-        let wanted: BTreeSet<String> = ["sha256:1".to_string()].into();
+        let wanted = vec!["sha256:1".to_string()];
         assert_eq!(count_synced(&entries, &wanted), 2);
         assert!(mark_last_known(&mut entries, "b"));
         assert!(!mark_last_known(&mut entries, "b"));
         assert_eq!(count_synced(&entries, &wanted), 1);
         // A new digest resolved: nobody holds it yet.
-        let moved: BTreeSet<String> = ["sha256:2".to_string()].into();
+        let moved = vec!["sha256:2".to_string()];
         assert_eq!(count_synced(&entries, &moved), 0);
     }
 
@@ -662,7 +639,7 @@ mod tests {
             .collect();
         let live: BTreeMap<String, &LiveCluster> =
             live_states.iter().map(|(k, v)| (k.clone(), v)).collect();
-        let wanted: BTreeSet<String> = ["sha256:1".to_string()].into();
+        let wanted = vec!["sha256:1".to_string()];
         let (entries, synced, target) =
             repository_clusters("default/app@", &existing, &targets, &wanted, &live);
         assert_eq!(target as usize, n);

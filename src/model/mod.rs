@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use parse::{Checked, check_documents, parse_documents};
-pub use sync::{Holding, clusters_holding};
+pub use sync::{Holding, clusters_holding, holds_all, wanted_digests};
 
 /// The API group of every imgfleet kind.
 pub const GROUP: &str = "image.theriseunion.io";

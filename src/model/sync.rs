@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{ImagePhase, Repository};
+use super::{ClusterImageStatus, ImagePhase, Repository};
 
 /// What the clusters of one Repository hold of the digests it wants now.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -94,37 +94,60 @@ fn short(digest: &str) -> &str {
     &digest[..end]
 }
 
+/// The digests `repo` wants now, distinct, in order: the pinned `spec.digest`,
+/// or those of `status.resolved`. Empty while nothing is resolved.
+pub fn wanted_digests(repo: &Repository) -> Vec<String> {
+    let resolved = repo
+        .status
+        .as_ref()
+        .map(|s| s.resolved.as_slice())
+        .unwrap_or_default();
+    if resolved.is_empty() {
+        return Vec::new();
+    }
+    if let Some(pinned) = &repo.spec.digest {
+        return vec![pinned.clone()];
+    }
+    let mut wanted: Vec<String> = Vec::new();
+    for t in resolved {
+        if !t.digest.is_empty() && !wanted.contains(&t.digest) {
+            wanted.push(t.digest.clone());
+        }
+    }
+    wanted
+}
+
+/// Whether one cluster's entries show every `wanted` digest servable now:
+/// Synced, and not the last known state of an offline cluster. Nothing
+/// wanted is never held. The hub counts `syncedClusters` by this rule.
+pub fn holds_all<'a>(
+    entries: impl IntoIterator<Item = &'a ClusterImageStatus>,
+    wanted: &[String],
+) -> bool {
+    let held: BTreeSet<&str> = entries
+        .into_iter()
+        .filter(|e| e.phase == Some(ImagePhase::Synced) && !e.last_known)
+        .map(|e| e.digest.as_str())
+        .collect();
+    !wanted.is_empty() && wanted.iter().all(|w| held.contains(w.as_str()))
+}
+
 /// What each cluster listed in `repo`'s status holds of the digests it wants now.
 pub fn clusters_holding(repo: &Repository) -> Holding {
     let Some(status) = &repo.status else {
         return Holding::default();
     };
-    let mut wanted: Vec<String> = Vec::new();
-    if !status.resolved.is_empty() {
-        match &repo.spec.digest {
-            Some(pinned) => wanted.push(pinned.clone()),
-            None => {
-                for t in &status.resolved {
-                    if !wanted.contains(&t.digest) {
-                        wanted.push(t.digest.clone());
-                    }
-                }
-            }
-        }
-    }
-    let mut held: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    let wanted = wanted_digests(repo);
+    let mut by_cluster: BTreeMap<&str, Vec<&ClusterImageStatus>> = BTreeMap::new();
     for e in &status.clusters {
-        let digests = held.entry(e.cluster.as_str()).or_default();
-        if e.phase == Some(ImagePhase::Synced) && !e.last_known {
-            digests.insert(e.digest.as_str());
-        }
+        by_cluster.entry(e.cluster.as_str()).or_default().push(e);
     }
-    let missing = held
+    let missing = by_cluster
         .into_iter()
-        .map(|(cluster, digests)| {
+        .map(|(cluster, entries)| {
             let lacks = wanted
                 .iter()
-                .filter(|w| !digests.contains(w.as_str()))
+                .filter(|w| !holds_all(entries.iter().copied(), std::slice::from_ref(*w)))
                 .cloned()
                 .collect();
             (cluster.to_owned(), lacks)
@@ -200,14 +223,8 @@ mod tests {
                     cluster: (*cluster).to_owned(),
                     digest: (*digest).to_owned(),
                     phase: *phase,
-                    bytes_done: 0,
-                    bytes_total: 0,
-                    layers_done: 0,
-                    layers_total: 0,
-                    last_sync_time: None,
-                    message: None,
-                    next_retry_time: None,
                     last_known: *last_known,
+                    ..Default::default()
                 })
                 .collect(),
             synced_clusters: c.synced,
