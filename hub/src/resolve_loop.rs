@@ -10,7 +10,7 @@
 //! is written read-modify-write, touching only the resolver's fields, because
 //! the session code writes the per-cluster fields of the same objects.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
@@ -299,27 +299,92 @@ struct Cache {
     secrets: HashMap<Id, RegistrySecret>,
 }
 
+/// What a watch event changed, for the scheduler.
+enum Changed {
+    Repository(Id),
+    /// A RegistrySecret whose spec or identity changed (a new one, an edit, a
+    /// deletion); a status write (its health) is not a change here.
+    Secret(Id),
+    Nothing,
+}
+
 impl Cache {
-    fn put(&mut self, obj: Object) {
+    fn put(&mut self, obj: Object) -> Changed {
         let id = (repo_namespace(&obj), obj.name().to_string());
         match obj {
             Object::Repository(r) => {
-                self.repos.insert(id, r);
+                self.repos.insert(id.clone(), r);
+                Changed::Repository(id)
             }
             Object::RegistrySecret(s) => {
-                self.secrets.insert(id, s);
+                let version = version_of(&s);
+                let before = self.secrets.insert(id.clone(), s);
+                if before.is_some_and(|b| version_of(&b) == version) {
+                    Changed::Nothing
+                } else {
+                    Changed::Secret(id)
+                }
             }
-            Object::Cluster(_) => {}
+            Object::Cluster(_) => Changed::Nothing,
         }
     }
 
-    fn remove(&mut self, kind: &str, key: &Key) {
+    fn remove(&mut self, kind: &str, key: &Key) -> Changed {
         let id = (key.namespace.clone(), key.name.clone());
         if kind == Kind::Repository.plural() {
             self.repos.remove(&id);
+            Changed::Repository(id)
         } else {
             self.secrets.remove(&id);
+            Changed::Secret(id)
         }
+    }
+
+    /// The Repositories that use RegistrySecret `secret`.
+    fn users_of<'a>(&'a self, secret: &'a Id) -> impl Iterator<Item = &'a Id> + 'a {
+        self.repos
+            .iter()
+            .filter(move |(_, r)| {
+                let (ns, name) = r.registry_secret();
+                ns == secret.0 && name == secret.1
+            })
+            .map(|(id, _)| id)
+    }
+}
+
+/// When each Repository is next due, in time order, so that a tick looks only
+/// at what is due and an event at only what it changed: with thousands of
+/// Repositories, going over all of them on every tick and every event was
+/// most of an idle hub's CPU.
+#[derive(Default)]
+struct DueQueue {
+    at: HashMap<Id, SystemTime>,
+    order: BTreeSet<(SystemTime, Id)>,
+    /// Repositories whose due time must be worked out again: new or changed,
+    /// an attempt finished, or their RegistrySecret changed.
+    dirty: HashSet<Id>,
+}
+
+impl DueQueue {
+    fn set(&mut self, id: &Id, when: Option<SystemTime>) {
+        if let Some(old) = self.at.remove(id) {
+            self.order.remove(&(old, id.clone()));
+        }
+        if let Some(t) = when {
+            self.at.insert(id.clone(), t);
+            self.order.insert((t, id.clone()));
+        }
+    }
+
+    /// The earliest Repository due at `now`, taken off the queue.
+    fn pop_due(&mut self, now: SystemTime) -> Option<Id> {
+        let first = self.order.first()?;
+        if first.0 > now {
+            return None;
+        }
+        let (_, id) = self.order.pop_first()?;
+        self.at.remove(&id);
+        Some(id)
     }
 }
 
@@ -394,6 +459,14 @@ async fn lead_once(
         .watch(Kind::Repository.plural(), rev_r)
         .await
         .map_err(|e| e.to_string())?;
+    // Forget what was deleted while no watch ran, so a re-created object
+    // starts afresh.
+    attempts.retain(|id, _| cache.repos.contains_key(id));
+    checks.retain(|id, _| cache.secrets.contains_key(id));
+    let mut queue = DueQueue {
+        dirty: cache.repos.keys().cloned().collect(),
+        ..Default::default()
+    };
     let mut work: JoinSet<Done> = JoinSet::new();
     let mut in_flight: HashSet<(Kind, Id)> = HashSet::new();
     let mut tick = tokio::time::interval(TICK);
@@ -402,32 +475,48 @@ async fn lead_once(
     summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_logged = 0usize;
     loop {
-        // Forget what was deleted, so a re-created object starts afresh.
-        attempts.retain(|id, _| cache.repos.contains_key(id));
-        checks.retain(|id, _| cache.secrets.contains_key(id));
-        schedule(objects, &cache, attempts, checks, &mut in_flight, &mut work);
-        tokio::select! {
+        schedule(objects, &cache, attempts, checks, &mut queue, &mut in_flight, &mut work);
+        let changed = tokio::select! {
             ev = secret_events.next() => apply_event(objects, &mut cache, Kind::RegistrySecret, ev)?,
             ev = repo_events.next() => apply_event(objects, &mut cache, Kind::Repository, ev)?,
             Some(done) = work.join_next(), if !work.is_empty() => match done {
                 Ok(Done::Resolved { id, attempt }) => {
                     in_flight.remove(&(Kind::Repository, id.clone()));
-                    attempts.insert(id, attempt);
+                    attempts.insert(id.clone(), attempt);
+                    Changed::Repository(id)
                 }
                 Ok(Done::Checked { id, version, at }) => {
                     in_flight.remove(&(Kind::RegistrySecret, id.clone()));
                     checks.insert(id, (at, version));
+                    Changed::Nothing
                 }
                 Err(e) => return Err(format!("a resolver task failed: {e}")),
             },
-            _ = tick.tick() => {}
+            _ = tick.tick() => Changed::Nothing,
             _ = summary.tick() => {
                 let failing = attempts.values().filter(|a| a.failures > 0).count();
                 if failing > 0 || failing_logged > 0 {
                     info!(failing, "Repositories whose tag resolution keeps failing (each retried with back-off, up to its syncInterval)");
                 }
                 failing_logged = failing;
+                Changed::Nothing
             }
+        };
+        match changed {
+            Changed::Repository(id) => {
+                if !cache.repos.contains_key(&id) {
+                    attempts.remove(&id);
+                }
+                queue.dirty.insert(id);
+            }
+            Changed::Secret(id) => {
+                if !cache.secrets.contains_key(&id) {
+                    checks.remove(&id);
+                }
+                let users: Vec<Id> = cache.users_of(&id).cloned().collect();
+                queue.dirty.extend(users);
+            }
+            Changed::Nothing => {}
         }
     }
 }
@@ -437,36 +526,37 @@ fn apply_event(
     cache: &mut Cache,
     kind: Kind,
     ev: Option<Result<WatchEvent, StoreError>>,
-) -> Result<(), String> {
+) -> Result<Changed, String> {
     match ev {
         None => Err(format!("the {} watch ended", kind.plural())),
         Some(Err(e)) => Err(e.to_string()),
-        Some(Ok(WatchEvent::Put(v))) => {
-            match objects.decode(&v) {
-                Ok(o) => cache.put(o),
-                Err(e) => warn!(error = %e, "Skipping an unreadable object"),
+        Some(Ok(WatchEvent::Put(v))) => match objects.decode(&v) {
+            Ok(o) => Ok(cache.put(o)),
+            Err(e) => {
+                warn!(error = %e, "Skipping an unreadable object");
+                Ok(Changed::Nothing)
             }
-            Ok(())
-        }
-        Some(Ok(WatchEvent::Delete(v))) => {
-            cache.remove(kind.plural(), &v.key);
-            Ok(())
-        }
+        },
+        Some(Ok(WatchEvent::Delete(v))) => Ok(cache.remove(kind.plural(), &v.key)),
     }
 }
 
+/// Starts what is due, up to [`MAX_CONCURRENT`] at once: registry health
+/// checks (a few secrets, looked at each time), then Repositories, earliest
+/// due first, after working out again when the changed ones are due.
 fn schedule(
     objects: &Objects,
     cache: &Cache,
     attempts: &HashMap<Id, Attempt>,
     checks: &HashMap<Id, (SystemTime, SecretVersion)>,
+    queue: &mut DueQueue,
     in_flight: &mut HashSet<(Kind, Id)>,
     work: &mut JoinSet<Done>,
 ) {
     let now = SystemTime::now();
     for (id, rs) in &cache.secrets {
         if in_flight.len() >= MAX_CONCURRENT {
-            return;
+            break;
         }
         let key = (Kind::RegistrySecret, id.clone());
         let version = version_of(rs);
@@ -481,30 +571,40 @@ fn schedule(
             Done::Checked { id, version, at }
         });
     }
-    // Oldest-due first would be fairer; map order is good enough while the
-    // bound is rarely reached, and due work is picked up on the next tick.
-    for (id, repo) in &cache.repos {
-        if in_flight.len() >= MAX_CONCURRENT {
-            return;
-        }
-        let key = (Kind::Repository, id.clone());
-        let secret = cache.secrets.get(&secret_ref(repo)).map(version_of);
+    for id in std::mem::take(&mut queue.dirty) {
+        let Some(repo) = cache.repos.get(&id) else {
+            queue.set(&id, None);
+            continue;
+        };
         let view = RepoView {
             generation: repo.metadata.generation.unwrap_or(0),
             observed_generation: repo.status.as_ref().map_or(0, |s| s.observed_generation),
             suspended: repo.spec.suspend,
             interval: repo.spec.sync_interval_duration(),
             status: resolve_status_of(repo.status.as_ref()),
-            secret: secret.clone(),
-            in_flight: in_flight.contains(&key),
+            secret: cache.secrets.get(&secret_ref(repo)).map(version_of),
+            in_flight: in_flight.contains(&(Kind::Repository, id.clone())),
         };
-        if repository_due(&view, attempts.get(id), now) != Due::Now {
+        let when = match repository_due(&view, attempts.get(&id), now) {
+            // In flight: worked out again when the attempt finishes.
+            Due::Skip => None,
+            Due::Now => Some(now),
+            Due::At(t) => Some(t),
+        };
+        queue.set(&id, when);
+    }
+    while in_flight.len() < MAX_CONCURRENT {
+        let Some(id) = queue.pop_due(now) else {
+            break;
+        };
+        let Some(repo) = cache.repos.get(&id) else {
             continue;
-        }
-        in_flight.insert(key);
+        };
+        in_flight.insert((Kind::Repository, id.clone()));
         let rs = cache.secrets.get(&secret_ref(repo)).cloned();
-        let failures = attempts.get(id).map_or(0, |a| a.failures);
-        let (objects, id, repo) = (objects.clone(), id.clone(), repo.clone());
+        let secret = rs.as_ref().map(version_of);
+        let failures = attempts.get(&id).map_or(0, |a| a.failures);
+        let (objects, repo) = (objects.clone(), repo.clone());
         work.spawn(async move {
             let attempt =
                 resolve_and_record(&objects, &id, &repo, rs.as_ref(), secret, failures).await;
@@ -1069,6 +1169,25 @@ mod tests {
             failure_backoff(u32::MAX, HOUR, 0.999_999_999).as_secs(),
             3599
         );
+    }
+
+    #[test]
+    fn the_due_queue_gives_what_is_due_earliest_first() {
+        let id = |n: &str| ("default".to_string(), n.to_string());
+        let mut q = DueQueue::default();
+        q.set(&id("late"), Some(t(30)));
+        q.set(&id("early"), Some(t(10)));
+        q.set(&id("moved"), Some(t(5)));
+        q.set(&id("moved"), Some(t(50)));
+        q.set(&id("gone"), Some(t(1)));
+        q.set(&id("gone"), None);
+        assert_eq!(q.pop_due(t(9)), None, "nothing due before 10");
+        assert_eq!(q.pop_due(t(40)), Some(id("early")));
+        assert_eq!(q.pop_due(t(40)), Some(id("late")));
+        assert_eq!(q.pop_due(t(40)), None, "moved to 50");
+        assert_eq!(q.pop_due(t(50)), Some(id("moved")));
+        assert_eq!(q.pop_due(t(1000)), None);
+        assert!(q.at.is_empty() && q.order.is_empty());
     }
 
     #[test]
