@@ -28,6 +28,8 @@ impl Unit {
     pub fn show(self, v: f64) -> String {
         match self {
             Unit::Seconds => format!("{v:.3} s"),
+            // Small figures (a cost per object) keep two decimals.
+            Unit::Millis if v < 10.0 => format!("{v:.2} ms"),
             Unit::Millis => format!("{v:.0} ms"),
             Unit::Bytes if v >= 1024.0 * 1024.0 => format!("{:.1} MiB", v / (1024.0 * 1024.0)),
             Unit::Bytes => format!("{:.1} KiB", v / 1024.0),
