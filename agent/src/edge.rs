@@ -135,6 +135,7 @@ impl EdgeTarget {
             extra_roots_pem: config.extra_roots_pem.clone(),
             connect_timeout: None,
             read_timeout: None,
+            min_progress: None,
         })?;
         Ok(EdgeTarget {
             client,
