@@ -416,7 +416,7 @@ fn references(
             continue;
         }
         referenced.insert(root.to_string());
-        match store.tree(root, media_type) {
+        match store.tree(root, media_type, &[]) {
             Ok(tree) => {
                 referenced.extend(tree.manifests.into_iter().map(|m| m.digest));
                 referenced.extend(tree.blobs.into_iter().map(|b| b.digest));

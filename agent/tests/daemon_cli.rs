@@ -96,11 +96,25 @@ async fn bad_settings_exit_64_naming_the_setting() {
             "--concurrency-images 0",
         ),
         (
-            &["--hub", hub, "--credentials", &creds, "--keep-versions", "0"],
+            &[
+                "--hub",
+                hub,
+                "--credentials",
+                &creds,
+                "--keep-versions",
+                "0",
+            ],
             "--keep-versions 0: expected at least 1",
         ),
         (
-            &["--hub", hub, "--credentials", &creds, "--stall-timeout", "0s"],
+            &[
+                "--hub",
+                hub,
+                "--credentials",
+                &creds,
+                "--stall-timeout",
+                "0s",
+            ],
             "--stall-timeout 0s",
         ),
         (

@@ -92,7 +92,7 @@ impl Catalog {
             if r.parent.is_some() {
                 continue;
             }
-            match store.tree(&r.digest, Some(&r.media_type)) {
+            match store.tree(&r.digest, Some(&r.media_type), &[]) {
                 Ok(tree) => {
                     for m in tree.manifests {
                         held.manifests.entry(m.digest).or_insert(ManifestInfo {

@@ -619,10 +619,16 @@ impl Store {
     }
 
     /// The tree of an image whose root manifest is in the store: every
-    /// manifest below it and every blob they name, as far as the store holds
-    /// them (all platforms). `media_type` is the root's, when a record says;
-    /// otherwise the document's own `mediaType` is used.
-    pub fn tree(&self, root: &str, media_type: Option<&str>) -> Result<plan::Tree, TreeError> {
+    /// manifest below it that `platforms` selects (all when empty) and every
+    /// blob they name, as far as the store holds them. `media_type` is the
+    /// root's, when a record says; otherwise the document's own `mediaType`
+    /// is used.
+    pub fn tree(
+        &self,
+        root: &str,
+        media_type: Option<&str>,
+        platforms: &[String],
+    ) -> Result<plan::Tree, TreeError> {
         let bytes = self.read_blob(root).map_err(TreeError::Store)?;
         let media_type = match media_type {
             Some(m) => m.to_string(),
@@ -637,7 +643,7 @@ impl Store {
             media_type,
             size: bytes.len() as u64,
         };
-        plan::walk(node, &bytes, &[], |child| {
+        plan::walk(node, &bytes, platforms, |child| {
             let bytes = self.read_blob(&child.digest).ok()?;
             let media_type = if plan::kind_of(&child.media_type).is_ok() {
                 child.media_type.clone()

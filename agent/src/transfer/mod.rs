@@ -664,7 +664,7 @@ impl Engine {
                 .iter()
                 .find(|r| r.digest == digest)
                 .map(|r| r.media_type.clone())
-                .or_else(|| media_type_of(&bytes));
+                .or_else(|| crate::store::declared_media_type(&bytes));
             if let Some(mt) = media_type {
                 return Ok((bytes, mt));
             }
@@ -922,12 +922,4 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 /// decision to give up.
 fn adjust_delay(retry_after: Option<Duration>, d: Option<Duration>) -> Option<Duration> {
     d.map(|d| retry_after.map_or(d, |r| r.min(MAX_RETRY_AFTER).max(d)))
-}
-
-fn media_type_of(bytes: &[u8]) -> Option<String> {
-    serde_json::from_slice::<serde_json::Value>(bytes)
-        .ok()?
-        .get("mediaType")?
-        .as_str()
-        .map(str::to_string)
 }
