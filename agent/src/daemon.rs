@@ -407,6 +407,11 @@ async fn storage_report(store: &Arc<Store>) -> pb::StorageReport {
     .unwrap_or_default()
 }
 
+/// GC runs at least this often, to catch what changed on disk.
+const GC_EVERY: Duration = Duration::from_secs(60);
+/// GC runs again this soon after it failed or had to leave blobs in use.
+const GC_RETRY: Duration = Duration::from_secs(10);
+
 /// Delay before the `attempts`-th retry of a failed image: 2 s doubling, at most 5 min.
 pub fn retry_delay(attempts: u32) -> Duration {
     let exp = attempts.saturating_sub(1).min(16);
@@ -449,8 +454,9 @@ pub struct Reconciler {
     progress_tx: mpsc::UnboundedSender<Progress>,
     progress_rx: mpsc::UnboundedReceiver<Progress>,
     next_attempt: u64,
-    gc_dirty: bool,
-    last_gc: Instant,
+    /// When GC runs next: soon after a new set, when a grace period ends,
+    /// and at least every [`GC_EVERY`].
+    gc_at: Instant,
 }
 
 impl Reconciler {
@@ -474,8 +480,7 @@ impl Reconciler {
             progress_tx,
             progress_rx,
             next_attempt: 0,
-            gc_dirty: true,
-            last_gc: Instant::now(),
+            gc_at: Instant::now(),
         }
     }
 
@@ -590,7 +595,7 @@ impl Reconciler {
             );
             self.start(key);
         }
-        self.gc_dirty = true;
+        self.gc_at = Instant::now();
     }
 
     fn start(&mut self, key: &str) {
@@ -751,9 +756,8 @@ impl Reconciler {
         self.book
             .set_storage(storage_report(self.engine.store()).await);
         let generation = self.desired.borrow().generation;
-        let due = self.gc_dirty || self.last_gc.elapsed() >= Duration::from_secs(60);
         // Generation 0: no set was ever received; nothing is known to be unwanted.
-        if generation == 0 || !due {
+        if generation == 0 || Instant::now() < self.gc_at {
             return;
         }
         let wanted: Vec<gc::Wanted> = self
@@ -770,23 +774,39 @@ impl Reconciler {
             .collect();
         let store = self.engine.store().clone();
         let policy = self.gc;
-        match tokio::task::spawn_blocking(move || gc::collect(&store, &wanted, &[], &policy)).await
-        {
-            Ok(Ok(report)) => {
-                if !report.images_removed.is_empty() || report.blobs_removed > 0 {
-                    info!(
-                        images = report.images_removed.len(),
-                        blobs = report.blobs_removed,
-                        bytes = report.bytes_freed,
-                        "Collected content no longer desired"
-                    );
+        let next_gc =
+            match tokio::task::spawn_blocking(move || gc::collect(&store, &wanted, &[], &policy))
+                .await
+            {
+                Ok(Ok(report)) => {
+                    if !report.images_removed.is_empty() || report.blobs_removed > 0 {
+                        info!(
+                            images = report.images_removed.len(),
+                            blobs = report.blobs_removed,
+                            bytes = report.bytes_freed,
+                            "Collected content no longer desired"
+                        );
+                    }
+                    if report.blobs_deferred > 0 {
+                        // Transfers held some blobs: look again once they may be done.
+                        GC_RETRY
+                    } else {
+                        // A second more than the grace left, as plan counts whole seconds.
+                        report
+                            .next_due
+                            .map_or(GC_EVERY, |d| d + Duration::from_secs(1))
+                    }
                 }
-            }
-            Ok(Err(e)) => warn!(error = %e, "GC failed; will try again"),
-            Err(e) => warn!(error = %e, "GC task failed"),
-        }
-        self.gc_dirty = false;
-        self.last_gc = Instant::now();
+                Ok(Err(e)) => {
+                    warn!(error = %e, "GC failed; will try again");
+                    GC_RETRY
+                }
+                Err(e) => {
+                    warn!(error = %e, "GC task failed");
+                    GC_RETRY
+                }
+            };
+        self.gc_at = Instant::now() + next_gc.min(GC_EVERY);
     }
 }
 

@@ -125,6 +125,9 @@ pub struct GcPlan {
     pub remove: Vec<ImageId>,
     /// What to remember for the next run.
     pub state: GcState,
+    /// Seconds from `now` until the first grace period still running ends:
+    /// when the next run has something to remove.
+    pub next_due: Option<u64>,
 }
 
 fn id_key(id: &ImageId) -> String {
@@ -236,10 +239,13 @@ pub fn plan(
             }
             let key = id_key(id);
             let since = previous.unwanted_since.get(&key).copied().unwrap_or(now);
-            if now.saturating_sub(since) >= grace.as_secs() {
+            let waited = now.saturating_sub(since);
+            if waited >= grace.as_secs() {
                 out.remove.push(id.clone());
             } else {
                 out.state.unwanted_since.insert(key, since);
+                let left = grace.as_secs() - waited;
+                out.next_due = Some(out.next_due.map_or(left, |d| d.min(left)));
             }
         }
     }
@@ -267,6 +273,8 @@ pub struct GcReport {
     /// Blobs left for the next run because a transfer held them or the
     /// records changed meanwhile.
     pub blobs_deferred: u64,
+    /// When the first grace period still running ends (see [`GcPlan`]).
+    pub next_due: Option<Duration>,
     /// Use after collection.
     pub usage: Usage,
     /// Capacity of the filesystem holding the store, bytes.
@@ -324,7 +332,7 @@ pub fn collect(
     let Some(referenced) = references(store, &records, wanted) else {
         // A manifest could not be walked: deleting blobs now could take one
         // a kept image needs. Records were still collected.
-        return report(store, decided.remove, 0, 0, 0);
+        return report(store, &decided, 0, 0, 0);
     };
 
     let mut blobs_removed = 0;
@@ -368,22 +376,23 @@ pub fn collect(
             "Garbage collected"
         );
     }
-    report(store, decided.remove, blobs_removed, bytes_freed, deferred)
+    report(store, &decided, blobs_removed, bytes_freed, deferred)
 }
 
 fn report(
     store: &Store,
-    images_removed: Vec<ImageId>,
+    decided: &GcPlan,
     blobs_removed: u64,
     bytes_freed: u64,
     blobs_deferred: u64,
 ) -> Result<GcReport, StoreError> {
     let (capacity, available) = capacity(store.root());
     Ok(GcReport {
-        images_removed,
+        images_removed: decided.remove.clone(),
         blobs_removed,
         bytes_freed,
         blobs_deferred,
+        next_due: decided.next_due.map(Duration::from_secs),
         usage: store.usage()?,
         capacity,
         available,

@@ -304,6 +304,29 @@ fn retention_is_remembered_while_content_remains() {
 }
 
 #[test]
+fn the_next_run_is_due_when_the_first_grace_period_ends() {
+    let p = plan(
+        &history(),
+        &[want("app", 'c', 1, 30)],
+        &[],
+        &unwanted_since(1000, &[("app", 'a')]),
+        &POLICY,
+        1010,
+    );
+    // a: 20 s of app's 30 s left; b: just marked, 30 s; web: the default 100 s.
+    assert_eq!(p.next_due, Some(20));
+    let none = plan(
+        &history(),
+        &[want("app", 'c', 3, 0), want("web", 'w', 0, 0)],
+        &[],
+        &GcState::default(),
+        &POLICY,
+        1000,
+    );
+    assert_eq!(none.next_due, None, "nothing is waiting");
+}
+
+#[test]
 fn old_state_files_still_load() {
     let old = r#"{"unwanted_since": {"r/app@sha256:aa": 12}}"#;
     let state: GcState = serde_json::from_str(old).unwrap();
