@@ -1,4 +1,4 @@
-//! `imgfleet-bench`: the benchmarks behind BENCHMARKS.md. Three suites, each
+//! `imgfleet-bench`: the benchmarks behind BENCHMARKS.md. Four suites, each
 //! run side by side with what it is compared against, repeated `--runs` times
 //! and reported as medians:
 //!
@@ -6,13 +6,16 @@
 //!   raw limit of `curl` GETs of the same blobs;
 //! - `fanout`: thousands of simulated mTLS agents against one hub, with the
 //!   embedded store and with etcd;
-//! - `footprint`: the agent's RSS idle and during a transfer, binary sizes.
+//! - `footprint`: the agent's RSS idle and during a transfer, binary sizes;
+//! - `mirror`: the agent's mirror against docker-registry serving the same
+//!   image to 1 and 8 nodes, and both under clients that never read.
 //!
 //! Run the release build (`bash scripts/bench.sh`); it finds the other
 //! binaries next to itself.
 
 mod fanout;
 mod footprint;
+mod mirror;
 mod report;
 mod transfer;
 
@@ -51,7 +54,9 @@ enum Suite {
     Fanout(fanout::Options),
     /// Agent RSS idle and during a 256 MiB transfer; release binary sizes.
     Footprint(footprint::Options),
-    /// All three suites with their defaults.
+    /// The mirror against docker-registry: serve throughput, non-reading clients.
+    Mirror(mirror::Options),
+    /// All four suites with their defaults.
     All,
 }
 
@@ -78,12 +83,14 @@ fn main() -> ExitCode {
             Suite::Transfer(o) => transfer::run(&cli.common, &o, &mut report).await,
             Suite::Fanout(o) => fanout::run(&cli.common, &o, &mut report).await,
             Suite::Footprint(o) => footprint::run(&cli.common, &o, &mut report).await,
+            Suite::Mirror(o) => mirror::run(&cli.common, &o, &mut report).await,
             Suite::All => {
                 // A failing suite does not keep the others from reporting.
                 let c = &cli.common;
                 let results = [
                     transfer::run(c, &transfer::Options::default(), &mut report).await,
                     footprint::run(c, &footprint::Options::default(), &mut report).await,
+                    mirror::run(c, &mirror::Options::default(), &mut report).await,
                     fanout::run(c, &fanout::Options::default(), &mut report).await,
                 ];
                 results
