@@ -328,12 +328,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let engine = Arc::new(Engine::new(store.clone(), config.engine.clone()));
 
     let tasks = TaskTracker::new();
+    let mirror_stats = Arc::new(crate::mirror::Stats::default());
     tasks.spawn({
         let shutdown = shutdown.clone();
         let store = store.clone();
         let limits = config.mirror.clone();
+        let stats = mirror_stats.clone();
         async move {
-            if let Err(e) = crate::mirror::serve(mirror, store, limits, shutdown).await {
+            let served =
+                crate::mirror::serve_with_stats(mirror, store, limits, stats, shutdown).await;
+            if let Err(e) = served {
                 error!(error = %e, "Mirror stopped");
             }
         }
@@ -344,6 +348,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             status: status.clone(),
             engine: engine.clone(),
             desired: desired_rx.clone(),
+            mirror: mirror_stats.clone(),
         });
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
@@ -816,6 +821,7 @@ struct MetricsState {
     status: Arc<SessionStatus>,
     engine: Arc<Engine>,
     desired: watch::Receiver<Arc<DesiredSet>>,
+    mirror: Arc<crate::mirror::Stats>,
 }
 
 fn metrics_router(state: MetricsState) -> axum::Router {
@@ -908,6 +914,54 @@ fn render_metrics(s: &MetricsState) -> String {
         "Blobs completed and verified.",
         counters.blobs_completed,
     );
+    let m = &s.mirror;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, kind, help, value) in [
+        (
+            "imgfleet_agent_mirror_connections",
+            "gauge",
+            "Mirror connections open now.",
+            load(&m.open),
+        ),
+        (
+            "imgfleet_agent_mirror_connections_total",
+            "counter",
+            "Mirror connections accepted.",
+            load(&m.accepted),
+        ),
+        (
+            "imgfleet_agent_mirror_requests_total",
+            "counter",
+            "Mirror requests answered.",
+            load(&m.requests),
+        ),
+        (
+            "imgfleet_agent_mirror_stalled_total",
+            "counter",
+            "Mirror connections cut because the client stopped reading.",
+            load(&m.stalled),
+        ),
+        (
+            "imgfleet_agent_mirror_header_timeouts_total",
+            "counter",
+            "Mirror connections closed for not sending a request head in time.",
+            load(&m.header_timeouts),
+        ),
+        (
+            "imgfleet_agent_mirror_drained_total",
+            "counter",
+            "Idle mirror connections closed to make room at the connection limit.",
+            load(&m.drained),
+        ),
+        (
+            "imgfleet_agent_mirror_bad_requests_total",
+            "counter",
+            "Mirror requests refused as malformed or too large.",
+            load(&m.bad_requests),
+        ),
+    ] {
+        metric(name, kind, help, value);
+    }
     out
 }
 

@@ -247,6 +247,31 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
         "figures: manifest served in {:?} with 700 idle clients",
         started.elapsed()
     );
+    // /metrics counts it: never more open than the descriptors allow, and
+    // idle ones were closed to make room.
+    let metrics = http
+        .get(format!("http://127.0.0.1:{}/metrics", cmd.metrics_port))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    assert!(
+        value("imgfleet_agent_mirror_connections") <= 172,
+        "{metrics}"
+    );
+    assert!(
+        value("imgfleet_agent_mirror_drained_total") >= 1,
+        "{metrics}"
+    );
     let log = std::fs::read_to_string(agent.log_path()).unwrap_or_default();
     assert!(
         !log.contains("Too many open files"),
