@@ -329,11 +329,7 @@ pub fn collect(
     let blobs = store.list_blobs()?;
     let partials = list_partials(&store.root().join("partial"));
     let (generation, records) = store.records_at();
-    let Some(referenced) = references(store, &records, wanted) else {
-        // A manifest could not be walked: deleting blobs now could take one
-        // a kept image needs. Records were still collected.
-        return report(store, &decided, 0, 0, 0);
-    };
+    let referenced = references(store, &records, wanted);
 
     let mut blobs_removed = 0;
     let mut bytes_freed = 0;
@@ -401,12 +397,12 @@ fn report(
 
 /// Every digest a recorded image or a wanted image (synced or not, as far as
 /// its manifests are in the store) needs: manifests, configs, layers.
-/// `None` when a manifest that should be readable is not.
-fn references(
-    store: &Store,
-    records: &[ManifestRecord],
-    wanted: &[Wanted],
-) -> Option<HashSet<String>> {
+///
+/// An image whose manifests cannot be read or parsed (only a damaged disk
+/// does that: they were verified and walked when synced) keeps only what its
+/// records name; the mirror cannot serve the rest of it either, and stopping
+/// all collection for it would let the disk fill.
+fn references(store: &Store, records: &[ManifestRecord], wanted: &[Wanted]) -> HashSet<String> {
     let mut referenced: HashSet<String> = HashSet::new();
     for r in records {
         referenced.insert(r.digest.clone());
@@ -431,12 +427,11 @@ fn references(
                 referenced.extend(tree.blobs.into_iter().map(|b| b.digest));
             }
             Err(e) => {
-                tracing::warn!(manifest = %root, error = %e, "GC cannot read an image's manifests; keeping every blob this time");
-                return None;
+                tracing::warn!(manifest = %root, error = %e, "GC cannot read an image's manifests; only its recorded manifests are kept");
             }
         }
     }
-    Some(referenced)
+    referenced
 }
 
 /// (path, digest, length, mtime) of each partial download.
