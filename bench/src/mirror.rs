@@ -19,7 +19,10 @@
 //! 2. **Non-reading clients.** C clients (receive buffer 64 KiB each) send
 //!    `GET` for the largest layer and read nothing. The server's VmRSS is
 //!    sampled until it settles; then `GET /v2/` is timed on fresh
-//!    connections. The same against the registry, for comparison.
+//!    connections. The same against the registry, for comparison, with fewer
+//!    clients by default (`--registry-clients`): docker-registry holds a
+//!    4 MiB read buffer per stuck download, and 1,000 of them took 4–8 GiB
+//!    of this shared machine's memory.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -59,6 +62,13 @@ pub struct Options {
     /// Clients that request the largest layer and never read.
     #[arg(long, default_value_t = 1000)]
     pub clients: usize,
+    /// Non-reading clients against docker-registry (it needs several MiB each).
+    #[arg(long, default_value_t = 100)]
+    pub registry_clients: usize,
+    /// Extra flag for `imgfleet-agent serve`, e.g. --serve-arg=--mirror-send-buffer=0;
+    /// repeatable.
+    #[arg(long, allow_hyphen_values = true)]
+    pub serve_arg: Vec<String>,
     /// How long the non-reading clients are left before RSS is read, seconds.
     #[arg(long, default_value_t = 5)]
     pub settle_secs: u64,
@@ -71,6 +81,8 @@ impl Default for Options {
             layers: 4,
             nodes: vec![1, 8],
             clients: 1000,
+            registry_clients: 100,
+            serve_arg: Vec::new(),
             settle_secs: 5,
         }
     }
@@ -128,7 +140,8 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
         .arg("--data-dir")
         .arg(&store)
         .arg("--mirror-listen")
-        .arg(format!("127.0.0.1:{mirror_port}"));
+        .arg(format!("127.0.0.1:{mirror_port}"))
+        .args(&options.serve_arg);
     let mut serve =
         ChildGuard::spawn_with_log("bench-mirror-serve", serve, log_file("bench-mirror-serve"))?;
     serve
@@ -234,14 +247,19 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
     let mut idle = Vec::new();
     for run in 1..=common.runs {
         for (i, server) in [&mirror, &upstream].into_iter().enumerate() {
+            let clients = if i == 0 {
+                options.clients
+            } else {
+                options.registry_clients
+            };
             progress(&format!(
-                "run {run}/{}: {} clients that never read, against the {}",
-                common.runs, options.clients, server.name
+                "run {run}/{}: {clients} clients that never read, against the {}",
+                common.runs, server.name
             ));
             if i == 0 {
                 idle.push(rss_bytes(server.pid)? as f64);
             }
-            let stuck = stuck_clients(server, &largest.1, options).await?;
+            let stuck = stuck_clients(server, &largest.1, clients, options.settle_secs).await?;
             rss[i].push(stuck.max_rss);
             latency[i].push(stuck.api_latency);
             if i == 0 {
@@ -255,6 +273,7 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
         }
     }
     let c = options.clients;
+    let rc = options.registry_clients;
     let blob = format!("{} MiB blob", largest.0 / MIB);
     report.add(
         SUITE,
@@ -286,14 +305,14 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
     );
     report.add(
         SUITE,
-        format!("docker-registry RSS with {c} clients not reading a {blob}"),
+        format!("docker-registry RSS with {rc} clients not reading a {blob}"),
         Unit::Bytes,
         rss[1].clone(),
         None,
     );
     report.add(
         SUITE,
-        format!("docker-registry: slowest GET /v2/ of 10 beside {c} stuck clients"),
+        format!("docker-registry: slowest GET /v2/ of 10 beside {rc} stuck clients"),
         Unit::Millis,
         latency[1].iter().map(|s| s * 1000.0).collect(),
         None,
@@ -313,8 +332,8 @@ fn check_options(o: &Options) -> Result<()> {
     if o.nodes.is_empty() || o.nodes.contains(&0) {
         bail!("mirror --nodes: expected node counts of at least 1, like 1,8");
     }
-    if o.clients == 0 {
-        bail!("mirror --clients 0: expected at least 1");
+    if o.clients == 0 || o.registry_clients == 0 {
+        bail!("mirror --clients/--registry-clients: expected at least 1");
     }
     Ok(())
 }
@@ -530,12 +549,17 @@ struct Stuck {
     api_latency: f64,
 }
 
-async fn stuck_clients(server: &Server, digest: &str, options: &Options) -> Result<Stuck> {
+async fn stuck_clients(
+    server: &Server,
+    digest: &str,
+    count: usize,
+    settle_secs: u64,
+) -> Result<Stuck> {
     let path = server.path(&format!("blobs/{digest}"));
     let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", server.addr);
-    let mut clients = Vec::with_capacity(options.clients);
+    let mut clients = Vec::with_capacity(count);
     let mut max_rss = rss_bytes(server.pid)? as f64;
-    for i in 0..options.clients {
+    for i in 0..count {
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.set_recv_buffer_size(STUCK_RCVBUF)?;
         let mut s = socket
@@ -549,7 +573,7 @@ async fn stuck_clients(server: &Server, digest: &str, options: &Options) -> Resu
         }
     }
     // Sample while the server fills every client's buffers and settles.
-    let until = Instant::now() + Duration::from_secs(options.settle_secs);
+    let until = Instant::now() + Duration::from_secs(settle_secs);
     while Instant::now() < until {
         max_rss = max_rss.max(rss_bytes(server.pid)? as f64);
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,6 +1,6 @@
 //! Smoke test of the `mirror` suite: runs the debug `imgfleet-bench mirror`
-//! at a tiny scale (8 MiB image, 1 and 2 nodes, 50 non-reading clients, one
-//! run) against the debug agent and the real docker-registry, and checks that
+//! at a tiny scale (8 MiB image, 1 and 2 nodes, 50 non-reading clients, 20
+//! against the registry, one run) against the debug agent and the real docker-registry, and checks that
 //! every row is in the table with a positive median and the targets.
 
 mod support;
@@ -40,9 +40,9 @@ const ROWS: &[(&str, Option<&str>)] = &[
         "mirror: slowest GET /v2/ of 10 beside 50 stuck clients",
         Some("≤ 1000 ms"),
     ),
-    ("docker-registry RSS with 50 clients not reading", None),
+    ("docker-registry RSS with 20 clients not reading", None),
     (
-        "docker-registry: slowest GET /v2/ of 10 beside 50 stuck clients",
+        "docker-registry: slowest GET /v2/ of 10 beside 20 stuck clients",
         None,
     ),
 ];
@@ -67,6 +67,8 @@ fn mirror_suite_reports_every_row() {
             "1,2",
             "--clients",
             "50",
+            "--registry-clients",
+            "20",
             "--settle-secs",
             "1",
             "--runs",
