@@ -151,7 +151,10 @@ async fn a_client_that_stops_reading_is_cut_after_the_stall_timeout() {
         "{} of {size} bytes were buffered for a client that read nothing",
         got.len()
     );
-    assert_eq!(stats.open.load(Ordering::Relaxed), 0);
+    wait_for("the cut connection closed", Duration::from_secs(10), || {
+        stats.open.load(Ordering::Relaxed) == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -222,7 +225,12 @@ async fn busy_connections_are_not_drained_new_ones_wait_for_room() {
         waited >= Duration::from_secs(1),
         "served after {waited:?}: a busy connection was dropped for it"
     );
-    assert_eq!(stats.stalled.load(Ordering::Relaxed), 2);
+    // It got in when the first stuck download was cut; the other follows.
+    assert!(stats.stalled.load(Ordering::Relaxed) >= 1);
+    wait_for("both stuck downloads cut", Duration::from_secs(10), || {
+        stats.stalled.load(Ordering::Relaxed) == 2
+    })
+    .await;
     assert_eq!(stats.drained.load(Ordering::Relaxed), 0);
     assert!(stats.peak.load(Ordering::Relaxed) <= 2);
 }

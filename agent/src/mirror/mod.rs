@@ -119,8 +119,8 @@ impl Mirror {
     }
 }
 
-/// Serves the mirror on `listener` until `shutdown` is cancelled, with the
-/// default limits.
+/// Serves the mirror on `listener` with `limits` until `shutdown` is
+/// cancelled; responses in progress then get [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     store: Arc<Store>,
