@@ -235,8 +235,12 @@ if [ "$MIRROR_DIGEST" != "$UPSTREAM_DIGEST" ] || [ "$UPSTREAM_SKOPEO" != "$UPSTR
 fi
 note "the digests match: the mirror serves the upstream image byte for byte"
 
-"$BIN/imgfleet-agent" hosts-toml --mirror "http://$MIRROR" --upstream "127.0.0.1:$REG_PORT" \
+# The lab registry speaks plain HTTP: http:// makes containerd fall back to it
+# over HTTP when the mirror is down.
+"$BIN/imgfleet-agent" hosts-toml --mirror "http://$MIRROR" --upstream "http://127.0.0.1:$REG_PORT" \
   >"$QS/hosts.toml"
+"$BIN/imgfleet-agent" hosts-toml --mirror "http://$MIRROR" --upstream "http://127.0.0.1:$REG_PORT" \
+  --out-dir "$QS/certs.d" >/dev/null
 
 cat <<EOF
 
@@ -247,8 +251,12 @@ Pull from the mirror:
   skopeo copy --src-tls-verify=false docker://$MIRROR/library/nginx:latest oci:/tmp/nginx:latest
 
 Point containerd on a node at the mirror: save this as
-/etc/containerd/certs.d/127.0.0.1:$REG_PORT/hosts.toml (written to quickstart/hosts.toml):
+/etc/containerd/certs.d/127.0.0.1:$REG_PORT/hosts.toml (written to quickstart/hosts.toml),
+with config_path = "/etc/containerd/certs.d" in containerd's CRI registry config:
 $(sed 's/^/  /' "$QS/hosts.toml")
+The same file in containerd's layout is in quickstart/certs.d; as root, with containerd running:
+  ctr image pull --hosts-dir quickstart/certs.d 127.0.0.1:$REG_PORT/library/nginx:latest
+(the mirror needs no login; a fallback to the upstream needs --user $REG_USER:<password>)
 
 Talk to the hub (in another shell):
   export IMGFLEET_HUB=$IMGFLEET_HUB IMGFLEET_CREDENTIALS=$IMGFLEET_CREDENTIALS

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, error, info, warn};
 
 use crate::desired::{self, DesiredFile, DesiredSet};
-use crate::gc::{self, GcPolicy, ImageId};
+use crate::gc::{self, GcPolicy};
 use crate::session::{ProgressBook, Session, SessionConfig, SessionStatus};
 use crate::store::Store;
 use crate::transfer::{self, Engine, EngineConfig, ImageStats, Phase, Progress, TransferError};
@@ -67,12 +67,22 @@ pub struct DaemonArgs {
     /// Extra CA certificate (PEM) to trust for registries; repeatable.
     #[arg(long, value_name = "PEM")]
     pub ca_file: Vec<PathBuf>,
-    /// How long content no longer desired stays, e.g. 30m, 24h, 0s (images may override).
+    /// How long content no longer desired stays, e.g. 30m, 24h, 0s (a Repository's
+    /// retention.gracePeriod overrides it for its own content).
     #[arg(long, default_value = "24h")]
     pub grace_period: String,
-    /// Older versions kept per desired repository, for rollback (images may override).
-    #[arg(long, default_value_t = 1)]
+    /// Versions kept per desired repository, the desired one included: 1 keeps
+    /// only what is desired, 2 one older version for rollback (a Repository's
+    /// retention.keepVersions overrides it for its own content).
+    #[arg(long, default_value_t = 2)]
     pub keep_versions: usize,
+    /// An upstream transfer that receives less than 16 KiB in this much time
+    /// spent waiting is cut and resumed by Range, e.g. 30s.
+    #[arg(long, default_value = "30s")]
+    pub stall_timeout: String,
+    /// The mirror's limits against hostile or broken clients.
+    #[command(flatten)]
+    pub mirror: crate::mirror::MirrorArgs,
 }
 
 /// A bad setting: which one and why. The binary exits 64 with it.
@@ -96,6 +106,7 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub engine: EngineConfig,
     pub gc: GcPolicy,
+    pub mirror: crate::mirror::Limits,
 }
 
 fn bad(setting: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -187,12 +198,31 @@ impl DaemonArgs {
                 "expected a duration like 30m, 24h or 0s",
             )
         })?;
+        if self.keep_versions == 0 {
+            return Err(bad(
+                "--keep-versions 0",
+                "expected at least 1: the count includes the desired version (1 keeps only it)",
+            ));
+        }
+        let stall_timeout = parse_duration(&self.stall_timeout)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                bad(
+                    format!("--stall-timeout {}", self.stall_timeout),
+                    "expected a duration like 30s or 2m",
+                )
+            })?;
+        let mirror = self.mirror.limits().map_err(|(s, m)| bad(s, m))?;
         let mut engine = EngineConfig {
             concurrency_images: self.concurrency_images,
             concurrency_blobs: self.concurrency_blobs,
             bandwidth_limit: self.bandwidth_limit,
             ..EngineConfig::default()
         };
+        engine.min_progress = Some(imgfleet_common::registry::MinProgress {
+            window: stall_timeout,
+            ..Default::default()
+        });
         for f in &self.ca_file {
             engine.extra_roots_pem.push(
                 std::fs::read(f)
@@ -211,6 +241,7 @@ impl DaemonArgs {
                 grace_period,
                 keep_versions: self.keep_versions,
             },
+            mirror,
         })
     }
 }
@@ -297,11 +328,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let engine = Arc::new(Engine::new(store.clone(), config.engine.clone()));
 
     let tasks = TaskTracker::new();
+    let mirror_stats = Arc::new(crate::mirror::Stats::default());
     tasks.spawn({
         let shutdown = shutdown.clone();
         let store = store.clone();
+        let limits = config.mirror.clone();
+        let stats = mirror_stats.clone();
         async move {
-            if let Err(e) = crate::mirror::serve(mirror, store, shutdown).await {
+            let served =
+                crate::mirror::serve_with_stats(mirror, store, limits, stats, shutdown).await;
+            if let Err(e) = served {
                 error!(error = %e, "Mirror stopped");
             }
         }
@@ -312,6 +348,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             status: status.clone(),
             engine: engine.clone(),
             desired: desired_rx.clone(),
+            mirror: mirror_stats.clone(),
         });
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
@@ -375,6 +412,11 @@ async fn storage_report(store: &Arc<Store>) -> pb::StorageReport {
     .unwrap_or_default()
 }
 
+/// GC runs at least this often, to catch what changed on disk.
+const GC_EVERY: Duration = Duration::from_secs(60);
+/// GC runs again this soon after it failed or had to leave blobs in use.
+const GC_RETRY: Duration = Duration::from_secs(10);
+
 /// Delay before the `attempts`-th retry of a failed image: 2 s doubling, at most 5 min.
 pub fn retry_delay(attempts: u32) -> Duration {
     let exp = attempts.saturating_sub(1).min(16);
@@ -397,6 +439,8 @@ enum WorkState {
 #[derive(Debug)]
 struct Work {
     image: transfer::DesiredImage,
+    /// Its Repository's retention.
+    retention: gc::Retention,
     failures: u32,
     state: WorkState,
 }
@@ -407,9 +451,7 @@ pub struct Reconciler {
     engine: Arc<Engine>,
     desired: watch::Receiver<Arc<DesiredSet>>,
     book: Arc<ProgressBook>,
-    /// The agent's own policy (flags).
-    base_gc: GcPolicy,
-    /// The policy in force: the flags, overridden by the desired images.
+    /// The agent's own retention (flags); each repository may set its own.
     gc: GcPolicy,
     slots: Arc<Semaphore>,
     works: BTreeMap<String, Work>,
@@ -417,8 +459,9 @@ pub struct Reconciler {
     progress_tx: mpsc::UnboundedSender<Progress>,
     progress_rx: mpsc::UnboundedReceiver<Progress>,
     next_attempt: u64,
-    gc_dirty: bool,
-    last_gc: Instant,
+    /// When GC runs next: soon after a new set, when a grace period ends,
+    /// and at least every [`GC_EVERY`].
+    gc_at: Instant,
 }
 
 impl Reconciler {
@@ -435,7 +478,6 @@ impl Reconciler {
             engine,
             desired,
             book,
-            base_gc: gc,
             gc,
             slots: Arc::new(Semaphore::new(concurrency_images.max(1))),
             works: BTreeMap::new(),
@@ -443,8 +485,7 @@ impl Reconciler {
             progress_tx,
             progress_rx,
             next_attempt: 0,
-            gc_dirty: true,
-            last_gc: Instant::now(),
+            gc_at: Instant::now(),
         }
     }
 
@@ -531,6 +572,15 @@ impl Reconciler {
         }
         for (key, d) in &set.images {
             let image = Self::transfer_image(set, d);
+            let retention = gc::Retention {
+                keep_versions: d.keep_versions,
+                grace_period_seconds: d.grace_period_seconds,
+            };
+            if let Some(w) = self.works.get_mut(key)
+                && w.retention != retention
+            {
+                w.retention = retention;
+            }
             match self.works.get(key) {
                 Some(w) if w.image == image => continue,
                 Some(Work {
@@ -543,33 +593,14 @@ impl Reconciler {
                 key.clone(),
                 Work {
                     image,
+                    retention,
                     failures: 0,
                     state: WorkState::Synced,
                 },
             );
             self.start(key);
         }
-        self.gc_dirty = true;
-        // GC policy: the largest per-image override, else the agent's.
-        self.gc = self.base_gc;
-        if let Some(g) = set
-            .images
-            .values()
-            .map(|i| i.grace_period_seconds)
-            .filter(|g| *g > 0)
-            .max()
-        {
-            self.gc.grace_period = Duration::from_secs(g);
-        }
-        if let Some(k) = set
-            .images
-            .values()
-            .map(|i| i.keep_versions)
-            .filter(|k| *k > 0)
-            .max()
-        {
-            self.gc.keep_versions = k as usize;
-        }
+        self.gc_at = Instant::now();
     }
 
     fn start(&mut self, key: &str) {
@@ -722,41 +753,65 @@ impl Reconciler {
             .set_storage(storage_report(self.engine.store()).await);
     }
 
-    /// Storage figures, and GC when nothing is transferring (a blob being
-    /// written for an image not yet recorded must not look unreferenced).
+    /// Storage figures, and GC when due. GC runs whether or not images are
+    /// transferring or failing: transfers pin what they use (see
+    /// [`crate::store::Pins`]), and every image of the set counts as wanted,
+    /// synced or not, each with its own Repository's retention.
     async fn housekeeping(&mut self) {
         self.book
             .set_storage(storage_report(self.engine.store()).await);
-        let set = self.desired.borrow().clone();
-        let idle = self.tasks.is_empty();
-        let due = self.gc_dirty || self.last_gc.elapsed() >= Duration::from_secs(60);
+        let generation = self.desired.borrow().generation;
         // Generation 0: no set was ever received; nothing is known to be unwanted.
-        if set.generation == 0 || !idle || !due {
+        if generation == 0 || Instant::now() < self.gc_at {
             return;
         }
-        let desired: Vec<ImageId> = set
-            .images
+        let wanted: Vec<gc::Wanted> = self
+            .works
             .values()
-            .map(|i| (i.registry.clone(), i.repository.clone(), i.digest.clone()))
+            .map(|w| gc::Wanted {
+                id: (
+                    w.image.registry.clone(),
+                    w.image.repository.clone(),
+                    w.image.digest.clone(),
+                ),
+                retention: w.retention,
+            })
             .collect();
         let store = self.engine.store().clone();
         let policy = self.gc;
-        match tokio::task::spawn_blocking(move || gc::collect(&store, &desired, &policy)).await {
-            Ok(Ok(report)) => {
-                if !report.images_removed.is_empty() || report.blobs_removed > 0 {
-                    info!(
-                        images = report.images_removed.len(),
-                        blobs = report.blobs_removed,
-                        bytes = report.bytes_freed,
-                        "Collected content no longer desired"
-                    );
+        let next_gc =
+            match tokio::task::spawn_blocking(move || gc::collect(&store, &wanted, &[], &policy))
+                .await
+            {
+                Ok(Ok(report)) => {
+                    if !report.images_removed.is_empty() || report.blobs_removed > 0 {
+                        info!(
+                            images = report.images_removed.len(),
+                            blobs = report.blobs_removed,
+                            bytes = report.bytes_freed,
+                            "Collected content no longer desired"
+                        );
+                    }
+                    if report.blobs_deferred > 0 {
+                        // Transfers held some blobs: look again once they may be done.
+                        GC_RETRY
+                    } else {
+                        // A second more than the grace left, as plan counts whole seconds.
+                        report
+                            .next_due
+                            .map_or(GC_EVERY, |d| d + Duration::from_secs(1))
+                    }
                 }
-            }
-            Ok(Err(e)) => warn!(error = %e, "GC failed; will try again"),
-            Err(e) => warn!(error = %e, "GC task failed"),
-        }
-        self.gc_dirty = false;
-        self.last_gc = Instant::now();
+                Ok(Err(e)) => {
+                    warn!(error = %e, "GC failed; will try again");
+                    GC_RETRY
+                }
+                Err(e) => {
+                    warn!(error = %e, "GC task failed");
+                    GC_RETRY
+                }
+            };
+        self.gc_at = Instant::now() + next_gc.min(GC_EVERY);
     }
 }
 
@@ -766,6 +821,7 @@ struct MetricsState {
     status: Arc<SessionStatus>,
     engine: Arc<Engine>,
     desired: watch::Receiver<Arc<DesiredSet>>,
+    mirror: Arc<crate::mirror::Stats>,
 }
 
 fn metrics_router(state: MetricsState) -> axum::Router {
@@ -858,6 +914,54 @@ fn render_metrics(s: &MetricsState) -> String {
         "Blobs completed and verified.",
         counters.blobs_completed,
     );
+    let m = &s.mirror;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, kind, help, value) in [
+        (
+            "imgfleet_agent_mirror_connections",
+            "gauge",
+            "Mirror connections open now.",
+            load(&m.open),
+        ),
+        (
+            "imgfleet_agent_mirror_connections_total",
+            "counter",
+            "Mirror connections accepted.",
+            load(&m.accepted),
+        ),
+        (
+            "imgfleet_agent_mirror_requests_total",
+            "counter",
+            "Mirror requests answered.",
+            load(&m.requests),
+        ),
+        (
+            "imgfleet_agent_mirror_stalled_total",
+            "counter",
+            "Mirror connections cut because the client stopped reading.",
+            load(&m.stalled),
+        ),
+        (
+            "imgfleet_agent_mirror_header_timeouts_total",
+            "counter",
+            "Mirror connections closed for not sending a request head in time.",
+            load(&m.header_timeouts),
+        ),
+        (
+            "imgfleet_agent_mirror_drained_total",
+            "counter",
+            "Idle mirror connections closed to make room at the connection limit.",
+            load(&m.drained),
+        ),
+        (
+            "imgfleet_agent_mirror_bad_requests_total",
+            "counter",
+            "Mirror requests refused as malformed or too large.",
+            load(&m.bad_requests),
+        ),
+    ] {
+        metric(name, kind, help, value);
+    }
     out
 }
 

@@ -24,9 +24,9 @@ use imgfleet_common::registry::{
 };
 use tracing::{debug, info, warn};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, TreeError};
 use crate::transfer::DesiredImage;
-use crate::transfer::plan::{self, BlobRef, ManifestKind, PlanError};
+use crate::transfer::plan::{BlobRef, PlanError};
 
 /// Where and how to push.
 #[derive(Debug, Clone)]
@@ -135,6 +135,7 @@ impl EdgeTarget {
             extra_roots_pem: config.extra_roots_pem.clone(),
             connect_timeout: None,
             read_timeout: None,
+            min_progress: None,
         })?;
         Ok(EdgeTarget {
             client,
@@ -232,41 +233,42 @@ impl EdgeTarget {
         }
 
         let records = store.records();
-        let media_type_of = |digest: &str, bytes: &[u8]| -> Result<String, EdgeError> {
-            records
-                .iter()
-                .find(|r| r.digest == digest)
-                .map(|r| r.media_type.clone())
-                .or_else(|| declared_media_type(bytes))
-                .ok_or_else(|| EdgeError::Invalid(format!("manifest {digest}: no media type")))
-        };
-        let plan_err = |digest: &str| {
-            let digest = digest.to_string();
-            move |source| EdgeError::Plan { digest, source }
-        };
-        let root = store.read_blob(&image.digest)?;
-        let root_type = media_type_of(&image.digest, &root)?;
-        let mut children: Vec<(String, String, Vec<u8>)> = Vec::new();
-        let mut blobs: Vec<BlobRef> = Vec::new();
-        match plan::kind_of(&root_type).map_err(plan_err(&image.digest))? {
-            ManifestKind::Image => {
-                blobs = plan::image_blobs(&root).map_err(plan_err(&image.digest))?
-            }
-            ManifestKind::Index => {
-                let selected = plan::select_children(&root, &image.platforms)
-                    .map_err(plan_err(&image.digest))?;
-                for child in selected {
-                    let bytes = store.read_blob(&child.digest)?;
-                    let media_type = media_type_of(&child.digest, &bytes)?;
-                    for b in plan::image_blobs(&bytes).map_err(plan_err(&child.digest))? {
-                        if !blobs.iter().any(|x| x.digest == b.digest) {
-                            blobs.push(b);
-                        }
-                    }
-                    children.push((child.digest, media_type, bytes));
-                }
-            }
+        let root_type = records
+            .iter()
+            .find(|r| r.digest == image.digest && r.parent.is_none())
+            .map(|r| r.media_type.clone());
+        // Children before the indexes that name them: a registry may check
+        // that every manifest an index names is there.
+        let tree = store
+            .tree(&image.digest, root_type.as_deref(), &image.platforms)
+            .map_err(|e| match e {
+                TreeError::Store(e) => EdgeError::Store(e),
+                TreeError::Plan(source) => EdgeError::Plan {
+                    digest: image.digest.clone(),
+                    source,
+                },
+            })?;
+        if let Some(m) = tree.missing.first() {
+            return Err(EdgeError::Invalid(format!(
+                "image {}: manifest {} is not in the content store; sync it first",
+                image.key, m.digest
+            )));
         }
+        let mut manifests = tree.manifests;
+        let Some(root_node) = manifests.pop() else {
+            return Err(EdgeError::Invalid(format!(
+                "image {}: no root manifest",
+                image.key
+            )));
+        };
+        let root_type = root_node.media_type;
+        let root = store.read_blob(&image.digest)?;
+        let mut children: Vec<(String, String, Vec<u8>)> = Vec::new();
+        for m in manifests {
+            let bytes = store.read_blob(&m.digest)?;
+            children.push((m.digest, m.media_type, bytes));
+        }
+        let blobs: Vec<BlobRef> = tree.blobs;
         stats.blobs_total = blobs.len() as u32;
 
         let outcomes: Vec<Result<(BlobOutcome, u64), EdgeError>> = futures::stream::iter(blobs)
@@ -467,14 +469,6 @@ enum BlobOutcome {
     Present,
     Mounted,
     Uploaded,
-}
-
-fn declared_media_type(bytes: &[u8]) -> Option<String> {
-    serde_json::from_slice::<serde_json::Value>(bytes)
-        .ok()?
-        .get("mediaType")?
-        .as_str()
-        .map(str::to_string)
 }
 
 /// The `sync` flags that turn the edge-registry target on.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use imgfleet_agent::gc::{self, GcPolicy, ImageId};
+use imgfleet_agent::gc::{self, GcPolicy};
 use imgfleet_agent::standalone::{self, ResolveFailure};
 use imgfleet_agent::store::Store;
 use imgfleet_agent::transfer::{Engine, EngineConfig, Phase, Progress, SyncReport};
@@ -58,12 +58,19 @@ enum Command {
         /// Retries of a failing request before the image fails.
         #[arg(long, default_value_t = 6)]
         retries: usize,
-        /// How long content no longer in the file stays, e.g. 30m, 24h, 0s.
+        /// How long content no longer in the file stays, e.g. 30m, 24h, 0s (a
+        /// Repository's retention.gracePeriod overrides it for its own content).
         #[arg(long, default_value = "24h", value_parser = parse_duration_arg)]
         grace_period: Duration,
-        /// Older versions kept per repository still in the file, for rollback.
-        #[arg(long, default_value_t = 1)]
-        keep_versions: usize,
+        /// Versions kept per repository still in the file, the desired one
+        /// included: 1 keeps only it, 2 one older version for rollback (a
+        /// Repository's retention.keepVersions overrides it).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+        keep_versions: u32,
+        /// A transfer that receives less than 16 KiB in this much time spent
+        /// waiting is cut and resumed by Range, e.g. 30s.
+        #[arg(long, default_value = "30s", value_parser = parse_nonzero_duration_arg)]
+        stall_timeout: Duration,
         /// Do not collect content that is no longer desired.
         #[arg(long)]
         no_gc: bool,
@@ -79,15 +86,23 @@ enum Command {
         /// Address to listen on.
         #[arg(long, env = "IMGFLEET_MIRROR_LISTEN", default_value = "127.0.0.1:5050")]
         mirror_listen: String,
+        /// The mirror's limits against hostile or broken clients.
+        #[command(flatten)]
+        limits: imgfleet_agent::mirror::MirrorArgs,
     },
-    /// Print the containerd hosts.toml that points nodes at the mirror.
+    /// Print (or write) the containerd hosts.toml that points nodes at the mirror.
     HostsToml {
         /// The mirror's URL as nodes reach it, e.g. http://10.0.0.5:5050.
         #[arg(long)]
         mirror: String,
-        /// Upstream registry host to mirror; repeatable. None: every registry.
+        /// Upstream registry to mirror, HOST[:PORT] (HTTPS) or http://HOST[:PORT]
+        /// (plain HTTP); repeatable. None: every registry.
         #[arg(long)]
         upstream: Vec<String>,
+        /// Write each file to DIR/<upstream>/hosts.toml (containerd's
+        /// config_path layout) instead of printing them.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -223,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             retries,
             grace_period,
             keep_versions,
+            stall_timeout,
             no_gc,
             push,
         } => {
@@ -233,6 +249,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..EngineConfig::default()
             };
             config.retry.max_retries = retries;
+            config.min_progress = Some(imgfleet_common::registry::MinProgress {
+                window: stall_timeout,
+                ..Default::default()
+            });
             for f in &ca_file {
                 config.extra_roots_pem.push(
                     std::fs::read(f)
@@ -241,7 +261,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let gc = (!no_gc).then_some(GcPolicy {
                 grace_period,
-                keep_versions,
+                keep_versions: keep_versions as usize,
             });
             let push = push.config(
                 config.extra_roots_pem.clone(),
@@ -254,18 +274,68 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve {
             data_dir,
             mirror_listen,
-        } => serve(data_dir, mirror_listen)
-            .await
-            .map(|()| ExitCode::SUCCESS),
-        Command::HostsToml { mirror, upstream } => {
-            if !(mirror.starts_with("http://") || mirror.starts_with("https://")) {
-                eprintln!("error: --mirror {mirror:?}: expected a URL like http://10.0.0.5:5050");
-                return Ok(ExitCode::from(64));
+            limits,
+        } => {
+            let limits = match limits.limits() {
+                Ok(l) => l,
+                Err((setting, message)) => {
+                    eprintln!("error: {setting}: {message}");
+                    return Ok(ExitCode::from(64));
+                }
+            };
+            serve(data_dir, mirror_listen, limits)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::HostsToml {
+            mirror,
+            upstream,
+            out_dir,
+        } => hosts_toml(&mirror, &upstream, out_dir.as_deref()),
+    }
+}
+
+/// `hosts-toml`: every input checked (exit 64 naming the bad one), since
+/// each ends up in a TOML file containerd trusts.
+fn hosts_toml(
+    mirror: &str,
+    upstreams: &[String],
+    out_dir: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let checked = standalone::parse_mirror_url(mirror).and_then(|m| {
+        let ups = upstreams
+            .iter()
+            .map(|u| standalone::Upstream::parse(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((m, ups))
+    });
+    let (mirror, ups) = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(64));
+        }
+    };
+    let files = standalone::hosts_toml(&mirror, &ups);
+    match out_dir {
+        None => {
+            for (_, text) in files {
+                print!("{text}");
             }
-            print!("{}", standalone::hosts_toml(&mirror, &upstream));
-            Ok(ExitCode::SUCCESS)
+        }
+        Some(dir) => {
+            for (name, text) in files {
+                let sub = dir.join(name);
+                std::fs::create_dir_all(&sub)
+                    .with_context(|| format!("creating {}", sub.display()))?;
+                let path = sub.join("hosts.toml");
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("{}", path.display());
+            }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The daemon: exit 64 on bad configuration, 0 after SIGTERM or Ctrl-C.
@@ -288,6 +358,11 @@ async fn run_daemon(args: imgfleet_agent::daemon::DaemonArgs) -> anyhow::Result<
         .await
         .context("running the agent daemon")?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_nonzero_duration_arg(s: &str) -> Result<Duration, String> {
+    imgfleet::model::parse_duration(s)
+        .map_err(|_| format!("{s:?}: expected a duration like 30s or 2m"))
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -332,6 +407,15 @@ async fn sync(
     let engine = Engine::new(store, config);
     tracing::debug!(elapsed = ?started.elapsed(), targets = targets.len(), "Store opened");
     let (images, failures) = standalone::resolve(&engine, &targets).await;
+    // Each repository's own retention, merged over the Repositories naming it.
+    let mut retention: HashMap<(String, String), gc::Retention> = HashMap::new();
+    for t in &targets {
+        let e = retention
+            .entry((t.registry.clone(), t.repository.clone()))
+            .or_default();
+        e.keep_versions = e.keep_versions.max(t.retention.keep_versions);
+        e.grace_period_seconds = e.grace_period_seconds.max(t.retention.grace_period_seconds);
+    }
     tracing::debug!(elapsed = ?started.elapsed(), images = images.len(), "Tags resolved");
 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -349,40 +433,38 @@ async fn sync(
         Some(p) => imgfleet_agent::edge::push_synced(p, engine.store(), &reports).await? && ok,
         None => ok,
     };
-    match gc {
-        // Collect only after a complete sync: an image that failed to resolve
-        // must not look undesired.
-        Some(policy) if ok => {
-            let desired: Vec<ImageId> = reports
-                .iter()
-                .map(|r| {
-                    (
-                        r.image.registry.clone(),
-                        r.image.repository.clone(),
-                        r.image.digest.clone(),
-                    )
-                })
-                .collect();
-            let store = engine.store().clone();
-            let report =
-                tokio::task::spawn_blocking(move || gc::collect(&store, &desired, &policy))
-                    .await?
-                    .context("collecting unwanted content")?;
-            println!(
-                "GC: removed {} images, {} blobs, {} freed; store holds {} in {} blobs{}",
-                report.images_removed.len(),
-                report.blobs_removed,
-                mib(report.bytes_freed),
-                mib(report.usage.blob_bytes),
-                report.usage.blobs,
-                match (report.available, report.capacity) {
-                    (Some(a), Some(c)) => format!(", {} free of {}", mib(a), mib(c)),
-                    _ => String::new(),
+    // Collected even when some images failed: a failed image is still wanted
+    // (its content stays), and a repository whose tags did not resolve loses
+    // nothing; everything else follows its retention.
+    if let Some(policy) = gc {
+        let wanted: Vec<gc::Wanted> = reports
+            .iter()
+            .map(|r| {
+                let repo = (r.image.registry.clone(), r.image.repository.clone());
+                gc::Wanted {
+                    retention: retention.get(&repo).copied().unwrap_or_default(),
+                    id: (repo.0, repo.1, r.image.digest.clone()),
                 }
-            );
-        }
-        Some(_) => println!("GC: skipped because not every image synced"),
-        None => {}
+            })
+            .collect();
+        let unresolved: Vec<gc::RepoId> = failures.iter().map(|f| f.repository.clone()).collect();
+        let store = engine.store().clone();
+        let report =
+            tokio::task::spawn_blocking(move || gc::collect(&store, &wanted, &unresolved, &policy))
+                .await?
+                .context("collecting unwanted content")?;
+        println!(
+            "GC: removed {} images, {} blobs, {} freed; store holds {} in {} blobs{}",
+            report.images_removed.len(),
+            report.blobs_removed,
+            mib(report.bytes_freed),
+            mib(report.usage.blob_bytes),
+            report.usage.blobs,
+            match (report.available, report.capacity) {
+                (Some(a), Some(c)) => format!(", {} free of {}", mib(a), mib(c)),
+                _ => String::new(),
+            }
+        );
     }
     Ok(if ok {
         ExitCode::SUCCESS
@@ -485,7 +567,11 @@ async fn show_progress(mut rx: tokio::sync::mpsc::UnboundedReceiver<Progress>, t
     }
 }
 
-async fn serve(data_dir: PathBuf, listen: String) -> anyhow::Result<()> {
+async fn serve(
+    data_dir: PathBuf,
+    listen: String,
+    limits: imgfleet_agent::mirror::Limits,
+) -> anyhow::Result<()> {
     // Create the layout if it is missing, then serve read-only so that a
     // `sync` can write to the same directory meanwhile.
     if !data_dir.join("blobs/sha256").exists() {
@@ -511,7 +597,7 @@ async fn serve(data_dir: PathBuf, listen: String) -> anyhow::Result<()> {
         wait_for_signal().await;
         trigger.cancel();
     });
-    imgfleet_agent::mirror::serve(listener, store, shutdown)
+    imgfleet_agent::mirror::serve(listener, store, limits, shutdown)
         .await
         .context("serving the mirror")
 }

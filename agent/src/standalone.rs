@@ -10,6 +10,7 @@ use imgfleet_common::registry::Credentials;
 
 use futures::StreamExt;
 
+use crate::gc::Retention;
 use crate::transfer::{DesiredImage, Engine};
 
 /// One Repository to sync, with its registry settings, before tag resolution.
@@ -35,6 +36,8 @@ pub struct Target {
     pub credentials: Option<Credentials>,
     /// Plain HTTP.
     pub insecure: bool,
+    /// The Repository's retention (0: the agent's default).
+    pub retention: Retention,
 }
 
 /// Reads the YAML: every Repository that is not suspended, joined with its
@@ -93,6 +96,15 @@ pub fn targets_from_yaml(text: &str) -> Result<Vec<Target>, Vec<String>> {
             platforms: r.spec.platforms.clone(),
             credentials,
             insecure: secret.insecure,
+            retention: Retention {
+                keep_versions: r
+                    .spec
+                    .retention
+                    .as_ref()
+                    .and_then(|x| x.keep_versions)
+                    .unwrap_or(0),
+                grace_period_seconds: r.spec.grace_period_duration().map_or(0, |d| d.as_secs()),
+            },
         });
     }
     if errors.is_empty() {
@@ -162,6 +174,8 @@ pub struct ResolveFailure {
     pub what: String,
     /// Why.
     pub message: String,
+    /// The (registry, repository) whose desired digests are not known.
+    pub repository: (String, String),
 }
 
 /// Tag lookups in flight at once.
@@ -200,6 +214,7 @@ async fn resolve_one(engine: &Engine, t: &Target) -> (Vec<DesiredImage>, Vec<Res
                 failures.push(ResolveFailure {
                     what: t.object.clone(),
                     message: e.to_string(),
+                    repository: (t.registry.clone(), t.repository.clone()),
                 });
                 return (images, failures);
             }
@@ -211,16 +226,19 @@ async fn resolve_one(engine: &Engine, t: &Target) -> (Vec<DesiredImage>, Vec<Res
                     Ok(sel) if sel.is_empty() => failures.push(ResolveFailure {
                         what: t.object.clone(),
                         message: format!("no tag of {} matches {pattern:?}", t.repository),
+                        repository: (t.registry.clone(), t.repository.clone()),
                     }),
                     Ok(sel) => tags.extend(sel),
                     Err(m) => failures.push(ResolveFailure {
                         what: t.object.clone(),
                         message: m,
+                        repository: (t.registry.clone(), t.repository.clone()),
                     }),
                 },
                 Err(e) => failures.push(ResolveFailure {
                     what: t.object.clone(),
                     message: format!("listing tags: {e}"),
+                    repository: (t.registry.clone(), t.repository.clone()),
                 }),
             }
         }
@@ -241,6 +259,7 @@ async fn resolve_one(engine: &Engine, t: &Target) -> (Vec<DesiredImage>, Vec<Res
                 Err(e) => failures.push(ResolveFailure {
                     what: format!("{} tag {tag}", t.object),
                     message: e.to_string(),
+                    repository: (t.registry.clone(), t.repository.clone()),
                 }),
             }
         }
@@ -260,34 +279,118 @@ async fn resolve_one(engine: &Engine, t: &Target) -> (Vec<DesiredImage>, Vec<Res
     (images, failures)
 }
 
+/// Whether `s` is a host name or IP address with an optional port: what may
+/// go into a `hosts.toml` path, URL and table name without changing their
+/// meaning. IPv6 addresses go in brackets.
+fn valid_authority(s: &str) -> bool {
+    let port_ok = |p: &str| p.parse::<u16>().is_ok_and(|p| p > 0);
+    if let Some(rest) = s.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        return ip.parse::<std::net::Ipv6Addr>().is_ok()
+            && (after.is_empty() || after.strip_prefix(':').is_some_and(port_ok));
+    }
+    let host = match s.split_once(':') {
+        Some((h, p)) if port_ok(p) => h,
+        Some(_) => return false,
+        None => s,
+    };
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// An upstream registry as `hosts-toml --upstream` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `HOST[:PORT]`: the name images use, the `ns` the mirror sees, and the
+    /// directory under `certs.d`.
+    pub host: String,
+    /// Plain HTTP (`http://HOST[:PORT]`).
+    pub plain_http: bool,
+}
+
+impl Upstream {
+    /// Parses `HOST[:PORT]`, `http://HOST[:PORT]` or `https://HOST[:PORT]`
+    /// (a trailing `/` is allowed). Anything else is refused with what was
+    /// expected.
+    pub fn parse(s: &str) -> Result<Upstream, String> {
+        let (plain_http, rest) = if let Some(r) = s.strip_prefix("http://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("https://") {
+            (false, r)
+        } else {
+            (false, s)
+        };
+        let host = rest.strip_suffix('/').unwrap_or(rest);
+        if !valid_authority(host) {
+            return Err(format!(
+                "--upstream {s:?}: expected HOST[:PORT], http://HOST[:PORT] or https://HOST[:PORT]"
+            ));
+        }
+        Ok(Upstream {
+            host: host.to_string(),
+            plain_http,
+        })
+    }
+
+    /// Where containerd falls back to when the mirror cannot answer.
+    fn server(&self) -> String {
+        match (self.host.as_str(), self.plain_http) {
+            ("docker.io", false) => "https://registry-1.docker.io".to_string(),
+            (h, true) => format!("http://{h}"),
+            (h, false) => format!("https://{h}"),
+        }
+    }
+}
+
+/// Checks the mirror URL for `hosts-toml --mirror`: `http://` or `https://`
+/// and a host with an optional port. Returns it without a trailing `/`.
+pub fn parse_mirror_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"));
+    let host = rest.map(|r| r.strip_suffix('/').unwrap_or(r));
+    match host {
+        Some(h) if valid_authority(h) => Ok(s.trim_end_matches('/').to_string()),
+        _ => Err(format!(
+            "--mirror {s:?}: expected a URL like http://10.0.0.5:5050"
+        )),
+    }
+}
+
 /// The containerd `hosts.toml` files that point nodes at the mirror: one per
-/// upstream, or `_default` (every registry) when none is named.
-pub fn hosts_toml(mirror: &str, upstreams: &[String]) -> String {
-    let mirror = mirror.trim_end_matches('/');
-    let mut out = String::new();
-    let list: Vec<String> = if upstreams.is_empty() {
-        vec!["_default".to_string()]
+/// upstream (its directory name and content), or `_default` (every registry)
+/// when none is named. containerd asks the mirror first (adding
+/// `?ns=<upstream>`) and falls back to `server`, over plain HTTP for an
+/// `http://` upstream.
+pub fn hosts_toml(mirror: &str, upstreams: &[Upstream]) -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    let list: Vec<Option<&Upstream>> = if upstreams.is_empty() {
+        vec![None]
     } else {
-        upstreams.to_vec()
+        upstreams.iter().map(Some).collect()
     };
     for up in list {
-        out.push_str(&format!("# /etc/containerd/certs.d/{up}/hosts.toml\n"));
-        if up != "_default" {
-            let server = match up.as_str() {
-                "docker.io" => "https://registry-1.docker.io".to_string(),
-                other => format!("https://{other}"),
-            };
-            out.push_str(&format!("server = \"{server}\"\n\n"));
+        let dir = up.map_or("_default".to_string(), |u| u.host.clone());
+        let mut out = format!("# /etc/containerd/certs.d/{dir}/hosts.toml\n");
+        if let Some(u) = up {
+            out.push_str(&format!("server = \"{}\"\n\n", u.server()));
         }
         out.push_str(&format!("[host.\"{mirror}\"]\n"));
         out.push_str("  capabilities = [\"pull\", \"resolve\"]\n");
-        if mirror.starts_with("http://") {
-            out.push_str("  # The mirror speaks plain HTTP inside the cluster.\n");
-            out.push_str("  skip_verify = true\n");
-        }
-        out.push('\n');
+        files.push((dir, out));
     }
-    out
+    files
 }
 
 #[cfg(test)]
@@ -345,9 +448,61 @@ spec:
 
     #[test]
     fn hosts_toml_per_upstream() {
-        let t = hosts_toml("http://10.0.0.5:5050/", &["docker.io".into()]);
-        assert!(t.contains("server = \"https://registry-1.docker.io\""));
-        assert!(t.contains("[host.\"http://10.0.0.5:5050\"]"));
-        assert!(hosts_toml("http://m:5050", &[]).contains("_default/hosts.toml"));
+        let mirror = parse_mirror_url("http://10.0.0.5:5050/").unwrap();
+        let ups = |list: &[&str]| -> Vec<Upstream> {
+            list.iter().map(|u| Upstream::parse(u).unwrap()).collect()
+        };
+        let files = hosts_toml(&mirror, &ups(&["docker.io"]));
+        assert_eq!(files[0].0, "docker.io");
+        assert!(
+            files[0]
+                .1
+                .contains("server = \"https://registry-1.docker.io\"")
+        );
+        assert!(files[0].1.contains("[host.\"http://10.0.0.5:5050\"]"));
+        let files = hosts_toml(
+            &mirror,
+            &ups(&["http://127.0.0.1:5000", "https://h.example:8443/"]),
+        );
+        assert_eq!(files[0].0, "127.0.0.1:5000");
+        assert!(
+            files[0].1.contains("server = \"http://127.0.0.1:5000\"\n"),
+            "{}",
+            files[0].1
+        );
+        assert_eq!(files[1].0, "h.example:8443");
+        assert!(files[1].1.contains("server = \"https://h.example:8443\"\n"));
+        assert!(
+            hosts_toml(&mirror, &[])[0]
+                .1
+                .contains("_default/hosts.toml")
+        );
+    }
+
+    #[test]
+    fn upstreams_and_mirrors_are_validated() {
+        let check = |s: &str, want: Option<(&str, bool)>| {
+            let got = Upstream::parse(s).ok().map(|u| (u.host, u.plain_http));
+            assert_eq!(got, want.map(|(h, p)| (h.to_string(), p)), "{s:?}");
+        };
+        check("harbor.example.com", Some(("harbor.example.com", false)));
+        check("127.0.0.1:5000", Some(("127.0.0.1:5000", false)));
+        check("http://127.0.0.1:5000", Some(("127.0.0.1:5000", true)));
+        check("https://reg.local/", Some(("reg.local", false)));
+        check("[::1]:5000", Some(("[::1]:5000", false)));
+        check("evil.com\"]\n[host.\"http://attacker:80", None);
+        check("evil.com\"", None);
+        check("ftp://x", None);
+        check("http://", None);
+        check("h:0", None);
+        check("h:99999", None);
+        check("a/b", None);
+        check("-bad.example", None);
+        check("::1", None);
+        check("[::1", None);
+        check("", None);
+        assert!(parse_mirror_url("http://m:5050").is_ok());
+        assert!(parse_mirror_url("m:5050").is_err());
+        assert!(parse_mirror_url("http://m:5050\"]").is_err());
     }
 }

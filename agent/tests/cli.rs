@@ -256,6 +256,79 @@ async fn hosts_toml_names_the_mirror() {
         .await
         .unwrap();
     assert_eq!(bad.status.code(), Some(64));
+
+    // A plain-HTTP upstream: containerd falls back to it over HTTP.
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "hosts-toml",
+            "--mirror",
+            "http://10.1.2.3:5050",
+            "--upstream",
+            "http://127.0.0.1:5000",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        stdout.contains("# /etc/containerd/certs.d/127.0.0.1:5000/hosts.toml"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("server = \"http://127.0.0.1:5000\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("https://http"), "{stdout}");
+
+    // Input that would inject a [host] section is refused, naming the flag.
+    for (flag, value) in [
+        ("--upstream", "evil.com\"]\n[host.\"http://attacker:80"),
+        ("--upstream", "harbor.example.com/path"),
+        ("--mirror", "http://m:5050\"]\n[host.\"http://attacker:80"),
+    ] {
+        let mut args = vec!["hosts-toml", "--mirror", "http://10.1.2.3:5050"];
+        if flag == "--mirror" {
+            args[2] = value;
+        } else {
+            args.extend([flag, value]);
+        }
+        let out = tokio::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{value:?}: {stderr}");
+        assert!(stderr.contains(flag), "{value:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{value:?} printed something");
+    }
+
+    // --out-dir writes containerd's config_path layout.
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "hosts-toml",
+            "--mirror",
+            "http://10.1.2.3:5050",
+            "--upstream",
+            "docker.io",
+            "--upstream",
+            "http://127.0.0.1:5000",
+            "--out-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let hub = std::fs::read_to_string(dir.path().join("docker.io/hosts.toml")).unwrap();
+    assert!(
+        hub.contains("server = \"https://registry-1.docker.io\""),
+        "{hub}"
+    );
+    let lab = std::fs::read_to_string(dir.path().join("127.0.0.1:5000/hosts.toml")).unwrap();
+    assert!(lab.contains("server = \"http://127.0.0.1:5000\""), "{lab}");
 }
 
 #[tokio::test]
@@ -395,4 +468,75 @@ async fn memory_does_not_grow_with_blob_size() {
         size / MIB
     );
     println!("peak RSS {peak_mib} MiB for a {} MiB blob", size / MIB);
+}
+
+#[tokio::test]
+async fn sync_applies_each_repositorys_retention_even_when_an_image_fails() {
+    let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let spec = |seed| ImageSpec::random(&[30_000], seed);
+    let app1 = push_image(&reg, "demo/app", "v1", &spec(91)).await.unwrap();
+    let web1 = push_image(&reg, "demo/web", "v1", &spec(92)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("images.yaml");
+    let data = dir.path().join("data");
+    // app keeps only its desired version; web uses the agent's default (2);
+    // "gone" names a tag that does not exist, so its image fails.
+    let mut text = yaml(
+        &reg.addr(),
+        None,
+        &[
+            ("app", "demo/app", "v1"),
+            ("web", "demo/web", "v1"),
+            ("gone", "demo/gone", "v1"),
+        ],
+    );
+    text = text.replacen(
+        "  repository: demo/app\n",
+        "  repository: demo/app\n  retention:\n    keepVersions: 1\n",
+        1,
+    );
+    std::fs::write(&file, &text).unwrap();
+    let sync = || async {
+        let out = tokio::process::Command::new(BIN)
+            .args(["sync", "--grace-period", "0s", "--from"])
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(out.status.code(), Some(1), "demo/gone fails: {stdout}");
+        assert!(
+            stdout.contains("FAILED  Repository default/gone"),
+            "{stdout}"
+        );
+        stdout
+    };
+    let stdout = sync().await;
+    assert!(stdout.contains("GC: removed 0 images"), "{stdout}");
+
+    // Both tags move to new content.
+    let app2 = push_image(&reg, "demo/app", "v1", &spec(93)).await.unwrap();
+    let web2 = push_image(&reg, "demo/web", "v1", &spec(94)).await.unwrap();
+    let stdout = sync().await;
+    // GC ran despite the failing image, and only app's old version went.
+    assert!(stdout.contains("GC: removed 1 images"), "{stdout}");
+    let blob = |d: &str| data.join("blobs/sha256").join(&d[7..]);
+    assert!(!blob(&app1.manifest_digest).exists(), "app v1 kept");
+    assert!(
+        !blob(&app1.layer_digests[0]).exists(),
+        "app v1's layer kept"
+    );
+    for d in [
+        &app2.manifest_digest,
+        &web1.manifest_digest,
+        &web2.manifest_digest,
+    ] {
+        assert!(blob(d).exists(), "{d} removed");
+    }
+    assert!(
+        blob(&web1.layer_digests[0]).exists(),
+        "web's rollback layer removed"
+    );
 }

@@ -95,6 +95,50 @@ async fn bad_settings_exit_64_naming_the_setting() {
             ],
             "--concurrency-images 0",
         ),
+        (
+            &[
+                "--hub",
+                hub,
+                "--credentials",
+                &creds,
+                "--keep-versions",
+                "0",
+            ],
+            "--keep-versions 0: expected at least 1",
+        ),
+        (
+            &[
+                "--hub",
+                hub,
+                "--credentials",
+                &creds,
+                "--stall-timeout",
+                "0s",
+            ],
+            "--stall-timeout 0s",
+        ),
+        (
+            &[
+                "--hub",
+                hub,
+                "--credentials",
+                &creds,
+                "--mirror-max-connections",
+                "0",
+            ],
+            "--mirror-max-connections 0",
+        ),
+        (
+            &[
+                "--hub",
+                hub,
+                "--credentials",
+                &creds,
+                "--mirror-header-timeout",
+                "never",
+            ],
+            "--mirror-header-timeout never",
+        ),
     ];
     for (args, want) in cases {
         let (code, stderr) = run(args, &[]).await;

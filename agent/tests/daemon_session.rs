@@ -425,7 +425,7 @@ async fn removed_images_are_collected_after_the_grace_period() {
         metrics_port: free_port(),
     };
     let mut command = cmd.command();
-    command.args(["--grace-period", "0s", "--keep-versions", "0"]);
+    command.args(["--grace-period", "0s", "--keep-versions", "1"]);
     let mut agent = ChildGuard::spawn("daemon-gc-agent", command).unwrap();
     agent
         .wait_ready("both SYNCED", Duration::from_secs(30), || async {

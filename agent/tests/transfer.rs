@@ -1,6 +1,8 @@
 //! Transfer engine against the real docker-registry: platforms, dedup,
 //! resume after a cut and after a restart, corrupt partials, tampered
-//! upstream blobs, no-op re-sync, basic auth and the bandwidth limit.
+//! upstream blobs, no-op re-sync, basic auth, the bandwidth limit, nested
+//! indexes, descriptor sizes checked against stored blobs, and the
+//! minimum-progress timeout on a trickling upstream.
 
 mod common;
 
@@ -8,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use imgfleet_agent::transfer::{EngineConfig, Phase};
+use imgfleet_agent::transfer::{EngineConfig, Phase, TransferError};
+use imgfleet_common::registry::{Credentials, MinProgress};
 use imgfleet_tests::fault::FaultProxy;
 use imgfleet_tests::images::{ImageSpec, LayerSpec, push_image, push_index};
 use imgfleet_tests::registry::{Registry, RegistryOptions};
@@ -501,4 +504,260 @@ async fn stalled_link_times_out_and_resumes() {
         proxy.bytes_to_client() < size + size / 2,
         "restarted from zero"
     );
+}
+
+#[tokio::test]
+async fn nested_indexes_sync_and_are_served() {
+    use imgfleet_tests::images::{INDEX_MEDIA_TYPE, PushTarget};
+    let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let inner = push_index(
+        &reg,
+        "demo/nested",
+        "inner",
+        &[("linux", "amd64"), ("linux", "arm64")],
+        &ImageSpec::random(&[30_000], 51),
+    )
+    .await
+    .unwrap();
+    let single = push_image(
+        &reg,
+        "demo/nested",
+        "single",
+        &ImageSpec::random(&[20_000], 52),
+    )
+    .await
+    .unwrap();
+    // An index naming that index and an image manifest beside it.
+    let outer = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": INDEX_MEDIA_TYPE,
+        "manifests": [
+            {"mediaType": INDEX_MEDIA_TYPE, "digest": inner.index_digest, "size": inner.index_bytes.len()},
+            {"mediaType": imgfleet_tests::images::MANIFEST_MEDIA_TYPE, "digest": single.manifest_digest,
+             "size": single.manifest_bytes.len(), "platform": {"os": "linux", "architecture": "s390x"}}
+        ]
+    }))
+    .unwrap();
+    let outer_digest = PushTarget::from(&reg)
+        .push_manifest("demo/nested", "v1", INDEX_MEDIA_TYPE, &outer)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path());
+    let stats = engine
+        .sync_image(
+            &desired(&reg.addr(), "demo/nested", &outer_digest, &["v1"]),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut want: Vec<String> = inner.blob_digests();
+    want.extend(single.blob_digests());
+    assert_eq!(stats.blobs_total as usize, want.len());
+    for d in &want {
+        assert!(engine.store().has_blob(d), "{d} not synced");
+    }
+    assert!(
+        engine
+            .store()
+            .has_image(&reg.addr(), "demo/nested", &outer_digest)
+    );
+
+    // The mirror serves the whole tree: the outer index by tag, the nested
+    // index and every manifest by digest, every blob.
+    let mirror = start_mirror(engine.store().clone()).await;
+    let raw = imgfleet_tests::skopeo::inspect_raw(
+        &format!("docker://{}/demo/nested:v1", mirror.addr),
+        &["--tls-verify=false"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(raw, outer);
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/v2/demo/nested", mirror.addr);
+    let mut manifests = vec![(inner.index_digest.clone(), INDEX_MEDIA_TYPE)];
+    manifests.push((
+        single.manifest_digest.clone(),
+        imgfleet_tests::images::MANIFEST_MEDIA_TYPE,
+    ));
+    for (_, m) in &inner.manifests {
+        manifests.push((
+            m.manifest_digest.clone(),
+            imgfleet_tests::images::MANIFEST_MEDIA_TYPE,
+        ));
+    }
+    for (d, media_type) in manifests {
+        let r = http
+            .get(format!("{base}/manifests/{d}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{d}");
+        assert_eq!(r.headers()["content-type"], media_type);
+        let body = r.bytes().await.unwrap();
+        assert_eq!(imgfleet_tests::images::sha256_digest(&body), d);
+    }
+    for d in &want {
+        let r = http.get(format!("{base}/blobs/{d}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{d}");
+        assert_eq!(
+            imgfleet_tests::images::sha256_digest(&r.bytes().await.unwrap()),
+            *d
+        );
+    }
+
+    // A platform filter reaches into the nested index.
+    let dir2 = tempfile::tempdir().unwrap();
+    let arm_only = engine_with(dir2.path(), EngineConfig::default());
+    let mut img = desired(&reg.addr(), "demo/nested", &outer_digest, &["v1"]);
+    img.platforms = vec!["linux/arm64".into()];
+    arm_only.sync_image(&img, None).await.unwrap();
+    let (arm, amd) = (&inner.manifests[1].1, &inner.manifests[0].1);
+    for d in arm.blob_digests() {
+        assert!(arm_only.store().has_blob(&d), "arm64 blob {d} missing");
+    }
+    for d in amd.blob_digests().iter().chain(&single.blob_digests()) {
+        assert!(
+            !arm_only.store().has_blob(d),
+            "{d} of another platform fetched"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_layer_size_fails_even_when_the_blob_is_already_present() {
+    use imgfleet_tests::images::{MANIFEST_MEDIA_TYPE, PushTarget};
+    let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let spec = ImageSpec::random(&[40_000], 53);
+    let good = push_image(&reg, "demo/app", "v1", &spec).await.unwrap();
+    // The liar's repository holds the same blobs (a registry checks that).
+    push_image(&reg, "demo/liar", "honest", &spec)
+        .await
+        .unwrap();
+    // The same config and layer, but the manifest states the layer one byte larger.
+    let mut m: serde_json::Value = serde_json::from_slice(&good.manifest_bytes).unwrap();
+    m["layers"][0]["size"] = serde_json::json!(good.layer_sizes[0] + 1);
+    let lying = serde_json::to_vec(&m).unwrap();
+    let lying_digest = PushTarget::from(&reg)
+        .push_manifest("demo/liar", "v1", MANIFEST_MEDIA_TYPE, &lying)
+        .await
+        .unwrap();
+
+    let check = |r: Result<imgfleet_agent::transfer::ImageStats, TransferError>| match r {
+        Err(TransferError::SizeMismatch {
+            digest,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(digest, good.layer_digests[0]);
+            assert_eq!(expected, good.layer_sizes[0] + 1);
+            assert_eq!(actual, good.layer_sizes[0]);
+        }
+        other => panic!("expected a size mismatch, got {other:?}"),
+    };
+    // On a fresh store the registry's length gives it away at once.
+    let fresh = tempfile::tempdir().unwrap();
+    let engine1 = engine(fresh.path());
+    let liar = desired(&reg.addr(), "demo/liar", &lying_digest, &["v1"]);
+    check(engine1.sync_image(&liar, None).await);
+    assert_eq!(
+        engine1.counters().blob_requests,
+        2,
+        "refused without retries"
+    );
+
+    // With the blob already present (from the honest image), the same.
+    let dir = tempfile::tempdir().unwrap();
+    let engine2 = engine(dir.path());
+    engine2
+        .sync_image(
+            &desired(&reg.addr(), "demo/app", &good.manifest_digest, &["v1"]),
+            None,
+        )
+        .await
+        .unwrap();
+    check(engine2.sync_image(&liar, None).await);
+    assert!(
+        !engine2
+            .store()
+            .has_image(&reg.addr(), "demo/liar", &lying_digest)
+    );
+    let mirror = start_mirror(engine2.store().clone()).await;
+    let r = reqwest::get(format!("http://{}/v2/demo/liar/manifests/v1", mirror.addr))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the lying image is never served");
+}
+
+#[tokio::test]
+async fn a_trickling_blob_is_cut_by_the_minimum_progress_and_resumed() {
+    let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let size = 2 * MIB;
+    let pushed = push_image(&reg, "demo/slow", "v1", &ImageSpec::random(&[size], 54))
+        .await
+        .unwrap();
+    let proxy = Arc::new(
+        FaultProxy::start(reg.addr().parse().unwrap())
+            .await
+            .unwrap(),
+    );
+    // Bytes keep coming, so the read timeout never fires, but far too slowly.
+    proxy.set_throttle(Some(16 * 1024));
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        min_progress: Some(MinProgress {
+            window: Duration::from_secs(1),
+            bytes: 256 * 1024,
+        }),
+        ..EngineConfig::default()
+    };
+    let engine = Arc::new(engine_with(dir.path(), config));
+    let img = desired(
+        &proxy.addr().to_string(),
+        "demo/slow",
+        &pushed.manifest_digest,
+        &["v1"],
+    );
+    let (e2, p2) = (engine.clone(), proxy.clone());
+    let lifter = tokio::spawn(async move {
+        // Config and layer, then the layer again after the cut.
+        wait_for(
+            "the stalled layer asked for again",
+            Duration::from_secs(30),
+            || e2.counters().blob_requests >= 3,
+        )
+        .await;
+        p2.set_throttle(None);
+    });
+    let started = Instant::now();
+    engine.sync_image(&img, None).await.unwrap();
+    lifter.await.unwrap();
+    assert!(engine.store().has_blob(&pushed.layer_digests[0]));
+    assert!(
+        proxy.bytes_to_client() < size + size / 4,
+        "the second attempt resumed by Range instead of starting over"
+    );
+    eprintln!(
+        "figures: trickle cut and resumed, synced in {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn engine_debug_never_shows_a_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path());
+    engine
+        .client_for(
+            "registry.example:5000",
+            Some(&Credentials::new("robot", "pw-never-shown-42")),
+            true,
+        )
+        .unwrap();
+    let debug = format!("{engine:?}");
+    assert!(!debug.contains("pw-never-shown-42"), "{debug}");
+    assert!(debug.contains("registry.example:5000 as robot"), "{debug}");
+    let pretty = format!("{engine:#?}");
+    assert!(!pretty.contains("pw-never-shown-42"));
 }

@@ -1,4 +1,4 @@
-//! `imgfleet-bench`: the benchmarks behind BENCHMARKS.md. Three suites, each
+//! `imgfleet-bench`: the benchmarks behind BENCHMARKS.md. Four suites, each
 //! run side by side with what it is compared against, repeated `--runs` times
 //! and reported as medians:
 //!
@@ -7,6 +7,8 @@
 //! - `fanout`: thousands of simulated mTLS agents against one hub, with the
 //!   embedded store and with etcd;
 //! - `footprint`: the agent's RSS idle and during a transfer, binary sizes;
+//! - `mirror`: the agent's mirror against docker-registry serving the same
+//!   image to 1 and 8 nodes, and both under clients that never read;
 //! - `control`: bulk-apply cost as the hub's store grows, and the hub's CPU
 //!   while thousands of Repositories keep failing to resolve.
 //!
@@ -16,6 +18,7 @@
 mod control;
 mod fanout;
 mod footprint;
+mod mirror;
 mod report;
 mod transfer;
 
@@ -54,6 +57,8 @@ enum Suite {
     Fanout(fanout::Options),
     /// Agent RSS idle and during a 256 MiB transfer; release binary sizes.
     Footprint(footprint::Options),
+    /// The mirror against docker-registry: serve throughput, non-reading clients.
+    Mirror(mirror::Options),
     /// Bulk apply as the store grows; hub CPU with every resolution failing.
     Control(control::Options),
     /// Every suite with its defaults.
@@ -83,6 +88,7 @@ fn main() -> ExitCode {
             Suite::Transfer(o) => transfer::run(&cli.common, &o, &mut report).await,
             Suite::Fanout(o) => fanout::run(&cli.common, &o, &mut report).await,
             Suite::Footprint(o) => footprint::run(&cli.common, &o, &mut report).await,
+            Suite::Mirror(o) => mirror::run(&cli.common, &o, &mut report).await,
             Suite::Control(o) => control::run(&cli.common, &o, &mut report).await,
             Suite::All => {
                 // A failing suite does not keep the others from reporting.
@@ -90,6 +96,7 @@ fn main() -> ExitCode {
                 let results = [
                     transfer::run(c, &transfer::Options::default(), &mut report).await,
                     footprint::run(c, &footprint::Options::default(), &mut report).await,
+                    mirror::run(c, &mirror::Options::default(), &mut report).await,
                     fanout::run(c, &fanout::Options::default(), &mut report).await,
                     control::run(c, &control::Options::default(), &mut report).await,
                 ];

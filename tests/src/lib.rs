@@ -1,5 +1,6 @@
 //! The real-component test harness shared by every end-to-end test: real etcd, a real
-//! upstream registry, an OCI image generator, a fault-injecting TCP proxy and skopeo helpers.
+//! upstream registry, an OCI image generator, a fault-injecting TCP proxy, skopeo helpers and a
+//! containerd on its own socket.
 //!
 //! Everything the harness starts runs on free 127.0.0.1 ports in temporary directories, logs
 //! to `target/test-logs/<test-binary>/`, waits on readiness (never a fixed sleep) and is
@@ -21,6 +22,7 @@
 //! The fault proxy and the skopeo helpers run on the caller's tokio runtime: do not block it
 //! (std::process, std::thread::sleep) while they are in use.
 
+pub mod containerd;
 pub mod etcd;
 pub mod fault;
 pub mod fleet;

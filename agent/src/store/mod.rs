@@ -23,15 +23,17 @@ mod partial;
 
 pub use partial::PartialBlob;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use imgfleet_common::registry::{OCI_INDEX, sha256_digest, sha256_hex};
 use serde::{Deserialize, Serialize};
+
+use crate::transfer::plan;
 
 /// Annotation naming the upstream registry of a recorded manifest.
 pub const ANN_REGISTRY: &str = "io.imgfleet.registry";
@@ -190,7 +192,13 @@ struct State {
     records: Vec<ManifestRecord>,
     /// (mtime, len) of index.json when last read, for read-only reloads.
     seen: Option<(SystemTime, u64)>,
+    /// Grows each time `records` changes, so that what is derived from them
+    /// (the mirror's catalog, a GC pass) can tell it is stale.
+    generation: u64,
 }
+
+/// Digests in use by transfers in progress, with a count per digest.
+type PinMap = Arc<Mutex<HashMap<String, usize>>>;
 
 /// The content store. One writer per data dir; any number of read-only
 /// openers (a `serve` beside a `sync`) that pick up new records on their own.
@@ -199,7 +207,57 @@ pub struct Store {
     root: PathBuf,
     state: Mutex<State>,
     writable: bool,
+    /// What transfers in progress use; GC leaves these alone (see [`Pins`]).
+    pins: PinMap,
     _lock: Option<File>,
+}
+
+/// Digests a transfer holds on to while it runs, so that GC does not delete
+/// a blob the transfer found present (or is writing) before the image that
+/// needs it is recorded. Dropping the guard releases them; a transfer drops
+/// it only after recording, so a blob is always protected by a pin or by a
+/// record. GC checks pins and the store's generation under the pin lock
+/// ([`Store::remove_blob_unless_in_use`]), which closes the gap between the
+/// two.
+#[derive(Debug)]
+pub struct Pins {
+    map: PinMap,
+    held: Vec<String>,
+}
+
+impl Pins {
+    /// Pins one more digest (pinning it again is harmless).
+    pub fn add(&mut self, digest: &str) {
+        if self.held.iter().any(|d| d == digest) {
+            return;
+        }
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(digest.to_string()).or_default() += 1;
+        self.held.push(digest.to_string());
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        for d in self.held.drain(..) {
+            if let Some(n) = map.get_mut(&d) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&d);
+                }
+            }
+        }
+    }
+}
+
+/// Why GC left a blob in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// A transfer in progress holds it.
+    Pinned,
+    /// The records changed since GC decided: it must decide again.
+    RecordsChanged,
 }
 
 /// Storage use of the data dir.
@@ -260,6 +318,7 @@ impl Store {
             root,
             state: Mutex::new(State::default()),
             writable: true,
+            pins: PinMap::default(),
             _lock: Some(lock),
         };
         store.reload_if_changed()?;
@@ -275,6 +334,7 @@ impl Store {
             root,
             state: Mutex::new(State::default()),
             writable: false,
+            pins: PinMap::default(),
             _lock: None,
         };
         store.reload_if_changed()?;
@@ -363,15 +423,65 @@ impl Store {
         Ok(len)
     }
 
-    /// Removes a blob (GC only).
-    pub fn remove_blob(&self, digest: &str) -> Result<(), StoreError> {
+    /// An empty set of pins; see [`Pins`].
+    pub fn pins(&self) -> Pins {
+        Pins {
+            map: self.pins.clone(),
+            held: Vec::new(),
+        }
+    }
+
+    /// Whether a transfer in progress holds `digest`.
+    pub fn is_pinned(&self, digest: &str) -> bool {
+        self.pins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(digest)
+    }
+
+    /// Removes a blob (GC only), unless a transfer holds it or the records
+    /// changed since `generation` (GC's decision is then stale). Checked and
+    /// done under the pin lock, so a transfer cannot pin it in between.
+    pub fn remove_blob_unless_in_use(
+        &self,
+        digest: &str,
+        generation: u64,
+    ) -> Result<Result<(), Kept>, StoreError> {
         self.check_writable()?;
         let p = self.blob_path(digest)?;
+        let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        if pins.contains_key(digest) {
+            return Ok(Err(Kept::Pinned));
+        }
+        if self.generation() != generation {
+            return Ok(Err(Kept::RecordsChanged));
+        }
         match fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Ok(()) => Ok(Ok(())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ok(())),
             Err(e) => Err(io_err("removing", &p)(e)),
         }
+    }
+
+    /// The generation of the records: it changes whenever they do (here or,
+    /// for a read-only store, in the writer's index.json).
+    pub fn generation(&self) -> u64 {
+        if let Err(e) = self.reload_if_changed() {
+            tracing::warn!(error = %e, "Could not reload the content store index");
+        }
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
+    }
+
+    /// The records with their generation, read together.
+    pub fn records_at(&self) -> (u64, Vec<ManifestRecord>) {
+        if let Err(e) = self.reload_if_changed() {
+            tracing::warn!(error = %e, "Could not reload the content store index");
+        }
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (state.generation, state.records.clone())
     }
 
     /// Digests of all complete blobs with their sizes and modification times.
@@ -418,8 +528,9 @@ impl Store {
             next.retain(|old| !old.same_key(&r));
             next.push(r);
         }
-        self.write_index(&next)?;
+        state.seen = self.write_index(&next)?;
         state.records = next;
+        state.generation += 1;
         Ok(())
     }
 
@@ -432,8 +543,9 @@ impl Store {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (gone, kept): (Vec<_>, Vec<_>) = state.records.iter().cloned().partition(&remove);
         if !gone.is_empty() {
-            self.write_index(&kept)?;
+            state.seen = self.write_index(&kept)?;
             state.records = kept;
+            state.generation += 1;
         }
         Ok(gone)
     }
@@ -506,6 +618,43 @@ impl Store {
         tags
     }
 
+    /// The tree of an image whose root manifest is in the store: every
+    /// manifest below it that `platforms` selects (all when empty) and every
+    /// blob they name, as far as the store holds them. `media_type` is the
+    /// root's, when a record says; otherwise the document's own `mediaType`
+    /// is used.
+    pub fn tree(
+        &self,
+        root: &str,
+        media_type: Option<&str>,
+        platforms: &[String],
+    ) -> Result<plan::Tree, TreeError> {
+        let bytes = self.read_blob(root).map_err(TreeError::Store)?;
+        let media_type = match media_type {
+            Some(m) => m.to_string(),
+            None => declared_media_type(&bytes).ok_or_else(|| {
+                TreeError::Plan(plan::PlanError::Malformed(format!(
+                    "manifest {root}: no mediaType"
+                )))
+            })?,
+        };
+        let node = plan::Node {
+            digest: root.to_string(),
+            media_type,
+            size: bytes.len() as u64,
+        };
+        plan::walk(node, &bytes, platforms, |child| {
+            let bytes = self.read_blob(&child.digest).ok()?;
+            let media_type = if plan::kind_of(&child.media_type).is_ok() {
+                child.media_type.clone()
+            } else {
+                declared_media_type(&bytes)?
+            };
+            Some((bytes, media_type))
+        })
+        .map_err(TreeError::Plan)
+    }
+
     /// Writes a small file under the data dir atomically (temp, fsync, rename).
     pub fn write_file_atomic(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.check_writable()?;
@@ -520,7 +669,12 @@ impl Store {
         }
     }
 
-    fn write_index(&self, records: &[ManifestRecord]) -> Result<(), StoreError> {
+    /// Writes index.json and returns its new (mtime, len), so that the writer
+    /// does not read back what it just wrote.
+    fn write_index(
+        &self,
+        records: &[ManifestRecord],
+    ) -> Result<Option<(SystemTime, u64)>, StoreError> {
         let file = IndexFile {
             schema_version: 2,
             media_type: OCI_INDEX.to_string(),
@@ -530,7 +684,11 @@ impl Store {
             path: self.root.join("index.json"),
             message: e.to_string(),
         })?;
-        write_atomic(&self.root, &self.root.join("index.json"), &bytes)
+        let path = self.root.join("index.json");
+        write_atomic(&self.root, &path, &bytes)?;
+        Ok(fs::metadata(&path)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len())))
     }
 
     /// Reads index.json when it changed since the last read (another process
@@ -561,8 +719,30 @@ impl Store {
             .filter_map(ManifestRecord::from_descriptor)
             .collect();
         state.seen = Some(stamp);
+        state.generation += 1;
         Ok(())
     }
+}
+
+/// Why [`Store::tree`] could not walk an image.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    /// The root manifest could not be read.
+    #[error(transparent)]
+    Store(StoreError),
+    /// A manifest of the tree is unusable.
+    #[error(transparent)]
+    Plan(plan::PlanError),
+}
+
+/// The `mediaType` a manifest document declares.
+pub fn declared_media_type(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Doc {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Doc>(bytes).ok()?.media_type
 }
 
 /// Seconds since the epoch, for records.

@@ -1,11 +1,14 @@
 //! The transfer engine: brings desired images into the content store.
 //!
 //! For each image it fetches the manifest or index (verified by digest), only
-//! the platform manifests asked for, then only the blobs the store lacks. Blobs
+//! the platform manifests asked for (through nested indexes, up to
+//! [`plan::MAX_INDEX_DEPTH`]), then only the blobs the store lacks. Blobs
 //! stream to a partial file with bounded memory and resume by HTTP Range from
-//! the partial's length after a network error or a restart; the bytes already
-//! on disk are re-hashed before they are trusted. An image is recorded (and so
-//! servable) only after every blob it needs is present and verified.
+//! the partial's length after a network error, a stall below the minimum
+//! progress, or a restart; the bytes already on disk are re-hashed before they
+//! are trusted. A blob already in the store counts only when its size is the
+//! one the manifest states. An image is recorded (and so servable) only after
+//! every blob it needs is present and verified.
 
 mod limit;
 pub mod plan;
@@ -14,7 +17,7 @@ mod progress;
 pub use limit::RateLimiter;
 pub use progress::{Phase, Progress};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,14 +25,14 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use imgfleet_common::registry::{
-    Credentials, RegistryClient, RegistryConfig, RegistryError, sha256_hex, valid_repository,
-    valid_tag,
+    Credentials, MinProgress, RegistryClient, RegistryConfig, RegistryError, sha256_hex,
+    valid_repository, valid_tag,
 };
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::store::{ManifestRecord, Store, StoreError, now_unix};
+use crate::store::{ManifestRecord, Pins, Store, StoreError, now_unix};
 use plan::{BlobRef, ManifestKind, PlanError};
 use progress::Tracker;
 
@@ -90,6 +93,9 @@ pub struct EngineConfig {
     pub extra_roots_pem: Vec<Vec<u8>>,
     /// No byte for this long fails the attempt (then it is retried).
     pub read_timeout: Duration,
+    /// A body that trickles (less than this much per window of waiting) is
+    /// cut and resumed by Range; `None` relies on `read_timeout` alone.
+    pub min_progress: Option<MinProgress>,
 }
 
 impl Default for EngineConfig {
@@ -101,6 +107,7 @@ impl Default for EngineConfig {
             retry: RetryPolicy::default(),
             extra_roots_pem: Vec::new(),
             read_timeout: Duration::from_secs(30),
+            min_progress: Some(MinProgress::default()),
         }
     }
 }
@@ -122,6 +129,17 @@ pub enum TransferError {
         /// What was wrong.
         #[source]
         source: PlanError,
+    },
+    /// Content whose size is not the one its descriptor states: a blob
+    /// already in the store, or the length the registry announced.
+    #[error("{digest}: {actual} bytes, but the manifest says {expected}")]
+    SizeMismatch {
+        /// The blob or manifest.
+        digest: String,
+        /// The size in the descriptor.
+        expected: u64,
+        /// The size found.
+        actual: u64,
     },
     /// A blob's body was longer than its descriptor says, or ended early.
     #[error("blob {digest}: {message}")]
@@ -216,8 +234,8 @@ struct AtomicCounters {
 
 type ClientKey = (String, Option<(String, String)>, bool);
 
-/// The transfer engine. Share it behind an `Arc`; one per store.
-#[derive(Debug)]
+/// The transfer engine. Share it behind an `Arc`; one per store. Its `Debug`
+/// leaves out the client map, whose keys hold registry passwords.
 pub struct Engine {
     store: Arc<Store>,
     config: EngineConfig,
@@ -226,6 +244,30 @@ pub struct Engine {
     clients: Mutex<HashMap<ClientKey, Arc<RegistryClient>>>,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     counters: AtomicCounters,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let clients: Vec<String> = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .map(|(registry, creds, insecure)| {
+                let user = creds.as_ref().map_or("anonymous", |(u, _)| u.as_str());
+                format!(
+                    "{registry} as {user}{}",
+                    if *insecure { " (http)" } else { "" }
+                )
+            })
+            .collect();
+        f.debug_struct("Engine")
+            .field("store", &self.store.root())
+            .field("config", &self.config)
+            .field("clients", &clients)
+            .field("counters", &self.counters())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Engine {
@@ -284,6 +326,7 @@ impl Engine {
             extra_roots_pem: self.config.extra_roots_pem.clone(),
             connect_timeout: None,
             read_timeout: Some(self.config.read_timeout),
+            min_progress: self.config.min_progress,
         })?);
         debug!(registry, elapsed = ?started.elapsed(), "Registry client built");
         clients.insert(key, client.clone());
@@ -377,61 +420,24 @@ impl Engine {
             Ok(Arc::clone(client.get_or_init(|| c)))
         };
 
+        // Everything this image uses stays pinned until it is recorded, so
+        // that GC running meanwhile never deletes what this sync counted on.
+        let mut pins = self.store.pins();
+        pins.add(&image.digest);
         let (root_bytes, root_type) = self
-            .manifest(image, &image.digest, &existing, &get_client)
+            .manifest(image, &image.digest, None, &existing, &get_client)
             .await?;
-        let mut records = Vec::new();
-        let mut blobs: Vec<BlobRef> = Vec::new();
-        let kind = plan::kind_of(&root_type).map_err(|source| TransferError::Plan {
-            digest: image.digest.clone(),
-            source,
-        })?;
-        match kind {
-            ManifestKind::Image => {
-                blobs = plan::image_blobs(&root_bytes).map_err(|source| TransferError::Plan {
-                    digest: image.digest.clone(),
-                    source,
-                })?;
-            }
-            ManifestKind::Index => {
-                let children =
-                    plan::select_children(&root_bytes, &image.platforms).map_err(|source| {
-                        TransferError::Plan {
-                            digest: image.digest.clone(),
-                            source,
-                        }
-                    })?;
-                for child in children {
-                    let (bytes, media_type) = self
-                        .manifest(image, &child.digest, &existing, &get_client)
-                        .await?;
-                    let plan_err = |source| TransferError::Plan {
-                        digest: child.digest.clone(),
-                        source,
-                    };
-                    if plan::kind_of(&media_type).map_err(plan_err)? != ManifestKind::Image {
-                        return Err(plan_err(PlanError::Unsupported(format!(
-                            "{media_type} nested in an index"
-                        ))));
-                    }
-                    for b in plan::image_blobs(&bytes).map_err(plan_err)? {
-                        if !blobs.iter().any(|x| x.digest == b.digest) {
-                            blobs.push(b);
-                        }
-                    }
-                    records.push(ManifestRecord {
-                        registry: image.registry.clone(),
-                        repository: image.repository.clone(),
-                        tag: None,
-                        digest: child.digest.clone(),
-                        media_type,
-                        size: bytes.len() as u64,
-                        parent: Some(image.digest.clone()),
-                        recorded_at: now_unix(),
-                    });
-                }
-            }
-        }
+        let (records, blobs) = self
+            .walk(
+                image,
+                &root_bytes,
+                &root_type,
+                &existing,
+                &get_client,
+                &mut pins,
+            )
+            .await?;
+        let mut records = records;
 
         let mut stats = ImageStats {
             bytes_total: blobs.iter().map(|b| b.size).sum(),
@@ -447,7 +453,8 @@ impl Engine {
             .store(stats.blobs_total, Ordering::Relaxed);
         let mut missing = Vec::new();
         for b in &blobs {
-            if self.store.has_blob(&b.digest) {
+            pins.add(&b.digest);
+            if self.present(b)? {
                 tracker.bytes_done.fetch_add(b.size, Ordering::Relaxed);
                 tracker.layers_done.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -526,24 +533,138 @@ impl Engine {
         Ok(stats)
     }
 
+    /// Whether a blob is in the store with the size its descriptor states.
+    /// A blob of another size cannot be the one named (sha256 does not
+    /// collide): the manifest is wrong, and the image must fail as it would
+    /// on a fresh store.
+    fn present(&self, blob: &BlobRef) -> Result<bool, TransferError> {
+        match self.store.blob_size(&blob.digest) {
+            None => Ok(false),
+            Some(size) if size == blob.size => Ok(true),
+            Some(size) => Err(TransferError::SizeMismatch {
+                digest: blob.digest.clone(),
+                expected: blob.size,
+                actual: size,
+            }),
+        }
+    }
+
+    /// Fetches the manifests below the root that the image's platforms
+    /// select, through nested indexes, and returns their records and the
+    /// blobs of every image manifest among them.
+    async fn walk(
+        &self,
+        image: &DesiredImage,
+        root_bytes: &[u8],
+        root_type: &str,
+        existing: &[ManifestRecord],
+        get_client: &(dyn Fn() -> Result<Arc<RegistryClient>, TransferError> + Sync),
+        pins: &mut Pins,
+    ) -> Result<(Vec<ManifestRecord>, Vec<BlobRef>), TransferError> {
+        let plan_err = |digest: &str| {
+            let digest = digest.to_string();
+            move |source| TransferError::Plan { digest, source }
+        };
+        let mut records = Vec::new();
+        let mut blobs: Vec<BlobRef> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::from([image.digest.clone()]);
+        let mut available: Vec<String> = Vec::new();
+        let mut images = 0usize;
+        // (bytes, media type, digest, depth); the root index is depth 0.
+        let mut queue = vec![(
+            root_bytes.to_vec(),
+            root_type.to_string(),
+            image.digest.clone(),
+            0usize,
+        )];
+        while let Some((bytes, media_type, digest, depth)) = queue.pop() {
+            match plan::kind_of(&media_type).map_err(plan_err(&digest))? {
+                ManifestKind::Image => {
+                    images += 1;
+                    for b in plan::image_blobs(&bytes).map_err(plan_err(&digest))? {
+                        if !blobs.iter().any(|x| x.digest == b.digest) {
+                            blobs.push(b);
+                        }
+                    }
+                }
+                ManifestKind::Index => {
+                    if depth > plan::MAX_INDEX_DEPTH {
+                        return Err(plan_err(&digest)(PlanError::TooDeep {
+                            digest: digest.clone(),
+                            depth,
+                        }));
+                    }
+                    let (children, offered) = plan::choose_children(&bytes, &image.platforms)
+                        .map_err(plan_err(&digest))?;
+                    available.extend(offered);
+                    for child in children {
+                        if !seen.insert(child.digest.clone()) {
+                            continue;
+                        }
+                        if seen.len() > plan::MAX_MANIFESTS {
+                            return Err(plan_err(&image.digest)(PlanError::TooManyManifests));
+                        }
+                        pins.add(&child.digest);
+                        let (child_bytes, child_type) = self
+                            .manifest(image, &child.digest, Some(child.size), existing, get_client)
+                            .await?;
+                        records.push(ManifestRecord {
+                            registry: image.registry.clone(),
+                            repository: image.repository.clone(),
+                            tag: None,
+                            digest: child.digest.clone(),
+                            media_type: child_type.clone(),
+                            size: child_bytes.len() as u64,
+                            // Every manifest below the root names the root,
+                            // so that GC removes the whole tree with it.
+                            parent: Some(image.digest.clone()),
+                            recorded_at: now_unix(),
+                        });
+                        queue.push((child_bytes, child_type, child.digest, depth + 1));
+                    }
+                }
+            }
+        }
+        if images == 0 && !image.platforms.is_empty() {
+            available.sort();
+            available.dedup();
+            return Err(plan_err(&image.digest)(PlanError::NoMatchingPlatform {
+                wanted: image.platforms.clone(),
+                available,
+            }));
+        }
+        Ok((records, blobs))
+    }
+
     /// A manifest's bytes and media type: from the store when present (it was
     /// verified when stored), else fetched by digest, verified and stored.
+    /// `size` is what the index naming it says, for a child.
     async fn manifest(
         &self,
         image: &DesiredImage,
         digest: &str,
+        size: Option<u64>,
         existing: &[ManifestRecord],
         get_client: &(dyn Fn() -> Result<Arc<RegistryClient>, TransferError> + Sync),
     ) -> Result<(Vec<u8>, String), TransferError> {
+        let check_size = |len: usize| match size {
+            Some(expected) if expected != len as u64 => Err(TransferError::SizeMismatch {
+                digest: digest.to_string(),
+                expected,
+                actual: len as u64,
+            }),
+            _ => Ok(()),
+        };
         if self.store.has_blob(digest) {
             let bytes = self.store.read_blob(digest)?;
+            check_size(bytes.len())?;
             // The media type is recorded for roots and children; fall back to
             // the document's own field.
             let media_type = existing
                 .iter()
                 .find(|r| r.digest == digest)
                 .map(|r| r.media_type.clone())
-                .or_else(|| media_type_of(&bytes));
+                .or_else(|| crate::store::declared_media_type(&bytes));
             if let Some(mt) = media_type {
                 return Ok((bytes, mt));
             }
@@ -562,6 +683,7 @@ impl Engine {
             |e: &RegistryError, d| warn!(error = %e, delay = ?d, "Manifest fetch failed; retrying"),
         )
         .await?;
+        check_size(m.bytes.len())?;
         self.store.put_blob(&m.digest, &m.bytes)?;
         Ok((m.bytes.to_vec(), m.media_type))
     }
@@ -589,7 +711,7 @@ impl Engine {
             map.entry(blob.digest.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
-        if self.store.has_blob(&blob.digest) {
+        if self.present(blob)? {
             tracker.bytes_done.fetch_add(blob.size, Ordering::Relaxed);
             return Ok(None);
         }
@@ -700,6 +822,15 @@ impl Engine {
                 let mut stream = client
                     .get_blob(repository, &blob.digest, partial.offset())
                     .await?;
+                // A registry that announces another length cannot send the
+                // blob the manifest describes: fail now, not after retries.
+                if let Some(total) = stream.total.filter(|t| *t != blob.size) {
+                    return Err(TransferError::SizeMismatch {
+                        digest: blob.digest.clone(),
+                        expected: blob.size,
+                        actual: total,
+                    });
+                }
                 if stream.start != partial.offset() {
                     // The registry ignored Range and sends the whole blob.
                     debug!(digest = %blob.digest, "Registry ignored Range; restarting the blob");
@@ -791,12 +922,4 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 /// decision to give up.
 fn adjust_delay(retry_after: Option<Duration>, d: Option<Duration>) -> Option<Duration> {
     d.map(|d| retry_after.map_or(d, |r| r.min(MAX_RETRY_AFTER).max(d)))
-}
-
-fn media_type_of(bytes: &[u8]) -> Option<String> {
-    serde_json::from_slice::<serde_json::Value>(bytes)
-        .ok()?
-        .get("mediaType")?
-        .as_str()
-        .map(str::to_string)
 }

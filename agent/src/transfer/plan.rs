@@ -1,5 +1,7 @@
 //! Pure planning over manifests: which child manifests of an index match the
-//! requested platforms, and which blobs an image manifest needs. No I/O.
+//! requested platforms, which blobs an image manifest needs, and the whole
+//! tree of an image (indexes may nest, up to [`MAX_INDEX_DEPTH`]). No I/O:
+//! [`walk`] takes the manifests it descends into from a function.
 
 use imgfleet_common::registry::{
     DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, sha256_hex,
@@ -54,7 +56,36 @@ pub enum PlanError {
         /// What the index offers.
         available: Vec<String>,
     },
+    /// Indexes nested deeper than [`MAX_INDEX_DEPTH`].
+    #[error("index {digest} is nested {depth} levels deep; at most {MAX_INDEX_DEPTH} are accepted")]
+    TooDeep {
+        /// The index that is too deep.
+        digest: String,
+        /// Its depth (the root is 0).
+        depth: usize,
+    },
+    /// More manifests in one image than [`MAX_MANIFESTS`].
+    #[error("the image names more than {MAX_MANIFESTS} manifests")]
+    TooManyManifests,
+    /// A manifest whose length is not what the index that names it says.
+    #[error("manifest {digest} is {actual} bytes, but its index says {expected}")]
+    SizeMismatch {
+        /// The manifest.
+        digest: String,
+        /// The size in the index.
+        expected: u64,
+        /// Its length.
+        actual: u64,
+    },
 }
+
+/// How deep indexes may nest below the root: the root index is depth 0, an
+/// index it names depth 1, and so on. The image spec allows nesting and sets
+/// no limit; this one keeps a hostile registry from sending us down forever.
+pub const MAX_INDEX_DEPTH: usize = 4;
+
+/// The most manifests (indexes and image manifests) one image may consist of.
+pub const MAX_MANIFESTS: usize = 1024;
 
 /// Classifies a media type.
 pub fn kind_of(media_type: &str) -> Result<ManifestKind, PlanError> {
@@ -99,7 +130,32 @@ fn check_digest(d: &str) -> Result<(), PlanError> {
 }
 
 /// The children of an index that match `platforms` (all when empty).
+/// Nested indexes are always taken: their own children are chosen in turn.
+/// Fails when nothing matches at all.
 pub fn select_children(bytes: &[u8], platforms: &[String]) -> Result<Vec<ChildRef>, PlanError> {
+    let (chosen, available) = choose_children(bytes, platforms)?;
+    if chosen.is_empty() && !platforms.is_empty() {
+        return Err(PlanError::NoMatchingPlatform {
+            wanted: platforms.to_vec(),
+            available,
+        });
+    }
+    Ok(chosen)
+}
+
+/// Whether a child descriptor names an index (by its declared media type).
+pub fn is_index(child: &ChildRef) -> bool {
+    matches!(kind_of(&child.media_type), Ok(ManifestKind::Index))
+}
+
+/// The children of an index to take for `platforms`: every nested index and
+/// the image manifests whose platform matches (all when `platforms` is
+/// empty). Also returns the platforms the index offers, for a message when
+/// nothing matches.
+pub fn choose_children(
+    bytes: &[u8],
+    platforms: &[String],
+) -> Result<(Vec<ChildRef>, Vec<String>), PlanError> {
     let doc: Doc =
         serde_json::from_slice(bytes).map_err(|e| PlanError::Malformed(e.to_string()))?;
     let mut all = Vec::new();
@@ -118,25 +174,20 @@ pub fn select_children(bytes: &[u8], platforms: &[String]) -> Result<Vec<ChildRe
             platform,
         });
     }
+    let available: Vec<String> = all.iter().filter_map(|c| c.platform.clone()).collect();
     if platforms.is_empty() {
-        return Ok(all);
+        return Ok((all, available));
     }
     let chosen: Vec<ChildRef> = all
-        .iter()
+        .into_iter()
         .filter(|c| {
-            c.platform
-                .as_deref()
-                .is_some_and(|p| platforms.iter().any(|w| platform_matches(w, p)))
+            is_index(c)
+                || c.platform
+                    .as_deref()
+                    .is_some_and(|p| platforms.iter().any(|w| platform_matches(w, p)))
         })
-        .cloned()
         .collect();
-    if chosen.is_empty() {
-        return Err(PlanError::NoMatchingPlatform {
-            wanted: platforms.to_vec(),
-            available: all.into_iter().filter_map(|c| c.platform).collect(),
-        });
-    }
-    Ok(chosen)
+    Ok((chosen, available))
 }
 
 /// Whether a wanted `os/arch[/variant]` matches an index entry's platform. A
@@ -180,6 +231,109 @@ pub fn image_blobs(bytes: &[u8]) -> Result<Vec<BlobRef>, PlanError> {
         }
     }
     Ok(out)
+}
+
+/// One manifest of an image's tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// Its media type.
+    pub media_type: String,
+    /// Its length in bytes.
+    pub size: u64,
+}
+
+/// Everything an image consists of, as far as [`walk`] could see.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tree {
+    /// Every manifest, each once, children before the indexes that name
+    /// them; the root is last.
+    pub manifests: Vec<Node>,
+    /// The blobs of every image manifest, each once.
+    pub blobs: Vec<BlobRef>,
+    /// Children that `load` did not have.
+    pub missing: Vec<ChildRef>,
+}
+
+/// What [`walk`] reads children with: their bytes and media type, if held.
+pub type Loader<'a> = dyn FnMut(&ChildRef) -> Option<(Vec<u8>, String)> + 'a;
+
+/// Walks an image from its root manifest: the children `platforms` selects
+/// (all when empty), nested indexes up to [`MAX_INDEX_DEPTH`], and the blobs
+/// of every image manifest. `load` gives a child's bytes and media type, or
+/// `None` when it does not have the child (the walk goes on without it).
+pub fn walk(
+    root: Node,
+    root_bytes: &[u8],
+    platforms: &[String],
+    mut load: impl FnMut(&ChildRef) -> Option<(Vec<u8>, String)>,
+) -> Result<Tree, PlanError> {
+    let mut tree = Tree::default();
+    let mut seen = std::collections::HashSet::new();
+    seen.insert(root.digest.clone());
+    visit(
+        root, root_bytes, 0, platforms, &mut load, &mut tree, &mut seen,
+    )?;
+    Ok(tree)
+}
+
+fn visit(
+    node: Node,
+    bytes: &[u8],
+    depth: usize,
+    platforms: &[String],
+    load: &mut Loader<'_>,
+    tree: &mut Tree,
+    seen: &mut std::collections::HashSet<String>,
+) -> Result<(), PlanError> {
+    match kind_of(&node.media_type)? {
+        ManifestKind::Image => {
+            for b in image_blobs(bytes)? {
+                if !tree.blobs.iter().any(|x| x.digest == b.digest) {
+                    tree.blobs.push(b);
+                }
+            }
+        }
+        ManifestKind::Index => {
+            if depth > MAX_INDEX_DEPTH {
+                return Err(PlanError::TooDeep {
+                    digest: node.digest,
+                    depth,
+                });
+            }
+            let (children, _) = choose_children(bytes, platforms)?;
+            for child in children {
+                // The same manifest named twice (or by two indexes) is one node.
+                if !seen.insert(child.digest.clone()) {
+                    continue;
+                }
+                if seen.len() > MAX_MANIFESTS {
+                    return Err(PlanError::TooManyManifests);
+                }
+                let Some((child_bytes, media_type)) = load(&child) else {
+                    tree.missing.push(child);
+                    continue;
+                };
+                let size = child_bytes.len() as u64;
+                if size != child.size {
+                    return Err(PlanError::SizeMismatch {
+                        digest: child.digest,
+                        expected: child.size,
+                        actual: size,
+                    });
+                }
+                let node = Node {
+                    digest: child.digest.clone(),
+                    media_type,
+                    size,
+                };
+                visit(node, &child_bytes, depth + 1, platforms, load, tree, seen)?;
+            }
+        }
+    }
+    tree.manifests.push(node);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -258,6 +412,138 @@ mod tests {
         assert!(matches!(
             kind_of("application/vnd.docker.distribution.manifest.v1+prettyjws"),
             Err(PlanError::Unsupported(_))
+        ));
+    }
+
+    /// An index document naming `children` as (media type, digest, size, platform).
+    /// (media type, digest, size, platform) of one index entry.
+    type Entry<'a> = (&'a str, String, u64, Option<(&'a str, &'a str)>);
+
+    fn index(children: &[Entry<'_>]) -> Vec<u8> {
+        let manifests: Vec<serde_json::Value> = children
+            .iter()
+            .map(|(mt, d, size, p)| {
+                let mut v = serde_json::json!({"mediaType": mt, "digest": d, "size": size});
+                if let Some((os, arch)) = p {
+                    v["platform"] = serde_json::json!({"os": os, "architecture": arch});
+                }
+                v
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})).unwrap()
+    }
+
+    fn image(config: char, layer: char) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": d(config), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d(layer), "size": 3}]
+        }))
+        .unwrap()
+    }
+
+    fn digest_of(bytes: &[u8]) -> String {
+        imgfleet_common::registry::sha256_digest(bytes)
+    }
+
+    #[test]
+    fn walks_nested_indexes_children_first() {
+        let amd = image('1', '2');
+        let arm = image('3', '4');
+        let inner = index(&[
+            (
+                OCI_MANIFEST,
+                digest_of(&amd),
+                amd.len() as u64,
+                Some(("linux", "amd64")),
+            ),
+            (
+                OCI_MANIFEST,
+                digest_of(&arm),
+                arm.len() as u64,
+                Some(("linux", "arm64")),
+            ),
+        ]);
+        let outer = index(&[(OCI_INDEX, digest_of(&inner), inner.len() as u64, None)]);
+        let docs: std::collections::HashMap<String, Vec<u8>> = [&amd, &arm, &inner]
+            .into_iter()
+            .map(|b| (digest_of(b), b.clone()))
+            .collect();
+        let load = |c: &ChildRef| {
+            docs.get(&c.digest)
+                .map(|b| (b.clone(), c.media_type.clone()))
+        };
+        let root = Node {
+            digest: digest_of(&outer),
+            media_type: OCI_INDEX.into(),
+            size: outer.len() as u64,
+        };
+        let tree = walk(root.clone(), &outer, &[], load).unwrap();
+        let order: Vec<&str> = tree.manifests.iter().map(|n| n.digest.as_str()).collect();
+        assert_eq!(
+            order,
+            vec![
+                digest_of(&amd).as_str(),
+                digest_of(&arm).as_str(),
+                digest_of(&inner).as_str(),
+                root.digest.as_str()
+            ]
+        );
+        assert_eq!(tree.blobs.len(), 4);
+        // A platform filter applies inside the nested index.
+        let arm_only = walk(root.clone(), &outer, &["linux/arm64".into()], load).unwrap();
+        assert_eq!(arm_only.manifests.len(), 3);
+        assert_eq!(
+            arm_only
+                .blobs
+                .iter()
+                .map(|b| b.digest.clone())
+                .collect::<Vec<_>>(),
+            vec![d('3'), d('4')]
+        );
+        // What the loader lacks is listed, not fatal.
+        let partial = walk(root.clone(), &outer, &[], |c: &ChildRef| {
+            (c.digest != digest_of(&arm)).then(|| load(c)).flatten()
+        })
+        .unwrap();
+        assert_eq!(partial.missing.len(), 1);
+        // A manifest whose size is not what its index says is refused.
+        let lying = index(&[(OCI_MANIFEST, digest_of(&amd), amd.len() as u64 + 1, None)]);
+        let lying_root = Node {
+            digest: digest_of(&lying),
+            media_type: OCI_INDEX.into(),
+            size: lying.len() as u64,
+        };
+        assert!(matches!(
+            walk(lying_root, &lying, &[], load),
+            Err(PlanError::SizeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_indexes_nested_too_deep() {
+        // A chain of indexes, each naming the next, ending in an image.
+        let leaf = image('5', '6');
+        let mut docs = std::collections::HashMap::new();
+        docs.insert(digest_of(&leaf), leaf.clone());
+        let mut top = (OCI_MANIFEST, leaf.clone());
+        for _ in 0..=MAX_INDEX_DEPTH + 1 {
+            let next = index(&[(top.0, digest_of(&top.1), top.1.len() as u64, None)]);
+            docs.insert(digest_of(&next), next.clone());
+            top = (OCI_INDEX, next);
+        }
+        let load = |c: &ChildRef| {
+            docs.get(&c.digest)
+                .map(|b| (b.clone(), c.media_type.clone()))
+        };
+        let root = Node {
+            digest: digest_of(&top.1),
+            media_type: OCI_INDEX.into(),
+            size: top.1.len() as u64,
+        };
+        assert!(matches!(
+            walk(root, &top.1, &[], load),
+            Err(PlanError::TooDeep { .. })
         ));
     }
 }

@@ -61,16 +61,28 @@ impl Drop for Mirror {
 }
 
 pub async fn start_mirror(store: Arc<Store>) -> Mirror {
+    start_mirror_with(store, imgfleet_agent::mirror::Limits::default())
+        .await
+        .0
+}
+
+/// A mirror with chosen limits, and its counters.
+pub async fn start_mirror_with(
+    store: Arc<Store>,
+    limits: imgfleet_agent::mirror::Limits,
+) -> (Mirror, Arc<imgfleet_agent::mirror::Stats>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let stop = CancellationToken::new();
     let s = stop.clone();
+    let stats = Arc::new(imgfleet_agent::mirror::Stats::default());
+    let st = stats.clone();
     tokio::spawn(async move {
-        let _ = imgfleet_agent::mirror::serve(listener, store, s).await;
+        let _ = imgfleet_agent::mirror::serve_with_stats(listener, store, limits, st, s).await;
     });
-    Mirror { addr, stop }
+    (Mirror { addr, stop }, stats)
 }
 
 /// The path of a blob's data file in a distribution registry's storage.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 /// What went wrong talking to a registry.
 ///
-/// Retryable (see [`RegistryError::is_retryable`]): `Unreachable`,
+/// Retryable (see [`RegistryError::is_retryable`]): `Unreachable`, `Stalled`,
 /// `RateLimited` (after `retry_after` when given) and `Http` with a 5xx status
 /// or 408. Not retryable: `AuthFailed`, `NotFound`, `DigestMismatch`,
 /// `TooLarge`, `Malformed` and `Http` with any other status; retrying those
@@ -33,6 +33,18 @@ pub enum RegistryError {
         /// Registry host.
         registry: String,
         /// The transport error, flattened so that no URL with secrets leaks.
+        message: String,
+    },
+    /// A body arrived too slowly: fewer bytes than the minimum progress in a
+    /// whole window of waiting. The connection was dropped; a blob resumes
+    /// by Range from what arrived.
+    #[error("registry {registry}: {what} stalled: {message}")]
+    Stalled {
+        /// Registry host.
+        registry: String,
+        /// What was being received, e.g. `blob demo/app@sha256:..`.
+        what: String,
+        /// How little arrived in how long.
         message: String,
     },
     /// 429 Too Many Requests.
@@ -85,7 +97,9 @@ impl RegistryError {
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RegistryError::Unreachable { .. } | RegistryError::RateLimited { .. } => true,
+            RegistryError::Unreachable { .. }
+            | RegistryError::Stalled { .. }
+            | RegistryError::RateLimited { .. } => true,
             RegistryError::Http { status, .. } => *status >= 500 || *status == 408,
             _ => false,
         }

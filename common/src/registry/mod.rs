@@ -56,8 +56,116 @@ pub struct RegistryConfig {
     /// Give up on a connection attempt after this long (default 10 s).
     pub connect_timeout: Option<Duration>,
     /// Give up when no byte arrives for this long (default 30 s); this is what
-    /// turns a stalled edge link into a retryable error.
+    /// turns a dead edge link into a retryable error.
     pub read_timeout: Option<Duration>,
+    /// Give up on a body that trickles: see [`MinProgress`]. `None` (the
+    /// default) checks only `read_timeout`, which a body arriving at one byte
+    /// a second never trips.
+    pub min_progress: Option<MinProgress>,
+}
+
+/// The least progress a manifest or blob body must make: at least `bytes`
+/// in every `window` of time spent waiting on the network. Only time spent
+/// waiting for the next chunk counts, so a caller that reads slowly on
+/// purpose (a bandwidth limit, a slow disk) never trips it: its socket
+/// buffer is full and the next chunk is there at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinProgress {
+    /// How long a measuring window is.
+    pub window: Duration,
+    /// Bytes that must arrive within each window.
+    pub bytes: u64,
+}
+
+impl Default for MinProgress {
+    /// 16 KiB per 30 s: about 550 bytes/s, far below any usable link, far
+    /// above a stalled one.
+    fn default() -> Self {
+        MinProgress {
+            window: Duration::from_secs(30),
+            bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Measures a body against a [`MinProgress`].
+#[derive(Debug, Clone)]
+struct ProgressCheck {
+    rule: MinProgress,
+    /// Time spent waiting on the network in the current window.
+    waited: Duration,
+    /// Bytes received in the current window.
+    received: u64,
+}
+
+impl ProgressCheck {
+    fn new(rule: MinProgress) -> Self {
+        ProgressCheck {
+            rule,
+            waited: Duration::ZERO,
+            received: 0,
+        }
+    }
+
+    /// The longest the next wait may last before the window is judged.
+    fn budget(&self) -> Duration {
+        self.rule.window.saturating_sub(self.waited)
+    }
+
+    /// Counts a wait that ended (with `bytes`, 0 on a timeout). `Err` holds
+    /// the reason when the window closed with too little progress.
+    fn account(&mut self, waited: Duration, bytes: u64) -> Result<(), String> {
+        self.waited += waited;
+        self.received += bytes;
+        if self.waited < self.rule.window {
+            return Ok(());
+        }
+        let outcome = if self.received < self.rule.bytes {
+            Err(format!(
+                "{} bytes in {:?} of waiting, expected at least {}",
+                self.received, self.waited, self.rule.bytes
+            ))
+        } else {
+            Ok(())
+        };
+        self.waited = Duration::ZERO;
+        self.received = 0;
+        outcome
+    }
+}
+
+/// Receives the next chunk of a body, holding it to `check`.
+async fn next_chunk(
+    response: &mut reqwest::Response,
+    check: &mut Option<ProgressCheck>,
+    registry: &str,
+    what: &str,
+) -> Result<Option<Bytes>, RegistryError> {
+    let Some(check) = check else {
+        return response
+            .chunk()
+            .await
+            .map_err(|e| transport_error(registry, e));
+    };
+    let stalled = |message: String| RegistryError::Stalled {
+        registry: registry.to_string(),
+        what: what.to_string(),
+        message,
+    };
+    loop {
+        let started = Instant::now();
+        // `chunk` takes a frame only when one is ready, so abandoning it on
+        // the timeout loses nothing.
+        match tokio::time::timeout(check.budget(), response.chunk()).await {
+            Ok(result) => {
+                let chunk = result.map_err(|e| transport_error(registry, e))?;
+                let len = chunk.as_ref().map_or(0, |c| c.len() as u64);
+                check.account(started.elapsed(), len).map_err(stalled)?;
+                return Ok(chunk);
+            }
+            Err(_) => check.account(started.elapsed(), 0).map_err(stalled)?,
+        }
+    }
 }
 
 /// A manifest or index as fetched, with its verified digest.
@@ -91,17 +199,23 @@ pub struct BlobStream {
     /// The full size of the blob, when the registry said it.
     pub total: Option<u64>,
     registry: String,
+    what: String,
     response: reqwest::Response,
+    progress: Option<ProgressCheck>,
 }
 
 impl BlobStream {
     /// The next chunk of the body, `None` at its end. A broken connection is
-    /// `Unreachable` (retryable: resume from what was written).
+    /// `Unreachable` and a trickle below the client's [`MinProgress`] is
+    /// `Stalled`; both are retryable: resume from what was written.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, RegistryError> {
-        self.response
-            .chunk()
-            .await
-            .map_err(|e| transport_error(&self.registry, e))
+        next_chunk(
+            &mut self.response,
+            &mut self.progress,
+            &self.registry,
+            &self.what,
+        )
+        .await
     }
 }
 
@@ -171,6 +285,7 @@ pub struct RegistryClient {
     http: reqwest::Client,
     credentials: Option<Credentials>,
     auth: Mutex<AuthState>,
+    min_progress: Option<MinProgress>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -252,6 +367,7 @@ impl RegistryClient {
             http,
             credentials: config.credentials,
             auth: Mutex::new(AuthState::default()),
+            min_progress: config.min_progress,
         })
     }
 
@@ -330,11 +446,8 @@ impl RegistryClient {
         }
         let content_type = header_str(resp.headers(), "content-type").map(strip_params);
         let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| transport_error(&self.registry, e))?
-        {
+        let mut progress = self.min_progress.map(ProgressCheck::new);
+        while let Some(chunk) = next_chunk(&mut resp, &mut progress, &self.registry, &what).await? {
             if body.len() as u64 + chunk.len() as u64 > MAX_MANIFEST_BYTES {
                 return Err(RegistryError::TooLarge {
                     what,
@@ -425,7 +538,9 @@ impl RegistryClient {
             start,
             total,
             registry: self.registry.clone(),
+            what,
             response: resp,
+            progress: self.min_progress.map(ProgressCheck::new),
         })
     }
 
@@ -754,6 +869,38 @@ struct TokenResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_windows() {
+        let rule = MinProgress {
+            window: Duration::from_secs(10),
+            bytes: 100,
+        };
+        let s = Duration::from_secs;
+        // (wait, bytes) steps and whether each is judged a stall.
+        let check = |steps: &[(u64, u64, bool)]| {
+            let mut c = ProgressCheck::new(rule);
+            for (i, (wait, bytes, stalls)) in steps.iter().enumerate() {
+                assert_eq!(
+                    c.account(s(*wait), *bytes).is_err(),
+                    *stalls,
+                    "step {i} of {steps:?}"
+                );
+            }
+        };
+        // Enough within the window, twice over.
+        check(&[(4, 60, false), (6, 60, false), (10, 100, false)]);
+        // A trickle: one byte per second.
+        check(&[(1, 1, false), (1, 1, false), (8, 8, true)]);
+        // Silence judged at the end of the window.
+        check(&[(10, 0, true)]);
+        // A fresh window after a good one.
+        check(&[(10, 100, false), (9, 0, false), (1, 99, true)]);
+        let mut c = ProgressCheck::new(rule);
+        assert_eq!(c.budget(), s(10));
+        c.account(s(3), 0).unwrap();
+        assert_eq!(c.budget(), s(7));
+    }
 
     #[test]
     fn content_range() {

@@ -1,0 +1,105 @@
+//! Smoke test of the `mirror` suite: runs the debug `imgfleet-bench mirror`
+//! at a tiny scale (8 MiB image, 1 and 2 nodes, 50 non-reading clients, 20
+//! against the registry, one run) against the debug agent and the real docker-registry, and checks that
+//! every row is in the table with a positive median and the targets.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+/// Rows the table must hold (fragments of the Measurement column), and the
+/// target each is held to, if any.
+const ROWS: &[(&str, Option<&str>)] = &[
+    (
+        "1 node(s) pulling 8 MiB / 4 layers at once: imgfleet mirror",
+        None,
+    ),
+    (
+        "1 node(s) pulling 8 MiB / 4 layers at once: docker-registry |",
+        None,
+    ),
+    (
+        "1 node(s) pulling 8 MiB / 4 layers at once: mirror throughput",
+        None,
+    ),
+    (
+        "1 node(s) pulling 8 MiB / 4 layers at once: docker-registry ÷ mirror",
+        Some("≥ 1.00×"),
+    ),
+    (
+        "2 node(s) pulling 8 MiB / 4 layers at once: docker-registry ÷ mirror",
+        Some("≥ 1.20×"),
+    ),
+    ("mirror idle RSS before the clients", None),
+    (
+        "mirror RSS with 50 clients not reading a 2 MiB blob",
+        Some("≤ 100.0 MiB"),
+    ),
+    ("mirror peak RSS since start", None),
+    (
+        "mirror: slowest GET /v2/ of 10 beside 50 stuck clients",
+        Some("≤ 1000 ms"),
+    ),
+    ("docker-registry RSS with 20 clients not reading", None),
+    (
+        "docker-registry: slowest GET /v2/ of 10 beside 20 stuck clients",
+        None,
+    ),
+];
+
+/// The number at the start of a shown value (`1.234 s`, `1.72×`, `12.3 MiB`).
+fn leading_number(cell: &str) -> Option<f64> {
+    let end = cell
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(cell.len());
+    cell[..end].parse().ok()
+}
+
+#[test]
+fn mirror_suite_reports_every_row() {
+    let started = Instant::now();
+    let stdout = support::run_bench(
+        &[
+            "mirror",
+            "--size-mib",
+            "8",
+            "--nodes",
+            "1,2",
+            "--clients",
+            "50",
+            "--registry-clients",
+            "20",
+            "--settle-secs",
+            "1",
+            "--runs",
+            "1",
+        ],
+        "it needs the debug agent (cargo build --workspace --bins) and docker-registry",
+    );
+    for (row, target) in ROWS {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("| mirror |") && l.contains(row))
+            .unwrap_or_else(|| panic!("no row {row:?} in:\n{stdout}"));
+        // | suite | measurement | median | runs | target |
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let median = cells.get(3).copied().unwrap_or("");
+        let value = leading_number(median)
+            .unwrap_or_else(|| panic!("row {row:?}: median {median:?} is not a number"));
+        assert!(
+            value > 0.0,
+            "row {row:?}: median {median:?} is not positive"
+        );
+        if let Some(t) = target {
+            assert!(
+                cells.get(5).is_some_and(|c| c.starts_with(t)),
+                "row {row:?} is not held to {t}: {line}"
+            );
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "the smoke run took {:?}",
+        started.elapsed()
+    );
+}
