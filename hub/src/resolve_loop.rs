@@ -475,7 +475,15 @@ async fn lead_once(
     summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_logged = 0usize;
     loop {
-        schedule(objects, &cache, attempts, checks, &mut queue, &mut in_flight, &mut work);
+        schedule(
+            objects,
+            &cache,
+            attempts,
+            checks,
+            &mut queue,
+            &mut in_flight,
+            &mut work,
+        );
         let changed = tokio::select! {
             ev = secret_events.next() => apply_event(objects, &mut cache, Kind::RegistrySecret, ev)?,
             ev = repo_events.next() => apply_event(objects, &mut cache, Kind::Repository, ev)?,
