@@ -109,8 +109,15 @@ fn main() -> ExitCode {
     });
     let table = report.markdown(cli.common.runs);
     println!("\n{table}");
+    // The folder is created, so that a run right after `cargo clean` keeps its table.
+    let write = |path: &std::path::Path| {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, &table)
+    };
     if let Some(path) = &cli.common.out
-        && let Err(e) = std::fs::write(path, &table)
+        && let Err(e) = write(path)
     {
         eprintln!("error: writing {}: {e}", path.display());
         return ExitCode::FAILURE;

@@ -138,8 +138,11 @@ pub struct Readiness {
     store: Arc<dyn PolicyStore>,
     /// The last answer and when it was taken. The lock is held across a check,
     /// so concurrent probes wait for one check instead of starting their own.
-    last: Arc<tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>>,
+    last: Arc<tokio::sync::Mutex<Option<CheckedAt>>>,
 }
+
+/// One readiness answer and when it was taken; the error says why not ready.
+type CheckedAt = (Instant, Result<(), String>);
 
 impl std::fmt::Debug for Readiness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
