@@ -177,19 +177,12 @@ impl HubProcess {
 
     async fn run_to_exit(&mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
         let mut child = ChildGuard::spawn_with_log("hub", self.command(), self.log.clone())?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait() {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                return Ok((status, log));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(child.error_with_log(format!(
-                    "expected the hub to refuse to start, but it still runs after {timeout:?}"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let status = child
+            .wait_exit(timeout)
+            .await
+            .context("expected the hub to refuse to start")?;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        Ok((status, log))
     }
 
     fn command(&self) -> Command {
@@ -311,10 +304,29 @@ impl HubProcess {
         }
     }
 
+    /// Stops the hub as an operator does (SIGTERM) and waits until it has drained and
+    /// exited; fails unless it exits 0.
+    pub async fn stop(&mut self) -> Result<()> {
+        stop_child(self.child.take(), "the hub").await
+    }
+
     /// Kills the hub if it runs and starts it again on the same port and data dir.
     pub async fn restart(&mut self) -> Result<()> {
         self.kill();
         self.spawn().await
+    }
+}
+
+/// How long a hub or an agent may take to drain and exit on SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn stop_child(child: Option<ChildGuard>, what: &str) -> Result<()> {
+    let mut child = child.ok_or_else(|| anyhow!("{what} is not running"))?;
+    let status = child.terminate(STOP_TIMEOUT).await?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(child.error_with_log(format!("exited with {status} on SIGTERM")))
     }
 }
 
@@ -645,13 +657,19 @@ impl AgentProcess {
             .signal(signal)
     }
 
+    /// Stops the agent as an operator does (SIGTERM) and waits until it has exited; fails
+    /// unless it exits 0.
+    pub async fn stop(&mut self) -> Result<()> {
+        stop_child(self.child.take(), "the agent").await
+    }
+
     /// Kills the agent if it runs and starts it again with the same options and ports.
     pub async fn restart(&mut self) -> Result<()> {
         self.kill();
         self.spawn().await
     }
 
-    /// The HTTP status of `GET /v2/<repo>/manifests/<reference>` on the mirror.
+    /// The HTTP status of `HEAD /v2/<repo>/manifests/<reference>` on the mirror.
     pub async fn manifest_status(&self, repo: &str, reference: &str) -> Result<u16> {
         let url = format!(
             "http://{}/v2/{repo}/manifests/{reference}",
@@ -660,19 +678,39 @@ impl AgentProcess {
         Ok(self
             .http
             .head(&url)
-            .header(
-                "Accept",
-                "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
-                 application/vnd.docker.distribution.manifest.v2+json, \
-                 application/vnd.docker.distribution.manifest.list.v2+json",
-            )
+            .header("Accept", MANIFEST_ACCEPT)
             .send()
             .await
             .with_context(|| format!("HEAD {url}"))?
             .status()
             .as_u16())
     }
+
+    /// `GET /v2/<path>` on the mirror (a manifest or a blob, e.g.
+    /// `library/nginx/blobs/sha256:…`): the HTTP status and the body.
+    pub async fn mirror_get(&self, path: &str) -> Result<(u16, Vec<u8>)> {
+        let url = format!("http://{}/v2/{path}", self.mirror_addr());
+        let response = self
+            .http
+            .get(&url)
+            .header("Accept", MANIFEST_ACCEPT)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .bytes()
+            .await
+            .with_context(|| format!("read the body of GET {url}"))?;
+        Ok((status, body.to_vec()))
+    }
 }
+
+/// The manifest media types the harness accepts from a mirror: all it can hold.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.oci.image.index.v1+json, \
+     application/vnd.docker.distribution.manifest.v2+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Waits until `imgfleet get repository NAME -n NS -o json` shows
 /// `status.syncedClusters == want` and `status.targetClusters == want`.
