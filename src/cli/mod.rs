@@ -320,6 +320,22 @@ fn check_files(files: &[String]) -> anyhow::Result<(Vec<Object>, Vec<String>)> {
     Ok((objects, errors))
 }
 
+/// The objects of every file when all of them are valid; otherwise prints each problem
+/// and fails with nothing `done` (a verb that changes the hub does all or nothing).
+fn valid_objects(files: &[String], done: &str) -> anyhow::Result<Vec<Object>> {
+    let (objects, errors) = check_files(files)?;
+    if errors.is_empty() {
+        return Ok(objects);
+    }
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    bail!(
+        "nothing {done}: fix the {} problem(s) above first",
+        errors.len()
+    );
+}
+
 fn validate(files: &[String]) -> anyhow::Result<ExitCode> {
     let (objects, errors) = check_files(files)?;
     for object in &objects {
@@ -341,16 +357,7 @@ fn validate(files: &[String]) -> anyhow::Result<ExitCode> {
 }
 
 async fn apply(target: &hub::Target, files: &[String], dry_run: bool) -> anyhow::Result<ExitCode> {
-    let (mut objects, errors) = check_files(files)?;
-    if !errors.is_empty() {
-        for e in &errors {
-            eprintln!("{e}");
-        }
-        bail!(
-            "nothing applied: fix the {} problem(s) above first",
-            errors.len()
-        );
-    }
+    let mut objects = valid_objects(files, "applied")?;
     if objects.is_empty() {
         bail!("nothing to apply: the input holds no objects");
     }
@@ -509,17 +516,7 @@ async fn delete(
         };
         vec![(kind, namespace_for(kind, namespace), name)]
     } else {
-        let (objects, errors) = check_files(files)?;
-        if !errors.is_empty() {
-            for e in &errors {
-                eprintln!("{e}");
-            }
-            bail!(
-                "nothing deleted: fix the {} problem(s) above first",
-                errors.len()
-            );
-        }
-        let mut objects = objects;
+        let mut objects = valid_objects(files, "deleted")?;
         // Repositories before the RegistrySecrets they refer to.
         objects.sort_by_key(|o| std::cmp::Reverse(o.kind()));
         objects
