@@ -30,6 +30,8 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    crate::process::restartable!("etcd");
+
     /// Starts etcd on two free 127.0.0.1 ports (client and peer) with a fresh data dir, and
     /// waits until `GET /health` answers `{"health":"true"}` (at most 20 s).
     pub async fn start() -> Result<Etcd> {
@@ -138,25 +140,6 @@ impl Etcd {
     /// The log file of the current etcd process, if it runs.
     pub fn log_path(&self) -> Option<&Path> {
         self.child.as_ref().map(ChildGuard::log_path)
-    }
-
-    /// Kills etcd with SIGKILL (no graceful shutdown), keeping its data dir and ports.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill();
-        }
-    }
-
-    /// True while the etcd process runs.
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(ChildGuard::is_running)
-    }
-
-    /// Kills etcd if it runs, then starts it again on the same ports with the same data dir
-    /// and waits until healthy.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.kill();
-        self.spawn().await
     }
 
     async fn gateway(&self, path: &str, body: Value) -> Result<Value> {

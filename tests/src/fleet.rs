@@ -103,6 +103,8 @@ pub struct HubProcess {
 }
 
 impl HubProcess {
+    crate::process::restartable!("the hub", log);
+
     /// Starts the hub and waits until its admin bundle exists and `imgfleet get clusters`
     /// succeeds against it.
     pub async fn start(options: HubOptions) -> Result<HubProcess> {
@@ -186,17 +188,12 @@ impl HubProcess {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{}", self.metrics_port))
-            .arg("--data-dir")
-            .arg(&self.options.data_dir)
-            .env("RUST_LOG", "info");
-        if let Some(etcd) = &self.options.etcd {
-            cmd.arg("--etcd-endpoints").arg(etcd);
-        }
+        let mut cmd = hub_command(
+            &self.binary,
+            (self.port, self.metrics_port),
+            &self.options.data_dir,
+            self.options.etcd.as_deref(),
+        );
         if let Some(after) = self.options.offline_after {
             // The hub takes whole seconds (`30s`).
             cmd.arg("--offline-after")
@@ -256,11 +253,6 @@ impl HubProcess {
         &self.options.data_dir
     }
 
-    /// The process id while the hub runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(ChildGuard::pid)
-    }
-
     /// Whether `replica` (a `Cluster.status.hubReplica`, `<host>-<pid>[-<n>]`) names this
     /// hub process.
     pub fn is_replica(&self, replica: &str) -> bool {
@@ -282,39 +274,33 @@ impl HubProcess {
         }
     }
 
-    /// The hub's log (all its runs, appended).
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
-    /// The last `n` lines of the log.
-    pub fn log_tail(&self, n: usize) -> String {
-        crate::process::tail_file(&self.log, n)
-    }
-
-    /// True while the process runs.
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(ChildGuard::is_running)
-    }
-
-    /// SIGKILLs the hub. Idempotent.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill();
-        }
-    }
-
     /// Stops the hub as an operator does (SIGTERM) and waits until it has drained and
     /// exited; fails unless it exits 0.
     pub async fn stop(&mut self) -> Result<()> {
         stop_child(self.child.take(), "the hub").await
     }
+}
 
-    /// Kills the hub if it runs and starts it again on the same port and data dir.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.kill();
-        self.spawn().await
+/// The command line of one hub on 127.0.0.1 with its (gRPC, metrics) ports, its data
+/// dir and, when given, its etcd, logging at info: what every launcher of hubs shares.
+pub fn hub_command(
+    binary: &Path,
+    (port, metrics_port): (u16, u16),
+    data_dir: &Path,
+    etcd: Option<&str>,
+) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "info");
+    if let Some(etcd) = etcd {
+        cmd.arg("--etcd-endpoints").arg(etcd);
     }
+    cmd
 }
 
 /// How long a hub or an agent may take to drain and exit on SIGTERM.
@@ -555,6 +541,8 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
+    crate::process::restartable!("the agent", log);
+
     /// Starts the agent and waits until its mirror answers `GET /v2/`.
     pub async fn start(options: AgentOptions) -> Result<AgentProcess> {
         install_crypto_provider();
@@ -622,33 +610,6 @@ impl AgentProcess {
         &self.options.data_dir
     }
 
-    /// The process id while the agent runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(ChildGuard::pid)
-    }
-
-    /// The agent's log (all its runs, appended).
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
-    /// The last `n` lines of the log.
-    pub fn log_tail(&self, n: usize) -> String {
-        crate::process::tail_file(&self.log, n)
-    }
-
-    /// True while the process runs.
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(ChildGuard::is_running)
-    }
-
-    /// SIGKILLs the agent. Idempotent.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill();
-        }
-    }
-
     /// Sends `signal` to the agent (SIGSTOP to freeze it, SIGCONT to let it go on).
     pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
         self.child
@@ -661,12 +622,6 @@ impl AgentProcess {
     /// unless it exits 0.
     pub async fn stop(&mut self) -> Result<()> {
         stop_child(self.child.take(), "the agent").await
-    }
-
-    /// Kills the agent if it runs and starts it again with the same options and ports.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.kill();
-        self.spawn().await
     }
 
     /// The HTTP status of `HEAD /v2/<repo>/manifests/<reference>` on the mirror.
@@ -684,6 +639,32 @@ impl AgentProcess {
             .with_context(|| format!("HEAD {url}"))?
             .status()
             .as_u16())
+    }
+
+    /// The value of the metric `name` (a line `name value`) on the agent's `/metrics`, or
+    /// `None` when the agent does not report it.
+    pub async fn metric(&self, name: &str) -> Result<Option<f64>> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        let text = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .with_context(|| format!("GET {url}"))?
+            .text()
+            .await
+            .with_context(|| format!("read the body of GET {url}"))?;
+        text.lines()
+            .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .map(|value| {
+                value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("{name} {value:?} is not a number"))
+            })
+            .next()
+            .transpose()
     }
 
     /// `GET /v2/<path>` on the mirror (a manifest or a blob, e.g.

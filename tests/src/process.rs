@@ -369,6 +369,56 @@ impl ChildGuard {
     }
 }
 
+/// The methods every component with one process shares, written once: a component
+/// struct with a field `child: Option<ChildGuard>` (empty while it is down) and an
+/// `async fn spawn(&mut self) -> Result<()>` that starts it and waits until it is ready.
+/// `$what` names the component in the docs. With `log`, the struct also has a field
+/// `log: PathBuf`, the one log every run of the component appends to.
+macro_rules! restartable {
+    ($what:literal, log) => {
+        $crate::process::restartable!($what);
+
+        #[doc = concat!("The log of ", $what, " (all its runs, appended).")]
+        pub fn log_path(&self) -> &std::path::Path {
+            &self.log
+        }
+
+        /// The last `n` lines of the log.
+        pub fn log_tail(&self, n: usize) -> String {
+            $crate::process::tail_file(&self.log, n)
+        }
+    };
+    ($what:literal) => {
+        #[doc = concat!("SIGKILLs ", $what, " (no graceful shutdown), keeping its data dir, ports and log. Idempotent.")]
+        pub fn kill(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                child.kill();
+            }
+        }
+
+        #[doc = concat!("True while ", $what, " runs.")]
+        pub fn is_running(&mut self) -> bool {
+            self.child
+                .as_mut()
+                .is_some_and($crate::process::ChildGuard::is_running)
+        }
+
+        #[doc = concat!("The process id while ", $what, " runs.")]
+        pub fn pid(&self) -> Option<u32> {
+            self.child
+                .as_ref()
+                .and_then($crate::process::ChildGuard::pid)
+        }
+
+        #[doc = concat!("Kills ", $what, " if it runs and starts it again with the same options, ports and data, waiting until it is ready.")]
+        pub async fn restart(&mut self) -> anyhow::Result<()> {
+            self.kill();
+            self.spawn().await
+        }
+    };
+}
+pub(crate) use restartable;
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.kill();
