@@ -27,7 +27,7 @@ use imgfleet_tests::etcd::KeyValue;
 use imgfleet_tests::fleet::{
     AgentOptions, AgentProcess, Cli, HubOptions, HubProcess, wait_repository_synced,
 };
-use imgfleet_tests::images::{ImageSpec, Platform, PushTarget, sha256_digest};
+use imgfleet_tests::images::{ImageSpec, Platform, PushTarget, PushedImage, sha256_digest};
 use imgfleet_tests::{Etcd, Registry, RegistryOptions, free_port, wait_until};
 use serde_json::{Value, json};
 
@@ -45,41 +45,31 @@ const PASSWORD: &str = "Harbor12345";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_release_b9cd7a9_on_the_embedded_store() -> Result<()> {
-    upgrade("b9cd7a9", Store::Embedded).await
+    upgrade("b9cd7a9", EMBEDDED).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_release_b9cd7a9_on_etcd() -> Result<()> {
-    upgrade("b9cd7a9", Store::Etcd).await
+    upgrade("b9cd7a9", ETCD).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn main_998f18c_on_the_embedded_store() -> Result<()> {
-    upgrade("998f18c", Store::Embedded).await
+    upgrade("998f18c", EMBEDDED).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn main_998f18c_on_etcd() -> Result<()> {
-    upgrade("998f18c", Store::Etcd).await
+    upgrade("998f18c", ETCD).await
 }
 
-/// Which policy store a hub of the fixture ran on.
+/// Which policy store a hub of the fixture ran on: the fixture folder of that hub's data
+/// dir, also the key of its objects in `fixture.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Store {
-    Embedded,
-    Etcd,
-}
+struct Store(&'static str);
 
-impl Store {
-    /// The fixture folder holding that hub's data dir, and the key of its objects in
-    /// `fixture.json`.
-    fn name(self) -> &'static str {
-        match self {
-            Store::Embedded => "hub-embedded",
-            Store::Etcd => "hub-etcd",
-        }
-    }
-}
+const EMBEDDED: Store = Store("hub-embedded");
+const ETCD: Store = Store("hub-etcd");
 
 /// One fixture set: its folder and its `fixture.json` (what the old binaries showed).
 #[derive(Debug)]
@@ -115,9 +105,9 @@ impl Fixture {
 
     /// What `imgfleet get KIND -o json` listed on the old hub of `store`.
     fn objects(&self, store: Store, kind: &str) -> Result<&Vec<Value>> {
-        self.facts["objects"][store.name()][kind]
+        self.facts["objects"][store.0][kind]
             .as_array()
-            .with_context(|| format!("fixture.json: no objects.{}.{kind}", store.name()))
+            .with_context(|| format!("fixture.json: no objects.{}.{kind}", store.0))
     }
 
     /// The etcd dump of the hub on etcd.
@@ -152,20 +142,22 @@ async fn upgrade(commit: &str, store: Store) -> Result<()> {
 
     // The hub of today on a copy of the old hub's data dir (and etcd, loaded from the dump).
     let hub_dir = root.join("hub");
-    copy_data_dir(&fixture.dir.join(store.name()), &hub_dir)?;
+    copy_data_dir(&fixture.dir.join(store.0), &hub_dir)?;
     renew_leaves(&hub_dir)?;
     let ca = std::fs::read(hub_dir.join("pki/ca.pem")).context("the fixture's CA")?;
     let mut etcd = None;
-    let options = match store {
-        Store::Embedded => HubOptions::embedded(&hub_dir),
-        Store::Etcd => {
-            let started = etcd.insert(Etcd::start().await?);
-            started.load(&fixture.etcd_dump()?).await?;
-            HubOptions::etcd(&started.endpoint(), &hub_dir)
-        }
+    let options = if store == ETCD {
+        let started = etcd.insert(Etcd::start().await?);
+        started.load(&fixture.etcd_dump()?).await?;
+        HubOptions::etcd(&started.endpoint(), &hub_dir)
+    } else {
+        HubOptions::embedded(&hub_dir)
     };
     let hub = HubProcess::start(options).await.with_context(|| {
-        format!("the hub of today starting on the {commit} fixture's {store:?} store")
+        format!(
+            "the hub of today starting on the {commit} fixture's {}",
+            store.0
+        )
     })?;
     assert_eq!(
         std::fs::read(hub_dir.join("pki/ca.pem"))?,
@@ -177,7 +169,7 @@ async fn upgrade(commit: &str, store: Store) -> Result<()> {
     same_objects(&cli, &fixture, store).await?;
     described(&cli, &fixture).await?;
     password_opens(&cli).await?;
-    if store == Store::Embedded {
+    if store == EMBEDDED {
         agent_serves(&hub, &fixture, root).await?;
     }
     Ok(())
@@ -520,27 +512,18 @@ async fn write_fixture_set() -> Result<()> {
             .map(PathBuf::from)
             .with_context(|| format!("set {name} (see {FIXTURES}/README.md)"))
     };
-    let binaries = var("IMGFLEET_FIXTURE_BINARIES")?;
-    let out = var("IMGFLEET_FIXTURE_OUT")?;
-    let commit = std::env::var("IMGFLEET_FIXTURE_COMMIT").unwrap_or_default();
+    let writer = Writer {
+        binaries: var("IMGFLEET_FIXTURE_BINARIES")?,
+        out: var("IMGFLEET_FIXTURE_OUT")?,
+        work: tempfile::Builder::new()
+            .prefix("imgfleet-fixture-")
+            .tempdir()?,
+    };
     ensure!(
-        !out.exists(),
+        !writer.out.exists(),
         "{} exists: remove it first, a fixture set is written whole",
-        out.display()
+        writer.out.display()
     );
-    let work = tempfile::Builder::new()
-        .prefix("imgfleet-fixture-")
-        .tempdir()?;
-    let hub_options = |options: HubOptions| HubOptions {
-        binary: Some(binaries.join("imgfleet-hub")),
-        cli_binary: Some(binaries.join("imgfleet")),
-        ..options
-    };
-    let agent_options = |hub: &HubProcess, creds: PathBuf, data_dir: PathBuf| AgentOptions {
-        binary: Some(binaries.join("imgfleet-agent")),
-        ..AgentOptions::new(vec![hub.url()], creds, data_dir)
-    };
-
     let registry = Registry::start(RegistryOptions::plain().with_auth(USER, PASSWORD)).await?;
     let push = PushTarget::from(&registry);
     let first = push
@@ -555,73 +538,15 @@ async fn write_fixture_set() -> Result<()> {
         )
         .await?;
     let policy = policy(&registry.addr());
-
-    // The embedded store, with the agent whose data dir the fixture keeps. The tag moves
-    // once, so that the store holds two versions and GC remembers the older one.
-    let mut hub = HubProcess::start(hub_options(HubOptions::embedded(
-        out.join(Store::Embedded.name()),
-    )))
-    .await?;
-    let cli = hub.cli();
-    cli.apply_yaml(&policy).await?;
-    let creds = cli
-        .enroll(CLUSTER, CLUSTER_LABELS, TENANTS, &work.path().join("creds"))
-        .await?;
-    let mut agent = AgentProcess::start(agent_options(&hub, creds, out.join("agent"))).await?;
-    wait_repository_synced(&cli, "default", "nginx-latest", 1, CONVERGE).await?;
-    wait_repository_synced(&cli, "default", "multi", 1, CONVERGE).await?;
-    let latest = push
-        .push_image("library/nginx", "latest", &ImageSpec::random(&[3072], 1203))
-        .await?;
-    ensure!(first.manifest_digest != latest.manifest_digest);
-    wait_until("the moved tag resolved and synced", CONVERGE, || async {
-        let repo = cli.get_json(&["repository", "nginx-latest"]).await?;
-        Ok(
-            repo["status"]["resolved"][0]["digest"] == latest.manifest_digest.as_str()
-                && repo["status"]["syncedClusters"] == 1,
-        )
-    })
-    .await?;
-    wait_until("GC having run", CONVERGE, || async {
-        Ok(out.join("agent/gc-state.json").is_file())
-    })
-    .await?;
-    let embedded_objects = listed_objects(&cli).await?;
-    agent.stop().await?;
-    hub.stop().await?;
-
-    // etcd, with an agent of its own so that statuses and desired sets are stored too.
-    let etcd = Etcd::start().await?;
-    let mut hub = HubProcess::start(hub_options(HubOptions::etcd(
-        &etcd.endpoint(),
-        out.join(Store::Etcd.name()),
-    )))
-    .await?;
-    let cli = hub.cli();
-    cli.apply_yaml(&policy).await?;
-    let creds = cli
-        .enroll(
-            CLUSTER,
-            CLUSTER_LABELS,
-            TENANTS,
-            &work.path().join("creds-etcd"),
-        )
-        .await?;
-    let mut agent =
-        AgentProcess::start(agent_options(&hub, creds, work.path().join("agent-etcd"))).await?;
-    wait_repository_synced(&cli, "default", "nginx-latest", 1, CONVERGE).await?;
-    wait_repository_synced(&cli, "default", "multi", 1, CONVERGE).await?;
-    let etcd_objects = listed_objects(&cli).await?;
-    agent.stop().await?;
-    hub.stop().await?;
-    // A key bound to a lease (the resolver's leader) would outlive nothing: leave it out.
-    let dump: Vec<KeyValue> = etcd
-        .dump()
-        .await?
-        .into_iter()
-        .filter(|kv| kv.lease == 0)
-        .collect();
-    write_json(&out.join("etcd.json"), &dump_to_json(&dump)?)?;
+    let moved = || async {
+        let latest = push
+            .push_image("library/nginx", "latest", &ImageSpec::random(&[3072], 1203))
+            .await?;
+        ensure!(first.manifest_digest != latest.manifest_digest);
+        Ok(latest)
+    };
+    let (embedded, latest) = writer.embedded_store(&policy, moved).await?;
+    let etcd = writer.etcd_store(&policy).await?;
 
     let amd64 = &multi
         .manifests
@@ -630,7 +555,7 @@ async fn write_fixture_set() -> Result<()> {
         .context("the index has no linux/amd64 image")?
         .1;
     let facts = json!({
-        "commit": commit,
+        "commit": std::env::var("IMGFLEET_FIXTURE_COMMIT").unwrap_or_default(),
         "upstream": registry.addr(),
         "images": [
             {
@@ -650,13 +575,113 @@ async fn write_fixture_set() -> Result<()> {
                 "blobs": amd64.blob_digests(),
             },
         ],
-        "objects": {
-            Store::Embedded.name(): embedded_objects,
-            Store::Etcd.name(): etcd_objects,
-        },
+        "objects": { EMBEDDED.0: embedded, ETCD.0: etcd },
     });
-    write_json(&out.join("fixture.json"), &facts)?;
-    Ok(())
+    write_json(&writer.out.join("fixture.json"), &facts)
+}
+
+/// Runs the old binaries to write one fixture set.
+struct Writer {
+    /// `imgfleet`, `imgfleet-hub` and `imgfleet-agent` of the commit.
+    binaries: PathBuf,
+    /// The fixture set's folder.
+    out: PathBuf,
+    /// Credentials and the etcd hub's agent, which the fixture does not keep.
+    work: tempfile::TempDir,
+}
+
+impl Writer {
+    async fn hub(&self, options: HubOptions) -> Result<HubProcess> {
+        HubProcess::start(HubOptions {
+            binary: Some(self.binaries.join("imgfleet-hub")),
+            cli_binary: Some(self.binaries.join("imgfleet")),
+            ..options
+        })
+        .await
+    }
+
+    /// Applies the policy, enrolls the cluster and starts its agent on `data_dir`;
+    /// returns once both Repositories are synced.
+    async fn synced_agent(
+        &self,
+        hub: &HubProcess,
+        policy: &str,
+        data_dir: PathBuf,
+    ) -> Result<AgentProcess> {
+        let cli = hub.cli();
+        cli.apply_yaml(policy).await?;
+        let creds = self.work.path().join(format!("creds-{}", hub.port()));
+        let creds = cli.enroll(CLUSTER, CLUSTER_LABELS, TENANTS, &creds).await?;
+        let agent = AgentProcess::start(AgentOptions {
+            binary: Some(self.binaries.join("imgfleet-agent")),
+            ..AgentOptions::new(vec![hub.url()], creds, data_dir)
+        })
+        .await?;
+        wait_repository_synced(&cli, "default", "nginx-latest", 1, CONVERGE).await?;
+        wait_repository_synced(&cli, "default", "multi", 1, CONVERGE).await?;
+        Ok(agent)
+    }
+
+    /// The embedded store, with the agent whose data dir the fixture keeps. The tag moves
+    /// once (`move_tag` pushes another image to it), so that the store holds two versions
+    /// and GC remembers the older one. Returns what `get` listed and the moved-to image.
+    async fn embedded_store<F, Fut>(
+        &self,
+        policy: &str,
+        move_tag: F,
+    ) -> Result<(Value, PushedImage)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<PushedImage>>,
+    {
+        let mut hub = self
+            .hub(HubOptions::embedded(self.out.join(EMBEDDED.0)))
+            .await?;
+        let cli = hub.cli();
+        let agent_dir = self.out.join("agent");
+        let mut agent = self.synced_agent(&hub, policy, agent_dir.clone()).await?;
+        let latest = move_tag().await?;
+        wait_until("the moved tag resolved and synced", CONVERGE, || async {
+            let repo = cli.get_json(&["repository", "nginx-latest"]).await?;
+            Ok(
+                repo["status"]["resolved"][0]["digest"] == latest.manifest_digest.as_str()
+                    && repo["status"]["syncedClusters"] == 1,
+            )
+        })
+        .await?;
+        wait_until("GC having run", CONVERGE, || async {
+            Ok(agent_dir.join("gc-state.json").is_file())
+        })
+        .await?;
+        let objects = listed_objects(&cli).await?;
+        agent.stop().await?;
+        hub.stop().await?;
+        Ok((objects, latest))
+    }
+
+    /// A hub on etcd, with an agent of its own so that statuses and desired sets are
+    /// stored too; writes the dump and returns what `get` listed.
+    async fn etcd_store(&self, policy: &str) -> Result<Value> {
+        let etcd = Etcd::start().await?;
+        let mut hub = self
+            .hub(HubOptions::etcd(&etcd.endpoint(), self.out.join(ETCD.0)))
+            .await?;
+        let mut agent = self
+            .synced_agent(&hub, policy, self.work.path().join("agent-etcd"))
+            .await?;
+        let objects = listed_objects(&hub.cli()).await?;
+        agent.stop().await?;
+        hub.stop().await?;
+        // A key bound to a lease (the resolver's leader) would outlive nothing: leave it out.
+        let dump: Vec<KeyValue> = etcd
+            .dump()
+            .await?
+            .into_iter()
+            .filter(|kv| kv.lease == 0)
+            .collect();
+        write_json(&self.out.join("etcd.json"), &dump_to_json(&dump)?)?;
+        Ok(objects)
+    }
 }
 
 /// What `get KIND -A -o json` lists, for every kind the fixture holds.
