@@ -212,15 +212,10 @@ mod tests {
             ),
             (
                 "steady 1 MiB/s with the hub writing once a second and polls twice",
-                vec![
-                    (0.0, 0),
-                    (0.5, 0),
-                    (1.0, MIB),
-                    (1.5, MIB),
-                    (2.0, 2 * MIB),
-                    (2.5, 2 * MIB),
-                    (3.0, 3 * MIB),
-                ],
+                ramp(0, 3, 0, 1)
+                    .flat_map(|(t, bytes)| [(t, bytes), (t + 0.5, bytes)])
+                    .take(7)
+                    .collect(),
                 3.2,
                 10 * MIB,
                 "1.0 MiB/s ETA 7s",

@@ -163,14 +163,12 @@ fn alert_rules_are_not_an_imgfleet_object() {
 
 #[test]
 fn defaults_are_filled_in() {
+    // Flow style, as short objects are often written.
     let text = "\
 apiVersion: image.theriseunion.io/v1alpha1
 kind: RegistrySecret
-metadata:
-  name: anon
-spec:
-  domain: 127.0.0.1:5000
-  insecure: true
+metadata: {name: anon}
+spec: {domain: 127.0.0.1:5000, insecure: true}
 ";
     let objects = parse_documents(text).expect("valid");
     assert_eq!(objects[0].namespace(), Some("default"));
@@ -712,22 +710,15 @@ fn yaml_model_wire_model_round_trips() {
     let with_status = "\
 apiVersion: image.theriseunion.io/v1alpha1
 kind: Repository
-metadata:
-  name: app
-  namespace: team-a
-  labels:
-    tier: edge
-  resourceVersion: \"42\"
-  generation: 3
-  uid: 0b6c-11
-  creationTimestamp: 2026-01-08T10:00:00Z
+metadata: {name: web, namespace: team-b, labels: {tier: edge}, resourceVersion: \"42\",
+  generation: 3, uid: 0b6c-11, creationTimestamp: 2026-01-08T10:00:00Z}
 spec:
-  repository: team-a/app
+  repository: team-b/web
   tags: [v1, v2]
   platforms: [linux/amd64]
   registryRef:
     name: harbor
-    namespace: team-a
+    namespace: team-b
   syncInterval: 30m
   placement:
     clusterSelector:
