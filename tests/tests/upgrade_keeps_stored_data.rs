@@ -19,7 +19,9 @@
 //! `write_fixture_set` (ignored) is how the fixtures were made; the README says how to
 //! run it against the binaries of a commit.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -119,22 +121,30 @@ impl Fixture {
     }
 }
 
-/// Fails unless nothing answers at the fixture's upstream address: the test is about data
-/// that must serve without it.
-fn assert_upstream_absent(upstream: &str) -> Result<()> {
-    let addr: std::net::SocketAddr = upstream.parse().context("upstream address")?;
-    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-        Ok(_) => bail!(
-            "something listens on {upstream}, the fixture's upstream registry; this test needs \
-             it absent (another process took the port: run the test again)"
-        ),
-        Err(_) => Ok(()),
+/// Keeps the fixture's upstream address absent while this test binary runs: its port is
+/// bound without listening, so connections to it are refused, and no other process
+/// (another test's registry) can take it meanwhile. The tests of one fixture share it.
+fn hold_upstream_absent(upstream: &str) -> Result<()> {
+    static HELD: Mutex<BTreeMap<String, tokio::net::TcpSocket>> = Mutex::new(BTreeMap::new());
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    if held.contains_key(upstream) {
+        return Ok(());
     }
+    let addr: std::net::SocketAddr = upstream.parse().context("upstream address")?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(addr).with_context(|| {
+        format!(
+            "another process uses {upstream}, the fixture's upstream registry; this test \
+             needs it absent (run it again)"
+        )
+    })?;
+    held.insert(upstream.to_owned(), socket);
+    Ok(())
 }
 
 async fn upgrade(commit: &str, store: Store) -> Result<()> {
     let fixture = Fixture::open(commit)?;
-    assert_upstream_absent(fixture.upstream()?)?;
+    hold_upstream_absent(fixture.upstream()?)?;
     let dir = tempfile::Builder::new()
         .prefix(&format!("imgfleet-upgrade-{commit}-"))
         .tempdir()?;
