@@ -12,7 +12,6 @@
 mod agent;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -24,6 +23,7 @@ use imgfleet::api::v1 as pb;
 use imgfleet::api::v1::admin_service_client::AdminServiceClient;
 use imgfleet_common::pki::CertificateAuthority;
 use imgfleet_common::tls::TlsMaterial;
+use imgfleet_tests::fleet::hub_command;
 use imgfleet_tests::images::{ImageSpec, push_image};
 use imgfleet_tests::{ChildGuard, Etcd, Registry, RegistryOptions, free_port, log_file};
 use tokio::task::JoinSet;
@@ -781,17 +781,12 @@ impl Hub {
     fn spawn(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.data_dir)
             .with_context(|| format!("creating {}", self.data_dir.display()))?;
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{}", self.metrics_port))
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .env("RUST_LOG", "info");
-        if let Some(etcd) = &self.etcd {
-            cmd.arg("--etcd-endpoints").arg(etcd);
-        }
+        let cmd = hub_command(
+            &self.binary,
+            (self.port, self.metrics_port),
+            &self.data_dir,
+            self.etcd.as_deref(),
+        );
         self.log_start = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
         self.child = Some(ChildGuard::spawn_with_log("hub", cmd, self.log.clone())?);
         Ok(())
@@ -800,27 +795,23 @@ impl Hub {
     /// Waits until this hub process logged that it leads the tag resolver
     /// (so that it resolves policy changes at once).
     async fn wait_leader(&mut self) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            let text = std::fs::read(&self.log).unwrap_or_default();
-            let since = text
-                .get(usize::try_from(self.log_start).unwrap_or(0)..)
-                .unwrap_or(&[]);
-            let since = String::from_utf8_lossy(since);
-            if since.contains("Became the tag resolver leader")
-                || since.contains("Leading the tag resolver")
-            {
-                return Ok(());
-            }
-            self.check()?;
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!(
-                    "the hub did not become the tag resolver leader within 60 s; see {}",
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (log, log_start) = (self.log.clone(), self.log_start);
+        let child = self.child.as_mut().context("the hub is not running")?;
+        child
+            .wait_ready(
+                "leading the tag resolver",
+                Duration::from_secs(60),
+                || async {
+                    let text = std::fs::read(&log).unwrap_or_default();
+                    let since = text
+                        .get(usize::try_from(log_start).unwrap_or(0)..)
+                        .unwrap_or(&[]);
+                    let since = String::from_utf8_lossy(since);
+                    Ok(since.contains("Became the tag resolver leader")
+                        || since.contains("Leading the tag resolver"))
+                },
+            )
+            .await
     }
 
     /// Waits until the admin bundle exists and the admin API answers; returns a client.

@@ -17,7 +17,7 @@ use imgfleet_tests::fleet::{
     AgentOptions, AgentProcess, Cli, HubOptions, HubProcess, wait_repository_synced,
 };
 use imgfleet_tests::images::{ImageSpec, PushTarget};
-use imgfleet_tests::{ChildGuard, Registry, RegistryOptions, free_port, log_file};
+use imgfleet_tests::{ChildGuard, Registry, RegistryOptions, free_port, log_file, policy};
 
 use crate::Common;
 use crate::report::{
@@ -118,8 +118,14 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
         eprintln!("[{SUITE}] run {}/{}", i + 1, common.runs);
         let dir = work.path().join(format!("run-{i}"));
         let mut figures = RunFigures::default();
-        daemon_run(&bins, &registry, &dir, settle, &mut figures).await?;
-        standalone_run(&bins, &registry, &dir, settle, &mut figures).await?;
+        let run = RunContext {
+            bins: &bins,
+            registry: &registry,
+            dir: &dir,
+            settle,
+        };
+        daemon_run(&run, &mut figures).await?;
+        standalone_run(&run, &mut figures).await?;
         runs.push(figures);
     }
 
@@ -228,39 +234,19 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
     Ok(())
 }
 
-/// A RegistrySecret for the harness registry (anonymous, plain HTTP).
+/// The anonymous RegistrySecret `bench` for the harness registry at `domain`.
 fn registry_secret(domain: &str) -> String {
-    format!(
-        r#"apiVersion: image.theriseunion.io/v1alpha1
-kind: RegistrySecret
-metadata:
-  name: bench
-  namespace: default
-spec:
-  domain: "{domain}"
-  insecure: true
-"#
-    )
+    policy::registry_secret("bench", domain, None)
 }
 
-/// A Repository of `repo:v1` placed on the bench cluster.
+/// A Repository of `repo:v1` through `bench`, placed on the bench cluster.
 fn repository(name: &str, repo: &str) -> String {
-    format!(
-        r#"apiVersion: image.theriseunion.io/v1alpha1
-kind: Repository
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  repository: "{repo}"
-  tag: "v1"
-  registryRef:
-    name: bench
-    namespace: "default"
-  syncInterval: "1h"
-  placement:
-    clusters: [{CLUSTER}]
-"#
+    policy::repository(
+        name,
+        repo,
+        "v1",
+        "bench",
+        &format!("  syncInterval: \"1h\"\n  placement: {{clusters: [{CLUSTER}]}}\n"),
     )
 }
 
@@ -347,19 +333,23 @@ async fn sample_while<F: std::future::Future<Output = Result<()>>>(
     Ok((max_rss, hwm))
 }
 
+/// What both halves of one run use: the binaries, the upstream registry, the run's
+/// folder and how long to let a process settle before reading its memory.
+#[derive(Clone, Copy)]
+struct RunContext<'a> {
+    bins: &'a Binaries,
+    registry: &'a Registry,
+    dir: &'a Path,
+    settle: Duration,
+}
+
 /// Hub + daemon: idle RSS with the small image synced, then the large image
 /// synced through the hub, then idle again.
-async fn daemon_run(
-    bins: &Binaries,
-    registry: &Registry,
-    dir: &Path,
-    settle: Duration,
-    out: &mut RunFigures,
-) -> Result<()> {
+async fn daemon_run(run: &RunContext<'_>, out: &mut RunFigures) -> Result<()> {
     let hub = HubProcess::start(HubOptions {
-        binary: Some(bins.hub.clone()),
-        cli_binary: Some(bins.cli.clone()),
-        ..HubOptions::embedded(dir.join("hub"))
+        binary: Some(run.bins.hub.clone()),
+        cli_binary: Some(run.bins.cli.clone()),
+        ..HubOptions::embedded(run.dir.join("hub"))
     })
     .await
     .context("starting the release imgfleet-hub")?;
@@ -369,19 +359,19 @@ async fn daemon_run(
             CLUSTER,
             &[("role", "bench")],
             &["default"],
-            &dir.join("creds"),
+            &run.dir.join("creds"),
         )
         .await?;
     let agent = AgentProcess::start(AgentOptions {
-        binary: Some(bins.agent.clone()),
-        ..AgentOptions::new(vec![hub.url()], creds, dir.join("agent"))
+        binary: Some(run.bins.agent.clone()),
+        ..AgentOptions::new(vec![hub.url()], creds, run.dir.join("agent"))
     })
     .await
     .context("starting the release imgfleet-agent daemon")?;
     let pid = agent.pid().context("the agent daemon has no pid")?;
 
     let policy = [
-        registry_secret(&registry.addr()),
+        registry_secret(&run.registry.addr()),
         repository("small", "bench/small"),
     ]
     .join("---\n");
@@ -391,9 +381,9 @@ async fn daemon_run(
         .with_context(|| format!("agent log:\n{}", agent.log_tail(30)))?;
     eprintln!(
         "[{SUITE}] daemon synced bench/small:v1 and acked it; idling {} s",
-        settle.as_secs()
+        run.settle.as_secs()
     );
-    tokio::time::sleep(settle).await;
+    tokio::time::sleep(run.settle).await;
     let (rss, _, anon, threads) = proc_figures(pid)?;
     eprintln!(
         "[{SUITE}] daemon idle: VmRSS {:.1} MiB, RssAnon {:.1} MiB, {threads} threads; largest mappings: {}",
@@ -415,19 +405,14 @@ async fn daemon_run(
     })
     .await
     .with_context(|| format!("agent log:\n{}", agent.log_tail(30)))?;
-    eprintln!(
-        "[{SUITE}] daemon synced bench/big:v1 in {:.1} s: VmHWM {:.1} MiB, max VmRSS {:.1} MiB",
-        started.elapsed().as_secs_f64(),
-        hwm / 1048576.0,
-        max_rss / 1048576.0
-    );
+    print_sync_memory("daemon synced bench/big:v1", started, hwm, max_rss);
     out.daemon_sync_hwm = hwm;
     out.daemon_sync_max_rss = max_rss;
-    tokio::time::sleep(settle).await;
+    tokio::time::sleep(run.settle).await;
     out.daemon_after_sync_rss = rss_bytes(pid)? as f64;
     eprintln!(
         "[{SUITE}] daemon {} s after the sync: VmRSS {:.1} MiB",
-        settle.as_secs(),
+        run.settle.as_secs(),
         out.daemon_after_sync_rss / 1048576.0
     );
     Ok(())
@@ -435,22 +420,16 @@ async fn daemon_run(
 
 /// `imgfleet-agent sync` of the large image into a fresh store, then
 /// `imgfleet-agent serve` of that store, idle.
-async fn standalone_run(
-    bins: &Binaries,
-    registry: &Registry,
-    dir: &Path,
-    settle: Duration,
-    out: &mut RunFigures,
-) -> Result<()> {
-    let data = dir.join("standalone");
-    let yaml = dir.join("standalone.yaml");
-    let mut text = registry_secret(&registry.addr());
+async fn standalone_run(run: &RunContext<'_>, out: &mut RunFigures) -> Result<()> {
+    let data = run.dir.join("standalone");
+    let yaml = run.dir.join("standalone.yaml");
+    let mut text = registry_secret(&run.registry.addr());
     text.push_str("---\n");
     text.push_str(&repository("big", "bench/big"));
     std::fs::write(&yaml, text).with_context(|| format!("writing {}", yaml.display()))?;
 
     eprintln!("[{SUITE}] imgfleet-agent sync of bench/big:v1");
-    let mut cmd = Command::new(&bins.agent);
+    let mut cmd = Command::new(&run.bins.agent);
     cmd.arg("sync")
         .arg("--from")
         .arg(&yaml)
@@ -481,17 +460,12 @@ async fn standalone_run(
     if hwm == 0.0 {
         bail!("imgfleet-agent sync ended before its memory could be read");
     }
-    eprintln!(
-        "[{SUITE}] sync done in {:.1} s: VmHWM {:.1} MiB, max VmRSS {:.1} MiB",
-        started.elapsed().as_secs_f64(),
-        hwm / 1048576.0,
-        max_rss / 1048576.0
-    );
+    print_sync_memory("sync done", started, hwm, max_rss);
     out.sync_hwm = hwm;
     out.sync_max_rss = max_rss;
 
     let port = free_port();
-    let mut cmd = Command::new(&bins.agent);
+    let mut cmd = Command::new(&run.bins.agent);
     cmd.arg("serve")
         .arg("--data-dir")
         .arg(&data)
@@ -518,7 +492,7 @@ async fn standalone_run(
     if !status.is_success() {
         return Err(serve.error_with_log(format!("GET {url}: {status}")));
     }
-    tokio::time::sleep(settle).await;
+    tokio::time::sleep(run.settle).await;
     let serve_pid = serve.pid().context("imgfleet-agent serve has no pid")?;
     out.serve_idle_rss = rss_bytes(serve_pid)? as f64;
     eprintln!(
@@ -534,4 +508,14 @@ fn reqwest_client() -> Result<reqwest::Client> {
         .no_proxy()
         .build()
         .context("building the HTTP client")
+}
+
+/// Says on stderr how long a sync took and the memory it peaked at (bytes).
+fn print_sync_memory(what: &str, started: Instant, hwm: f64, max_rss: f64) {
+    eprintln!(
+        "[{SUITE}] {what} in {:.1} s: VmHWM {:.1} MiB, max VmRSS {:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        hwm / 1048576.0,
+        max_rss / 1048576.0
+    );
 }

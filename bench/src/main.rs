@@ -18,6 +18,7 @@
 mod control;
 mod fanout;
 mod footprint;
+mod image;
 mod mirror;
 mod report;
 mod transfer;

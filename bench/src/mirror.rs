@@ -37,6 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::Common;
+use crate::image::ImageSize;
 use crate::report::{Report, Target, Unit, peak_rss_bytes, rss_bytes, sibling_binary};
 
 const SUITE: &str = "mirror";
@@ -50,12 +51,9 @@ const STUCK_RCVBUF: u32 = 64 * 1024;
 /// Options of the `mirror` suite.
 #[derive(Args, Debug, Clone)]
 pub struct Options {
-    /// Size of the image in MiB, split evenly over --layers layers.
-    #[arg(long, default_value_t = 256)]
-    pub size_mib: u64,
-    /// Layers of the image.
-    #[arg(long, default_value_t = 4)]
-    pub layers: u64,
+    /// The large image.
+    #[command(flatten)]
+    pub image: ImageSize,
     /// Node counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub nodes: Vec<usize>,
@@ -77,8 +75,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            size_mib: 256,
-            layers: 4,
+            image: ImageSize::default(),
             nodes: vec![1, 8],
             clients: 1000,
             registry_clients: 100,
@@ -122,10 +119,7 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
     let registry = Registry::start(RegistryOptions::plain())
         .await
         .context("starting docker-registry")?;
-    let total = options.size_mib * MIB;
-    let sizes: Vec<u64> = (0..options.layers)
-        .map(|i| total / options.layers + u64::from(i < total % options.layers))
-        .collect();
+    let sizes = options.image.layer_sizes();
     let image = push_image(&registry, REPO, "v1", &ImageSpec::random(&sizes, 7000))
         .await
         .context("pushing the image")?;
@@ -201,7 +195,7 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
         }
         let name = format!(
             "{nodes} node(s) pulling {} MiB / {} layers at once",
-            options.size_mib, options.layers
+            options.image.size_mib, options.image.layers
         );
         report.add(
             SUITE,
@@ -322,13 +316,7 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
 }
 
 fn check_options(o: &Options) -> Result<()> {
-    if o.layers == 0 || o.size_mib < o.layers {
-        bail!(
-            "mirror --size-mib {} --layers {}: expected at least one layer and 1 MiB per layer",
-            o.size_mib,
-            o.layers
-        );
-    }
+    o.image.check(SUITE)?;
     if o.nodes.is_empty() || o.nodes.contains(&0) {
         bail!("mirror --nodes: expected node counts of at least 1, like 1,8");
     }

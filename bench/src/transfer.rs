@@ -32,6 +32,7 @@ use imgfleet_tests::images::{ImageSpec, LayerSpec, PushedImage, push_image, push
 use imgfleet_tests::registry::{Registry, RegistryOptions};
 
 use crate::Common;
+use crate::image::ImageSize;
 use crate::report::{Report, Target, Unit, sibling_binary};
 
 const SUITE: &str = "transfer";
@@ -42,12 +43,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(900);
 /// Options of the `transfer` suite.
 #[derive(Args, Debug, Clone)]
 pub struct Options {
-    /// Size of the large image in MiB (split evenly over --layers layers).
-    #[arg(long, default_value_t = 256)]
-    pub size_mib: u64,
-    /// Layers of the large image.
-    #[arg(long, default_value_t = 4)]
-    pub layers: u64,
+    /// The large image.
+    #[command(flatten)]
+    pub image: ImageSize,
     /// Number of small images sharing one base layer.
     #[arg(long, default_value_t = 50)]
     pub images: u64,
@@ -70,8 +68,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            size_mib: 256,
-            layers: 4,
+            image: ImageSize::default(),
             images: 50,
             base_mib: 20,
             index_mib: 64,
@@ -171,13 +168,16 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
         let step = |what: &str| progress(&format!("run {run}/{}: {what}", common.runs));
         let dir = work.join(format!("run-{run}"));
 
-        step(&format!("{} MiB image: agent sync", options.size_mib));
+        step(&format!("{} MiB image: agent sync", options.image.size_mib));
         let store = dir.join("big-agent");
         let a = tools
             .timed("agent sync", tools.agent_sync(&files.big, &store))
             .await?;
         remove(&store)?;
-        step(&format!("{} MiB image: skopeo copy", options.size_mib));
+        step(&format!(
+            "{} MiB image: skopeo copy",
+            options.image.size_mib
+        ));
         let oci = dir.join("big-skopeo");
         let s = tools
             .timed(
@@ -288,7 +288,10 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
         remove(&dir)?;
     }
 
-    let big_name = format!("{} MiB / {} layers", options.size_mib, options.layers);
+    let big_name = format!(
+        "{} MiB / {} layers",
+        options.image.size_mib, options.image.layers
+    );
     let big_mib = data.big.total_size as f64 / MIB as f64;
     compare(report, &big_name, "skopeo copy", &big, 1.5);
     report.add(
@@ -379,8 +382,8 @@ pub async fn run(common: &Common, options: &Options, report: &mut Report) -> Res
 
 fn check_options(o: &Options) -> Result<()> {
     let positive = [
-        ("--size-mib", o.size_mib),
-        ("--layers", o.layers),
+        ("--size-mib", o.image.size_mib),
+        ("--layers", o.image.layers),
         ("--images", o.images),
         ("--base-mib", o.base_mib),
         ("--index-mib", o.index_mib),
@@ -446,14 +449,11 @@ struct Data {
 }
 
 async fn push_data(reg: &Registry, o: &Options) -> Result<Data> {
-    let total = o.size_mib * MIB;
     progress(&format!(
         "pushing a {} MiB image of {} layers",
-        o.size_mib, o.layers
+        o.image.size_mib, o.image.layers
     ));
-    let sizes: Vec<u64> = (0..o.layers)
-        .map(|i| total / o.layers + u64::from(i < total % o.layers))
-        .collect();
+    let sizes = o.image.layer_sizes();
     let big = push_image(reg, "bench/big", "v1", &ImageSpec::random(&sizes, 1000))
         .await
         .context("pushing the large image")?;

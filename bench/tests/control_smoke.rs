@@ -17,32 +17,12 @@ const ROWS: [&str; 6] = [
 #[test]
 fn control_suite_reports_every_row() {
     let stdout = support::run_bench(
-        &[
-            "control",
-            "--repos",
-            "60",
-            "--first",
-            "20",
-            "--warmup-secs",
-            "1",
-            "--idle-secs",
-            "2",
-            "--runs",
-            "1",
-        ],
+        "control --repos 60 --first 20 --warmup-secs 1 --idle-secs 2 --runs 1",
         "it needs the debug hub and CLI: cargo build --workspace --bins",
     );
     for row in ROWS {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with("| control |") && l.contains(row))
-            .unwrap_or_else(|| panic!("no row {row:?} in:\n{stdout}"));
-        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-        let median = cells.get(3).copied().unwrap_or("");
-        let number: f64 = median
-            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .next()
-            .and_then(|n| n.parse().ok())
+        let median = support::median(&stdout, "control", row);
+        let number = support::leading_number(median)
             .unwrap_or_else(|| panic!("row {row:?}: median {median:?} is not a number"));
         // CPU may read 0 over two seconds on an idle hub; the rest must be positive.
         assert!(

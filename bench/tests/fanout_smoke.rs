@@ -36,17 +36,7 @@ fn fanout_suite_runs_at_small_scale() {
     );
     let started = Instant::now();
     let stdout = support::run_bench(
-        &[
-            "fanout",
-            "--agents",
-            "20",
-            "--store",
-            "both",
-            "--runs",
-            "1",
-            "--idle-secs",
-            "2",
-        ],
+        "fanout --agents 20 --store both --runs 1 --idle-secs 2",
         "see the hub's log under target/test-logs/",
     );
     for store in ["embedded", "etcd"] {

@@ -38,31 +38,17 @@ fn parse_value(text: &str) -> Option<f64> {
 fn footprint_suite_reports_every_row() {
     let started = Instant::now();
     let stdout = support::run_bench(
-        &[
-            "footprint",
-            "--size-mib",
-            "8",
-            "--settle-secs",
-            "2",
-            "--runs",
-            "1",
-        ],
+        "footprint --size-mib 8 --settle-secs 2 --runs 1",
         "it needs the debug hub, agent and CLI: cargo build --workspace --bins",
     );
+    // Every row's median is a positive size or count.
     for row in ROWS {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with("| footprint |") && l.contains(row))
-            .unwrap_or_else(|| panic!("no row {row:?} in:\n{stdout}"));
-        // | suite | measurement | median | runs | target |
-        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-        let median = cells.get(3).copied().unwrap_or("");
-        let value = parse_value(median)
-            .unwrap_or_else(|| panic!("row {row:?}: median {median:?} is not a number"));
-        assert!(
-            value > 0.0,
-            "row {row:?}: median {median:?} is not positive"
-        );
+        let median = support::median(&stdout, "footprint", row);
+        match parse_value(median) {
+            Some(value) if value > 0.0 => {}
+            Some(_) => panic!("row {row:?}: median {median:?} is not positive"),
+            None => panic!("row {row:?}: median {median:?} is not a number"),
+        }
     }
     // The idle RSS row is held to the target.
     let idle = stdout

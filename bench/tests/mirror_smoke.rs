@@ -47,44 +47,17 @@ const ROWS: &[(&str, Option<&str>)] = &[
     ),
 ];
 
-/// The number at the start of a shown value (`1.234 s`, `1.72×`, `12.3 MiB`).
-fn leading_number(cell: &str) -> Option<f64> {
-    let end = cell
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(cell.len());
-    cell[..end].parse().ok()
-}
-
 #[test]
 fn mirror_suite_reports_every_row() {
     let started = Instant::now();
     let stdout = support::run_bench(
-        &[
-            "mirror",
-            "--size-mib",
-            "8",
-            "--nodes",
-            "1,2",
-            "--clients",
-            "50",
-            "--registry-clients",
-            "20",
-            "--settle-secs",
-            "1",
-            "--runs",
-            "1",
-        ],
+        "mirror --size-mib 8 --nodes 1,2 --clients 50 --registry-clients 20 --settle-secs 1 --runs 1",
         "it needs the debug agent (cargo build --workspace --bins) and docker-registry",
     );
     for (row, target) in ROWS {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with("| mirror |") && l.contains(row))
-            .unwrap_or_else(|| panic!("no row {row:?} in:\n{stdout}"));
-        // | suite | measurement | median | runs | target |
-        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let cells = support::row_cells(&stdout, "mirror", row);
         let median = cells.get(3).copied().unwrap_or("");
-        let value = leading_number(median)
+        let value = support::leading_number(median)
             .unwrap_or_else(|| panic!("row {row:?}: median {median:?} is not a number"));
         assert!(
             value > 0.0,
@@ -93,7 +66,7 @@ fn mirror_suite_reports_every_row() {
         if let Some(t) = target {
             assert!(
                 cells.get(5).is_some_and(|c| c.starts_with(t)),
-                "row {row:?} is not held to {t}: {line}"
+                "row {row:?} is not held to {t}: {cells:?}"
             );
         }
     }

@@ -33,44 +33,19 @@ const ROWS: &[&str] = &[
     "no-op floor: curl HEAD of the 3 tags",
 ];
 
-/// The number at the start of a shown value (`1.234 s`, `1.72×`, `95%`).
-fn leading_number(cell: &str) -> Option<f64> {
-    let end = cell
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(cell.len());
-    cell[..end].parse().ok()
-}
-
 #[test]
 fn transfer_suite_reports_every_case() {
     let started = Instant::now();
     let stdout = support::run_bench(
-        &[
-            "transfer",
-            "--runs",
-            "1",
-            "--size-mib",
-            "8",
-            "--images",
-            "3",
-            "--base-mib",
-            "1",
-            "--index-mib",
-            "2",
-        ],
+        "transfer --runs 1 --size-mib 8 --images 3 --base-mib 1 --index-mib 2",
         "if the agent is missing, run `cargo build --workspace --bins` first",
     );
     for row in ROWS {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with("| transfer |") && l.contains(&format!("| {row} |")))
-            .unwrap_or_else(|| panic!("no row {row:?} in the table:\n{stdout}"));
-        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-        // cells: "", suite, measurement, median, runs, target, ""
+        let cells = support::row_cells(&stdout, "transfer", &format!("| {row} |"));
         let median = cells
             .get(3)
-            .and_then(|c| leading_number(c))
-            .unwrap_or_else(|| panic!("row {row:?}: no numeric median in {line:?}"));
+            .and_then(|c| support::leading_number(c))
+            .unwrap_or_else(|| panic!("row {row:?}: no numeric median in {cells:?}"));
         assert!(median > 0.0, "row {row:?}: median {median} is not positive");
     }
     eprintln!("transfer smoke took {:?}", started.elapsed());

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use imgfleet::api::v1 as pb;
 use imgfleet::model::{
-    Cluster, ClusterImageStatus, ImagePhase, Kind, LabelSelector, Object, RegistrySecret,
-    Repository, SelectorOperator,
+    Cluster, ClusterImageStatus, ImagePhase, Kind, LabelSelector, Object, Placement,
+    RegistrySecret, Repository, RepositoryStatus, SelectorOperator,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -419,6 +419,14 @@ pub fn describe(object: &Object, now: Timestamp) -> String {
 }
 
 fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: Timestamp) {
+    describe_repository_spec(out, r, object);
+    let st = r.status.clone().unwrap_or_default();
+    describe_resolution(out, &st, now);
+    describe_clusters(out, &st, now);
+}
+
+/// What the Repository asks for: source, versions, platforms, placement, retention.
+fn describe_repository_spec(out: &mut String, r: &Repository, object: &Object) {
     let s = &r.spec;
     field(out, "Repository", &s.repository);
     field(
@@ -464,24 +472,7 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
         "Sync interval",
         s.sync_interval.as_deref().unwrap_or("1h (default)"),
     );
-    let placement = match &s.placement {
-        None => "<none>: every cluster that admits this namespace".to_owned(),
-        Some(p) => {
-            let mut parts = Vec::new();
-            if let Some(sel) = &p.cluster_selector {
-                parts.push(format!("clusters matching {}", selector_string(sel)));
-            }
-            if !p.clusters.is_empty() {
-                parts.push(format!("clusters {}", p.clusters.join(", ")));
-            }
-            if parts.is_empty() {
-                "<empty>: selects no cluster".to_owned()
-            } else {
-                parts.join("; ")
-            }
-        }
-    };
-    field(out, "Placement", placement);
+    field(out, "Placement", placement_line(s.placement.as_ref()));
     if let Some(ret) = &s.retention {
         let versions = ret
             .keep_versions
@@ -495,8 +486,29 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
         field(out, "Retention", format!("{versions}{grace}"));
     }
     field(out, "Suspended", s.suspend);
+}
 
-    let st = r.status.clone().unwrap_or_default();
+/// Where a placement sends a Repository, in words.
+fn placement_line(placement: Option<&Placement>) -> String {
+    let Some(p) = placement else {
+        return "<none>: every cluster that admits this namespace".to_owned();
+    };
+    let mut parts = Vec::new();
+    if let Some(sel) = &p.cluster_selector {
+        parts.push(format!("clusters matching {}", selector_string(sel)));
+    }
+    if !p.clusters.is_empty() {
+        parts.push(format!("clusters {}", p.clusters.join(", ")));
+    }
+    if parts.is_empty() {
+        "<empty>: selects no cluster".to_owned()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// Why the Repository reaches no cluster (if so), and what its tags resolved to.
+fn describe_resolution(out: &mut String, st: &RepositoryStatus, now: Timestamp) {
     if let Some(p) = &st.placement {
         let what = if st.target_clusters == 0 {
             "Not placed"
@@ -525,24 +537,28 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
     out.push_str("Resolved:\n");
     if st.resolved.is_empty() {
         out.push_str("  <none yet>\n");
-    } else {
-        let rows: Vec<Vec<String>> = st
-            .resolved
-            .iter()
-            .map(|t| {
-                vec![
-                    if t.tag.is_empty() {
-                        "<digest>".to_owned()
-                    } else {
-                        t.tag.clone()
-                    },
-                    t.digest.clone(),
-                    t.media_type.clone(),
-                ]
-            })
-            .collect();
-        out.push_str(&indent(&table(&["TAG", "DIGEST", "MEDIA TYPE"], &rows)));
+        return;
     }
+    let rows: Vec<Vec<String>> = st
+        .resolved
+        .iter()
+        .map(|t| {
+            vec![
+                if t.tag.is_empty() {
+                    "<digest>".to_owned()
+                } else {
+                    t.tag.clone()
+                },
+                t.digest.clone(),
+                t.media_type.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&indent(&table(&["TAG", "DIGEST", "MEDIA TYPE"], &rows)));
+}
+
+/// One row per cluster and image: wanted, held, phase and progress.
+fn describe_clusters(out: &mut String, st: &RepositoryStatus, now: Timestamp) {
     let _ = writeln!(
         out,
         "Clusters ({}/{} synced):",
@@ -550,66 +566,64 @@ fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: T
     );
     if st.clusters.is_empty() {
         out.push_str("  <none reported>\n");
-    } else {
-        let rows: Vec<Vec<String>> = st
-            .clusters
-            .iter()
-            .map(|c| {
-                let phase = c
-                    .phase
-                    .map(|p| format!("{p:?}"))
-                    .unwrap_or_else(|| "Unknown".to_owned());
-                vec![
-                    c.cluster.clone(),
-                    short_digest(&c.digest),
-                    holds_cell(c),
-                    if c.last_known {
-                        format!("{phase} (last known)")
-                    } else {
-                        phase
-                    },
-                    progress(c.phase, c.bytes_done, c.bytes_total),
-                    c.last_sync_time
-                        .as_ref()
-                        .map(|t| format!("{} ago", age(Some(t), now)))
-                        .unwrap_or_else(|| "<never>".to_owned()),
-                    // A failed image with a retry scheduled says so, so that
-                    // Failed never reads as final while a retry is pending.
-                    match (&c.next_retry_time, c.phase) {
-                        (Some(t), Some(ImagePhase::Failed)) => format!(
-                            "{} (retry at {})",
-                            c.message.as_deref().unwrap_or("failed"),
-                            t.0.strftime("%Y-%m-%dT%H:%M:%SZ")
-                        ),
-                        _ => c.message.clone().unwrap_or_default(),
-                    },
-                ]
-            })
-            .collect();
-        out.push_str(&indent(&table(
-            &[
-                "CLUSTER",
-                "WANTED",
-                "HOLDS",
-                "PHASE",
-                "PROGRESS",
-                "LAST SYNC",
-                "MESSAGE",
-            ],
-            &rows,
-        )));
-        // The hub lists at most 1000 clusters (those not synced first).
-        let listed: std::collections::BTreeSet<&str> =
-            st.clusters.iter().map(|c| c.cluster.as_str()).collect();
-        if (listed.len() as u32) < st.target_clusters {
-            let _ = writeln!(
-                out,
-                "  ({} of {} clusters listed, those not synced first)",
-                listed.len(),
-                st.target_clusters
-            );
-        }
+        return;
     }
+    let rows: Vec<Vec<String>> = st.clusters.iter().map(|c| cluster_row(c, now)).collect();
+    out.push_str(&indent(&table(
+        &[
+            "CLUSTER",
+            "WANTED",
+            "HOLDS",
+            "PHASE",
+            "PROGRESS",
+            "LAST SYNC",
+            "MESSAGE",
+        ],
+        &rows,
+    )));
+    // The hub lists at most 1000 clusters (those not synced first).
+    let listed: std::collections::BTreeSet<&str> =
+        st.clusters.iter().map(|c| c.cluster.as_str()).collect();
+    if (listed.len() as u32) < st.target_clusters {
+        let _ = writeln!(
+            out,
+            "  ({} of {} clusters listed, those not synced first)",
+            listed.len(),
+            st.target_clusters
+        );
+    }
+}
+
+fn cluster_row(c: &ClusterImageStatus, now: Timestamp) -> Vec<String> {
+    let phase = c
+        .phase
+        .map(|p| format!("{p:?}"))
+        .unwrap_or_else(|| "Unknown".to_owned());
+    vec![
+        c.cluster.clone(),
+        short_digest(&c.digest),
+        holds_cell(c),
+        if c.last_known {
+            format!("{phase} (last known)")
+        } else {
+            phase
+        },
+        progress(c.phase, c.bytes_done, c.bytes_total),
+        c.last_sync_time
+            .as_ref()
+            .map(|t| format!("{} ago", age(Some(t), now)))
+            .unwrap_or_else(|| "<never>".to_owned()),
+        // A failed image with a retry scheduled says so, so that
+        // Failed never reads as final while a retry is pending.
+        match (&c.next_retry_time, c.phase) {
+            (Some(t), Some(ImagePhase::Failed)) => format!(
+                "{} (retry at {})",
+                c.message.as_deref().unwrap_or("failed"),
+                t.0.strftime("%Y-%m-%dT%H:%M:%SZ")
+            ),
+            _ => c.message.clone().unwrap_or_default(),
+        },
+    ]
 }
 
 /// What a cluster holds of a Repository next to the digest it should hold:

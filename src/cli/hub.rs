@@ -40,8 +40,11 @@ fn tls_config(target: &Target) -> anyhow::Result<ClientTlsConfig> {
         .identity(Identity::from_pem(cert, key)))
 }
 
+/// The AdminService client every verb talks through.
+pub type Client = AdminServiceClient<Channel>;
+
 /// Opens a channel to the hub and returns an AdminService client on it.
-pub async fn connect(target: &Target) -> anyhow::Result<AdminServiceClient<Channel>> {
+pub async fn connect(target: &Target) -> anyhow::Result<Client> {
     let url = &target.url;
     if !url.starts_with("https://") {
         bail!(

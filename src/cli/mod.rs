@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, anyhow, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use imgfleet::api::v1 as pb;
 use imgfleet::model::{self, Kind, Object};
 
@@ -60,25 +60,7 @@ enum Command {
         dry_run: bool,
     },
     /// List objects of a kind, or show one.
-    Get {
-        /// registrysecret (rs), repository (repo) or cluster, singular or plural.
-        #[arg(value_parser = parse_kind)]
-        kind: Kind,
-        /// Show only this object.
-        name: Option<String>,
-        /// Namespace of namespaced kinds.
-        #[arg(short = 'n', long, default_value = model::DEFAULT_NAMESPACE)]
-        namespace: String,
-        /// List across every namespace.
-        #[arg(short = 'A', long)]
-        all_namespaces: bool,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-        /// Label selector, e.g. env=prod,tier in (a,b).
-        #[arg(short = 'l', long)]
-        selector: Option<String>,
-    },
+    Get(GetArgs),
     /// Show one object in detail, with its status per cluster.
     Describe {
         /// registrysecret (rs), repository (repo) or cluster.
@@ -211,27 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { files } => validate(&files),
         Command::Apply { files, dry_run } => apply(&target, &files, dry_run).await,
-        Command::Get {
-            kind,
-            name,
-            namespace,
-            all_namespaces,
-            output,
-            selector,
-        } => {
-            get(
-                &target,
-                GetArgs {
-                    kind,
-                    name,
-                    namespace,
-                    all_namespaces,
-                    output,
-                    selector,
-                },
-            )
-            .await
-        }
+        Command::Get(args) => get(&target, args).await,
         Command::Describe {
             kind,
             name,
@@ -320,6 +282,22 @@ fn check_files(files: &[String]) -> anyhow::Result<(Vec<Object>, Vec<String>)> {
     Ok((objects, errors))
 }
 
+/// The objects of every file when all of them are valid; otherwise prints each problem
+/// and fails with nothing `done` (a verb that changes the hub does all or nothing).
+fn valid_objects(files: &[String], done: &str) -> anyhow::Result<Vec<Object>> {
+    let (objects, errors) = check_files(files)?;
+    if errors.is_empty() {
+        return Ok(objects);
+    }
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    bail!(
+        "nothing {done}: fix the {} problem(s) above first",
+        errors.len()
+    );
+}
+
 fn validate(files: &[String]) -> anyhow::Result<ExitCode> {
     let (objects, errors) = check_files(files)?;
     for object in &objects {
@@ -341,16 +319,7 @@ fn validate(files: &[String]) -> anyhow::Result<ExitCode> {
 }
 
 async fn apply(target: &hub::Target, files: &[String], dry_run: bool) -> anyhow::Result<ExitCode> {
-    let (mut objects, errors) = check_files(files)?;
-    if !errors.is_empty() {
-        for e in &errors {
-            eprintln!("{e}");
-        }
-        bail!(
-            "nothing applied: fix the {} problem(s) above first",
-            errors.len()
-        );
-    }
+    let mut objects = valid_objects(files, "applied")?;
     if objects.is_empty() {
         bail!("nothing to apply: the input holds no objects");
     }
@@ -385,12 +354,25 @@ async fn apply(target: &hub::Target, files: &[String], dry_run: bool) -> anyhow:
     })
 }
 
+/// What `imgfleet get` lists or shows.
+#[derive(Args, Debug)]
 struct GetArgs {
+    /// registrysecret (rs), repository (repo) or cluster, singular or plural.
+    #[arg(value_parser = parse_kind)]
     kind: Kind,
+    /// Show only this object.
     name: Option<String>,
+    /// Namespace of namespaced kinds.
+    #[arg(short = 'n', long, default_value = model::DEFAULT_NAMESPACE)]
     namespace: String,
+    /// List across every namespace.
+    #[arg(short = 'A', long)]
     all_namespaces: bool,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Label selector, e.g. env=prod,tier in (a,b).
+    #[arg(short = 'l', long)]
     selector: Option<String>,
 }
 
@@ -406,22 +388,7 @@ async fn get(target: &hub::Target, args: GetArgs) -> anyhow::Result<ExitCode> {
     let mut client = hub::connect(target).await?;
     let kind = args.kind;
     let objects: Vec<Object> = if let Some(name) = &args.name {
-        let id = model::object_id(
-            kind,
-            kind.namespaced().then_some(args.namespace.as_str()),
-            name,
-        );
-        let request = pb::GetRequest {
-            kind: pb::Kind::from(kind) as i32,
-            namespace: namespace_for(kind, &args.namespace),
-            name: name.clone(),
-        };
-        let object = client
-            .get(request)
-            .await
-            .map_err(|s| hub::status_error(s, &id, target))?
-            .into_inner();
-        vec![Object::try_from(object).context("the hub sent an object this CLI cannot read")?]
+        vec![get_object(&mut client, target, kind, &args.namespace, name).await?]
     } else {
         let request = pb::ListRequest {
             kind: pb::Kind::from(kind) as i32,
@@ -469,13 +436,14 @@ async fn get(target: &hub::Target, args: GetArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn describe(
+/// One object from the hub; a refusal names the object.
+async fn get_object(
+    client: &mut hub::Client,
     target: &hub::Target,
     kind: Kind,
-    name: &str,
     namespace: &str,
-) -> anyhow::Result<ExitCode> {
-    let mut client = hub::connect(target).await?;
+    name: &str,
+) -> anyhow::Result<Object> {
     let id = model::object_id(kind, kind.namespaced().then_some(namespace), name);
     let request = pb::GetRequest {
         kind: pb::Kind::from(kind) as i32,
@@ -487,7 +455,17 @@ async fn describe(
         .await
         .map_err(|s| hub::status_error(s, &id, target))?
         .into_inner();
-    let object = Object::try_from(object).context("the hub sent an object this CLI cannot read")?;
+    Object::try_from(object).context("the hub sent an object this CLI cannot read")
+}
+
+async fn describe(
+    target: &hub::Target,
+    kind: Kind,
+    name: &str,
+    namespace: &str,
+) -> anyhow::Result<ExitCode> {
+    let mut client = hub::connect(target).await?;
+    let object = get_object(&mut client, target, kind, namespace, name).await?;
     print!(
         "{}",
         format::describe(&object.redacted(), k8s_openapi::jiff::Timestamp::now())
@@ -509,17 +487,7 @@ async fn delete(
         };
         vec![(kind, namespace_for(kind, namespace), name)]
     } else {
-        let (objects, errors) = check_files(files)?;
-        if !errors.is_empty() {
-            for e in &errors {
-                eprintln!("{e}");
-            }
-            bail!(
-                "nothing deleted: fix the {} problem(s) above first",
-                errors.len()
-            );
-        }
-        let mut objects = objects;
+        let mut objects = valid_objects(files, "deleted")?;
         // Repositories before the RegistrySecrets they refer to.
         objects.sort_by_key(|o| std::cmp::Reverse(o.kind()));
         objects
@@ -642,12 +610,12 @@ mod tests {
         let cli =
             Cli::try_parse_from(["imgfleet", "get", "repo", "-A", "-o", "wide"]).expect("parses");
         match cli.command {
-            Command::Get {
+            Command::Get(GetArgs {
                 kind,
                 all_namespaces,
                 output,
                 ..
-            } => {
+            }) => {
                 assert_eq!(kind, Kind::Repository);
                 assert!(all_namespaces);
                 assert_eq!(output, Output::Wide);

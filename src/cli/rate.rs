@@ -186,92 +186,71 @@ mod tests {
     }
 
     /// (name, polls as (seconds, bytes), now, total, shown).
-    type Case = (&'static str, &'static [(f64, u64)], f64, u64, &'static str);
+    type Case = (&'static str, Vec<(f64, u64)>, f64, u64, &'static str);
+
+    /// Polls once a second from `from` to `to` seconds, the count growing by
+    /// `per_second` MiB a second from `start` MiB.
+    fn ramp(from: u32, to: u32, start: u64, per_second: u64) -> impl Iterator<Item = (f64, u64)> {
+        (from..=to).map(move |s| {
+            (
+                f64::from(s),
+                (start + per_second * u64::from(s - from)) * MIB,
+            )
+        })
+    }
 
     #[test]
     fn rate_and_eta_from_successive_polls() {
-        let cases: &[Case] = &[
-            ("nothing seen", &[], 0.0, 100 * MIB, ""),
+        let cases: Vec<Case> = vec![
+            ("nothing seen", vec![], 0.0, 100 * MIB, ""),
             (
                 "one poll is no rate",
-                &[(0.0, 10 * MIB)],
+                vec![(0.0, 10 * MIB)],
                 0.5,
                 100 * MIB,
                 "",
             ),
             (
                 "steady 1 MiB/s with the hub writing once a second and polls twice",
-                &[
-                    (0.0, 0),
-                    (0.5, 0),
-                    (1.0, MIB),
-                    (1.5, MIB),
-                    (2.0, 2 * MIB),
-                    (2.5, 2 * MIB),
-                    (3.0, 3 * MIB),
-                ],
+                ramp(0, 3, 0, 1)
+                    .flat_map(|(t, bytes)| [(t, bytes), (t + 0.5, bytes)])
+                    .take(7)
+                    .collect(),
                 3.2,
                 10 * MIB,
                 "1.0 MiB/s ETA 7s",
             ),
             (
                 "unknown total: a rate and no ETA",
-                &[(0.0, 0), (1.0, MIB), (2.0, 2 * MIB)],
+                vec![(0.0, 0), (1.0, MIB), (2.0, 2 * MIB)],
                 2.0,
                 0,
                 "1.0 MiB/s",
             ),
             (
                 "the first move only anchors: its bytes took an unknown time",
-                &[(0.0, 0), (0.5, 10 * MIB)],
+                vec![(0.0, 0), (0.5, 10 * MIB)],
                 0.5,
                 100 * MIB,
                 "",
             ),
             (
                 "a speed change is smoothed, not taken at once",
-                &[
-                    (0.0, 0),
-                    (1.0, MIB),
-                    (2.0, 2 * MIB),
-                    (3.0, 3 * MIB),
-                    (4.0, 4 * MIB),
-                    (5.0, 5 * MIB),
-                    (6.0, 6 * MIB),
-                    (7.0, 10 * MIB),
-                ],
+                ramp(0, 6, 0, 1).chain([(7.0, 10 * MIB)]).collect(),
                 7.0,
                 100 * MIB,
                 "1.5 MiB/s ETA 59s",
             ),
             (
                 "and shows mostly within a few time constants",
-                &[
-                    (0.0, 0),
-                    (1.0, MIB),
-                    (2.0, 2 * MIB),
-                    (3.0, 3 * MIB),
-                    (4.0, 4 * MIB),
-                    (5.0, 5 * MIB),
-                    (6.0, 6 * MIB),
-                    (7.0, 10 * MIB),
-                    (8.0, 14 * MIB),
-                    (9.0, 18 * MIB),
-                    (10.0, 22 * MIB),
-                    (11.0, 26 * MIB),
-                    (12.0, 30 * MIB),
-                    (13.0, 34 * MIB),
-                    (14.0, 38 * MIB),
-                    (15.0, 42 * MIB),
-                    (16.0, 46 * MIB),
-                ],
+                ramp(0, 6, 0, 1).chain(ramp(7, 16, 10, 4)).collect(),
                 16.0,
                 146 * MIB,
                 "3.6 MiB/s ETA 28s",
             ),
             (
                 "a first second measured against its poll's phase is corrected as the span grows",
-                &[
+                vec![
                     (0.0, 0),
                     (1.0, MIB),
                     (1.5, 3 * MIB),
@@ -284,70 +263,70 @@ mod tests {
             ),
             (
                 "stalled: no move for longer than STALLED_AFTER",
-                &[(0.0, 0), (1.0, MIB), (2.0, 2 * MIB), (12.0, 2 * MIB)],
+                vec![(0.0, 0), (1.0, MIB), (2.0, 2 * MIB), (12.0, 2 * MIB)],
                 12.5,
                 100 * MIB,
                 "stalled",
             ),
             (
                 "not yet stalled at the limit",
-                &[(0.0, 0), (1.0, MIB), (2.0, 2 * MIB)],
+                vec![(0.0, 0), (1.0, MIB), (2.0, 2 * MIB)],
                 12.0,
                 4 * MIB,
                 "1.0 MiB/s ETA 2s",
             ),
             (
                 "moving again after a stall starts measuring afresh",
-                &[(0.0, 0), (1.0, MIB), (20.0, 2 * MIB)],
+                vec![(0.0, 0), (1.0, MIB), (20.0, 2 * MIB)],
                 20.0,
                 100 * MIB,
                 "",
             ),
             (
                 "after a stall, the first measured move sets the rate",
-                &[(0.0, 0), (1.0, MIB), (20.0, 2 * MIB), (21.0, 4 * MIB)],
+                vec![(0.0, 0), (1.0, MIB), (20.0, 2 * MIB), (21.0, 4 * MIB)],
                 21.0,
                 100 * MIB,
                 "2.0 MiB/s ETA 48s",
             ),
             (
                 "a long wait before the start is not counted as slow transfer",
-                &[(0.0, 0), (30.0, MIB), (31.0, 2 * MIB)],
+                vec![(0.0, 0), (30.0, MIB), (31.0, 2 * MIB)],
                 31.0,
                 10 * MIB,
                 "1.0 MiB/s ETA 8s",
             ),
             (
                 "the count going back (a retry, a new digest) resets",
-                &[(0.0, 0), (1.0, 50 * MIB), (2.0, MIB)],
+                vec![(0.0, 0), (1.0, 50 * MIB), (2.0, MIB)],
                 2.0,
                 100 * MIB,
                 "",
             ),
             (
                 "complete: nothing to say",
-                &[(0.0, 0), (1.0, 10 * MIB)],
+                vec![(0.0, 0), (1.0, 10 * MIB)],
                 1.0,
                 10 * MIB,
                 "",
             ),
             (
                 "ETA rounds up to whole seconds",
-                &[(0.0, 0), (1.0, MIB), (2.0, 4 * MIB)],
+                vec![(0.0, 0), (1.0, MIB), (2.0, 4 * MIB)],
                 2.0,
                 5 * MIB,
                 "3.0 MiB/s ETA 1s",
             ),
             (
                 "a very long ETA is capped",
-                &[(0.0, 0), (1.0, 1), (2.0, 2)],
+                vec![(0.0, 0), (1.0, 1), (2.0, 2)],
                 2.0,
                 1 << 40,
                 "1 B/s ETA > 1d",
             ),
         ];
         for (name, polls, now, total, want) in cases {
-            check(name, polls, *now, *total, want);
+            check(name, &polls, now, total, want);
         }
     }
 

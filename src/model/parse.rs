@@ -373,86 +373,9 @@ impl Walker<'_> {
         let ty = schema.get("type").and_then(Value::as_str);
         match ty {
             Some("object") => self.check_object(value, schema, path),
-            Some("array") => {
-                let Value::Array(items) = value else {
-                    self.error(path, format!("expected a list, got {}", describe(value)));
-                    return false;
-                };
-                let Some(item_schema) = schema.get("items") else {
-                    return true;
-                };
-                let mut keep = Vec::with_capacity(items.len());
-                for (index, mut item) in std::mem::take(items).into_iter().enumerate() {
-                    let item_path = format!("{path}[{index}]");
-                    if self.check(&mut item, item_schema, &item_path) {
-                        keep.push(item);
-                    } else {
-                        self.poisoned.push(item_path);
-                    }
-                }
-                *items = keep;
-                true
-            }
-            Some("string") => {
-                let Value::String(s) = value else {
-                    self.error(path, format!("expected a string, got {}", describe(value)));
-                    return false;
-                };
-                if let Some(allowed) = enum_values(schema)
-                    && !allowed.iter().any(|a| a == s)
-                {
-                    let list = allowed.join(", ");
-                    let hint = hint(s, allowed.iter().map(String::as_str));
-                    self.error(
-                        path,
-                        format!("{}: expected one of {list}{hint}", validate::shown(s)),
-                    );
-                    return false;
-                }
-                if schema.get("format").and_then(Value::as_str) == Some("date-time")
-                    && s.parse::<k8s_openapi::jiff::Timestamp>().is_err()
-                {
-                    self.error(
-                        path,
-                        format!(
-                            "{}: expected an RFC 3339 time like 2026-01-08T10:00:00Z",
-                            validate::shown(s)
-                        ),
-                    );
-                    return false;
-                }
-                true
-            }
-            Some("integer") => {
-                let (min, max) = integer_range(schema);
-                let in_range = match value {
-                    Value::Number(n) => {
-                        if let Some(i) = n.as_i64() {
-                            Some(i128::from(i))
-                        } else {
-                            n.as_u64().map(i128::from)
-                        }
-                    }
-                    _ => None,
-                };
-                match in_range {
-                    Some(i) if i >= min && i <= max => true,
-                    Some(i) => {
-                        self.error(
-                            path,
-                            format!("{i} is out of range: expected an integer from {min} to {max}"),
-                        );
-                        false
-                    }
-                    None => {
-                        self.error(
-                            path,
-                            format!("expected an integer, got {}", describe(value)),
-                        );
-                        false
-                    }
-                }
-            }
+            Some("array") => self.check_array(value, schema, path),
+            Some("string") => self.check_string(value, schema, path),
+            Some("integer") => self.check_integer(value, schema, path),
             Some("boolean") => {
                 if value.is_boolean() {
                     true
@@ -477,6 +400,110 @@ impl Walker<'_> {
         }
     }
 
+    /// A list: items that do not fit are cut out, the list itself stays.
+    fn check_array(&mut self, value: &mut Value, schema: &Value, path: &str) -> bool {
+        let Value::Array(items) = value else {
+            self.error(path, format!("expected a list, got {}", describe(value)));
+            return false;
+        };
+        let Some(item_schema) = schema.get("items") else {
+            return true;
+        };
+        let mut keep = Vec::with_capacity(items.len());
+        for (index, mut item) in std::mem::take(items).into_iter().enumerate() {
+            let item_path = format!("{path}[{index}]");
+            if self.check(&mut item, item_schema, &item_path) {
+                keep.push(item);
+            } else {
+                self.poisoned.push(item_path);
+            }
+        }
+        *items = keep;
+        true
+    }
+
+    /// A string, of an enum when the schema lists its values, or an RFC 3339 time.
+    fn check_string(&mut self, value: &mut Value, schema: &Value, path: &str) -> bool {
+        let Value::String(s) = value else {
+            self.error(path, format!("expected a string, got {}", describe(value)));
+            return false;
+        };
+        if let Some(allowed) = enum_values(schema)
+            && !allowed.iter().any(|a| a == s)
+        {
+            let list = allowed.join(", ");
+            let hint = hint(s, allowed.iter().map(String::as_str));
+            self.error(
+                path,
+                format!("{}: expected one of {list}{hint}", validate::shown(s)),
+            );
+            return false;
+        }
+        if schema.get("format").and_then(Value::as_str) == Some("date-time")
+            && s.parse::<k8s_openapi::jiff::Timestamp>().is_err()
+        {
+            self.error(
+                path,
+                format!(
+                    "{}: expected an RFC 3339 time like 2026-01-08T10:00:00Z",
+                    validate::shown(s)
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// An integer within the range its schema's format allows.
+    fn check_integer(&mut self, value: &mut Value, schema: &Value, path: &str) -> bool {
+        let (min, max) = integer_range(schema);
+        let in_range = match value {
+            Value::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    Some(i128::from(i))
+                } else {
+                    n.as_u64().map(i128::from)
+                }
+            }
+            _ => None,
+        };
+        match in_range {
+            Some(i) if i >= min && i <= max => true,
+            Some(i) => {
+                self.error(
+                    path,
+                    format!("{i} is out of range: expected an integer from {min} to {max}"),
+                );
+                false
+            }
+            None => {
+                self.error(
+                    path,
+                    format!("expected an integer, got {}", describe(value)),
+                );
+                false
+            }
+        }
+    }
+
+    /// Checks the entry `key` of `map` against `schema`, and cuts it out if it does not fit.
+    fn check_entry(
+        &mut self,
+        map: &mut Map<String, Value>,
+        key: &str,
+        schema: &Value,
+        field: String,
+    ) {
+        let fits = match map.get_mut(key) {
+            Some(v) => self.check(v, schema, &field),
+            None => true,
+        };
+        if !fits {
+            map.remove(key);
+            self.poisoned.push(field);
+        }
+    }
+
     fn check_object(&mut self, value: &mut Value, schema: &Value, path: &str) -> bool {
         let Value::Object(map) = value else {
             self.error(path, format!("expected a mapping, got {}", describe(value)));
@@ -487,16 +514,7 @@ impl Walker<'_> {
             for key in keys {
                 let field = join(path, &key);
                 match props.get(&key) {
-                    Some(sub) => {
-                        let fits = match map.get_mut(&key) {
-                            Some(v) => self.check(v, sub, &field),
-                            None => true,
-                        };
-                        if !fits {
-                            map.remove(&key);
-                            self.poisoned.push(field);
-                        }
-                    }
+                    Some(sub) => self.check_entry(map, &key, sub, field),
                     None => {
                         let hint = hint(&key, props.keys().map(String::as_str));
                         let message = if hint.is_empty() {
@@ -533,14 +551,7 @@ impl Walker<'_> {
             let keys: Vec<String> = map.keys().cloned().collect();
             for key in keys {
                 let field = join(path, &key);
-                let fits = match map.get_mut(&key) {
-                    Some(v) => self.check(v, sub, &field),
-                    None => true,
-                };
-                if !fits {
-                    map.remove(&key);
-                    self.poisoned.push(field);
-                }
+                self.check_entry(map, &key, sub, field);
             }
         }
         true

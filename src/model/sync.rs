@@ -173,19 +173,18 @@ mod tests {
     /// One status entry: cluster, digest, phase, last known.
     type Entry = (&'static str, &'static str, Option<ImagePhase>, bool);
 
-    struct Case {
-        name: &'static str,
-        pinned: Option<&'static str>,
-        resolved: &'static [&'static str],
-        entries: &'static [Entry],
-        synced: u32,
-        target: u32,
-        complete: bool,
-        holding: &'static [&'static str],
-        waiting: &'static str,
-    }
+    /// What a case starts from: the pinned digest, the resolved digests, the status
+    /// entries, and the (synced, target) counts the hub wrote.
+    type Given = (
+        Option<&'static str>,
+        &'static [&'static str],
+        &'static [Entry],
+        (u32, u32),
+    );
+    /// What it must give: complete, the clusters holding it, what it waits for.
+    type Want = (bool, &'static [&'static str], &'static str);
 
-    fn repo(c: &Case) -> Repository {
+    fn repo((pinned, resolved, entries, (synced, target)): Given) -> Repository {
         let mut r = Repository::new(
             "web",
             RepositorySpec {
@@ -193,7 +192,7 @@ mod tests {
                 tag: Some("latest".into()),
                 tags: Vec::new(),
                 tag_pattern: None,
-                digest: c.pinned.map(str::to_owned),
+                digest: pinned.map(str::to_owned),
                 platforms: Vec::new(),
                 registry_ref: RegistryRef {
                     name: "harbor".into(),
@@ -206,8 +205,7 @@ mod tests {
             },
         );
         r.status = Some(RepositoryStatus {
-            resolved: c
-                .resolved
+            resolved: resolved
                 .iter()
                 .enumerate()
                 .map(|(i, d)| ResolvedTag {
@@ -216,8 +214,7 @@ mod tests {
                     media_type: String::new(),
                 })
                 .collect(),
-            clusters: c
-                .entries
+            clusters: entries
                 .iter()
                 .map(|(cluster, digest, phase, last_known)| ClusterImageStatus {
                     cluster: (*cluster).to_owned(),
@@ -227,23 +224,18 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
-            synced_clusters: c.synced,
-            target_clusters: c.target,
+            synced_clusters: synced,
+            target_clusters: target,
             ..Default::default()
         });
         r
     }
 
-    fn check(c: &Case) {
-        let h = clusters_holding(&repo(c));
-        assert_eq!(h.is_complete(), c.complete, "{}: {h:?}", c.name);
-        assert_eq!(
-            h.holding().collect::<Vec<_>>(),
-            c.holding,
-            "{}: holding",
-            c.name
-        );
-        assert_eq!(h.waiting_for(), c.waiting, "{}: waiting_for", c.name);
+    fn check(name: &str, given: Given, (complete, holding, waiting): Want) {
+        let h = clusters_holding(&repo(given));
+        assert_eq!(h.is_complete(), complete, "{name}: {h:?}");
+        assert_eq!(h.holding().collect::<Vec<_>>(), holding, "{name}: holding");
+        assert_eq!(h.waiting_for(), waiting, "{name}: waiting_for");
     }
 
     const SYNCED: Option<ImagePhase> = Some(ImagePhase::Synced);
@@ -251,180 +243,113 @@ mod tests {
 
     #[test]
     fn until_synced_compares_digests_not_counts() {
-        let cases = [
-            Case {
-                name: "one digest synced on the only cluster",
-                pinned: None,
-                resolved: &[A],
-                entries: &[("edge-1", A, SYNCED, false)],
-                synced: 1,
-                target: 1,
-                complete: true,
-                holding: &["edge-1"],
-                waiting: "",
-            },
-            Case {
-                name: "the tag moved: the cluster holds the old digest, counts say 1/1",
-                pinned: None,
-                resolved: &[B],
-                entries: &[("edge-1", A, SYNCED, false)],
-                synced: 1,
-                target: 1,
-                complete: false,
-                holding: &[],
-                waiting: "edge-1 lacks sha256:bbbbbbbbbbbb",
-            },
-            Case {
-                name: "new digest still syncing beside the old one",
-                pinned: None,
-                resolved: &[B],
-                entries: &[("edge-1", A, SYNCED, false), ("edge-1", B, SYNCING, false)],
-                synced: 0,
-                target: 1,
-                complete: false,
-                holding: &[],
-                waiting: "edge-1 lacks sha256:bbbbbbbbbbbb",
-            },
-            Case {
-                name: "nothing resolved yet, whatever the counts say",
-                pinned: None,
-                resolved: &[],
-                entries: &[("edge-1", A, SYNCED, false)],
-                synced: 1,
-                target: 1,
-                complete: false,
-                holding: &[],
-                waiting: "tags not resolved yet",
-            },
-            Case {
-                name: "an offline cluster's last known Synced does not count",
-                pinned: None,
-                resolved: &[A],
-                entries: &[("edge-1", A, SYNCED, true)],
-                synced: 1,
-                target: 1,
-                complete: false,
-                holding: &[],
-                waiting: "edge-1 lacks sha256:aaaaaaaaaaaa",
-            },
-            Case {
-                name: "two tags, two digests: one held is not enough",
-                pinned: None,
-                resolved: &[A, B],
-                entries: &[("edge-1", A, SYNCED, false), ("edge-1", B, SYNCING, false)],
-                synced: 1,
-                target: 1,
-                complete: false,
-                holding: &[],
-                waiting: "edge-1 lacks sha256:bbbbbbbbbbbb",
-            },
-            Case {
-                name: "two tags, two digests, both held",
-                pinned: None,
-                resolved: &[A, B],
-                entries: &[("edge-1", A, SYNCED, false), ("edge-1", B, SYNCED, false)],
-                synced: 1,
-                target: 1,
-                complete: true,
-                holding: &["edge-1"],
-                waiting: "",
-            },
-            Case {
-                name: "two tags on one digest need it once",
-                pinned: None,
-                resolved: &[A, A],
-                entries: &[("edge-1", A, SYNCED, false)],
-                synced: 1,
-                target: 1,
-                complete: true,
-                holding: &["edge-1"],
-                waiting: "",
-            },
-            Case {
-                name: "a targeted cluster not listed yet",
-                pinned: None,
-                resolved: &[A],
-                entries: &[("edge-1", A, SYNCED, false)],
-                synced: 2,
-                target: 2,
-                complete: false,
-                holding: &["edge-1"],
-                waiting: "1 of 2 targeted cluster(s) listed",
-            },
-            Case {
-                name: "two clusters, one behind",
-                pinned: None,
-                resolved: &[A],
-                entries: &[("edge-1", A, SYNCED, false), ("edge-2", A, None, false)],
-                synced: 1,
-                target: 2,
-                complete: false,
-                holding: &["edge-1"],
-                waiting: "edge-2 lacks sha256:aaaaaaaaaaaa",
-            },
-            Case {
-                name: "two clusters, both hold it",
-                pinned: None,
-                resolved: &[A],
-                entries: &[("edge-1", A, SYNCED, false), ("edge-2", A, SYNCED, false)],
-                synced: 2,
-                target: 2,
-                complete: true,
-                holding: &["edge-1", "edge-2"],
-                waiting: "",
-            },
-            Case {
-                name: "targets no cluster",
-                pinned: None,
-                resolved: &[A],
-                entries: &[],
-                synced: 0,
-                target: 0,
-                complete: false,
-                holding: &[],
-                waiting: "targets no cluster",
-            },
-            Case {
-                name: "pinned by digest and held",
-                pinned: Some(A),
-                resolved: &[A],
-                entries: &[("edge-1", A, SYNCED, false)],
-                synced: 1,
-                target: 1,
-                complete: true,
-                holding: &["edge-1"],
-                waiting: "",
-            },
-            Case {
-                name: "pinned by digest: another digest held does not count",
-                pinned: Some(A),
-                resolved: &[B],
-                entries: &[("edge-1", B, SYNCED, false)],
-                synced: 1,
-                target: 1,
-                complete: false,
-                holding: &[],
-                waiting: "edge-1 lacks sha256:aaaaaaaaaaaa",
-            },
+        // (what it shows, (pinned, resolved, entries, (synced, target) counts),
+        //  (complete, clusters holding, what it waits for)).
+        let cases: &[(&str, Given, Want)] = &[
+            (
+                "one digest synced on the only cluster",
+                (None, &[A], &[("edge-1", A, SYNCED, false)], (1, 1)),
+                (true, &["edge-1"], ""),
+            ),
+            (
+                "the tag moved: the cluster holds the old digest, counts say 1/1",
+                (None, &[B], &[("edge-1", A, SYNCED, false)], (1, 1)),
+                (false, &[], "edge-1 lacks sha256:bbbbbbbbbbbb"),
+            ),
+            (
+                "new digest still syncing beside the old one",
+                (
+                    None,
+                    &[B],
+                    &[("edge-1", A, SYNCED, false), ("edge-1", B, SYNCING, false)],
+                    (0, 1),
+                ),
+                (false, &[], "edge-1 lacks sha256:bbbbbbbbbbbb"),
+            ),
+            (
+                "nothing resolved yet, whatever the counts say",
+                (None, &[], &[("edge-1", A, SYNCED, false)], (1, 1)),
+                (false, &[], "tags not resolved yet"),
+            ),
+            (
+                "an offline cluster's last known Synced does not count",
+                (None, &[A], &[("edge-1", A, SYNCED, true)], (1, 1)),
+                (false, &[], "edge-1 lacks sha256:aaaaaaaaaaaa"),
+            ),
+            (
+                "two tags, two digests: one held is not enough",
+                (
+                    None,
+                    &[A, B],
+                    &[("edge-1", A, SYNCED, false), ("edge-1", B, SYNCING, false)],
+                    (1, 1),
+                ),
+                (false, &[], "edge-1 lacks sha256:bbbbbbbbbbbb"),
+            ),
+            (
+                "two tags, two digests, both held",
+                (
+                    None,
+                    &[A, B],
+                    &[("edge-1", A, SYNCED, false), ("edge-1", B, SYNCED, false)],
+                    (1, 1),
+                ),
+                (true, &["edge-1"], ""),
+            ),
+            (
+                "two tags on one digest need it once",
+                (None, &[A, A], &[("edge-1", A, SYNCED, false)], (1, 1)),
+                (true, &["edge-1"], ""),
+            ),
+            (
+                "a targeted cluster not listed yet",
+                (None, &[A], &[("edge-1", A, SYNCED, false)], (2, 2)),
+                (false, &["edge-1"], "1 of 2 targeted cluster(s) listed"),
+            ),
+            (
+                "two clusters, one behind",
+                (
+                    None,
+                    &[A],
+                    &[("edge-1", A, SYNCED, false), ("edge-2", A, None, false)],
+                    (1, 2),
+                ),
+                (false, &["edge-1"], "edge-2 lacks sha256:aaaaaaaaaaaa"),
+            ),
+            (
+                "two clusters, both hold it",
+                (
+                    None,
+                    &[A],
+                    &[("edge-1", A, SYNCED, false), ("edge-2", A, SYNCED, false)],
+                    (2, 2),
+                ),
+                (true, &["edge-1", "edge-2"], ""),
+            ),
+            (
+                "targets no cluster",
+                (None, &[A], &[], (0, 0)),
+                (false, &[], "targets no cluster"),
+            ),
+            (
+                "pinned by digest and held",
+                (Some(A), &[A], &[("edge-1", A, SYNCED, false)], (1, 1)),
+                (true, &["edge-1"], ""),
+            ),
+            (
+                "pinned by digest: another digest held does not count",
+                (Some(A), &[B], &[("edge-1", B, SYNCED, false)], (1, 1)),
+                (false, &[], "edge-1 lacks sha256:aaaaaaaaaaaa"),
+            ),
         ];
-        for c in &cases {
-            check(c);
+        for (name, given, want) in cases {
+            check(name, *given, *want);
         }
     }
 
     #[test]
     fn a_repository_without_status_holds_nothing() {
-        let mut r = repo(&Case {
-            name: "",
-            pinned: None,
-            resolved: &[A],
-            entries: &[],
-            synced: 0,
-            target: 0,
-            complete: false,
-            holding: &[],
-            waiting: "",
-        });
+        let mut r = repo((None, &[A], &[], (0, 0)));
         r.status = None;
         let h = clusters_holding(&r);
         assert!(!h.is_complete());

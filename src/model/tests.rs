@@ -163,14 +163,12 @@ fn alert_rules_are_not_an_imgfleet_object() {
 
 #[test]
 fn defaults_are_filled_in() {
+    // Flow style, as short objects are often written.
     let text = "\
 apiVersion: image.theriseunion.io/v1alpha1
 kind: RegistrySecret
-metadata:
-  name: anon
-spec:
-  domain: 127.0.0.1:5000
-  insecure: true
+metadata: {name: anon}
+spec: {domain: 127.0.0.1:5000, insecure: true}
 ";
     let objects = parse_documents(text).expect("valid");
     assert_eq!(objects[0].namespace(), Some("default"));
@@ -262,309 +260,348 @@ spec:
     );
 }
 
-#[test]
-fn malformed_variants_are_refused_naming_field_and_expectation() {
+/// Malformed variants of `REPO`: the line replaced, what replaces it, and what the
+/// errors must say.
+const MALFORMED_REPOSITORIES: &[(&str, &str, &[&str])] = &[
     // Durations.
-    check(
-        &repo_with("syncInterval: 1h", "syncInterval: 1x"),
+    (
+        "syncInterval: 1h",
+        "syncInterval: 1x",
         &[
             r#"Repository default/nginx: spec.syncInterval "1x": expected a duration like 30m, 1h or 24h"#,
         ],
-    );
-    check(
-        &repo_with("syncInterval: 1h", "syncInterval: \"0\""),
+    ),
+    (
+        "syncInterval: 1h",
+        "syncInterval: \"0\"",
         &[r#"spec.syncInterval "0": expected a duration"#],
-    );
-    check(
-        &repo_with("syncInterval: 1h", "syncInterval: \"\""),
+    ),
+    (
+        "syncInterval: 1h",
+        "syncInterval: \"\"",
         &[r#"spec.syncInterval "": expected a duration"#],
-    );
-    check(
-        &repo_with("syncInterval: 1h", "syncInterval: -1h"),
+    ),
+    (
+        "syncInterval: 1h",
+        "syncInterval: -1h",
         &[r#"spec.syncInterval "-1h": expected a duration"#],
-    );
-    check(
-        &repo_with("syncInterval: 1h", "syncInterval: 5s"),
+    ),
+    (
+        "syncInterval: 1h",
+        "syncInterval: 5s",
         &[r#"spec.syncInterval "5s": too short; expected at least 10s"#],
-    );
-    check(
-        &repo_with("syncInterval: 1h", "syncInterval: 30"),
+    ),
+    (
+        "syncInterval: 1h",
+        "syncInterval: 30",
         &["spec.syncInterval: expected a string, got the number 30"],
-    );
-    check(
-        &repo_with(
-            "  syncInterval: 1h",
-            "  syncInterval: 1h\n  retention:\n    gracePeriod: forever",
-        ),
+    ),
+    (
+        "  syncInterval: 1h",
+        "  syncInterval: 1h\n  retention:\n    gracePeriod: forever",
         &[r#"spec.retention.gracePeriod "forever": expected a duration"#],
-    );
+    ),
     // Unknown fields, with hints, at every level.
-    check(
-        &repo_with("syncInterval: 1h", "syncIntervall: 1h"),
+    (
+        "syncInterval: 1h",
+        "syncIntervall: 1h",
         &[
             "Repository default/nginx: spec.syncIntervall: unknown field, did you mean syncInterval?",
         ],
-    );
-    check(
-        &repo_with("  name: nginx", "  nmae: nginx"),
+    ),
+    (
+        "  name: nginx",
+        "  nmae: nginx",
         &[
             "metadata.nmae: unknown field, did you mean name?",
             "metadata.name: required field is missing",
         ],
-    );
-    check(
-        &repo_with(
-            "    name: harbor-prod",
-            "    name: harbor-prod\n    namespce: default",
-        ),
+    ),
+    (
+        "    name: harbor-prod",
+        "    name: harbor-prod\n    namespce: default",
         &["spec.registryRef.namespce: unknown field, did you mean namespace?"],
-    );
+    ),
+    // Missing required fields.
+    (
+        "  repository: library/nginx\n",
+        "",
+        &["Repository default/nginx: spec.repository: required field is missing"],
+    ),
+    (
+        "  registryRef:\n    name: harbor-prod\n",
+        "",
+        &["spec.registryRef: required field is missing"],
+    ),
+    (
+        "    name: harbor-prod\n",
+        "    namespace: default\n",
+        &["spec.registryRef.name: required field is missing"],
+    ),
+    (
+        "  tag: latest\n",
+        "",
+        &["spec.tag: required field is missing: expected one of tag, tags, tagPattern or digest"],
+    ),
+    // Wrong types.
+    (
+        "tag: latest",
+        "tag: [a]",
+        &["spec.tag: expected a string, got a list"],
+    ),
+    (
+        "  syncInterval: 1h",
+        "  syncInterval: 1h\n  suspend: \"yes\"",
+        &[r#"spec.suspend: expected true or false, got the string "yes""#],
+    ),
+    (
+        "  syncInterval: 1h",
+        "  syncInterval: 1h\n  retention:\n    keepVersions: -1",
+        &[
+            "spec.retention.keepVersions: -1 is out of range: expected an integer from 0 to 4294967295",
+        ],
+    ),
+    (
+        "  registryRef:\n    name: harbor-prod\n",
+        "  registryRef: harbor-prod\n",
+        &["spec.registryRef: expected a mapping, got the string \"harbor-prod\""],
+    ),
+    // apiVersion and kind.
+    (
+        "kind: Repository",
+        "kind: Deployment",
+        &[r#"document 1: kind "Deployment": expected one of RegistrySecret, Repository, Cluster"#],
+    ),
+    (
+        "kind: Repository",
+        "kind: Repositroy",
+        &["did you mean Repository?"],
+    ),
+    (
+        "apiVersion: image.theriseunion.io/v1alpha1",
+        "apiVersion: v1",
+        &[r#"document 1: apiVersion "v1": expected image.theriseunion.io/v1alpha1"#],
+    ),
+    (
+        "apiVersion: image.theriseunion.io/v1alpha1\n",
+        "",
+        &["document 1: apiVersion: required field is missing"],
+    ),
+    // Repository fields.
+    (
+        "repository: library/nginx",
+        "repository: Library/Nginx",
+        &[
+            r#"spec.repository "Library/Nginx": expected a repository path like library/nginx"#,
+            "lowercase",
+        ],
+    ),
+    (
+        "repository: library/nginx",
+        "repository: nginx:latest",
+        &[
+            r#"spec.repository "nginx:latest": expected a repository path"#,
+            "put the tag in spec.tag",
+        ],
+    ),
+    (
+        "repository: library/nginx",
+        "repository: /nginx",
+        &[
+            r#"spec.repository "/nginx": expected a repository path"#,
+            "leading",
+        ],
+    ),
+    (
+        "tag: latest",
+        "tag: -bad",
+        &[r#"spec.tag "-bad": expected a tag"#],
+    ),
+    (
+        "tag: latest",
+        "tag: latest\n  tags: [a, b]",
+        &["spec.tags: set together with spec.tag: expected only one of tag, tags or tagPattern"],
+    ),
+    (
+        "tag: latest",
+        "tags: [a, a]",
+        &[r#"spec.tags[1] "a": listed twice"#],
+    ),
+    (
+        "tag: latest",
+        "tagPattern:\n    pattern: \"v(1\"\n    keepLatest: 0",
+        &[
+            r#"spec.tagPattern.pattern "v(1": expected a valid regular expression"#,
+            "spec.tagPattern.keepLatest: 0 is too small: expected at least 1",
+        ],
+    ),
+    (
+        "tag: latest",
+        "digest: sha256:1234",
+        &[r#"spec.digest "sha256:1234": expected sha256: followed by 64 lowercase hex digits"#],
+    ),
+    (
+        "tag: latest",
+        "tag: latest\n  platforms: [linux, linux/amd64]",
+        &[r#"spec.platforms[0] "linux": expected os/arch or os/arch/variant"#],
+    ),
+    (
+        "    name: harbor-prod",
+        "    name: harbor-prod\n    namespace: other",
+        &[
+            r#"spec.registryRef.namespace "other": expected the Repository's own namespace "default""#,
+        ],
+    ),
+    // Metadata.
+    (
+        "  name: nginx",
+        "  name: Nginx_1",
+        &[r#"metadata.name "Nginx_1": expected a DNS-1123 name"#],
+    ),
+    (
+        "  namespace: default",
+        "  namespace: my.ns",
+        &[r#"metadata.namespace "my.ns": expected a DNS-1123 label"#],
+    ),
+    (
+        "  tag: latest\n",
+        "  tag: latest\n  tag: other\n",
+        &["input: not valid YAML", "duplicate mapping key: tag"],
+    ),
+];
+
+/// Malformed placements of `REPO`: the `placement` block, and what the errors must say.
+const MALFORMED_PLACEMENTS: &[(&str, &[&str])] = &[
+    (
+        "    clusterSelector:\n      matchExpressions:\n      - key: tier\n        operator: Maybe\n        values: [a]",
+        &[
+            r#"spec.placement.clusterSelector.matchExpressions[0].operator "Maybe": expected one of In, NotIn, Exists, DoesNotExist"#,
+        ],
+    ),
+    (
+        "    clusterSelector:\n      matchExpressions:\n      - key: tier\n        operator: Exists\n        values: [a]",
+        &[
+            "spec.placement.clusterSelector.matchExpressions[0].values: expected no values for operator Exists",
+        ],
+    ),
+    (
+        "    clusterSelector:\n      matchExpressions:\n      - key: tier\n        operator: In\n        values: []",
+        &[
+            "spec.placement.clusterSelector.matchExpressions[0].values: expected at least one value for operator In",
+        ],
+    ),
+    (
+        "    clusterSelector:\n      matchLabels:\n        tier: \"bad value!\"",
+        &[
+            r#"spec.placement.clusterSelector.matchLabels.tier "bad value!": expected a label value"#,
+        ],
+    ),
+    (
+        "    clusters: [Edge_1]",
+        &[r#"spec.placement.clusters[0] "Edge_1": expected a cluster name"#],
+    ),
+];
+
+/// Malformed variants of `SECRET`: the line replaced, what replaces it, and what the
+/// errors must say.
+const MALFORMED_SECRETS: &[(&str, &str, &[&str])] = &[
+    (
+        "provider: harbor",
+        "provider: quay",
+        &[
+            r#"RegistrySecret default/harbor-prod: spec.provider "quay": expected one of harbor, dockerhub, aliyun, generic"#,
+        ],
+    ),
+    (
+        "provider: harbor",
+        "provider: Harbor",
+        &[
+            r#"spec.provider "Harbor": expected one of harbor, dockerhub, aliyun, generic, did you mean harbor?"#,
+        ],
+    ),
+    (
+        "domain: harbor.example.com",
+        "domain: harbor..example.com",
+        &[r#"spec.domain "harbor..example.com": expected a host or host:port"#],
+    ),
+    (
+        "domain: harbor.example.com",
+        "domain: https://x",
+        &[
+            r#"spec.domain "https://x": expected a host or host:port"#,
+            "without a scheme",
+        ],
+    ),
+    (
+        "domain: harbor.example.com",
+        "domain: \"harbor example.com\"",
+        &[r#"spec.domain "harbor example.com": expected a host or host:port"#],
+    ),
+    (
+        "domain: harbor.example.com",
+        "domain: harbor.example.com:70000",
+        &["port 70000 is out of range", "from 1 to 65535"],
+    ),
+    (
+        "domain: harbor.example.com",
+        "domain: harbor.example.com/v2",
+        &["without a path"],
+    ),
+    (
+        "  password: Hunter2Secret\n",
+        "",
+        &["spec.password: required field is missing: username is set"],
+    ),
+    (
+        "  username: admin\n",
+        "",
+        &["spec.username: required field is missing: password is set"],
+    ),
+    (
+        "password: Hunter2Secret",
+        "password: [Hunter2Secret]",
+        &["spec.password: expected a string"],
+    ),
+    (
+        "  domain: harbor.example.com\n",
+        "",
+        &["spec.domain: required field is missing"],
+    ),
+];
+
+/// `REPO` with a `placement` block (lines indented by 4).
+fn repo_with_placement(body: &str) -> String {
+    repo_with(
+        "  syncInterval: 1h",
+        &format!("  syncInterval: 1h\n  placement:\n{body}"),
+    )
+}
+
+#[test]
+fn malformed_repositories_are_refused_naming_field_and_expectation() {
+    for (from, to, expected) in MALFORMED_REPOSITORIES {
+        check(&repo_with(from, to), expected);
+    }
+    for (placement, expected) in MALFORMED_PLACEMENTS {
+        check(&repo_with_placement(placement), expected);
+    }
+}
+
+#[test]
+fn malformed_secrets_are_refused_naming_field_and_expectation() {
+    for (from, to, expected) in MALFORMED_SECRETS {
+        check(&secret_with(from, to), expected);
+    }
+}
+
+#[test]
+fn malformed_documents_are_refused_naming_what_is_wrong() {
     check(
         &format!("{REPO}status:\n  foo: 1\nextra: true\n"),
         &[
             "status.foo: unknown field; expected one of",
             "extra: unknown field; expected one of",
         ],
-    );
-    // Missing required fields.
-    check(
-        &repo_with("  repository: library/nginx\n", ""),
-        &["Repository default/nginx: spec.repository: required field is missing"],
-    );
-    check(
-        &repo_with("  registryRef:\n    name: harbor-prod\n", ""),
-        &["spec.registryRef: required field is missing"],
-    );
-    check(
-        &repo_with("    name: harbor-prod\n", "    namespace: default\n"),
-        &["spec.registryRef.name: required field is missing"],
-    );
-    check(
-        &repo_with("  tag: latest\n", ""),
-        &["spec.tag: required field is missing: expected one of tag, tags, tagPattern or digest"],
-    );
-    // Wrong types.
-    check(
-        &repo_with("tag: latest", "tag: [a]"),
-        &["spec.tag: expected a string, got a list"],
-    );
-    check(
-        &repo_with(
-            "  syncInterval: 1h",
-            "  syncInterval: 1h\n  suspend: \"yes\"",
-        ),
-        &[r#"spec.suspend: expected true or false, got the string "yes""#],
-    );
-    check(
-        &repo_with(
-            "  syncInterval: 1h",
-            "  syncInterval: 1h\n  retention:\n    keepVersions: -1",
-        ),
-        &[
-            "spec.retention.keepVersions: -1 is out of range: expected an integer from 0 to 4294967295",
-        ],
-    );
-    check(
-        &repo_with(
-            "  registryRef:\n    name: harbor-prod\n",
-            "  registryRef: harbor-prod\n",
-        ),
-        &["spec.registryRef: expected a mapping, got the string \"harbor-prod\""],
-    );
-    // apiVersion and kind.
-    check(
-        &repo_with("kind: Repository", "kind: Deployment"),
-        &[r#"document 1: kind "Deployment": expected one of RegistrySecret, Repository, Cluster"#],
-    );
-    check(
-        &repo_with("kind: Repository", "kind: Repositroy"),
-        &["did you mean Repository?"],
-    );
-    check(
-        &repo_with(
-            "apiVersion: image.theriseunion.io/v1alpha1",
-            "apiVersion: v1",
-        ),
-        &[r#"document 1: apiVersion "v1": expected image.theriseunion.io/v1alpha1"#],
-    );
-    check(
-        &repo_with("apiVersion: image.theriseunion.io/v1alpha1\n", ""),
-        &["document 1: apiVersion: required field is missing"],
-    );
-    // RegistrySecret fields.
-    check(
-        &secret_with("provider: harbor", "provider: quay"),
-        &[
-            r#"RegistrySecret default/harbor-prod: spec.provider "quay": expected one of harbor, dockerhub, aliyun, generic"#,
-        ],
-    );
-    check(
-        &secret_with("provider: harbor", "provider: Harbor"),
-        &[
-            r#"spec.provider "Harbor": expected one of harbor, dockerhub, aliyun, generic, did you mean harbor?"#,
-        ],
-    );
-    check(
-        &secret_with("domain: harbor.example.com", "domain: harbor..example.com"),
-        &[r#"spec.domain "harbor..example.com": expected a host or host:port"#],
-    );
-    check(
-        &secret_with("domain: harbor.example.com", "domain: https://x"),
-        &[
-            r#"spec.domain "https://x": expected a host or host:port"#,
-            "without a scheme",
-        ],
-    );
-    check(
-        &secret_with(
-            "domain: harbor.example.com",
-            "domain: \"harbor example.com\"",
-        ),
-        &[r#"spec.domain "harbor example.com": expected a host or host:port"#],
-    );
-    check(
-        &secret_with(
-            "domain: harbor.example.com",
-            "domain: harbor.example.com:70000",
-        ),
-        &["port 70000 is out of range", "from 1 to 65535"],
-    );
-    check(
-        &secret_with(
-            "domain: harbor.example.com",
-            "domain: harbor.example.com/v2",
-        ),
-        &["without a path"],
-    );
-    check(
-        &secret_with("  password: Hunter2Secret\n", ""),
-        &["spec.password: required field is missing: username is set"],
-    );
-    check(
-        &secret_with("  username: admin\n", ""),
-        &["spec.username: required field is missing: password is set"],
-    );
-    check(
-        &secret_with("password: Hunter2Secret", "password: [Hunter2Secret]"),
-        &["spec.password: expected a string"],
-    );
-    check(
-        &secret_with("  domain: harbor.example.com\n", ""),
-        &["spec.domain: required field is missing"],
-    );
-    // Repository fields.
-    check(
-        &repo_with("repository: library/nginx", "repository: Library/Nginx"),
-        &[
-            r#"spec.repository "Library/Nginx": expected a repository path like library/nginx"#,
-            "lowercase",
-        ],
-    );
-    check(
-        &repo_with("repository: library/nginx", "repository: nginx:latest"),
-        &[
-            r#"spec.repository "nginx:latest": expected a repository path"#,
-            "put the tag in spec.tag",
-        ],
-    );
-    check(
-        &repo_with("repository: library/nginx", "repository: /nginx"),
-        &[
-            r#"spec.repository "/nginx": expected a repository path"#,
-            "leading",
-        ],
-    );
-    check(
-        &repo_with("tag: latest", "tag: -bad"),
-        &[r#"spec.tag "-bad": expected a tag"#],
-    );
-    check(
-        &repo_with("tag: latest", "tag: latest\n  tags: [a, b]"),
-        &["spec.tags: set together with spec.tag: expected only one of tag, tags or tagPattern"],
-    );
-    check(
-        &repo_with("tag: latest", "tags: [a, a]"),
-        &[r#"spec.tags[1] "a": listed twice"#],
-    );
-    check(
-        &repo_with(
-            "tag: latest",
-            "tagPattern:\n    pattern: \"v(1\"\n    keepLatest: 0",
-        ),
-        &[
-            r#"spec.tagPattern.pattern "v(1": expected a valid regular expression"#,
-            "spec.tagPattern.keepLatest: 0 is too small: expected at least 1",
-        ],
-    );
-    check(
-        &repo_with("tag: latest", "digest: sha256:1234"),
-        &[r#"spec.digest "sha256:1234": expected sha256: followed by 64 lowercase hex digits"#],
-    );
-    check(
-        &repo_with(
-            "tag: latest",
-            "tag: latest\n  platforms: [linux, linux/amd64]",
-        ),
-        &[r#"spec.platforms[0] "linux": expected os/arch or os/arch/variant"#],
-    );
-    check(
-        &repo_with(
-            "    name: harbor-prod",
-            "    name: harbor-prod\n    namespace: other",
-        ),
-        &[
-            r#"spec.registryRef.namespace "other": expected the Repository's own namespace "default""#,
-        ],
-    );
-    // Placement.
-    let placement = |body: &str| {
-        repo_with(
-            "  syncInterval: 1h",
-            &format!("  syncInterval: 1h\n  placement:\n{body}"),
-        )
-    };
-    check(
-        &placement(
-            "    clusterSelector:\n      matchExpressions:\n      - key: tier\n        operator: Maybe\n        values: [a]",
-        ),
-        &[
-            r#"spec.placement.clusterSelector.matchExpressions[0].operator "Maybe": expected one of In, NotIn, Exists, DoesNotExist"#,
-        ],
-    );
-    check(
-        &placement(
-            "    clusterSelector:\n      matchExpressions:\n      - key: tier\n        operator: Exists\n        values: [a]",
-        ),
-        &[
-            "spec.placement.clusterSelector.matchExpressions[0].values: expected no values for operator Exists",
-        ],
-    );
-    check(
-        &placement(
-            "    clusterSelector:\n      matchExpressions:\n      - key: tier\n        operator: In\n        values: []",
-        ),
-        &[
-            "spec.placement.clusterSelector.matchExpressions[0].values: expected at least one value for operator In",
-        ],
-    );
-    check(
-        &placement("    clusterSelector:\n      matchLabels:\n        tier: \"bad value!\""),
-        &[
-            r#"spec.placement.clusterSelector.matchLabels.tier "bad value!": expected a label value"#,
-        ],
-    );
-    check(
-        &placement("    clusters: [Edge_1]"),
-        &[r#"spec.placement.clusters[0] "Edge_1": expected a cluster name"#],
-    );
-    // Metadata.
-    check(
-        &repo_with("  name: nginx", "  name: Nginx_1"),
-        &[r#"metadata.name "Nginx_1": expected a DNS-1123 name"#],
-    );
-    check(
-        &repo_with("  namespace: default", "  namespace: my.ns"),
-        &[r#"metadata.namespace "my.ns": expected a DNS-1123 label"#],
     );
     // Cluster.
     check(
@@ -580,10 +617,6 @@ fn malformed_variants_are_refused_naming_field_and_expectation() {
         &["Repository default/nginx: defined twice in one input (documents 1 and 2)"],
     );
     check("kind: [unclosed\n", &["input: not valid YAML: line 1"]);
-    check(
-        &repo_with("  tag: latest\n", "  tag: latest\n  tag: other\n"),
-        &["input: not valid YAML", "duplicate mapping key: tag"],
-    );
 }
 
 #[test]
@@ -677,22 +710,15 @@ fn yaml_model_wire_model_round_trips() {
     let with_status = "\
 apiVersion: image.theriseunion.io/v1alpha1
 kind: Repository
-metadata:
-  name: app
-  namespace: team-a
-  labels:
-    tier: edge
-  resourceVersion: \"42\"
-  generation: 3
-  uid: 0b6c-11
-  creationTimestamp: 2026-01-08T10:00:00Z
+metadata: {name: web, namespace: team-b, labels: {tier: edge}, resourceVersion: \"42\",
+  generation: 3, uid: 0b6c-11, creationTimestamp: 2026-01-08T10:00:00Z}
 spec:
-  repository: team-a/app
+  repository: team-b/web
   tags: [v1, v2]
   platforms: [linux/amd64]
   registryRef:
     name: harbor
-    namespace: team-a
+    namespace: team-b
   syncInterval: 30m
   placement:
     clusterSelector:
@@ -877,222 +903,185 @@ fn flow_list(n: usize, item: impl Fn(usize) -> String) -> String {
     format!("[{}]", items.join(", "))
 }
 
+/// A string of `n` bytes.
+fn long(n: usize) -> String {
+    "a".repeat(n)
+}
+
+/// A Cluster `edge-1` with one line of `spec`.
+fn cluster_with(spec_line: &str) -> String {
+    format!(
+        "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: edge-1\nspec:\n  {spec_line}\n"
+    )
+}
+
+/// A Repository placed by a `clusterSelector` with the given body.
+fn selector_with(selector: &str) -> String {
+    repo_with(
+        "tag: latest",
+        &format!("tag: latest\n  placement: {{clusterSelector: {{{selector}}}}}"),
+    )
+}
+
 #[test]
 fn oversized_fields_are_refused_naming_field_and_limit() {
     use super::validate::*;
-    let long = |n: usize| "a".repeat(n);
-    // (yaml, what the error must say); the same yaml one step smaller is valid.
-    let cases: Vec<(String, String, &str)> = vec![
+    // (the object with n of the field's unit, the limit, what the error says one past
+    // it); at the limit the object is valid.
+    type OfSize = fn(usize) -> String;
+    let cases: &[(OfSize, usize, &str)] = &[
         (
-            secret_with(
-                "password: Hunter2Secret",
-                &format!(
-                    "password: Hunter2Secret{}",
-                    long(MAX_PASSWORD_BYTES - 13 + 1)
-                ),
-            ),
-            secret_with(
-                "password: Hunter2Secret",
-                &format!("password: Hunter2Secret{}", long(MAX_PASSWORD_BYTES - 13)),
-            ),
+            |n| {
+                secret_with(
+                    "password: Hunter2Secret",
+                    &format!("password: Hunter2Secret{}", long(n - 13)),
+                )
+            },
+            MAX_PASSWORD_BYTES,
             "RegistrySecret default/harbor-prod: spec.password: 64.0 KiB long: expected a password or token of at most 64 KiB",
         ),
         (
-            secret_with(
-                "username: admin",
-                &format!("username: {}", long(MAX_USERNAME_BYTES + 1)),
-            ),
-            secret_with(
-                "username: admin",
-                &format!("username: {}", long(MAX_USERNAME_BYTES)),
-            ),
+            |n| secret_with("username: admin", &format!("username: {}", long(n))),
+            MAX_USERNAME_BYTES,
             "spec.username: 1.0 KiB long: expected a user name of at most 1 KiB",
         ),
         (
-            repo_with(
-                "tag: latest",
-                &format!("tags: {}", flow_list(MAX_TAGS + 1, |i| format!("v{i}"))),
-            ),
-            repo_with(
-                "tag: latest",
-                &format!("tags: {}", flow_list(MAX_TAGS, |i| format!("v{i}"))),
-            ),
+            |n| {
+                repo_with(
+                    "tag: latest",
+                    &format!("tags: {}", flow_list(n, |i| format!("v{i}"))),
+                )
+            },
+            MAX_TAGS,
             "spec.tags: 257 entries: expected at most 256; a tagPattern with keepLatest picks many tags",
         ),
         (
-            repo_with(
-                "tag: latest",
-                "tagPattern: {pattern: '^v', keepLatest: 257}",
-            ),
-            repo_with(
-                "tag: latest",
-                "tagPattern: {pattern: '^v', keepLatest: 256}",
-            ),
+            |n| {
+                repo_with(
+                    "tag: latest",
+                    &format!("tagPattern: {{pattern: '^v', keepLatest: {n}}}"),
+                )
+            },
+            MAX_TAGS,
             "spec.tagPattern.keepLatest: 257 is too large: expected at most 256 versions",
         ),
         (
-            repo_with(
-                "tag: latest",
-                &format!("tagPattern: {{pattern: '{}'}}", long(MAX_PATTERN_BYTES + 1)),
-            ),
-            repo_with(
-                "tag: latest",
-                &format!("tagPattern: {{pattern: '{}'}}", long(MAX_PATTERN_BYTES)),
-            ),
+            |n| {
+                repo_with(
+                    "tag: latest",
+                    &format!("tagPattern: {{pattern: '{}'}}", long(n)),
+                )
+            },
+            MAX_PATTERN_BYTES,
             "spec.tagPattern.pattern: 1.0 KiB long: expected a regular expression of at most 1 KiB",
         ),
         (
-            repo_with(
-                "tag: latest",
-                &format!(
-                    "tag: latest\n  platforms: {}",
-                    flow_list(MAX_PLATFORMS + 1, |i| format!("linux/arch{i}"))
-                ),
-            ),
-            repo_with(
-                "tag: latest",
-                &format!(
-                    "tag: latest\n  platforms: {}",
-                    flow_list(MAX_PLATFORMS, |i| format!("linux/arch{i}"))
-                ),
-            ),
+            |n| {
+                repo_with(
+                    "tag: latest",
+                    &format!(
+                        "tag: latest\n  platforms: {}",
+                        flow_list(n, |i| format!("linux/arch{i}"))
+                    ),
+                )
+            },
+            MAX_PLATFORMS,
             "spec.platforms: 17 entries: expected at most 16",
         ),
         (
-            repo_with(
-                "tag: latest",
-                &format!(
-                    "tag: latest\n  placement: {{clusters: {}}}",
-                    flow_list(MAX_PLACEMENT_CLUSTERS + 1, |i| format!("edge-{i}"))
-                ),
-            ),
-            repo_with(
-                "tag: latest",
-                &format!(
-                    "tag: latest\n  placement: {{clusters: {}}}",
-                    flow_list(MAX_PLACEMENT_CLUSTERS, |i| format!("edge-{i}"))
-                ),
-            ),
+            |n| {
+                repo_with(
+                    "tag: latest",
+                    &format!(
+                        "tag: latest\n  placement: {{clusters: {}}}",
+                        flow_list(n, |i| format!("edge-{i}"))
+                    ),
+                )
+            },
+            MAX_PLACEMENT_CLUSTERS,
             "spec.placement.clusters: 1001 entries: expected at most 1000; select that many clusters by label with clusterSelector",
         ),
         (
-            repo_with(
-                "tag: latest",
-                &format!(
-                    "tag: latest\n  placement: {{clusterSelector: {{matchExpressions: [{{key: site, operator: In, values: {}}}]}}}}",
-                    flow_list(MAX_SELECTOR_VALUES + 1, |i| format!("s{i}"))
-                ),
-            ),
-            repo_with(
-                "tag: latest",
-                &format!(
-                    "tag: latest\n  placement: {{clusterSelector: {{matchExpressions: [{{key: site, operator: In, values: {}}}]}}}}",
-                    flow_list(MAX_SELECTOR_VALUES, |i| format!("s{i}"))
-                ),
-            ),
+            |n| {
+                selector_with(&format!(
+                    "matchExpressions: [{{key: site, operator: In, values: {}}}]",
+                    flow_list(n, |i| format!("s{i}"))
+                ))
+            },
+            MAX_SELECTOR_VALUES,
             "spec.placement.clusterSelector.matchExpressions[0].values: 65 entries: expected at most 64",
         ),
         (
-            repo_with(
-                "tag: latest",
-                &format!(
-                    "tag: latest\n  placement: {{clusterSelector: {{matchExpressions: {}}}}}",
-                    flow_list(MAX_SELECTOR_EXPRESSIONS + 1, |i| format!(
-                        "{{key: k{i}, operator: Exists}}"
-                    ))
-                ),
-            ),
-            repo_with(
-                "tag: latest",
-                &format!(
-                    "tag: latest\n  placement: {{clusterSelector: {{matchExpressions: {}}}}}",
-                    flow_list(MAX_SELECTOR_EXPRESSIONS, |i| format!(
-                        "{{key: k{i}, operator: Exists}}"
-                    ))
-                ),
-            ),
+            |n| {
+                selector_with(&format!(
+                    "matchExpressions: {}",
+                    flow_list(n, |i| format!("{{key: k{i}, operator: Exists}}"))
+                ))
+            },
+            MAX_SELECTOR_EXPRESSIONS,
             "spec.placement.clusterSelector.matchExpressions: 33 entries: expected at most 32",
         ),
         (
-            repo_with(
-                "  namespace: default\n",
-                &format!(
-                    "  namespace: default\n  labels: {{{}}}\n",
-                    (0..=MAX_LABELS)
-                        .map(|i| format!("k{i}: v"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ),
-            repo_with(
-                "  namespace: default\n",
-                &format!(
-                    "  namespace: default\n  labels: {{{}}}\n",
-                    (0..MAX_LABELS)
-                        .map(|i| format!("k{i}: v"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ),
+            |n| {
+                repo_with(
+                    "  namespace: default\n",
+                    &format!(
+                        "  namespace: default\n  labels: {{{}}}\n",
+                        (0..n)
+                            .map(|i| format!("k{i}: v"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            },
+            MAX_LABELS,
             "metadata.labels: 65 entries: expected at most 64",
         ),
         (
-            repo_with(
-                "  namespace: default\n",
-                &format!(
-                    "  namespace: default\n  annotations: {{note: {}}}\n",
-                    long(MAX_ANNOTATIONS_BYTES - 4 + 1)
-                ),
-            ),
-            repo_with(
-                "  namespace: default\n",
-                &format!(
-                    "  namespace: default\n  annotations: {{note: {}}}\n",
-                    long(MAX_ANNOTATIONS_BYTES - 4)
-                ),
-            ),
+            |n| {
+                repo_with(
+                    "  namespace: default\n",
+                    &format!(
+                        "  namespace: default\n  annotations: {{note: {}}}\n",
+                        long(n - 4)
+                    ),
+                )
+            },
+            MAX_ANNOTATIONS_BYTES,
             "metadata.annotations: 256.0 KiB in keys and values: expected at most 256 KiB in total, as in Kubernetes",
         ),
         (
-            repo_with(
-                "syncInterval: 1h",
-                &format!("syncInterval: \"{}\"", "1h".repeat(MAX_DURATION_BYTES)),
-            ),
-            repo_with(
-                "syncInterval: 1h",
-                "syncInterval: \"000000000001d000000000001h000000000001m000000000001s\"",
-            ),
-            "spec.syncInterval: 104 bytes long: expected a duration like 30m, 1h or 24h of at most 52 bytes",
-        ),
-        (
-            format!(
-                "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: edge-1\nspec:\n  tenants: {}\n",
-                flow_list(MAX_TENANTS + 1, |i| format!("t{i}"))
-            ),
-            format!(
-                "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: edge-1\nspec:\n  tenants: {}\n",
-                flow_list(MAX_TENANTS, |i| format!("t{i}"))
-            ),
+            |n| cluster_with(&format!("tenants: {}", flow_list(n, |i| format!("t{i}")))),
+            MAX_TENANTS,
             "Cluster edge-1: spec.tenants: 1001 entries: expected at most 1000",
         ),
         (
-            format!(
-                "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: edge-1\nspec:\n  description: {}\n",
-                long(MAX_DESCRIPTION_BYTES + 1)
-            ),
-            format!(
-                "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: edge-1\nspec:\n  description: {}\n",
-                long(MAX_DESCRIPTION_BYTES)
-            ),
+            |n| cluster_with(&format!("description: {}", long(n))),
+            MAX_DESCRIPTION_BYTES,
             "Cluster edge-1: spec.description: 4.0 KiB long: expected a description of at most 4 KiB",
         ),
     ];
-    for (over, at_limit, want) in &cases {
-        check(over, &[want]);
-        if let Err(e) = parse_documents(at_limit) {
+    for (object, limit, want) in cases {
+        check(&object(limit + 1), &[want]);
+        if let Err(e) = parse_documents(&object(*limit)) {
             panic!("at the limit of {want:?}, refused: {e:?}");
         }
     }
+    // A duration's limit is its longest form, which no repetition of one unit reaches.
+    check(
+        &repo_with(
+            "syncInterval: 1h",
+            &format!("syncInterval: \"{}\"", "1h".repeat(MAX_DURATION_BYTES)),
+        ),
+        &[
+            "spec.syncInterval: 104 bytes long: expected a duration like 30m, 1h or 24h of at most 52 bytes",
+        ],
+    );
+    parse_documents(&repo_with(
+        "syncInterval: 1h",
+        "syncInterval: \"000000000001d000000000001h000000000001m000000000001s\"",
+    ))
+    .expect("the longest duration is valid");
 }
 
 #[test]

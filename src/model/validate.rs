@@ -7,8 +7,9 @@ use std::sync::OnceLock;
 use regex::Regex;
 
 use super::{
-    Cluster, LabelSelector, MIN_SYNC_INTERVAL, Object, RegistrySecret, Repository,
-    SelectorOperator, ValidationError, format_duration, parse_duration,
+    Cluster, LabelSelector, MIN_SYNC_INTERVAL, Object, Placement, RegistryRef, RegistrySecret,
+    Repository, Retention, SelectorOperator, TagPattern, ValidationError, format_duration,
+    parse_duration,
 };
 
 // Size limits of the fields an operator writes. Each bounds one field, so that
@@ -150,6 +151,9 @@ pub(crate) fn is_digest(s: &str) -> bool {
     static RE: OnceLock<Regex> = OnceLock::new();
     re(&RE, r"^sha256:[0-9a-f]{64}$").is_match(s)
 }
+
+/// What a tag must look like, for messages.
+const EXPECTED_TAG: &str = "expected a tag: letters, digits, '_', '.' and '-', not starting with '.' or '-', at most 128 characters";
 
 fn is_platform(s: &str) -> bool {
     static RE: OnceLock<Regex> = OnceLock::new();
@@ -414,7 +418,54 @@ impl Errors {
 
     fn repository(&mut self, o: &Repository, namespace: &str) {
         let spec = &o.spec;
-        let repo = &spec.repository;
+        self.repository_path(&spec.repository);
+        self.version_choice(o);
+        if let Some(tag) = &spec.tag
+            && !is_tag(tag)
+        {
+            self.push("spec.tag", format!("{}: {EXPECTED_TAG}", shown(tag)));
+        }
+        self.at_most(
+            "spec.tags",
+            spec.tags.len(),
+            MAX_TAGS,
+            "; a tagPattern with keepLatest picks many tags",
+        );
+        self.each_once("spec.tags", &spec.tags, "tag", |tag| {
+            (!is_tag(tag)).then(|| EXPECTED_TAG.to_owned())
+        });
+        if let Some(p) = &spec.tag_pattern {
+            self.tag_pattern(p);
+        }
+        if let Some(d) = &spec.digest
+            && !is_digest(d)
+        {
+            self.push(
+                "spec.digest",
+                format!(
+                    "{}: expected sha256: followed by 64 lowercase hex digits",
+                    shown(d)
+                ),
+            );
+        }
+        self.at_most("spec.platforms", spec.platforms.len(), MAX_PLATFORMS, "");
+        self.each_once("spec.platforms", &spec.platforms, "platform", |p| {
+            (!is_platform(p) || p.len() > MAX_PLATFORM_BYTES).then(|| format!("expected os/arch or os/arch/variant, e.g. linux/amd64 or linux/arm64/v8, at most {MAX_PLATFORM_BYTES} characters"))
+        });
+        self.registry_ref(&spec.registry_ref, namespace);
+        if let Some(interval) = &spec.sync_interval {
+            self.duration("spec.syncInterval", interval, Some(MIN_SYNC_INTERVAL));
+        }
+        if let Some(placement) = &spec.placement {
+            self.placement(placement);
+        }
+        if let Some(retention) = &spec.retention {
+            self.retention(retention);
+        }
+    }
+
+    /// `spec.repository`: an OCI repository path, with a hint for the usual mistakes.
+    fn repository_path(&mut self, repo: &str) {
         if repo.is_empty() {
             self.push(
                 "spec.repository",
@@ -435,7 +486,12 @@ impl Errors {
                 format!("{}: expected a repository path like library/nginx: lowercase letters and digits separated by '.', '_' or '-', components joined by '/', at most 255 characters{extra}", shown(repo)),
             );
         }
+    }
 
+    /// Which versions a Repository names: one of tag, tags or tagPattern, or a digest
+    /// (alone or with a single tag).
+    fn version_choice(&mut self, o: &Repository) {
+        let spec = &o.spec;
         let has_tag = spec.tag.is_some();
         let has_tags = !spec.tags.is_empty();
         let has_pattern = spec.tag_pattern.is_some();
@@ -469,102 +525,51 @@ impl Errors {
                 "a pinned digest cannot be combined with tags or tagPattern: expected digest alone or with a single tag",
             );
         }
-        if let Some(tag) = &spec.tag
-            && !is_tag(tag)
-        {
-            self.push(
-                "spec.tag",
-                format!("{}: expected a tag: letters, digits, '_', '.' and '-', not starting with '.' or '-', at most 128 characters", shown(tag)),
-            );
-        }
-        self.at_most(
-            "spec.tags",
-            spec.tags.len(),
-            MAX_TAGS,
-            "; a tagPattern with keepLatest picks many tags",
-        );
-        let mut seen = BTreeSet::new();
-        for (i, tag) in spec.tags.iter().enumerate() {
-            if !is_tag(tag) {
-                self.push(
-                    format!("spec.tags[{i}]"),
-                    format!("{}: expected a tag: letters, digits, '_', '.' and '-', not starting with '.' or '-', at most 128 characters", shown(tag)),
-                );
-            } else if !seen.insert(tag) {
-                self.push(
-                    format!("spec.tags[{i}]"),
-                    format!("{tag:?}: listed twice; expected each tag once"),
-                );
-            }
-        }
-        if let Some(p) = &spec.tag_pattern {
-            if p.pattern.is_empty() {
-                self.push(
-                    "spec.tagPattern.pattern",
-                    "must not be empty; expected a regular expression like ^v1\\.[0-9]+\\.[0-9]+$",
-                );
-            } else if self.within(
-                "spec.tagPattern.pattern",
-                &p.pattern,
-                MAX_PATTERN_BYTES,
-                "a regular expression",
-            ) && let Err(e) = Regex::new(&p.pattern)
-            {
-                let first = e
-                    .to_string()
-                    .lines()
-                    .last()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned();
-                self.push(
-                    "spec.tagPattern.pattern",
-                    format!(
-                        "{}: expected a valid regular expression ({first})",
-                        shown(&p.pattern)
-                    ),
-                );
-            }
-            match p.keep_latest {
-                Some(0) => self.push(
-                    "spec.tagPattern.keepLatest",
-                    "0 is too small: expected at least 1",
-                ),
-                Some(n) if n as usize > MAX_TAGS => self.push(
-                    "spec.tagPattern.keepLatest",
-                    format!("{n} is too large: expected at most {MAX_TAGS} versions"),
-                ),
-                _ => {}
-            }
-        }
-        if let Some(d) = &spec.digest
-            && !is_digest(d)
-        {
-            self.push(
-                "spec.digest",
-                format!(
-                    "{}: expected sha256: followed by 64 lowercase hex digits",
-                    shown(d)
-                ),
-            );
-        }
-        self.at_most("spec.platforms", spec.platforms.len(), MAX_PLATFORMS, "");
-        let mut seen = BTreeSet::new();
-        for (i, p) in spec.platforms.iter().enumerate() {
-            if !is_platform(p) || p.len() > MAX_PLATFORM_BYTES {
-                self.push(
-                    format!("spec.platforms[{i}]"),
-                    format!("{}: expected os/arch or os/arch/variant, e.g. linux/amd64 or linux/arm64/v8, at most {MAX_PLATFORM_BYTES} characters", shown(p)),
-                );
-            } else if !seen.insert(p) {
-                self.push(
-                    format!("spec.platforms[{i}]"),
-                    format!("{p:?}: listed twice; expected each platform once"),
-                );
-            }
-        }
+    }
 
-        let r = &spec.registry_ref;
+    fn tag_pattern(&mut self, p: &TagPattern) {
+        if p.pattern.is_empty() {
+            self.push(
+                "spec.tagPattern.pattern",
+                "must not be empty; expected a regular expression like ^v1\\.[0-9]+\\.[0-9]+$",
+            );
+        } else if self.within(
+            "spec.tagPattern.pattern",
+            &p.pattern,
+            MAX_PATTERN_BYTES,
+            "a regular expression",
+        ) && let Err(e) = Regex::new(&p.pattern)
+        {
+            let first = e
+                .to_string()
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            self.push(
+                "spec.tagPattern.pattern",
+                format!(
+                    "{}: expected a valid regular expression ({first})",
+                    shown(&p.pattern)
+                ),
+            );
+        }
+        match p.keep_latest {
+            Some(0) => self.push(
+                "spec.tagPattern.keepLatest",
+                "0 is too small: expected at least 1",
+            ),
+            Some(n) if n as usize > MAX_TAGS => self.push(
+                "spec.tagPattern.keepLatest",
+                format!("{n} is too large: expected at most {MAX_TAGS} versions"),
+            ),
+            _ => {}
+        }
+    }
+
+    /// `spec.registryRef`: a RegistrySecret of the Repository's own namespace.
+    fn registry_ref(&mut self, r: &RegistryRef, namespace: &str) {
         if r.name.is_empty() {
             self.push(
                 "spec.registryRef.name",
@@ -587,44 +592,60 @@ impl Errors {
                 format!("{}: expected the Repository's own namespace {namespace:?}; a RegistrySecret is usable only from its own namespace", shown(ns)),
             );
         }
-        if let Some(interval) = &spec.sync_interval {
-            self.duration("spec.syncInterval", interval, Some(MIN_SYNC_INTERVAL));
+    }
+
+    fn placement(&mut self, placement: &Placement) {
+        if let Some(sel) = &placement.cluster_selector {
+            self.selector("spec.placement.clusterSelector", sel);
         }
-        if let Some(placement) = &spec.placement {
-            if let Some(sel) = &placement.cluster_selector {
-                self.selector("spec.placement.clusterSelector", sel);
-            }
-            self.at_most(
-                "spec.placement.clusters",
-                placement.clusters.len(),
-                MAX_PLACEMENT_CLUSTERS,
-                "; select that many clusters by label with clusterSelector",
+        self.at_most(
+            "spec.placement.clusters",
+            placement.clusters.len(),
+            MAX_PLACEMENT_CLUSTERS,
+            "; select that many clusters by label with clusterSelector",
+        );
+        self.each_once(
+            "spec.placement.clusters",
+            &placement.clusters,
+            "cluster",
+            |c| (!is_dns_subdomain(c)).then(|| "expected a cluster name (DNS-1123)".to_owned()),
+        );
+    }
+
+    fn retention(&mut self, retention: &Retention) {
+        if retention.keep_versions == Some(0) {
+            self.push(
+                "spec.retention.keepVersions",
+                "0 is too small: expected at least 1",
             );
-            let mut seen = BTreeSet::new();
-            for (i, c) in placement.clusters.iter().enumerate() {
-                let field = format!("spec.placement.clusters[{i}]");
-                if !is_dns_subdomain(c) {
-                    self.push(
-                        field,
-                        format!("{}: expected a cluster name (DNS-1123)", shown(c)),
-                    );
-                } else if !seen.insert(c) {
-                    self.push(
-                        field,
-                        format!("{c:?}: listed twice; expected each cluster once"),
-                    );
-                }
-            }
         }
-        if let Some(retention) = &spec.retention {
-            if retention.keep_versions == Some(0) {
+        if let Some(g) = &retention.grace_period {
+            self.duration("spec.retention.gracePeriod", g, None);
+        }
+    }
+
+    /// Checks each entry of the list `field` with `invalid` (what was expected, when the
+    /// entry is not valid), and refuses a valid entry listed twice: a set written as a
+    /// list, such as tags, platforms, clusters or tenants.
+    fn each_once(
+        &mut self,
+        field: &str,
+        entries: &[String],
+        noun: &str,
+        invalid: impl Fn(&str) -> Option<String>,
+    ) {
+        let mut seen = BTreeSet::new();
+        for (i, entry) in entries.iter().enumerate() {
+            if let Some(expected) = invalid(entry) {
                 self.push(
-                    "spec.retention.keepVersions",
-                    "0 is too small: expected at least 1",
+                    format!("{field}[{i}]"),
+                    format!("{}: {expected}", shown(entry)),
                 );
-            }
-            if let Some(g) = &retention.grace_period {
-                self.duration("spec.retention.gracePeriod", g, None);
+            } else if !seen.insert(entry) {
+                self.push(
+                    format!("{field}[{i}]"),
+                    format!("{entry:?}: listed twice; expected each {noun} once"),
+                );
             }
         }
     }
@@ -717,20 +738,8 @@ impl Errors {
                 "a description",
             );
         }
-        let mut seen = BTreeSet::new();
-        for (i, t) in o.spec.tenants.iter().enumerate() {
-            let field = format!("spec.tenants[{i}]");
-            if !is_dns_label(t) {
-                self.push(
-                    field,
-                    format!("{}: expected a namespace name (DNS-1123 label)", shown(t)),
-                );
-            } else if !seen.insert(t) {
-                self.push(
-                    field,
-                    format!("{t:?}: listed twice; expected each namespace once"),
-                );
-            }
-        }
+        self.each_once("spec.tenants", &o.spec.tenants, "namespace", |t| {
+            (!is_dns_label(t)).then(|| "expected a namespace name (DNS-1123 label)".to_owned())
+        });
     }
 }

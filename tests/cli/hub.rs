@@ -332,93 +332,119 @@ impl AdminService for MemoryHub {
 
 #[test]
 fn verbs_work_against_an_admin_service_over_mutual_tls() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let pki = pki();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let service = MemoryHub {
-        objects: Mutex::new(BTreeMap::new()),
-        issued: (
-            pki.ca_pem.clone(),
-            pki.client_cert.clone(),
-            pki.client_key.clone(),
-        ),
-    };
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(
-            &pki.server_cert,
-            &pki.server_key,
-        ))
-        .client_ca_root(tonic::transport::Certificate::from_pem(&pki.ca_pem));
-    let server = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .expect("server tls")
-        .add_service(AdminServiceServer::new(service))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-    let handle = runtime.spawn(server);
-
-    let creds = tempfile::tempdir().expect("tempdir");
-    write_client_credentials(creds.path(), &pki);
-    let dir = creds.path().display().to_string();
-    let hub = format!("https://127.0.0.1:{port}");
-    let run = |args: &[&str]| -> (Option<i32>, String, String) {
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--hub", &hub, "--credentials", &dir]);
-        let out = imgfleet(&all);
-        (out.status.code(), text(&out.stdout), text(&out.stderr))
-    };
+    let hub = ServedHub::start();
     let seed = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("src/model/testdata/seed-production.yaml")
         .display()
         .to_string();
+    apply_reports_each_object(&hub, &seed);
+    get_shows_tables_yaml_and_json_without_passwords(&hub);
+    describe_and_a_missing_object(&hub);
+    enroll_writes_private_credentials(&hub);
+    delete_goes_in_reverse_order(&hub, &seed);
+    a_foreign_certificate_is_refused(&hub);
+}
 
-    let (code, stdout, stderr) = run(&["apply", "-f", &seed]);
+/// The in-memory AdminService on a free port, and the admin credentials for it.
+struct ServedHub {
+    pki: Pki,
+    url: String,
+    creds: tempfile::TempDir,
+    /// Serves the AdminService; stopped on drop.
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl ServedHub {
+    fn start() -> ServedHub {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let pki = pki();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let service = MemoryHub {
+            objects: Mutex::new(BTreeMap::new()),
+            issued: (
+                pki.ca_pem.clone(),
+                pki.client_cert.clone(),
+                pki.client_key.clone(),
+            ),
+        };
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &pki.server_cert,
+                &pki.server_key,
+            ))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&pki.ca_pem));
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .expect("server tls")
+            .add_service(AdminServiceServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = runtime.spawn(server);
+        let creds = tempfile::tempdir().expect("tempdir");
+        write_client_credentials(creds.path(), &pki);
+        ServedHub {
+            pki,
+            url: format!("https://127.0.0.1:{port}"),
+            creds,
+            server,
+            _runtime: runtime,
+        }
+    }
+
+    /// Runs `imgfleet ARGS --hub URL --credentials DIR`: (exit code, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let dir = self.creds.path().display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--hub", &self.url, "--credentials", &dir]);
+        let out = imgfleet(&all);
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    }
+}
+
+impl Drop for ServedHub {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn apply_reports_each_object(hub: &ServedHub, seed: &str) {
+    let (code, stdout, stderr) = hub.run(&["apply", "-f", seed]);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(
         stdout,
         "RegistrySecret production/harbor-prod created\nRepository production/myapp-v1.0.0 created\n"
     );
-    let (_, stdout, _) = run(&["apply", "-f", &seed]);
+    let (_, stdout, _) = hub.run(&["apply", "-f", seed]);
     assert!(
         stdout.contains("Repository production/myapp-v1.0.0 unchanged"),
         "{stdout}"
     );
+}
 
-    let (code, stdout, stderr) = run(&["get", "repo", "-n", "production"]);
+fn get_shows_tables_yaml_and_json_without_passwords(hub: &ServedHub) {
+    let (code, stdout, stderr) = hub.run(&["get", "repo", "-n", "production"]);
     assert_eq!(code, Some(0), "{stderr}");
     let mut lines = stdout.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    assert_eq!(
-        header,
-        [
-            "NAMESPACE",
-            "NAME",
-            "REPOSITORY",
-            "TAG",
-            "DIGEST",
-            "SYNCED",
-            "AGE"
-        ]
-    );
-    let row: Vec<&str> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let mut words = || -> Vec<&str> {
+        lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect()
+    };
+    let header = "NAMESPACE NAME REPOSITORY TAG DIGEST SYNCED AGE";
+    assert_eq!(words(), header.split_whitespace().collect::<Vec<_>>());
     // Nothing resolves tags in this fake hub, so DIGEST says so.
     assert_eq!(
-        row[..6],
+        words()[..6],
         [
             "production",
             "myapp-v1.0.0",
@@ -430,7 +456,7 @@ fn verbs_work_against_an_admin_service_over_mutual_tls() {
     );
 
     let (code, stdout, stderr) =
-        run(&["get", "rs", "harbor-prod", "-n", "production", "-o", "yaml"]);
+        hub.run(&["get", "rs", "harbor-prod", "-n", "production", "-o", "yaml"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("domain: harbor.example.com"), "{stdout}");
     assert!(
@@ -438,13 +464,15 @@ fn verbs_work_against_an_admin_service_over_mutual_tls() {
         "{stdout}"
     );
 
-    let (code, stdout, _) = run(&["get", "rs", "-A", "-o", "json"]);
+    let (code, stdout, _) = hub.run(&["get", "rs", "-A", "-o", "json"]);
     assert_eq!(code, Some(0));
     let list: serde_json::Value = serde_json::from_str(&stdout).expect("json");
     assert_eq!(list["items"][0]["spec"]["provider"], "harbor");
+}
 
+fn describe_and_a_missing_object(hub: &ServedHub) {
     let (code, stdout, stderr) =
-        run(&["describe", "repository", "myapp-v1.0.0", "-n", "production"]);
+        hub.run(&["describe", "repository", "myapp-v1.0.0", "-n", "production"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stdout.contains("Registry:       production/harbor-prod"),
@@ -452,13 +480,16 @@ fn verbs_work_against_an_admin_service_over_mutual_tls() {
     );
     assert!(stdout.contains("Sync interval:  24h"), "{stdout}");
 
-    let (code, _, stderr) = run(&["get", "repo", "nope"]);
+    let (code, _, stderr) = hub.run(&["get", "repo", "nope"]);
     assert_eq!(code, Some(1));
     assert_eq!(stderr.trim(), "error: Repository default/nope not found");
+}
 
-    let out_dir = creds.path().join("edge-1");
+fn enroll_writes_private_credentials(hub: &ServedHub) {
+    use std::os::unix::fs::PermissionsExt;
+    let out_dir = hub.creds.path().join("edge-1");
     let out_str = out_dir.display().to_string();
-    let (code, stdout, stderr) = run(&[
+    let (code, stdout, stderr) = hub.run(&[
         "cluster",
         "enroll",
         "edge-1",
@@ -471,21 +502,18 @@ fn verbs_work_against_an_admin_service_over_mutual_tls() {
     ]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("Cluster edge-1 enrolled"), "{stdout}");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = |p: &Path| {
-            std::fs::metadata(p)
-                .map(|m| m.permissions().mode() & 0o777)
-                .expect("stat")
-        };
-        assert_eq!(mode(&out_dir), 0o700);
-        assert_eq!(mode(&out_dir.join("key.pem")), 0o600);
-        assert_eq!(
-            std::fs::read_to_string(out_dir.join("cert.pem")).expect("cert"),
-            pki.client_cert
-        );
-    }
-    let (code, stdout, _) = run(&["get", "clusters"]);
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o777)
+            .expect("stat")
+    };
+    assert_eq!(mode(&out_dir), 0o700);
+    assert_eq!(mode(&out_dir.join("key.pem")), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("cert.pem")).expect("cert"),
+        hub.pki.client_cert
+    );
+    let (code, stdout, _) = hub.run(&["get", "clusters"]);
     assert_eq!(code, Some(0));
     assert!(
         stdout.contains("edge-1")
@@ -493,37 +521,44 @@ fn verbs_work_against_an_admin_service_over_mutual_tls() {
             && stdout.contains("production"),
         "{stdout}"
     );
+}
 
-    let (code, stdout, stderr) = run(&["delete", "-f", &seed]);
+fn delete_goes_in_reverse_order(hub: &ServedHub, seed: &str) {
+    let (code, stdout, stderr) = hub.run(&["delete", "-f", seed]);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(
         stdout,
         "Repository production/myapp-v1.0.0 deleted\nRegistrySecret production/harbor-prod deleted\n"
     );
-    let (code, _, stderr) = run(&["delete", "rs", "harbor-prod", "-n", "production"]);
+    let (code, _, stderr) = hub.run(&["delete", "rs", "harbor-prod", "-n", "production"]);
     assert_eq!(code, Some(1));
     assert!(
         stderr.contains("RegistrySecret production/harbor-prod not found"),
         "{stderr}"
     );
+}
 
-    // A client certificate from another CA is refused by the hub.
+/// A client certificate from another CA is refused by the hub.
+fn a_foreign_certificate_is_refused(hub: &ServedHub) {
     let stranger = crate::pki();
     let other = tempfile::tempdir().expect("tempdir");
-    std::fs::write(other.path().join("ca.pem"), &pki.ca_pem).expect("ca");
-    std::fs::write(other.path().join("cert.pem"), &stranger.client_cert).expect("cert");
-    std::fs::write(other.path().join("key.pem"), &stranger.client_key).expect("key");
+    write_client_credentials(
+        other.path(),
+        &Pki {
+            ca_pem: hub.pki.ca_pem.clone(),
+            ..stranger
+        },
+    );
     let other_dir = other.path().display().to_string();
-    let out = imgfleet(&["get", "rs", "--hub", &hub, "--credentials", &other_dir]);
+    let out = imgfleet(&["get", "rs", "--hub", &hub.url, "--credentials", &other_dir]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(
         stderr.starts_with(&format!(
-            "error: the connection to the hub at {hub} failed: "
+            "error: the connection to the hub at {} failed: ",
+            hub.url
         )),
         "{stderr}"
     );
     assert!(stderr.contains("check --credentials"), "{stderr}");
-
-    handle.abort();
 }

@@ -30,6 +30,8 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    crate::process::restartable!("etcd");
+
     /// Starts etcd on two free 127.0.0.1 ports (client and peer) with a fresh data dir, and
     /// waits until `GET /health` answers `{"health":"true"}` (at most 20 s).
     pub async fn start() -> Result<Etcd> {
@@ -140,25 +142,6 @@ impl Etcd {
         self.child.as_ref().map(ChildGuard::log_path)
     }
 
-    /// Kills etcd with SIGKILL (no graceful shutdown), keeping its data dir and ports.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill();
-        }
-    }
-
-    /// True while the etcd process runs.
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(ChildGuard::is_running)
-    }
-
-    /// Kills etcd if it runs, then starts it again on the same ports with the same data dir
-    /// and waits until healthy.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.kill();
-        self.spawn().await
-    }
-
     async fn gateway(&self, path: &str, body: Value) -> Result<Value> {
         let url = format!("{}/v3/{path}", self.endpoint());
         let resp = self
@@ -211,6 +194,55 @@ impl Etcd {
         ))
     }
 
+    /// Every key and value in the store, in key order, read at one revision: what a
+    /// fixture of a hub's etcd keeps. Keys bound to a lease (a leader's election key) are
+    /// included with their lease id, so that a caller can leave them out.
+    pub async fn dump(&self) -> Result<Vec<KeyValue>> {
+        // Key "\0" with range_end "\0" is etcd's "every key".
+        let v = self
+            .gateway(
+                "kv/range",
+                json!({"key": B64.encode("\0"), "range_end": B64.encode("\0")}),
+            )
+            .await?;
+        let Some(kvs) = v.get("kvs").and_then(Value::as_array) else {
+            return Ok(Vec::new());
+        };
+        kvs.iter()
+            .map(|kv| {
+                let field = |name: &str| kv.get(name).and_then(Value::as_str).unwrap_or("");
+                let decode = |name: &str| {
+                    B64.decode(field(name))
+                        .with_context(|| format!("etcd returned a {name} that is not base64"))
+                };
+                Ok(KeyValue {
+                    key: decode("key")?,
+                    // etcd leaves out empty values entirely.
+                    value: decode("value")?,
+                    // The gateway renders int64 as a JSON string, and leaves out a 0.
+                    lease: match field("lease") {
+                        "" => 0,
+                        s => s
+                            .parse()
+                            .with_context(|| format!("etcd lease {s:?} is not an integer"))?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Puts every entry of `kvs` (their leases left out): loads a [`Etcd::dump`].
+    pub async fn load(&self, kvs: &[KeyValue]) -> Result<()> {
+        for kv in kvs {
+            self.gateway(
+                "kv/put",
+                json!({"key": B64.encode(&kv.key), "value": B64.encode(&kv.value)}),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// The current revision of the store.
     pub async fn revision(&self) -> Result<i64> {
         let v = self
@@ -232,6 +264,17 @@ impl Etcd {
         .await?;
         Ok(())
     }
+}
+
+/// One key of an [`Etcd::dump`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The key, as stored.
+    pub key: Vec<u8>,
+    /// The value, as stored.
+    pub value: Vec<u8>,
+    /// The lease the key is bound to; 0 for none.
+    pub lease: i64,
 }
 
 fn header_revision(v: &Value) -> Result<i64> {

@@ -42,6 +42,8 @@ struct Shared {
     refuse: AtomicBool,
     live: AtomicUsize,
     accepted: AtomicU64,
+    /// Pumps holding a piece they read while stalled, waiting for the stall to end.
+    held: AtomicUsize,
     stall: watch::Sender<bool>,
     cut: watch::Sender<u64>,
     bucket: Mutex<Bucket>,
@@ -115,6 +117,7 @@ impl FaultProxy {
             refuse: AtomicBool::new(false),
             live: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
+            held: AtomicUsize::new(0),
             stall: watch::Sender::new(false),
             cut: watch::Sender::new(0),
             bucket: Mutex::new(Bucket {
@@ -197,6 +200,13 @@ impl FaultProxy {
     /// (a hung peer or a black-holed network). `false` resumes.
     pub fn set_stall(&self, stall: bool) {
         self.shared.stall.send_replace(stall);
+    }
+
+    /// How many directions of live connections hold a piece they read while stalled and
+    /// wait for the stall to end: once every direction that has data does, nothing more
+    /// passes until [`FaultProxy::set_stall`] lets it.
+    pub fn held_by_stall(&self) -> usize {
+        self.shared.held.load(Ordering::SeqCst)
     }
 
     /// Limits the traffic of all connections together, both directions, to `bytes_per_sec`
@@ -303,8 +313,13 @@ where
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if stall.wait_for(|s| !*s).await.is_err() {
-            break;
+        if *stall.borrow_and_update() {
+            shared.held.fetch_add(1, Ordering::SeqCst);
+            let resumed = stall.wait_for(|s| !*s).await.is_ok();
+            shared.held.fetch_sub(1, Ordering::SeqCst);
+            if !resumed {
+                break;
+            }
         }
         shared.take_tokens(n).await;
         if writer.write_all(&buf[..n]).await.is_err() {

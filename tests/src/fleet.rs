@@ -103,6 +103,8 @@ pub struct HubProcess {
 }
 
 impl HubProcess {
+    crate::process::restartable!("the hub", log);
+
     /// Starts the hub and waits until its admin bundle exists and `imgfleet get clusters`
     /// succeeds against it.
     pub async fn start(options: HubOptions) -> Result<HubProcess> {
@@ -177,33 +179,21 @@ impl HubProcess {
 
     async fn run_to_exit(&mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
         let mut child = ChildGuard::spawn_with_log("hub", self.command(), self.log.clone())?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait() {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                return Ok((status, log));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(child.error_with_log(format!(
-                    "expected the hub to refuse to start, but it still runs after {timeout:?}"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let status = child
+            .wait_exit(timeout)
+            .await
+            .context("expected the hub to refuse to start")?;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        Ok((status, log))
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{}", self.metrics_port))
-            .arg("--data-dir")
-            .arg(&self.options.data_dir)
-            .env("RUST_LOG", "info");
-        if let Some(etcd) = &self.options.etcd {
-            cmd.arg("--etcd-endpoints").arg(etcd);
-        }
+        let mut cmd = hub_command(
+            &self.binary,
+            (self.port, self.metrics_port),
+            &self.options.data_dir,
+            self.options.etcd.as_deref(),
+        );
         if let Some(after) = self.options.offline_after {
             // The hub takes whole seconds (`30s`).
             cmd.arg("--offline-after")
@@ -263,11 +253,6 @@ impl HubProcess {
         &self.options.data_dir
     }
 
-    /// The process id while the hub runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(ChildGuard::pid)
-    }
-
     /// Whether `replica` (a `Cluster.status.hubReplica`, `<host>-<pid>[-<n>]`) names this
     /// hub process.
     pub fn is_replica(&self, replica: &str) -> bool {
@@ -289,32 +274,45 @@ impl HubProcess {
         }
     }
 
-    /// The hub's log (all its runs, appended).
-    pub fn log_path(&self) -> &Path {
-        &self.log
+    /// Stops the hub as an operator does (SIGTERM) and waits until it has drained and
+    /// exited; fails unless it exits 0.
+    pub async fn stop(&mut self) -> Result<()> {
+        stop_child(self.child.take(), "the hub").await
     }
+}
 
-    /// The last `n` lines of the log.
-    pub fn log_tail(&self, n: usize) -> String {
-        crate::process::tail_file(&self.log, n)
+/// The command line of one hub on 127.0.0.1 with its (gRPC, metrics) ports, its data
+/// dir and, when given, its etcd, logging at info: what every launcher of hubs shares.
+pub fn hub_command(
+    binary: &Path,
+    (port, metrics_port): (u16, u16),
+    data_dir: &Path,
+    etcd: Option<&str>,
+) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "info");
+    if let Some(etcd) = etcd {
+        cmd.arg("--etcd-endpoints").arg(etcd);
     }
+    cmd
+}
 
-    /// True while the process runs.
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(ChildGuard::is_running)
-    }
+/// How long a hub or an agent may take to drain and exit on SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-    /// SIGKILLs the hub. Idempotent.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill();
-        }
-    }
-
-    /// Kills the hub if it runs and starts it again on the same port and data dir.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.kill();
-        self.spawn().await
+async fn stop_child(child: Option<ChildGuard>, what: &str) -> Result<()> {
+    let mut child = child.ok_or_else(|| anyhow!("{what} is not running"))?;
+    let status = child.terminate(STOP_TIMEOUT).await?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(child.error_with_log(format!("exited with {status} on SIGTERM")))
     }
 }
 
@@ -543,6 +541,8 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
+    crate::process::restartable!("the agent", log);
+
     /// Starts the agent and waits until its mirror answers `GET /v2/`.
     pub async fn start(options: AgentOptions) -> Result<AgentProcess> {
         install_crypto_provider();
@@ -610,33 +610,6 @@ impl AgentProcess {
         &self.options.data_dir
     }
 
-    /// The process id while the agent runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(ChildGuard::pid)
-    }
-
-    /// The agent's log (all its runs, appended).
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
-    /// The last `n` lines of the log.
-    pub fn log_tail(&self, n: usize) -> String {
-        crate::process::tail_file(&self.log, n)
-    }
-
-    /// True while the process runs.
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(ChildGuard::is_running)
-    }
-
-    /// SIGKILLs the agent. Idempotent.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill();
-        }
-    }
-
     /// Sends `signal` to the agent (SIGSTOP to freeze it, SIGCONT to let it go on).
     pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
         self.child
@@ -645,13 +618,13 @@ impl AgentProcess {
             .signal(signal)
     }
 
-    /// Kills the agent if it runs and starts it again with the same options and ports.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.kill();
-        self.spawn().await
+    /// Stops the agent as an operator does (SIGTERM) and waits until it has exited; fails
+    /// unless it exits 0.
+    pub async fn stop(&mut self) -> Result<()> {
+        stop_child(self.child.take(), "the agent").await
     }
 
-    /// The HTTP status of `GET /v2/<repo>/manifests/<reference>` on the mirror.
+    /// The HTTP status of `HEAD /v2/<repo>/manifests/<reference>` on the mirror.
     pub async fn manifest_status(&self, repo: &str, reference: &str) -> Result<u16> {
         let url = format!(
             "http://{}/v2/{repo}/manifests/{reference}",
@@ -660,19 +633,65 @@ impl AgentProcess {
         Ok(self
             .http
             .head(&url)
-            .header(
-                "Accept",
-                "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
-                 application/vnd.docker.distribution.manifest.v2+json, \
-                 application/vnd.docker.distribution.manifest.list.v2+json",
-            )
+            .header("Accept", MANIFEST_ACCEPT)
             .send()
             .await
             .with_context(|| format!("HEAD {url}"))?
             .status()
             .as_u16())
     }
+
+    /// The value of the metric `name` (a line `name value`) on the agent's `/metrics`, or
+    /// `None` when the agent does not report it.
+    pub async fn metric(&self, name: &str) -> Result<Option<f64>> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        let text = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .with_context(|| format!("GET {url}"))?
+            .text()
+            .await
+            .with_context(|| format!("read the body of GET {url}"))?;
+        text.lines()
+            .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .map(|value| {
+                value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("{name} {value:?} is not a number"))
+            })
+            .next()
+            .transpose()
+    }
+
+    /// `GET /v2/<path>` on the mirror (a manifest or a blob, e.g.
+    /// `library/nginx/blobs/sha256:…`): the HTTP status and the body.
+    pub async fn mirror_get(&self, path: &str) -> Result<(u16, Vec<u8>)> {
+        let url = format!("http://{}/v2/{path}", self.mirror_addr());
+        let response = self
+            .http
+            .get(&url)
+            .header("Accept", MANIFEST_ACCEPT)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .bytes()
+            .await
+            .with_context(|| format!("read the body of GET {url}"))?;
+        Ok((status, body.to_vec()))
+    }
 }
+
+/// The manifest media types the harness accepts from a mirror: all it can hold.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.oci.image.index.v1+json, \
+     application/vnd.docker.distribution.manifest.v2+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Waits until `imgfleet get repository NAME -n NS -o json` shows
 /// `status.syncedClusters == want` and `status.targetClusters == want`.

@@ -317,29 +317,107 @@ impl ChildGuard {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<bool>>,
     {
-        let deadline = Instant::now() + timeout;
         let mut last_err = String::from("not ready yet");
-        loop {
+        let outcome = poll(timeout, async || {
             if let Some(status) = self.try_wait() {
-                return Err(self.error_with_log(format!("exited with {status} before {what}")));
+                return Some(Err(
+                    self.error_with_log(format!("exited with {status} before {what}"))
+                ));
             }
             if self.child.is_none() {
-                bail!("{} was killed before {what}", self.component);
+                return Some(Err(anyhow!("{} was killed before {what}", self.component)));
             }
             match probe().await {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => last_err = format!("{e:#}"),
+                Ok(true) => Some(Ok(())),
+                Ok(false) => None,
+                Err(e) => {
+                    last_err = format!("{e:#}");
+                    None
+                }
             }
-            if Instant::now() >= deadline {
-                return Err(self.error_with_log(format!(
-                    "not {what} after {timeout:?} (last probe: {last_err})"
-                )));
+        })
+        .await;
+        outcome.unwrap_or_else(|| {
+            Err(self.error_with_log(format!(
+                "not {what} after {timeout:?} (last probe: {last_err})"
+            )))
+        })
+    }
+
+    /// Waits (at most `timeout`) for the child to exit by itself and returns its status.
+    /// On timeout it is left running and the error quotes its log.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        match poll(timeout, async || self.try_wait()).await {
+            Some(status) => {
+                self.child = None;
+                Ok(status)
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            None => Err(self.error_with_log(format!("still running after {timeout:?}"))),
         }
     }
+
+    /// Stops the child the way an operator does: SIGTERM to its process group, then waits
+    /// (at most `timeout`) for it to exit and returns its status. A child still running
+    /// then is killed, and the error quotes its log.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.signal(Signal::SIGTERM)?;
+        let outcome = self.wait_exit(timeout).await;
+        if outcome.is_err() {
+            self.kill();
+        }
+        outcome.with_context(|| format!("{} did not end on SIGTERM", self.component))
+    }
 }
+
+/// The methods every component with one process shares, written once: a component
+/// struct with a field `child: Option<ChildGuard>` (empty while it is down) and an
+/// `async fn spawn(&mut self) -> Result<()>` that starts it and waits until it is ready.
+/// `$what` names the component in the docs. With `log`, the struct also has a field
+/// `log: PathBuf`, the one log every run of the component appends to.
+macro_rules! restartable {
+    ($what:literal, log) => {
+        $crate::process::restartable!($what);
+
+        #[doc = concat!("The log of ", $what, " (all its runs, appended).")]
+        pub fn log_path(&self) -> &std::path::Path {
+            &self.log
+        }
+
+        /// The last `n` lines of the log.
+        pub fn log_tail(&self, n: usize) -> String {
+            $crate::process::tail_file(&self.log, n)
+        }
+    };
+    ($what:literal) => {
+        #[doc = concat!("SIGKILLs ", $what, " (no graceful shutdown), keeping its data dir, ports and log. Idempotent.")]
+        pub fn kill(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                child.kill();
+            }
+        }
+
+        #[doc = concat!("True while ", $what, " runs.")]
+        pub fn is_running(&mut self) -> bool {
+            self.child
+                .as_mut()
+                .is_some_and($crate::process::ChildGuard::is_running)
+        }
+
+        #[doc = concat!("The process id while ", $what, " runs.")]
+        pub fn pid(&self) -> Option<u32> {
+            self.child
+                .as_ref()
+                .and_then($crate::process::ChildGuard::pid)
+        }
+
+        #[doc = concat!("Kills ", $what, " if it runs and starts it again with the same options, ports and data, waiting until it is ready.")]
+        pub async fn restart(&mut self) -> anyhow::Result<()> {
+            self.kill();
+            self.spawn().await
+        }
+    };
+}
+pub(crate) use restartable;
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
@@ -354,18 +432,38 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<bool>>,
 {
-    let deadline = Instant::now() + timeout;
     let mut last_err = String::from("condition false");
+    let outcome = poll(timeout, async || match probe().await {
+        Ok(true) => Some(()),
+        Ok(false) => None,
+        Err(e) => {
+            last_err = format!("{e:#}");
+            None
+        }
+    })
+    .await;
+    match outcome {
+        Some(()) => Ok(()),
+        None => bail!("timed out after {timeout:?} waiting for {what} (last: {last_err})"),
+    }
+}
+
+/// How often the harness looks at a condition it waits for: short next to the seconds a
+/// component takes to start, long enough not to load the machine.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// Runs `step` every [`POLL_EVERY`] until it returns `Some`, for at most `timeout` (it
+/// runs at least once); `None` when time ran out. The one polling loop of the harness.
+async fn poll<T>(timeout: Duration, mut step: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
     loop {
-        match probe().await {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => last_err = format!("{e:#}"),
+        if let Some(done) = step().await {
+            return Some(done);
         }
         if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what} (last: {last_err})");
+            return None;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL_EVERY).await;
     }
 }
 

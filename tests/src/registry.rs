@@ -86,6 +86,8 @@ impl fmt::Debug for Registry {
 }
 
 impl Registry {
+    crate::process::restartable!("the registry");
+
     /// Writes a config, htpasswd file and certificates as `options` asks, starts
     /// `docker-registry serve` on a free 127.0.0.1 port, and waits until `GET /v2/`
     /// answers 200 or 401 (at most 20 s).
@@ -254,25 +256,6 @@ impl Registry {
     /// does not add credentials by itself; see [`Registry::credentials`].
     pub fn http_client(&self) -> &reqwest::Client {
         &self.http
-    }
-
-    /// Kills the registry with SIGKILL, keeping storage, port and config.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill();
-        }
-    }
-
-    /// True while the registry process runs.
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(ChildGuard::is_running)
-    }
-
-    /// Kills the registry if it runs and starts it again with the same port, storage and
-    /// config; waits until it answers.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.kill();
-        self.spawn().await
     }
 
     /// skopeo flags for reading from this registry: `--src-tls-verify=false` or

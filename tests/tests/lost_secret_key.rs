@@ -9,28 +9,22 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use imgfleet_tests::fleet::{HubOptions, HubProcess, wait_repository_synced};
 use imgfleet_tests::images::{ImageSpec, PushTarget};
-use imgfleet_tests::{Etcd, Registry, RegistryOptions, wait_until};
+use imgfleet_tests::{Etcd, Registry, RegistryOptions, policy, wait_until};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 const REFUSE_WITHIN: Duration = Duration::from_secs(30);
 
-fn policy(domain: &str) -> String {
-    format!(
-        r#"apiVersion: image.theriseunion.io/v1alpha1
-kind: RegistrySecret
-metadata: {{name: harbor-prod, namespace: default}}
-spec: {{domain: "{domain}", username: admin, password: Harbor12345, insecure: true}}
----
-apiVersion: image.theriseunion.io/v1alpha1
-kind: Repository
-metadata: {{name: app, namespace: default}}
-spec:
-  repository: library/app
-  tag: v1
-  registryRef: {{name: harbor-prod}}
-  syncInterval: 10s
-"#
-    )
+fn policy_yaml(domain: &str) -> String {
+    policy::objects(&[
+        policy::registry_secret("harbor-prod", domain, Some(("admin", "Harbor12345"))),
+        policy::repository(
+            "app",
+            "library/app",
+            "v1",
+            "harbor-prod",
+            "  syncInterval: 10s\n",
+        ),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +39,7 @@ async fn a_lost_key_stops_the_hub_and_the_agent_keeps_serving() -> Result<()> {
     let mut hub = HubProcess::start(HubOptions::embedded(root.join("hub"))).await?;
     let cli = hub.cli();
     let agent = hub.start_agent("edge-1", &["default"], root).await?;
-    cli.apply_yaml(&policy(&registry.addr())).await?;
+    cli.apply_yaml(&policy_yaml(&registry.addr())).await?;
     wait_repository_synced(&cli, "default", "app", 1, CONVERGE).await?;
 
     // The key is lost. The hub refuses to start, names the setting, and creates no new key.
@@ -68,8 +62,9 @@ async fn a_lost_key_stops_the_hub_and_the_agent_keeps_serving() -> Result<()> {
         "the password never appears in the log"
     );
 
-    // The agent keeps serving everything while the hub is down.
-    for _ in 0..3 {
+    // The agent keeps serving everything while the hub is down: as it is, and again after
+    // it has tried the hub twice more and failed.
+    let serves = || async {
         assert_eq!(agent.manifest_status("library/app", "v1").await?, 200);
         assert_eq!(
             agent
@@ -77,8 +72,24 @@ async fn a_lost_key_stops_the_hub_and_the_agent_keeps_serving() -> Result<()> {
                 .await?,
             200
         );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        anyhow::Ok(())
+    };
+    serves().await?;
+    let reconnects = || async {
+        let value = agent.metric("imgfleet_agent_hub_reconnects_total").await?;
+        value.context("the agent reports no imgfleet_agent_hub_reconnects_total")
+    };
+    let tried = reconnects().await?;
+    wait_until(
+        "the agent failing to reach the hub twice more",
+        CONVERGE,
+        || async {
+            Ok(reconnects().await? >= tried + 2.0
+                && agent.metric("imgfleet_agent_hub_connected").await? == Some(0.0))
+        },
+    )
+    .await?;
+    serves().await?;
 
     // A wrong key (another hub's) is refused the same way, naming the key check.
     std::fs::write(

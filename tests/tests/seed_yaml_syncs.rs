@@ -11,31 +11,20 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use imgfleet_tests::fleet::{HubOptions, HubProcess};
 use imgfleet_tests::images::{ImageSpec, PushTarget};
-use imgfleet_tests::{Registry, RegistryOptions, skopeo, wait_until};
+use imgfleet_tests::{Registry, RegistryOptions, policy, skopeo, wait_until};
 
-/// The seed's YAML blocks, byte for byte (the model's tests check them against the seed).
-const SEED_SECRET: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../src/model/testdata/seed-quickstart-registrysecret.yaml"
-));
-const SEED_REPOSITORY: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../src/model/testdata/seed-quickstart-repository.yaml"
-));
 const CONVERGE: Duration = Duration::from_secs(60);
 
 /// The seed's two objects with only the domain changed and `insecure: true` added.
 fn seed_yaml(domain: &str) -> String {
-    let secret = SEED_SECRET.replace(
-        "domain: \"harbor.example.com\"",
-        &format!("domain: \"{domain}\"\n  insecure: true"),
-    );
-    assert_ne!(secret, SEED_SECRET, "the seed's domain line was found");
     assert!(
-        !SEED_REPOSITORY.contains("placement"),
+        !policy::SEED_REPOSITORY.contains("placement"),
         "the seed's Repository has no placement"
     );
-    format!("{secret}---\n{SEED_REPOSITORY}")
+    policy::objects(&[
+        policy::seed_registry_secret(domain),
+        policy::SEED_REPOSITORY.to_owned(),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

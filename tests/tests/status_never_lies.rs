@@ -8,31 +8,25 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use imgfleet_tests::fleet::{Cli, HubOptions, HubProcess};
+use imgfleet_tests::fleet::{Cli, CliOutput, HubOptions, HubProcess};
 use imgfleet_tests::images::{ImageSpec, PushTarget};
-use imgfleet_tests::{Registry, RegistryOptions, skopeo, wait_until};
+use imgfleet_tests::{Registry, RegistryOptions, policy, skopeo, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
-fn policy(domain: &str) -> String {
-    format!(
-        r#"apiVersion: image.theriseunion.io/v1alpha1
-kind: RegistrySecret
-metadata: {{name: upstream, namespace: default}}
-spec: {{domain: "{domain}", insecure: true}}
----
-apiVersion: image.theriseunion.io/v1alpha1
-kind: Repository
-metadata: {{name: app, namespace: default}}
-spec:
-  repository: library/app
-  tag: v1
-  registryRef: {{name: upstream}}
-  syncInterval: 10s
-"#
-    )
+fn policy_yaml(domain: &str) -> String {
+    policy::objects(&[
+        policy::registry_secret("upstream", domain, None),
+        policy::repository(
+            "app",
+            "library/app",
+            "v1",
+            "upstream",
+            "  syncInterval: 10s\n",
+        ),
+    ])
 }
 
 /// `(resolved digest, syncedClusters, targetClusters)` of Repository `app`.
@@ -60,6 +54,19 @@ async fn table_row(cli: &Cli) -> Result<String> {
         .with_context(|| format!("no row for app in:\n{table}"))
 }
 
+/// `imgfleet watch repository app --until-synced --timeout TIMEOUT`.
+async fn watch_until_synced(cli: &Cli, timeout: &str) -> Result<CliOutput> {
+    cli.run(&[
+        "watch",
+        "repository",
+        "app",
+        "--until-synced",
+        "--timeout",
+        timeout,
+    ])
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_tag_is_not_synced_until_the_cluster_holds_it() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -72,7 +79,7 @@ async fn a_moved_tag_is_not_synced_until_the_cluster_holds_it() -> Result<()> {
     let hub = HubProcess::start(HubOptions::embedded(root.join("hub"))).await?;
     let cli = hub.cli();
     let agent = hub.start_agent("edge-1", &["default"], root).await?;
-    cli.apply_yaml(&policy(&registry.addr())).await?;
+    cli.apply_yaml(&policy_yaml(&registry.addr())).await?;
 
     // Step 1: the first image synced, as the status says.
     wait_until("app synced 1/1 at the first digest", CONVERGE, || async {
@@ -130,16 +137,7 @@ async fn a_moved_tag_is_not_synced_until_the_cluster_holds_it() -> Result<()> {
         },
     )
     .await?;
-    let watched = cli
-        .run(&[
-            "watch",
-            "repository",
-            "app",
-            "--until-synced",
-            "--timeout",
-            "3s",
-        ])
-        .await?;
+    let watched = watch_until_synced(&cli, "3s").await?;
     assert!(
         !watched.success(),
         "watch --until-synced ended successfully while the cluster lacks the new digest:\n{}\n{}",
@@ -158,16 +156,7 @@ async fn a_moved_tag_is_not_synced_until_the_cluster_holds_it() -> Result<()> {
         skopeo::inspect_digest(&agent.docker_ref("library/app:v1"), &["--tls-verify=false"])
             .await?;
     assert_eq!(served, second.manifest_digest);
-    let watched = cli
-        .run(&[
-            "watch",
-            "repository",
-            "app",
-            "--until-synced",
-            "--timeout",
-            "30s",
-        ])
-        .await?;
+    let watched = watch_until_synced(&cli, "30s").await?;
     assert!(watched.success(), "{}", watched.stderr);
     Ok(())
 }
