@@ -11,6 +11,7 @@ pub mod parts;
 pub mod placement;
 pub mod resolve_loop;
 pub mod resolver;
+pub mod retry;
 pub mod secrets;
 pub mod selector;
 pub mod server;

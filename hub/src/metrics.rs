@@ -131,6 +131,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_millis(800);
 /// from several checkers cost the store one cheap read a second at most.
 pub const READY_CACHE: Duration = Duration::from_secs(1);
 
+/// One readiness answer and when it was taken.
+type Checked = (Instant, Result<(), String>);
+
 /// Whether the hub can serve: its policy store answers a cheap read (the
 /// current revision) within [`READY_TIMEOUT`]. Cheap to clone.
 #[derive(Clone)]
@@ -138,7 +141,7 @@ pub struct Readiness {
     store: Arc<dyn PolicyStore>,
     /// The last answer and when it was taken. The lock is held across a check,
     /// so concurrent probes wait for one check instead of starting their own.
-    last: Arc<tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>>,
+    last: Arc<tokio::sync::Mutex<Option<Checked>>>,
 }
 
 impl std::fmt::Debug for Readiness {

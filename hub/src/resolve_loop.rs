@@ -836,7 +836,7 @@ async fn check_and_record(objects: &Objects, id: &Id, rs: &RegistrySecret) {
     let client = client_for(objects, rs);
     let health = match &client {
         Ok(client) => {
-            match tokio::time::timeout(RESOLVE_TIMEOUT, resolver::check_health(&client)).await {
+            match tokio::time::timeout(RESOLVE_TIMEOUT, resolver::check_health(client)).await {
                 Ok(h) => h,
                 Err(_) => resolver::Health {
                     phase: HealthPhase::Unreachable,

@@ -246,8 +246,7 @@ async fn wait_ready_code(hub: &HubProcess, want: u16) -> String {
     )
     .await
     .unwrap_or_else(|e| panic!("{e:#}\n{}", hub.log_tail(30)));
-    let body = last.lock().expect("lock").clone();
-    body
+    last.lock().expect("lock").clone()
 }
 
 #[tokio::test]
