@@ -117,7 +117,11 @@ impl Retry {
 
     /// Counts and logs a failure, then waits; false when `shutdown` came
     /// first.
-    pub async fn wait_after(&mut self, error: &dyn Display, shutdown: &CancellationToken) -> bool {
+    pub async fn wait_after(
+        &mut self,
+        error: &(dyn Display + Sync),
+        shutdown: &CancellationToken,
+    ) -> bool {
         let wait = self.failed(error);
         tokio::select! {
             _ = shutdown.cancelled() => false,

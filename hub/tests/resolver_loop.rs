@@ -12,7 +12,7 @@ use imgfleet::model::{Kind, Object, RepositoryStatus, parse_documents};
 use imgfleet_hub::config::{Config, SecretKeySource};
 use imgfleet_hub::leader::Election;
 use imgfleet_hub::objects::Objects;
-use imgfleet_hub::server::{self, Extensions, RunningHub};
+use imgfleet_hub::server::{self, Parts, RunningHub};
 use imgfleet_tests::images::{ImageSpec, push_image};
 use imgfleet_tests::{Etcd, Registry, RegistryOptions, free_port};
 use tokio::sync::watch;
@@ -25,9 +25,11 @@ async fn start_hub(dir: &Path) -> RunningHub {
     let mut cfg = Config::for_data_dir(dir);
     cfg.metrics_listen = None;
     cfg.secret_key = SecretKeySource::Raw(zeroize::Zeroizing::new(vec![9u8; 32]));
-    let mut ext = Extensions::default();
-    ext.tasks.push(imgfleet_hub::resolve_loop::task(&cfg));
-    server::start_with(cfg, CancellationToken::new(), ext)
+    let parts = Parts {
+        agent_api: false,
+        resolver: true,
+    };
+    server::start_with(cfg, CancellationToken::new(), parts)
         .await
         .expect("hub starts")
 }

@@ -4,7 +4,7 @@
 //! acks, progress into Repository/Cluster status, offline detection, and two
 //! hub replicas on one etcd. A gRPC client in the test plays the agent.
 //!
-//! The tag resolver is not registered in these hubs: the tests write
+//! The tag resolver does not run in these hubs: the tests write
 //! `status.resolved` themselves, so what they measure is the session path
 //! alone (the resolver has its own tests).
 
@@ -21,7 +21,7 @@ use imgfleet::model::{self, ClusterPhase, ImagePhase, Kind, Object, parse_docume
 use imgfleet_common::tls::TlsMaterial;
 use imgfleet_hub::config::{Config, SecretKeySource, StoreConfig};
 use imgfleet_hub::objects::Objects;
-use imgfleet_hub::server::{self, Extensions, RunningHub};
+use imgfleet_hub::server::{self, Parts, RunningHub};
 use imgfleet_tests::Etcd;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -71,9 +71,11 @@ fn config(dir: &Path, etcd: Option<&Etcd>, prefix: &str) -> Config {
 /// A hub with the session part only (no tag resolver; see the module doc).
 async fn start_hub(cfg: Config) -> RunningHub {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut ext = Extensions::default();
-    imgfleet_hub::session::register(&mut ext, &cfg);
-    server::start_with(cfg, CancellationToken::new(), ext)
+    let parts = Parts {
+        agent_api: true,
+        resolver: false,
+    };
+    server::start_with(cfg, CancellationToken::new(), parts)
         .await
         .expect("hub starts")
 }
@@ -279,9 +281,9 @@ async fn repo_status(objects: &Objects) -> model::RepositoryStatus {
 }
 
 async fn stored_images(objects: &Objects, cluster: &str) -> usize {
-    let key = imgfleet_hub::fleet::desired_key(cluster);
+    let key = imgfleet_hub::desired::desired_key(cluster);
     match objects.store().get(&key).await.expect("store get") {
-        Some(v) => imgfleet_hub::fleet::decode_desired(cluster, &v.value)
+        Some(v) => imgfleet_hub::desired::decode(cluster, &v.value)
             .expect("decode")
             .content
             .images
@@ -721,15 +723,14 @@ async fn two_hubs_share_desired_sets() {
     hub1.stop().await.expect("stop 1");
 }
 
-/// The hub as the binary starts it (`parts::default_extensions`, tag resolver
-/// included) serves the agent API: an enrolled cluster gets its (empty) set.
+/// The hub as the binary starts it (`Parts::ALL`, tag resolver included)
+/// serves the agent API: an enrolled cluster gets its (empty) set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn default_extensions_serve_the_agent_api() {
+async fn every_part_serves_the_agent_api() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(dir.path(), None, "");
-    let ext = imgfleet_hub::parts::default_extensions(&cfg);
-    let hub = server::start_with(cfg, CancellationToken::new(), ext)
+    let hub = server::start_with(cfg, CancellationToken::new(), Parts::ALL)
         .await
         .expect("hub starts");
     let cert = enroll(&hub, "edge-1", "edge").await;

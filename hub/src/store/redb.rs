@@ -384,10 +384,10 @@ impl PolicyStore for RedbStore {
         &self,
         key: &Key,
         value: Vec<u8>,
-        expected_revision: Option<u64>,
+        expected: Option<u64>,
     ) -> Result<u64, StoreError> {
         Ok(self
-            .change(key, Op::Update(value, expected_revision))
+            .change(key, Op::Update(value, expected))
             .await?
             .revision)
     }

@@ -139,18 +139,14 @@ pub fn step(
         (State::Listed { revision }, Outcome::Opened(Ok(()))) => {
             (State::Watching { revision }, None)
         }
-        (State::Listed { revision }, Outcome::Opened(Err(source))) => {
-            let next = match source {
-                StoreError::Compacted { .. } => State::Empty,
-                _ => State::Listed { revision },
-            };
-            let error = WatchError::Open {
+        (State::Listed { revision }, Outcome::Opened(Err(source))) => (
+            after_failure(&source, revision),
+            Some(Err(WatchError::Open {
                 kind,
                 revision,
                 source,
-            };
-            (next, Some(Err(error)))
-        }
+            })),
+        ),
         (State::Watching { revision }, Outcome::Next(Some(Ok(event)))) => {
             let (seen, event) = match event {
                 WatchEvent::Put(v) => (v.revision, Event::Put(v)),
@@ -159,18 +155,14 @@ pub fn step(
             let revision = revision.max(seen);
             (State::Watching { revision }, Some(Ok(event)))
         }
-        (State::Watching { revision }, Outcome::Next(Some(Err(source)))) => {
-            let next = match source {
-                StoreError::Compacted { .. } => State::Empty,
-                _ => State::Listed { revision },
-            };
-            let error = WatchError::Broke {
+        (State::Watching { revision }, Outcome::Next(Some(Err(source)))) => (
+            after_failure(&source, revision),
+            Some(Err(WatchError::Broke {
                 kind,
                 revision,
                 source,
-            };
-            (next, Some(Err(error)))
-        }
+            })),
+        ),
         (State::Watching { revision }, Outcome::Next(None)) => (
             State::Listed { revision },
             Some(Err(WatchError::Ended { kind, revision })),
@@ -178,6 +170,15 @@ pub fn step(
         // The driver asks each state only for its own outcome; any other
         // pairing changes nothing.
         (state, _) => (state, None),
+    }
+}
+
+/// Where a watch that failed after `revision` goes on: a compacted history
+/// lists again, anything else opens a watch after `revision` again.
+fn after_failure(source: &StoreError, revision: u64) -> State {
+    match source {
+        StoreError::Compacted { .. } => State::Empty,
+        _ => State::Listed { revision },
     }
 }
 
