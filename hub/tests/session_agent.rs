@@ -115,33 +115,25 @@ async fn apply_yaml(objects: &Objects, yaml: &str) {
 
 /// Plays the tag resolver: sets `status.resolved` of Repository default/app.
 async fn set_resolved(objects: &Objects, digests: &[(&str, &str)]) {
-    for _ in 0..20 {
-        let mut obj = objects
-            .get(Kind::Repository, Some("default"), "app")
-            .await
-            .expect("get repo");
-        let rev = obj
-            .metadata()
-            .resource_version
-            .clone()
-            .and_then(|r| r.parse().ok());
-        let Object::Repository(r) = &mut obj else {
-            panic!("kind")
-        };
-        let st = r.status.get_or_insert_with(Default::default);
-        st.resolved = digests
-            .iter()
-            .map(|(t, d)| model::ResolvedTag {
-                tag: t.to_string(),
-                digest: d.to_string(),
-                media_type: String::new(),
-            })
-            .collect();
-        if objects.write_status(&obj, rev).await.is_ok() {
-            return;
-        }
-    }
-    panic!("could not write status.resolved");
+    let resolved: Vec<model::ResolvedTag> = digests
+        .iter()
+        .map(|&(tag, digest)| model::ResolvedTag {
+            tag: tag.into(),
+            digest: digest.into(),
+            ..Default::default()
+        })
+        .collect();
+    let wrote = objects
+        .update_status(Kind::Repository, Some("default"), "app", |obj| {
+            let Object::Repository(r) = obj else {
+                return false;
+            };
+            r.status.get_or_insert_with(Default::default).resolved = resolved.clone();
+            true
+        })
+        .await
+        .expect("write status.resolved");
+    assert!(wrote);
 }
 
 async fn set_label(objects: &Objects, cluster: &str, tier: &str) {
