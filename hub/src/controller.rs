@@ -28,7 +28,7 @@ use crate::placement::{
     ResolvedImage, Selector, SelectorOperator, SelectorRequirement,
 };
 use crate::retry::Retry;
-use crate::store::watcher::{Event, Watcher};
+use crate::store::watcher::{Event, Watcher, recover};
 use crate::store::{Key, PolicyStore, Put, StoreError, Versioned};
 
 /// How many changed desired sets a recompute logs one by one; a change to a
@@ -411,19 +411,14 @@ struct Writes {
 /// gone keep a stored set, which becomes empty (their generation keeps
 /// growing, so a re-enrolled cluster never sees a generation go back).
 fn plan_writes(
-    sets: &BTreeMap<String, DesiredSetContent>,
+    mut sets: BTreeMap<String, DesiredSetContent>,
     mut stored: BTreeMap<String, Versioned>,
 ) -> Result<(Writes, BTreeMap<String, DesiredSetContent>), DesiredSetError> {
-    let gone: Vec<(String, DesiredSetContent)> = stored
-        .keys()
-        .filter(|name| !sets.contains_key(*name))
-        .map(|name| (name.clone(), DesiredSetContent::default()))
-        .collect();
-    let sets: BTreeMap<String, DesiredSetContent> = sets
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .chain(gone)
-        .collect();
+    for name in stored.keys() {
+        if !sets.contains_key(name) {
+            sets.insert(name.clone(), DesiredSetContent::default());
+        }
+    }
     let mut writes = Writes::default();
     for (cluster, content) in &sets {
         let (generation, expected) = match stored.remove(cluster) {
@@ -541,7 +536,7 @@ pub async fn recompute(
     let read_ms = started.elapsed().as_millis();
     let Placed { sets, report } = desired_sets(&inputs);
     reports.publish(report);
-    let (writes, sets) = plan_writes(&sets, stored)?;
+    let (writes, sets) = plan_writes(sets, stored)?;
     let compute_ms = started.elapsed().as_millis() - read_ms;
     let written = write(objects.store().as_ref(), writes, &sets, handoff).await?;
     let timings = Timings {
@@ -595,7 +590,7 @@ pub async fn watch_kind(
                 true
             }
             Err(e) => {
-                if !retry.wait_after(&e, &shutdown).await {
+                if !recover(&mut watcher, e, &mut retry, &shutdown).await {
                     return;
                 }
                 continue;

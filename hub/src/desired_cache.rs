@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::desired::{self, DESIRED_KIND, StoredDesiredSet};
 use crate::retry::Retry;
-use crate::store::watcher::{Event, Watcher};
+use crate::store::watcher::{Event, Watcher, recover};
 use crate::store::{PolicyStore, Versioned};
 
 /// Every stored desired set by cluster name.
@@ -283,7 +283,7 @@ impl DesiredCache {
                     if burst > 0 {
                         self.shared.publish(&map);
                     }
-                    if !retry.wait_after(&e, &shutdown).await {
+                    if !recover(&mut watcher, e, &mut retry, &shutdown).await {
                         return;
                     }
                 }

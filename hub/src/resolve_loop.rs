@@ -32,7 +32,7 @@ use crate::resolver::{
 };
 use crate::retry::Retry;
 use crate::store::Key;
-use crate::store::watcher::{Event, Watcher};
+use crate::store::watcher::{Event, Watcher, recover};
 
 /// How many registry calls run at once, so one dead registry does not stall the rest.
 pub const MAX_CONCURRENT: usize = 8;
@@ -440,6 +440,8 @@ async fn lead(objects: &Objects) {
     let mut secret_events = Watcher::new(store.clone(), Kind::RegistrySecret.plural());
     let mut repo_events = Watcher::new(store, Kind::Repository.plural());
     let mut retry = Retry::new("Watching Repositories and RegistrySecrets for the tag resolver");
+    // The leader's work ends by being dropped, never by a token.
+    let never = CancellationToken::new();
     let mut leader = Leader::default();
     let mut listed = (false, false);
     let mut work: JoinSet<Done> = JoinSet::new();
@@ -493,9 +495,14 @@ async fn lead(objects: &Objects) {
                 let changed = leader.cache.apply(objects, kind, ev);
                 leader.changed(changed);
             }
-            Some((_, Err(e))) => {
-                let wait = retry.failed(&e);
-                tokio::time::sleep(wait).await;
+            Some((kind, Err(e))) => {
+                // While it waits, nothing else is scheduled: without the
+                // store, there is nothing to record results in either.
+                let watcher = match kind {
+                    Kind::Repository => &mut repo_events,
+                    _ => &mut secret_events,
+                };
+                recover(watcher, e, &mut retry, &never).await;
             }
         }
     }

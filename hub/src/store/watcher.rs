@@ -16,8 +16,10 @@
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 
 use super::{PolicyStore, StoreError, Versioned, WatchEvent, WatchStream};
+use crate::retry::Retry;
 
 /// What a reader of one kind is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,6 +288,32 @@ impl Watcher {
         }
         self.state = state;
         out
+    }
+}
+
+/// Waits out `error` of `watcher` with `retry`, then opens the watch again
+/// if that is the next step, retrying that too: a kind that stays idle may
+/// bring no event for hours, and the caller should still learn (and log)
+/// at once that the store works again. False when `shutdown` came first.
+pub async fn recover(
+    watcher: &mut Watcher,
+    mut error: WatchError,
+    retry: &mut Retry,
+    shutdown: &CancellationToken,
+) -> bool {
+    loop {
+        if !retry.wait_after(&error, shutdown).await {
+            return false;
+        }
+        match watcher.open().await {
+            Ok(()) => {
+                if matches!(watcher.state(), State::Watching { .. }) {
+                    retry.succeeded();
+                }
+                return true;
+            }
+            Err(e) => error = e,
+        }
     }
 }
 
