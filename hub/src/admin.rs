@@ -10,87 +10,116 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use imgfleet::api::v1 as pb;
 use imgfleet::api::v1::admin_service_server::AdminService as AdminApi;
-use imgfleet::convert::{kind_from_proto, to_response};
+use imgfleet::convert::{ConvertError, kind_from_proto, to_response};
 use imgfleet::model::{self, Cluster, ClusterSpec, Kind, Object};
 use imgfleet_common::pki::{
-    CertificateAuthority, DEFAULT_LEAF_VALIDITY_DAYS, Identity, MAX_LEAF_VALIDITY_DAYS,
+    CertificateAuthority, DEFAULT_LEAF_VALIDITY_DAYS, Identity, MAX_LEAF_VALIDITY_DAYS, PkiError,
 };
 use imgfleet_common::tls::{TlsError, peer_identity};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::fleet::{PlacementReport, PlacementReports};
+use crate::controller::{PlacementReport, PlacementReports};
 use crate::metrics::HubMetrics;
 use crate::objects::{ApplyOutcome, ObjectError, Objects};
-use crate::selector::parse_selector;
-use crate::store::{StoreError, WatchEvent};
+use crate::selector::{SelectorError, parse_selector};
+use crate::store::StoreError;
+use crate::store::watcher::{Event, WatchError, Watcher};
 
-/// Errors of the admin API, each mapped to one gRPC code.
+/// Why an admin request failed; `From<AdminError> for Status` chooses the
+/// gRPC code of each in one place.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// No client certificate, or one without an imgfleet identity.
-    #[error("{0}")]
-    Unauthenticated(String),
-    /// A valid identity that may not call the admin API (a cluster agent).
-    #[error("{0}")]
-    PermissionDenied(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// A stale resourceVersion.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// Concurrent writers kept winning; retry.
-    #[error("{0}")]
-    Aborted(String),
-    /// The store is down; retry.
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Internal(String),
+    #[error("admin API: {0}")]
+    Unauthenticated(#[source] TlsError),
+    /// A cluster agent's certificate: authenticated, not allowed.
+    #[error("cluster {0} may not use the admin API: it needs an admin certificate")]
+    NotAdmin(String),
+    /// A request field that is missing.
+    #[error("{0}: missing")]
+    Missing(String),
+    #[error("kind {0}: expected RegistrySecret, Repository or Cluster")]
+    BadKind(i32),
+    /// An object that does not convert to the model.
+    #[error(transparent)]
+    BadObject(#[from] ConvertError),
+    #[error(transparent)]
+    BadSelector(#[from] SelectorError),
+    #[error("WatchRequest.resource_version {0:?}: expected a number from List")]
+    BadWatchRevision(String),
+    #[error("Cluster {cluster}: validity_days {days}: expected 1..={MAX_LEAF_VALIDITY_DAYS}")]
+    BadValidity { cluster: String, days: u32 },
+    /// The cluster certificate could not be issued (a bad name).
+    #[error("Cluster {cluster}: {source}")]
+    Issue {
+        cluster: String,
+        #[source]
+        source: PkiError,
+    },
+    /// A RegistrySecret that Repositories still use, deleted without force.
+    #[error(
+        "{id}: still used by {} {}: delete or repoint them first, or delete with \
+         --force (they then reach no cluster, and their status says the secret is gone)",
+        if .users.len() == 1 { "Repository" } else { "Repositories" },
+        .users.join(", ")
+    )]
+    SecretInUse { id: String, users: Vec<String> },
+    #[error("this hub has no signing CA: start it with --ca-cert and --ca-key to enroll clusters")]
+    NoSigningCa,
+    /// Reading or writing the objects failed.
+    #[error(transparent)]
+    Objects(#[from] ObjectError),
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        AdminError::Objects(e.into())
+    }
 }
 
 impl From<AdminError> for Status {
     fn from(e: AdminError) -> Status {
         let code = match &e {
             AdminError::Unauthenticated(_) => Code::Unauthenticated,
-            AdminError::PermissionDenied(_) => Code::PermissionDenied,
-            AdminError::InvalidArgument(_) => Code::InvalidArgument,
-            AdminError::NotFound(_) => Code::NotFound,
-            AdminError::AlreadyExists(_) => Code::AlreadyExists,
-            AdminError::FailedPrecondition(_) => Code::FailedPrecondition,
-            AdminError::Aborted(_) => Code::Aborted,
-            AdminError::Unavailable(_) => Code::Unavailable,
-            AdminError::Internal(_) => Code::Internal,
+            AdminError::NotAdmin(_) => Code::PermissionDenied,
+            AdminError::Missing(_)
+            | AdminError::BadKind(_)
+            | AdminError::BadObject(_)
+            | AdminError::BadSelector(_)
+            | AdminError::BadWatchRevision(_)
+            | AdminError::BadValidity { .. }
+            | AdminError::Issue { .. } => Code::InvalidArgument,
+            AdminError::SecretInUse { .. } | AdminError::NoSigningCa => Code::FailedPrecondition,
+            AdminError::Objects(o) => match o {
+                ObjectError::Invalid(_) | ObjectError::BadResourceVersion { .. } => {
+                    Code::InvalidArgument
+                }
+                ObjectError::NotFound(_) | ObjectError::Store(StoreError::NotFound(_)) => {
+                    Code::NotFound
+                }
+                ObjectError::AlreadyExists(_)
+                | ObjectError::Store(StoreError::AlreadyExists(_)) => Code::AlreadyExists,
+                // A stale resourceVersion.
+                ObjectError::Stale { .. } => Code::FailedPrecondition,
+                // Concurrent writers kept winning; retry.
+                ObjectError::Contended(_) | ObjectError::Store(StoreError::Conflict { .. }) => {
+                    Code::Aborted
+                }
+                // The store is down; retry.
+                ObjectError::Unavailable(_) | ObjectError::Store(StoreError::Unavailable(_)) => {
+                    Code::Unavailable
+                }
+                ObjectError::Corrupt { .. }
+                | ObjectError::WrongKind { .. }
+                | ObjectError::Unopenable { .. }
+                | ObjectError::Seal { .. }
+                | ObjectError::Encode { .. }
+                | ObjectError::Store(_) => Code::Internal,
+            },
         };
         Status::new(code, e.to_string())
-    }
-}
-
-impl From<ObjectError> for AdminError {
-    fn from(e: ObjectError) -> Self {
-        let msg = e.to_string();
-        match e {
-            ObjectError::Invalid(_) | ObjectError::BadRequest(_) => {
-                AdminError::InvalidArgument(msg)
-            }
-            ObjectError::NotFound(_) => AdminError::NotFound(msg),
-            ObjectError::AlreadyExists(_) => AdminError::AlreadyExists(msg),
-            ObjectError::Stale { .. } => AdminError::FailedPrecondition(msg),
-            ObjectError::Contended(_) => AdminError::Aborted(msg),
-            ObjectError::Unavailable(_) => AdminError::Unavailable(msg),
-            ObjectError::Internal(_) => AdminError::Internal(msg),
-        }
-    }
-}
-
-impl From<TlsError> for AdminError {
-    fn from(e: TlsError) -> Self {
-        AdminError::Unauthenticated(format!("admin API: {e}"))
     }
 }
 
@@ -164,8 +193,8 @@ impl AdminService {
         let req = req.into_inner();
         let wire = req
             .object
-            .ok_or_else(|| AdminError::InvalidArgument("ApplyRequest.object: missing".into()))?;
-        let obj = Object::try_from(wire).map_err(|e| AdminError::InvalidArgument(e.to_string()))?;
+            .ok_or_else(|| AdminError::Missing("ApplyRequest.object".into()))?;
+        let obj = Object::try_from(wire)?;
         let kind = obj.kind();
         let (stored, outcome) = self.inner.objects.apply(obj, req.dry_run).await?;
         let outcome_str = match outcome {
@@ -206,8 +235,7 @@ impl AdminService {
         require_admin(&req)?;
         let req = req.into_inner();
         let kind = kind_arg(req.kind)?;
-        let selector = parse_selector(&req.label_selector)
-            .map_err(|e| AdminError::InvalidArgument(e.to_string()))?;
+        let selector = parse_selector(&req.label_selector)?;
         let ns = if req.all_namespaces {
             None
         } else {
@@ -240,17 +268,10 @@ impl AdminService {
         if kind == Kind::RegistrySecret {
             let users = self.secret_users(ns.unwrap_or_default(), name).await?;
             if !users.is_empty() && !req.force {
-                return Err(AdminError::FailedPrecondition(format!(
-                    "{}: still used by {} {}: delete or repoint them first, or delete with \
-                     --force (they then reach no cluster, and their status says the secret is gone)",
-                    model::object_id(kind, ns, name),
-                    if users.len() == 1 {
-                        "Repository"
-                    } else {
-                        "Repositories"
-                    },
-                    users.join(", ")
-                )));
+                return Err(AdminError::SecretInUse {
+                    id: model::object_id(kind, ns, name),
+                    users,
+                });
             }
             if !users.is_empty() {
                 warn!(admin = %who, object = %model::object_id(kind, ns, name),
@@ -295,7 +316,6 @@ impl AdminService {
             ns_arg(kind, &req.namespace).map(str::to_string)
         };
         let objects = self.inner.objects.clone();
-        let store = objects.store().clone();
         let reports = self.inner.placement.clone();
 
         // List-then-watch: without a resourceVersion the current objects
@@ -315,42 +335,52 @@ impl AdminService {
                 .collect();
             (events, rev)
         } else {
-            let rev = req.resource_version.parse::<u64>().map_err(|_| {
-                AdminError::InvalidArgument(format!(
-                    "WatchRequest.resource_version {:?}: expected a number from List",
-                    req.resource_version
-                ))
-            })?;
+            let rev = req
+                .resource_version
+                .parse::<u64>()
+                .map_err(|_| AdminError::BadWatchRevision(req.resource_version.clone()))?;
             (Vec::new(), rev)
         };
 
         let guard = self.inner.metrics.watch_opened();
         let stop = self.inner.shutdown.clone().cancelled_owned();
-        let live: WatchStream = match store.watch(kind.plural(), after).await {
-            Ok(s) => {
-                let s = s.filter_map(move |ev| {
-                    let out = convert_event(&objects, &reports.latest(), ns.as_deref(), ev);
-                    async move { out }
-                });
-                Box::pin(s)
+        // The client lists again itself on RELIST, so the watcher is only
+        // asked to go on after `after`: the first history it lacks, or the
+        // first failure, ends the stream (after a RELIST or the error).
+        let mut watcher = Watcher::after(objects.store().clone(), kind.plural(), after);
+        let live: WatchStream = match watcher.open().await {
+            Ok(()) => Box::pin(
+                watcher
+                    .into_stream()
+                    // The store's watch ended: so does the client's.
+                    .take_while(|ev| {
+                        futures::future::ready(!matches!(ev, Err(WatchError::Ended { .. })))
+                    })
+                    .filter_map(move |ev| {
+                        futures::future::ready(convert_event(
+                            &objects,
+                            &reports.latest(),
+                            ns.as_deref(),
+                            ev,
+                        ))
+                    }),
+            ),
+            Err(e) if e.relists() => {
+                Box::pin(futures::stream::once(async move { Ok(relist(after)) }))
             }
-            Err(StoreError::Compacted { .. }) => Box::pin(futures::stream::once(async move {
-                Ok(pb::WatchEvent {
-                    r#type: pb::WatchEventType::Relist as i32,
-                    object: None,
-                    resource_version: after.to_string(),
-                })
-            })),
-            Err(e) => return Err(store_err(e)),
+            Err(e) => return Err(watch_err(e)),
         };
         let stream = futures::stream::iter(initial)
             .chain(live)
-            // An error ends the stream after it is sent.
+            // An error or a RELIST ends the stream after it is sent.
             .scan(false, |ended, item| {
                 let out = if *ended {
                     None
                 } else {
-                    *ended = item.is_err();
+                    *ended = match &item {
+                        Err(_) => true,
+                        Ok(ev) => ev.r#type == pb::WatchEventType::Relist as i32,
+                    };
                     Some(item)
                 };
                 futures::future::ready(out)
@@ -369,18 +399,14 @@ impl AdminService {
     ) -> Result<pb::EnrollClusterResponse, AdminError> {
         let who = require_admin(&req)?;
         let req = req.into_inner();
-        let ca = self.inner.ca.as_ref().ok_or_else(|| {
-            AdminError::FailedPrecondition(
-                "this hub has no signing CA: start it with --ca-cert and --ca-key to enroll clusters".into(),
-            )
-        })?;
+        let ca = self.inner.ca.as_ref().ok_or(AdminError::NoSigningCa)?;
         let days = match req.validity_days {
             0 => DEFAULT_LEAF_VALIDITY_DAYS,
             d if d > MAX_LEAF_VALIDITY_DAYS => {
-                return Err(AdminError::InvalidArgument(format!(
-                    "Cluster {}: validity_days {d}: expected 1..={MAX_LEAF_VALIDITY_DAYS}",
-                    req.name
-                )));
+                return Err(AdminError::BadValidity {
+                    cluster: req.name,
+                    days: d,
+                });
             }
             d => d,
         };
@@ -407,12 +433,17 @@ impl AdminService {
         self.inner.objects.apply(candidate.clone(), true).await?;
         let leaf = ca
             .issue_cluster(&req.name, days)
-            .map_err(|e| AdminError::InvalidArgument(format!("Cluster {}: {e}", req.name)))?;
+            .map_err(|source| AdminError::Issue {
+                cluster: req.name.clone(),
+                source,
+            })?;
         let (stored, _) = self.inner.objects.apply(candidate, false).await?;
         let Object::Cluster(stored) = stored else {
-            return Err(AdminError::Internal(
-                "enrollment stored a non-cluster".into(),
-            ));
+            return Err(ObjectError::WrongKind {
+                id: model::object_id(Kind::Cluster, None, &req.name),
+                expected: Kind::Cluster,
+            }
+            .into());
         };
         self.inner.metrics.enrolled();
         info!(admin = %who, cluster = %req.name, validity_days = days, "Enrolled cluster");
@@ -428,17 +459,24 @@ impl AdminService {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
-/// Maps a store error met outside [`Objects`] (watch streams) to the admin
-/// API's codes: an unavailable store is `Unavailable`, retryable, and its
-/// message starts with [`imgfleet::api::STORE_UNAVAILABLE`] (as
-/// [`crate::objects::ObjectError::Unavailable`]'s does), which the CLI shows
-/// apart from a hub it cannot reach.
-fn store_err(e: StoreError) -> AdminError {
+/// A watch failure as the admin API answers it: an unavailable store is
+/// `Unavailable` (retryable) with the message the CLI recognises, like every
+/// other store error met through [`Objects`].
+fn watch_err(e: WatchError) -> AdminError {
     match e {
-        StoreError::Unavailable(m) => {
-            AdminError::Unavailable(format!("{}: {m}", imgfleet::api::STORE_UNAVAILABLE))
-        }
-        other => AdminError::Internal(other.to_string()),
+        WatchError::List { source, .. }
+        | WatchError::Open { source, .. }
+        | WatchError::Broke { source, .. } => source.into(),
+        WatchError::Ended { .. } => StoreError::Unavailable(e.to_string()).into(),
+    }
+}
+
+/// The RELIST event: the history after `revision` is gone; list again.
+fn relist(revision: u64) -> pb::WatchEvent {
+    pb::WatchEvent {
+        r#type: pb::WatchEventType::Relist as i32,
+        object: None,
+        resource_version: revision.to_string(),
     }
 }
 
@@ -446,10 +484,10 @@ fn convert_event(
     objects: &Objects,
     report: &PlacementReport,
     ns: Option<&str>,
-    ev: Result<WatchEvent, StoreError>,
+    ev: Result<Event, WatchError>,
 ) -> Option<Result<pb::WatchEvent, Status>> {
     let (typ, v) = match ev {
-        Ok(WatchEvent::Put(v)) => {
+        Ok(Event::Put(v)) => {
             let t = if v.create_revision == v.revision {
                 pb::WatchEventType::Added
             } else {
@@ -457,33 +495,36 @@ fn convert_event(
             };
             (t, v)
         }
-        Ok(WatchEvent::Delete(v)) => (pb::WatchEventType::Deleted, v),
-        Err(StoreError::Compacted { requested, .. }) => {
-            return Some(Ok(pb::WatchEvent {
-                r#type: pb::WatchEventType::Relist as i32,
-                object: None,
-                resource_version: requested.to_string(),
-            }));
+        Ok(Event::Delete(v)) => (pb::WatchEventType::Deleted, v),
+        // Only after a compaction, which the client has been told of.
+        Ok(Event::Listed { revision, .. }) => return Some(Ok(relist(revision))),
+        Err(e) if e.relists() => {
+            let revision = match e {
+                WatchError::Broke { revision, .. } | WatchError::Open { revision, .. } => revision,
+                _ => 0,
+            };
+            return Some(Ok(relist(revision)));
         }
-        Err(e) => return Some(Err(store_err(e).into())),
+        Err(e) => return Some(Err(watch_err(e).into())),
     };
+    // Another namespace than the one watched.
     if let Some(ns) = ns
         && v.key.namespace != ns
     {
         return None;
     }
     let rev = v.revision;
-    match objects.decode(&v) {
+    Some(match objects.decode(&v) {
         Ok(mut obj) => {
             obj.metadata_mut().resource_version = Some(rev.to_string());
-            Some(Ok(pb::WatchEvent {
+            Ok(pb::WatchEvent {
                 r#type: typ as i32,
                 object: Some(response(&obj, report)),
                 resource_version: rev.to_string(),
-            }))
+            })
         }
-        Err(e) => Some(Err(AdminError::from(e).into())),
-    }
+        Err(e) => Err(AdminError::from(e).into()),
+    })
 }
 
 /// The wire form of a stored object as the admin API answers it: secrets
@@ -503,20 +544,14 @@ fn response(obj: &Object, report: &PlacementReport) -> pb::Object {
 
 /// The caller must present an admin certificate from the hub's CA.
 fn require_admin<T>(req: &Request<T>) -> Result<String, AdminError> {
-    match peer_identity(req)? {
+    match peer_identity(req).map_err(AdminError::Unauthenticated)? {
         Identity::Admin(name) => Ok(name),
-        Identity::Cluster(name) => Err(AdminError::PermissionDenied(format!(
-            "cluster {name} may not use the admin API: it needs an admin certificate"
-        ))),
+        Identity::Cluster(name) => Err(AdminError::NotAdmin(name)),
     }
 }
 
 fn kind_arg(kind: i32) -> Result<Kind, AdminError> {
-    kind_from_proto(kind).ok_or_else(|| {
-        AdminError::InvalidArgument(format!(
-            "kind {kind}: expected RegistrySecret, Repository or Cluster"
-        ))
-    })
+    kind_from_proto(kind).ok_or(AdminError::BadKind(kind))
 }
 
 fn ns_arg(kind: Kind, ns: &str) -> Option<&str> {
@@ -531,9 +566,7 @@ fn ns_arg(kind: Kind, ns: &str) -> Option<&str> {
 
 fn name_arg(kind: Kind, name: &str) -> Result<&str, AdminError> {
     if name.is_empty() {
-        Err(AdminError::InvalidArgument(format!(
-            "{kind}: name: missing"
-        )))
+        Err(AdminError::Missing(format!("{kind}: name")))
     } else {
         Ok(name)
     }

@@ -37,10 +37,11 @@ pub enum CaError {
         #[source]
         source: PkiError,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("{0}")]
-    Write(#[source] PkiError),
+    /// Writing the generated PKI into the data directory failed.
+    #[error(transparent)]
+    Write(PkiError),
     #[error("issuing a certificate: {0}")]
     Issue(#[source] PkiError),
     #[error(

@@ -163,8 +163,8 @@ pub enum ConfigError {
     #[error("{0}")]
     Display(String),
     /// Unknown flag, missing value and the like (clap's message names the flag).
-    #[error("{0}")]
-    Usage(String),
+    #[error(transparent)]
+    Usage(clap::Error),
     /// A setting with a bad value.
     #[error("{setting} {value:?}: {expected}")]
     Invalid {
@@ -209,7 +209,8 @@ impl Config {
     }
 
     /// Parse flags (`args[0]` is the program name) with environment
-    /// fallbacks from `env`. Flags win over the environment.
+    /// fallbacks from `env`. Flags win over the environment. Each setting is
+    /// read by one function below, which names it in its errors.
     pub fn parse<I, S>(args: I, env: &HashMap<String, String>) -> Result<Config, ConfigError>
     where
         I: IntoIterator<Item = S>,
@@ -221,187 +222,25 @@ impl Config {
                 ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
                     ConfigError::Display(e.to_string())
                 }
-                _ => ConfigError::Usage(e.to_string()),
+                _ => ConfigError::Usage(e),
             }
         })?;
-        let env_get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
-
-        let listen_raw = cli
-            .listen
-            .or_else(|| env_get("IMGFLEET_HUB_LISTEN"))
+        let env = Env(env);
+        let listen_raw = env
+            .or(cli.listen, "IMGFLEET_HUB_LISTEN")
             .unwrap_or_else(|| DEFAULT_LISTEN.into());
         let listen = parse_addr("--listen", &listen_raw)?;
-
-        let data_dir = cli
-            .data_dir
-            .or_else(|| env_get("IMGFLEET_HUB_DATA_DIR").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        if data_dir.as_os_str().is_empty() {
-            return Err(ConfigError::invalid("--data-dir", "", "a directory path"));
-        }
-
-        let prefix = cli
-            .etcd_prefix
-            .or_else(|| env_get("IMGFLEET_ETCD_PREFIX"))
-            .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
-        let store = match cli
-            .etcd_endpoints
-            .or_else(|| env_get("IMGFLEET_ETCD_ENDPOINTS"))
-        {
-            Some(raw) => {
-                let endpoints = parse_endpoints(&raw)?;
-                if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') {
-                    return Err(ConfigError::invalid(
-                        "--etcd-prefix",
-                        prefix,
-                        "a key prefix like /imgfleet (starts with '/', does not end with '/')",
-                    ));
-                }
-                StoreConfig::Etcd { endpoints, prefix }
-            }
-            None => StoreConfig::Embedded {
-                path: data_dir.join("policy.redb"),
-            },
+        let data_dir = data_dir(&env, cli.data_dir)?;
+        let store = store(&env, cli.etcd_endpoints, cli.etcd_prefix, &data_dir)?;
+        let metrics_listen = metrics_listen(&env, cli.metrics_listen, listen)?;
+        let secret_key = secret_key(&env, cli.secret_key_file, cli.secret_key, &data_dir)?;
+        let tls = TlsFiles {
+            server: server_tls(&env, cli.tls_cert, cli.tls_key, cli.client_ca)?,
+            ca: ca_files(&env, cli.ca_cert, cli.ca_key)?,
         };
-
-        let metrics_raw = cli
-            .metrics_listen
-            .or_else(|| env_get("IMGFLEET_METRICS_LISTEN"))
-            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.into());
-        let metrics_listen = if metrics_raw == "off" {
-            None
-        } else {
-            Some(parse_addr("--metrics-listen", &metrics_raw)?)
-        };
-        if metrics_listen == Some(listen) && listen.port() != 0 {
-            return Err(ConfigError::invalid(
-                "--metrics-listen",
-                metrics_raw,
-                "an address different from --listen",
-            ));
-        }
-
-        let key_file = cli
-            .secret_key_file
-            .or_else(|| env_get("IMGFLEET_SECRET_KEY_FILE").map(PathBuf::from));
-        let key_hex = cli.secret_key.or_else(|| env_get("IMGFLEET_SECRET_KEY"));
-        let secret_key = match (key_file, key_hex) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid(
-                    "--secret-key",
-                    "<redacted>",
-                    "either --secret-key (IMGFLEET_SECRET_KEY) or --secret-key-file, not both",
-                ));
-            }
-            (Some(f), None) => SecretKeySource::File(f),
-            (None, Some(hex)) => SecretKeySource::Raw(parse_key_hex(hex)?),
-            (None, None) => SecretKeySource::File(data_dir.join("secret.key")),
-        };
-
-        let path_env =
-            |flag: Option<PathBuf>, var: &str| flag.or_else(|| env_get(var).map(PathBuf::from));
-        let tls_cert = path_env(cli.tls_cert, "IMGFLEET_TLS_CERT");
-        let tls_key = path_env(cli.tls_key, "IMGFLEET_TLS_KEY");
-        let client_ca = path_env(cli.client_ca, "IMGFLEET_CLIENT_CA");
-        let server = match (tls_cert, tls_key, client_ca) {
-            (None, None, None) => None,
-            (Some(cert), Some(key), Some(client_ca)) => Some(ServerTlsFiles {
-                cert,
-                key,
-                client_ca,
-            }),
-            (cert, key, ca) => {
-                let missing: Vec<&str> = [
-                    (cert.is_none(), "--tls-cert"),
-                    (key.is_none(), "--tls-key"),
-                    (ca.is_none(), "--client-ca"),
-                ]
-                .iter()
-                .filter(|(m, _)| *m)
-                .map(|(_, n)| *n)
-                .collect();
-                return Err(ConfigError::invalid(
-                    "--tls-cert/--tls-key/--client-ca",
-                    format!("missing {}", missing.join(", ")),
-                    "all three together, or none for a generated development PKI",
-                ));
-            }
-        };
-        let ca_cert = path_env(cli.ca_cert, "IMGFLEET_CA_CERT");
-        let ca_key = path_env(cli.ca_key, "IMGFLEET_CA_KEY");
-        let ca = match (ca_cert, ca_key) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => Some(CaFiles { cert, key }),
-            (Some(_), None) => {
-                return Err(ConfigError::invalid(
-                    "--ca-key",
-                    "",
-                    "the CA private key file, required with --ca-cert",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::invalid(
-                    "--ca-cert",
-                    "",
-                    "the CA certificate file, required with --ca-key",
-                ));
-            }
-        };
-
-        let mut server_names = cli.server_names;
-        if server_names.is_empty()
-            && let Some(v) = env_get("IMGFLEET_SERVER_NAMES")
-        {
-            server_names = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
-        }
-        for n in &server_names {
-            let ok = n.parse::<IpAddr>().is_ok()
-                || (!n.is_empty()
-                    && n.len() <= 253
-                    && n.split('.').all(|l| {
-                        !l.is_empty()
-                            && l.len() <= 63
-                            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                    }));
-            if !ok {
-                return Err(ConfigError::invalid(
-                    "--server-name",
-                    n.clone(),
-                    "a DNS name or IP address",
-                ));
-            }
-        }
-
-        let log_format = match cli
-            .log_format
-            .or_else(|| env_get("IMGFLEET_LOG_FORMAT"))
-            .as_deref()
-        {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(ConfigError::invalid("--log-format", other, "text or json"));
-            }
-        };
-
-        let offline_after = match cli
-            .offline_after
-            .or_else(|| env_get("IMGFLEET_OFFLINE_AFTER"))
-        {
-            None => DEFAULT_OFFLINE_AFTER,
-            Some(raw) => imgfleet::model::parse_duration(&raw)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    ConfigError::invalid("--offline-after", raw, "a duration like 30s or 2m")
-                })?,
-        };
-
+        let server_names = server_names(&env, cli.server_names)?;
+        let log_format = log_format(&env, cli.log_format)?;
+        let offline_after = offline_after(&env, cli.offline_after)?;
         Ok(Config {
             offline_after,
             listen,
@@ -409,10 +248,224 @@ impl Config {
             store,
             metrics_listen,
             secret_key,
-            tls: TlsFiles { server, ca },
+            tls,
             server_names,
             log_format,
         })
+    }
+}
+
+/// The environment fallbacks: a flag wins, and an empty variable counts as
+/// unset.
+struct Env<'a>(&'a HashMap<String, String>);
+
+impl Env<'_> {
+    fn get(&self, var: &str) -> Option<String> {
+        self.0.get(var).filter(|v| !v.is_empty()).cloned()
+    }
+
+    /// The flag's value, else the variable's.
+    fn or(&self, flag: Option<String>, var: &str) -> Option<String> {
+        flag.or_else(|| self.get(var))
+    }
+
+    fn path_or(&self, flag: Option<PathBuf>, var: &str) -> Option<PathBuf> {
+        flag.or_else(|| self.get(var).map(PathBuf::from))
+    }
+}
+
+fn data_dir(env: &Env, flag: Option<PathBuf>) -> Result<PathBuf, ConfigError> {
+    let data_dir = env
+        .path_or(flag, "IMGFLEET_HUB_DATA_DIR")
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    if data_dir.as_os_str().is_empty() {
+        return Err(ConfigError::invalid("--data-dir", "", "a directory path"));
+    }
+    Ok(data_dir)
+}
+
+/// etcd when endpoints are given, else the embedded store in `data_dir`.
+fn store(
+    env: &Env,
+    endpoints: Option<String>,
+    prefix: Option<String>,
+    data_dir: &Path,
+) -> Result<StoreConfig, ConfigError> {
+    let prefix = env
+        .or(prefix, "IMGFLEET_ETCD_PREFIX")
+        .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
+    let Some(raw) = env.or(endpoints, "IMGFLEET_ETCD_ENDPOINTS") else {
+        return Ok(StoreConfig::Embedded {
+            path: data_dir.join("policy.redb"),
+        });
+    };
+    let endpoints = parse_endpoints(&raw)?;
+    if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') {
+        return Err(ConfigError::invalid(
+            "--etcd-prefix",
+            prefix,
+            "a key prefix like /imgfleet (starts with '/', does not end with '/')",
+        ));
+    }
+    Ok(StoreConfig::Etcd { endpoints, prefix })
+}
+
+/// `None` for "off"; never the gRPC listener's address.
+fn metrics_listen(
+    env: &Env,
+    flag: Option<String>,
+    listen: SocketAddr,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let raw = env
+        .or(flag, "IMGFLEET_METRICS_LISTEN")
+        .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.into());
+    if raw == "off" {
+        return Ok(None);
+    }
+    let addr = parse_addr("--metrics-listen", &raw)?;
+    if addr == listen && listen.port() != 0 {
+        return Err(ConfigError::invalid(
+            "--metrics-listen",
+            raw,
+            "an address different from --listen",
+        ));
+    }
+    Ok(Some(addr))
+}
+
+/// A key file or a raw key, not both; by default `<data-dir>/secret.key`.
+fn secret_key(
+    env: &Env,
+    file: Option<PathBuf>,
+    hex: Option<String>,
+    data_dir: &Path,
+) -> Result<SecretKeySource, ConfigError> {
+    let file = env.path_or(file, "IMGFLEET_SECRET_KEY_FILE");
+    let hex = env.or(hex, "IMGFLEET_SECRET_KEY");
+    match (file, hex) {
+        (Some(_), Some(_)) => Err(ConfigError::invalid(
+            "--secret-key",
+            "<redacted>",
+            "either --secret-key (IMGFLEET_SECRET_KEY) or --secret-key-file, not both",
+        )),
+        (Some(f), None) => Ok(SecretKeySource::File(f)),
+        (None, Some(hex)) => Ok(SecretKeySource::Raw(parse_key_hex(hex)?)),
+        (None, None) => Ok(SecretKeySource::File(data_dir.join("secret.key"))),
+    }
+}
+
+/// `--tls-cert`, `--tls-key` and `--client-ca`: all three or none.
+fn server_tls(
+    env: &Env,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<ServerTlsFiles>, ConfigError> {
+    let cert = env.path_or(cert, "IMGFLEET_TLS_CERT");
+    let key = env.path_or(key, "IMGFLEET_TLS_KEY");
+    let client_ca = env.path_or(client_ca, "IMGFLEET_CLIENT_CA");
+    match (cert, key, client_ca) {
+        (None, None, None) => Ok(None),
+        (Some(cert), Some(key), Some(client_ca)) => Ok(Some(ServerTlsFiles {
+            cert,
+            key,
+            client_ca,
+        })),
+        (cert, key, ca) => {
+            let missing: Vec<&str> = [
+                (cert.is_none(), "--tls-cert"),
+                (key.is_none(), "--tls-key"),
+                (ca.is_none(), "--client-ca"),
+            ]
+            .iter()
+            .filter(|(m, _)| *m)
+            .map(|(_, n)| *n)
+            .collect();
+            Err(ConfigError::invalid(
+                "--tls-cert/--tls-key/--client-ca",
+                format!("missing {}", missing.join(", ")),
+                "all three together, or none for a generated development PKI",
+            ))
+        }
+    }
+}
+
+/// `--ca-cert` and `--ca-key`: both or neither.
+fn ca_files(
+    env: &Env,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<CaFiles>, ConfigError> {
+    match (
+        env.path_or(cert, "IMGFLEET_CA_CERT"),
+        env.path_or(key, "IMGFLEET_CA_KEY"),
+    ) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some(CaFiles { cert, key })),
+        (Some(_), None) => Err(ConfigError::invalid(
+            "--ca-key",
+            "",
+            "the CA private key file, required with --ca-cert",
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            "--ca-cert",
+            "",
+            "the CA certificate file, required with --ca-key",
+        )),
+    }
+}
+
+/// Repeated flags, or the comma-separated variable; each a DNS name or an
+/// IP address.
+fn server_names(env: &Env, flags: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let mut names = flags;
+    if names.is_empty()
+        && let Some(v) = env.get("IMGFLEET_SERVER_NAMES")
+    {
+        names = v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+    }
+    for n in &names {
+        let ok = n.parse::<IpAddr>().is_ok()
+            || (!n.is_empty()
+                && n.len() <= 253
+                && n.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                }));
+        if !ok {
+            return Err(ConfigError::invalid(
+                "--server-name",
+                n.clone(),
+                "a DNS name or IP address",
+            ));
+        }
+    }
+    Ok(names)
+}
+
+fn log_format(env: &Env, flag: Option<String>) -> Result<LogFormat, ConfigError> {
+    match env.or(flag, "IMGFLEET_LOG_FORMAT").as_deref() {
+        None | Some("text") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(other) => Err(ConfigError::invalid("--log-format", other, "text or json")),
+    }
+}
+
+fn offline_after(env: &Env, flag: Option<String>) -> Result<std::time::Duration, ConfigError> {
+    match env.or(flag, "IMGFLEET_OFFLINE_AFTER") {
+        None => Ok(DEFAULT_OFFLINE_AFTER),
+        Some(raw) => imgfleet::model::parse_duration(&raw)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                ConfigError::invalid("--offline-after", raw, "a duration like 30s or 2m")
+            }),
     }
 }
 

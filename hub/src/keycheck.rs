@@ -10,7 +10,7 @@
 
 use imgfleet::model::{Kind, Object};
 
-use crate::fleet::META_KIND;
+use crate::desired::META_KIND;
 use crate::objects::{ObjectError, Objects};
 use crate::secrets::Keyring;
 use crate::store::{Key, PolicyStore, StoreError};
@@ -52,13 +52,24 @@ pub enum KeyCheckError {
     Unopenable { setting: String, objects: String },
     /// The store could not be read or written.
     #[error("checking the secret key against the policy store: {0}")]
-    Store(String),
+    Store(#[source] StoreError),
+    /// The RegistrySecrets could not be read.
+    #[error("checking the secret key against the policy store: {0}")]
+    ReadSecrets(#[source] ObjectError),
+    /// Another replica created the key check, and it was gone when read.
+    #[error(
+        "checking the secret key against the policy store: the key check vanished while created"
+    )]
+    Vanished,
 }
 
 impl KeyCheckError {
     /// True when the operator must change the key configuration.
     pub fn is_config(&self) -> bool {
-        !matches!(self, KeyCheckError::Store(_))
+        !matches!(
+            self,
+            KeyCheckError::Store(_) | KeyCheckError::ReadSecrets(_) | KeyCheckError::Vanished
+        )
     }
 }
 
@@ -72,7 +83,7 @@ pub async fn store_has_sealed_data(store: &dyn PolicyStore) -> Result<bool, KeyC
     if store
         .get(&key())
         .await
-        .map_err(|e| KeyCheckError::Store(e.to_string()))?
+        .map_err(KeyCheckError::Store)?
         .is_some()
     {
         return Ok(true);
@@ -80,7 +91,7 @@ pub async fn store_has_sealed_data(store: &dyn PolicyStore) -> Result<bool, KeyC
     let (items, _) = store
         .list(Kind::RegistrySecret.plural(), None)
         .await
-        .map_err(|e| KeyCheckError::Store(e.to_string()))?;
+        .map_err(KeyCheckError::Store)?;
     Ok(items.iter().any(|v| {
         // Only whether a sealed value is there; nothing is decrypted here.
         serde_json::from_slice::<serde_json::Value>(&v.value)
@@ -104,26 +115,20 @@ pub async fn verify(
     setting: &str,
 ) -> Result<(), KeyCheckError> {
     let store = objects.store();
-    let stored = store
-        .get(&key())
-        .await
-        .map_err(|e| KeyCheckError::Store(e.to_string()))?;
+    let stored = store.get(&key()).await.map_err(KeyCheckError::Store)?;
     if let Some(v) = &stored {
         check_value(keyring, &v.value, setting)?;
     }
     let (secrets, _) = objects
         .list(Kind::RegistrySecret, None)
         .await
-        .map_err(|e| KeyCheckError::Store(e.to_string()))?;
+        .map_err(KeyCheckError::ReadSecrets)?;
     let mut bad = Vec::new();
     for obj in &secrets {
         if let Object::RegistrySecret(rs) = obj
             && let Err(e) = objects.password(rs)
         {
-            bad.push(match e {
-                ObjectError::Internal(m) => m,
-                other => other.to_string(),
-            });
+            bad.push(e.to_string());
         }
     }
     if !bad.is_empty() {
@@ -141,13 +146,11 @@ pub async fn verify(
                 let v = store
                     .get(&key())
                     .await
-                    .map_err(|e| KeyCheckError::Store(e.to_string()))?
-                    .ok_or_else(|| {
-                        KeyCheckError::Store("the key check vanished while created".into())
-                    })?;
+                    .map_err(KeyCheckError::Store)?
+                    .ok_or(KeyCheckError::Vanished)?;
                 check_value(keyring, &v.value, setting)?;
             }
-            Err(e) => return Err(KeyCheckError::Store(e.to_string())),
+            Err(e) => return Err(KeyCheckError::Store(e)),
         }
     }
     Ok(())

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::StoreConfig;
+use crate::retry::Retry;
 
 /// Lifetime of the leader's lease: how long a dead leader blocks a takeover.
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
@@ -26,6 +27,26 @@ pub const LEASE_TTL: Duration = Duration::from_secs(5);
 pub const CAMPAIGN_TICK: Duration = Duration::from_secs(1);
 /// Longest wait for one etcd call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a campaign ended; the replica campaigns again after a back-off.
+#[derive(Debug, thiserror::Error)]
+pub enum CampaignError {
+    /// An etcd call failed; `what` names it ("granting a lease").
+    #[error("{what}: {source}")]
+    Etcd {
+        what: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("{what}: timed out after {CALL_TIMEOUT:?}")]
+    Timeout { what: &'static str },
+    /// etcd says the lease is gone.
+    #[error("lease {0:x} expired")]
+    LeaseExpired(i64),
+    /// The lease could not be renewed in time to be sure of it.
+    #[error("lease {lease:x} not renewed for {silent:?}")]
+    LeaseNotRenewed { lease: i64, silent: Duration },
+}
 
 /// Where and as whom to campaign.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,15 +92,17 @@ impl Election {
                 key,
                 identity,
             } => {
+                // While etcd is down every campaign fails at once: back off,
+                // and warn once in a while rather than every second.
+                let mut retry = Retry::new("Leader election");
                 while !shutdown.is_cancelled() {
-                    let result = campaign(&endpoints, &key, &identity, &leader, &shutdown).await;
+                    let result =
+                        campaign(&endpoints, &key, &identity, &leader, &shutdown, &mut retry).await;
                     let _ = leader.send_if_modified(|l| std::mem::replace(l, false));
-                    if let Err(e) = result {
-                        warn!(key = %key, error = %e, "Leader election interrupted; campaigning again");
-                        tokio::select! {
-                            _ = tokio::time::sleep(CAMPAIGN_TICK) => {}
-                            _ = shutdown.cancelled() => {}
-                        }
+                    if let Err(e) = result
+                        && !retry.wait_after(&e, &shutdown).await
+                    {
+                        break;
                     }
                 }
             }
@@ -88,25 +111,27 @@ impl Election {
 }
 
 async fn timed<T>(
-    what: &str,
+    what: &'static str,
     f: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, String> {
+) -> Result<T, CampaignError> {
     match tokio::time::timeout(CALL_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: timed out after {CALL_TIMEOUT:?}")),
+        Ok(Err(source)) => Err(CampaignError::Etcd { what, source }),
+        Err(_) => Err(CampaignError::Timeout { what }),
     }
 }
 
 /// One lease's worth of campaigning: returns `Ok` on shutdown, `Err` when
-/// the lease or the connection is lost (the caller starts over).
+/// the lease or the connection is lost (the caller starts over). A campaign
+/// that got a lease counts as a success for `retry`: etcd answered.
 async fn campaign(
     endpoints: &[String],
     key: &str,
     identity: &str,
     leader: &watch::Sender<bool>,
     shutdown: &CancellationToken,
-) -> Result<(), String> {
+    retry: &mut Retry,
+) -> Result<(), CampaignError> {
     let options = ConnectOptions::new().with_connect_timeout(CALL_TIMEOUT);
     let mut client = timed(
         "connecting to etcd",
@@ -119,6 +144,7 @@ async fn campaign(
         .id();
     let (mut keeper, mut responses) =
         timed("keeping the lease alive", client.lease_keep_alive(lease)).await?;
+    retry.succeeded();
     let mut renewed = Instant::now();
     let mut leading = false;
     loop {
@@ -130,7 +156,7 @@ async fn campaign(
         };
         match tokio::time::timeout(CALL_TIMEOUT, renewal).await {
             Ok(Ok(Some(r))) if r.ttl() > 0 => renewed = Instant::now(),
-            Ok(Ok(_)) => return Err(format!("lease {lease:x} expired")),
+            Ok(Ok(_)) => return Err(CampaignError::LeaseExpired(lease)),
             Ok(Err(e)) => debug!(error = %e, "Lease renewal failed"),
             Err(_) => debug!("Lease renewal timed out"),
         }
@@ -141,10 +167,10 @@ async fn campaign(
                     identity, "Lost the resolver leadership: lease not renewed in time"
                 );
             }
-            return Err(format!(
-                "lease {lease:x} not renewed for {:?}",
-                renewed.elapsed()
-            ));
+            return Err(CampaignError::LeaseNotRenewed {
+                lease,
+                silent: renewed.elapsed(),
+            });
         }
         if !leading {
             let txn = Txn::new()

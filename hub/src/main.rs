@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use imgfleet_hub::config::{Config, ConfigError, LogFormat};
-use imgfleet_hub::server::{self, StartError};
+use imgfleet_hub::server::{self, Parts, StartError};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -65,8 +65,7 @@ enum Failure {
 async fn run(config: Config) -> Result<(), Failure> {
     let shutdown = CancellationToken::new();
     let data_dir = config.data_dir.clone();
-    let extensions = imgfleet_hub::parts::default_extensions(&config);
-    let hub = match server::start_with(config, shutdown.clone(), extensions).await {
+    let hub = match server::start_with(config, shutdown.clone(), Parts::ALL).await {
         Ok(h) => h,
         Err(e) if e.is_config() => return Err(Failure::Config(e)),
         Err(e) => {
@@ -98,7 +97,7 @@ async fn run(config: Config) -> Result<(), Failure> {
             wait.await
         }
     };
-    result.map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
+    result.map_err(|e| Failure::Other(anyhow::Error::new(e)))?;
     info!("Hub stopped");
     Ok(())
 }

@@ -131,6 +131,41 @@ pub const READY_TIMEOUT: Duration = Duration::from_millis(800);
 /// from several checkers cost the store one cheap read a second at most.
 pub const READY_CACHE: Duration = Duration::from_secs(1);
 
+/// One readiness answer and when it was taken.
+type Checked = (Instant, Result<(), NotReady>);
+
+/// Why the hub is not ready: its policy store does not answer.
+#[derive(Debug, Clone)]
+pub enum NotReady {
+    /// The store answered with an error (shared: answers are cached).
+    Store(Arc<crate::store::StoreError>),
+    /// The store did not answer within [`READY_TIMEOUT`].
+    Timeout,
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Shown after "policy store unavailable: ", so without the
+            // store's own prefix.
+            NotReady::Store(e) => match e.as_ref() {
+                crate::store::StoreError::Unavailable(why) => f.write_str(why),
+                other => write!(f, "{other}"),
+            },
+            NotReady::Timeout => write!(f, "no answer within {READY_TIMEOUT:?}"),
+        }
+    }
+}
+
+impl std::error::Error for NotReady {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NotReady::Store(e) => Some(e.as_ref()),
+            NotReady::Timeout => None,
+        }
+    }
+}
+
 /// Whether the hub can serve: its policy store answers a cheap read (the
 /// current revision) within [`READY_TIMEOUT`]. Cheap to clone.
 #[derive(Clone)]
@@ -138,11 +173,8 @@ pub struct Readiness {
     store: Arc<dyn PolicyStore>,
     /// The last answer and when it was taken. The lock is held across a check,
     /// so concurrent probes wait for one check instead of starting their own.
-    last: Arc<tokio::sync::Mutex<Option<CheckedAt>>>,
+    last: Arc<tokio::sync::Mutex<Option<Checked>>>,
 }
-
-/// One readiness answer and when it was taken; the error says why not ready.
-type CheckedAt = (Instant, Result<(), String>);
 
 impl std::fmt::Debug for Readiness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -159,7 +191,7 @@ impl Readiness {
     }
 
     /// `Ok` when the store answered within the last [`READY_CACHE`], else why not.
-    pub async fn check(&self) -> Result<(), String> {
+    pub async fn check(&self) -> Result<(), NotReady> {
         let mut last = self.last.lock().await;
         if let Some((at, answer)) = last.as_ref()
             && at.elapsed() < READY_CACHE
@@ -168,9 +200,8 @@ impl Readiness {
         }
         let answer = match tokio::time::timeout(READY_TIMEOUT, self.store.revision()).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(crate::store::StoreError::Unavailable(why))) => Err(why),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {READY_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(NotReady::Store(Arc::new(e))),
+            Err(_) => Err(NotReady::Timeout),
         };
         *last = Some((Instant::now(), answer.clone()));
         answer

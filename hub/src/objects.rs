@@ -23,37 +23,40 @@ use imgfleet::model::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use zeroize::Zeroizing;
 
+use crate::secrets::SecretsError;
 use crate::store::{Key, PolicyStore, Put, StoreError, Versioned};
 
 /// Seals and opens secret fields. Implemented by the hub's keyring; narrow so
 /// that the storage format does not depend on the key management.
 pub trait Sealer: Send + Sync + 'static {
     /// Encrypt `plaintext`, binding it to `aad` (the owning object).
-    fn seal(&self, plaintext: &str, aad: &str) -> Result<String, String>;
+    fn seal(&self, plaintext: &str, aad: &str) -> Result<String, SecretsError>;
     /// Decrypt a value produced by [`Sealer::seal`] with the same `aad`.
-    fn open(&self, sealed: &str, aad: &str) -> Result<Zeroizing<String>, String>;
+    fn open(&self, sealed: &str, aad: &str) -> Result<Zeroizing<String>, SecretsError>;
 }
 
 impl Sealer for crate::secrets::Keyring {
-    fn seal(&self, plaintext: &str, aad: &str) -> Result<String, String> {
+    fn seal(&self, plaintext: &str, aad: &str) -> Result<String, SecretsError> {
         Ok(self.encrypt(plaintext, aad))
     }
 
-    fn open(&self, sealed: &str, aad: &str) -> Result<Zeroizing<String>, String> {
+    fn open(&self, sealed: &str, aad: &str) -> Result<Zeroizing<String>, SecretsError> {
         self.decrypt(sealed, aad)
             .map(|s| Zeroizing::new(s.expose().to_string()))
-            .map_err(|e| e.to_string())
     }
 }
 
 /// Errors of typed object access, mapped to gRPC codes by the admin service.
-/// `Unavailable` is worth a retry; the others are not.
+/// `Unavailable` and `Contended` are worth a retry; the others are not.
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
     #[error("{}", join_validation(.0))]
     Invalid(Vec<ValidationError>),
-    #[error("{0}")]
-    BadRequest(String),
+    /// A resourceVersion that is not a number.
+    #[error(
+        "{id}: metadata.resourceVersion {given:?}: expected the number a previous get returned"
+    )]
+    BadResourceVersion { id: String, given: String },
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0} already exists")]
@@ -70,10 +73,54 @@ pub enum ObjectError {
     /// Concurrent writers kept changing the object.
     #[error("{0}: changed concurrently, try again")]
     Contended(String),
-    #[error("policy store unavailable: {0}")]
+    /// The store does not answer; the message starts with
+    /// [`imgfleet::api::STORE_UNAVAILABLE`], which the CLI shows apart from
+    /// a hub it cannot reach.
+    #[error("{}: {}", imgfleet::api::STORE_UNAVAILABLE, .0)]
     Unavailable(String),
-    #[error("{0}")]
-    Internal(String),
+    /// A stored value that is not an object of the model.
+    #[error("stored {}/{}/{} is unreadable: {source}", .key.kind, .key.namespace, .key.name)]
+    Corrupt {
+        key: Key,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An object where another kind was expected.
+    #[error("{id} is not a {expected}")]
+    WrongKind { id: String, expected: Kind },
+    /// A stored password that this hub's keys cannot open.
+    #[error("RegistrySecret {id}: stored password cannot be decrypted: {source}")]
+    Unopenable {
+        id: String,
+        #[source]
+        source: SecretsError,
+    },
+    #[error("{id}: sealing the password: {source}")]
+    Seal {
+        id: String,
+        #[source]
+        source: SecretsError,
+    },
+    #[error("encoding {id}: {source}")]
+    Encode {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Any other refusal of the store (see [`StoreError`]).
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+/// An unavailable store is [`ObjectError::Unavailable`]; any other store
+/// error is kept whole in [`ObjectError::Store`], for callers to match.
+impl From<StoreError> for ObjectError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => ObjectError::Unavailable(m),
+            other => ObjectError::Store(other),
+        }
+    }
 }
 
 fn join_validation(errors: &[ValidationError]) -> String {
@@ -127,6 +174,9 @@ impl std::fmt::Debug for Objects {
 /// How many times Apply re-reads and retries when another writer changed the
 /// object between its read and its write (only without a resourceVersion).
 const APPLY_ATTEMPTS: usize = 5;
+/// How many times [`Objects::update_status`] re-reads and retries after a
+/// concurrent write.
+const STATUS_ATTEMPTS: usize = 8;
 
 impl Objects {
     pub fn new(store: Arc<dyn PolicyStore>, sealer: Arc<dyn Sealer>) -> Self {
@@ -142,12 +192,11 @@ impl Objects {
     /// [`Objects::password`] to open it. `resourceVersion` is set to the
     /// value's revision.
     pub fn decode(&self, v: &Versioned) -> Result<Object, ObjectError> {
-        let mut obj: Object = serde_json::from_slice(&v.value).map_err(|e| {
-            ObjectError::Internal(format!(
-                "stored {}/{}/{} is unreadable: {e}",
-                v.key.kind, v.key.namespace, v.key.name
-            ))
-        })?;
+        let mut obj: Object =
+            serde_json::from_slice(&v.value).map_err(|source| ObjectError::Corrupt {
+                key: v.key.clone(),
+                source,
+            })?;
         obj.metadata_mut().resource_version = Some(v.revision.to_string());
         Ok(obj)
     }
@@ -169,10 +218,9 @@ impl Objects {
         self.sealer
             .open(sealed, &password_aad(ns, name))
             .map(Some)
-            .map_err(|e| {
-                ObjectError::Internal(format!(
-                    "RegistrySecret {ns}/{name}: stored password cannot be decrypted: {e}"
-                ))
+            .map_err(|source| ObjectError::Unopenable {
+                id: format!("{ns}/{name}"),
+                source,
             })
     }
 
@@ -183,7 +231,7 @@ impl Objects {
         name: &str,
     ) -> Result<Object, ObjectError> {
         let key = key_of(kind, namespace, name);
-        match self.store.get(&key).await.map_err(store_err)? {
+        match self.store.get(&key).await? {
             Some(v) => self.decode(&v),
             None => Err(ObjectError::NotFound(model::object_id(
                 kind,
@@ -201,11 +249,7 @@ impl Objects {
         namespace: Option<&str>,
     ) -> Result<(Vec<Object>, u64), ObjectError> {
         let ns = if kind.namespaced() { namespace } else { None };
-        let (items, rev) = self
-            .store
-            .list(kind.plural(), ns)
-            .await
-            .map_err(store_err)?;
+        let (items, rev) = self.store.list(kind.plural(), ns).await?;
         let objs = items
             .iter()
             .map(|v| self.decode(v))
@@ -236,7 +280,7 @@ impl Objects {
                 given: resource_version.unwrap_or_default().to_string(),
                 stored: actual,
             }),
-            Err(e) => Err(store_err(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -274,7 +318,7 @@ impl Objects {
         let key = key_of(obj.kind(), obj.namespace(), obj.name());
 
         for _ in 0..APPLY_ATTEMPTS {
-            let existing = self.store.get(&key).await.map_err(store_err)?;
+            let existing = self.store.get(&key).await?;
             let result = match existing {
                 None => {
                     if given_rv.is_some() {
@@ -306,23 +350,26 @@ impl Objects {
             match result {
                 // Lost a race with another writer: re-read and decide again,
                 // unless the caller pinned a resourceVersion.
-                Err(StoreError::AlreadyExists(_)) | Err(StoreError::Conflict { .. })
+                Err(ObjectError::Store(StoreError::AlreadyExists(_)))
+                | Err(ObjectError::Store(StoreError::Conflict { .. }))
                     if expected.is_none() =>
                 {
                     continue;
                 }
-                Err(StoreError::Conflict { actual, .. }) => {
+                Err(ObjectError::Store(StoreError::Conflict { actual, .. })) => {
                     return Err(ObjectError::Stale {
                         id,
                         given: given_rv.unwrap_or_default(),
                         stored: actual,
                     });
                 }
-                Err(StoreError::NotFound(_)) if expected.is_some() => {
+                Err(ObjectError::Store(StoreError::NotFound(_))) if expected.is_some() => {
                     return Err(ObjectError::NotFound(id));
                 }
-                Err(StoreError::NotFound(_)) => continue,
-                Err(e) => return Err(store_err(e)),
+                Err(ObjectError::Store(StoreError::NotFound(_))) => continue,
+                // An unavailable store says so in its own variant.
+                Err(ObjectError::Store(e)) => return Err(e.into()),
+                Err(e) => return Err(e),
                 Ok(done) => return Ok(done),
             }
         }
@@ -334,7 +381,7 @@ impl Objects {
         key: &Key,
         mut obj: Object,
         dry_run: bool,
-    ) -> Result<(Object, ApplyOutcome), StoreError> {
+    ) -> Result<(Object, ApplyOutcome), ObjectError> {
         let meta = obj.metadata_mut();
         meta.uid = Some(uuid::Uuid::new_v4().to_string());
         meta.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
@@ -345,7 +392,10 @@ impl Objects {
         let rev = if dry_run {
             0
         } else {
-            self.store.create(key, encode(&obj)?).await?
+            self.store
+                .create(key, encode(&obj)?)
+                .await
+                .map_err(ObjectError::Store)?
         };
         if !dry_run {
             obj.metadata_mut().resource_version = Some(rev.to_string());
@@ -359,10 +409,8 @@ impl Objects {
         mut obj: Object,
         stored: &Versioned,
         dry_run: bool,
-    ) -> Result<(Object, ApplyOutcome), StoreError> {
-        let current = self
-            .decode(stored)
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
+    ) -> Result<(Object, ApplyOutcome), ObjectError> {
+        let current = self.decode(stored)?;
         // Hub-owned metadata and the status come from the stored object.
         {
             let cur = current.metadata();
@@ -379,9 +427,7 @@ impl Objects {
         if let (Object::RegistrySecret(new), Object::RegistrySecret(cur)) =
             (&mut obj, &mut current_plain)
         {
-            let stored_pw = self
-                .password(cur)
-                .map_err(|e| StoreError::Internal(e.to_string()))?;
+            let stored_pw = self.password(cur)?;
             cur.spec.password = stored_pw.as_ref().map(|p| p.to_string());
             if new.spec.password.is_none() && new.spec.username.is_some() {
                 new.spec.password = cur.spec.password.clone();
@@ -402,13 +448,14 @@ impl Objects {
         } else {
             self.store
                 .update(key, encode(&obj)?, Some(stored.revision))
-                .await?
+                .await
+                .map_err(ObjectError::Store)?
         };
         obj.metadata_mut().resource_version = Some(rev.to_string());
         Ok((obj, ApplyOutcome::Updated))
     }
 
-    fn seal_password(&self, obj: &mut Object) -> Result<(), StoreError> {
+    fn seal_password(&self, obj: &mut Object) -> Result<(), ObjectError> {
         if let Object::RegistrySecret(rs) = obj
             && let Some(pw) = rs.spec.password.take()
         {
@@ -422,15 +469,15 @@ impl Objects {
             let sealed = self
                 .sealer
                 .seal(&pw, &password_aad(&ns, &name))
-                .map_err(|e| StoreError::Internal(format!("sealing the password: {e}")))?;
+                .map_err(|source| ObjectError::Seal {
+                    id: format!("RegistrySecret {ns}/{name}"),
+                    source,
+                })?;
             rs.spec.password = Some(sealed);
         }
         Ok(())
     }
 
-    /// Replace the status of a stored object (tag resolver, sessions). The
-    /// spec and generation are left alone; `expected_revision` guards against
-    /// overwriting a concurrent spec change.
     /// A batched status write of `obj` (see [`PolicyStore::put_batch`]):
     /// the whole object as stored, expected at `expected_revision`.
     pub fn status_put(&self, obj: &Object, expected_revision: u64) -> Result<Put, ObjectError> {
@@ -438,11 +485,14 @@ impl Objects {
         copy.metadata_mut().resource_version = None;
         Ok(Put {
             key: key_of(obj.kind(), obj.namespace(), obj.name()),
-            value: encode(&copy).map_err(store_err)?,
+            value: encode(&copy)?,
             expected: Some(expected_revision),
         })
     }
 
+    /// Replace the status of a stored object (tag resolver, sessions). The
+    /// spec and generation are left alone; `expected_revision` guards against
+    /// overwriting a concurrent spec change.
     pub async fn write_status(
         &self,
         obj: &Object,
@@ -451,7 +501,7 @@ impl Objects {
         let key = key_of(obj.kind(), obj.namespace(), obj.name());
         let mut copy = obj.clone();
         copy.metadata_mut().resource_version = None;
-        let bytes = encode(&copy).map_err(store_err)?;
+        let bytes = encode(&copy)?;
         self.store
             .update(&key, bytes, expected_revision)
             .await
@@ -464,30 +514,66 @@ impl Objects {
                     stored: actual,
                 },
                 StoreError::NotFound(_) => ObjectError::NotFound(obj.id()),
-                other => store_err(other),
+                other => other.into(),
             })
+    }
+
+    /// Read-modify-write of an object's status, redone when another writer
+    /// (the tag resolver, the status writer, another replica) changed the
+    /// object in between. `f` changes the object read and returns false
+    /// when nothing needs writing; it may run once per attempt. Returns
+    /// whether it wrote.
+    pub async fn update_status(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+        mut f: impl FnMut(&mut Object) -> bool,
+    ) -> Result<bool, ObjectError> {
+        for _ in 0..STATUS_ATTEMPTS {
+            let mut obj = self.get(kind, namespace, name).await?;
+            let rev = revision_of(&obj);
+            if !f(&mut obj) {
+                return Ok(false);
+            }
+            match self.write_status(&obj, rev).await {
+                Ok(_) => return Ok(true),
+                Err(ObjectError::Stale { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ObjectError::Contended(model::object_id(
+            kind, namespace, name,
+        )))
     }
 }
 
-fn encode(obj: &Object) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(obj).map_err(|e| StoreError::Internal(format!("encoding {}: {e}", obj.id())))
+/// The store revision an object was read at (its `metadata.resourceVersion`,
+/// which [`Objects`] fills in on every read).
+pub fn revision_of(obj: &Object) -> Option<u64> {
+    obj.metadata()
+        .resource_version
+        .as_deref()
+        .and_then(|r| r.parse().ok())
+}
+
+fn encode(obj: &Object) -> Result<Vec<u8>, ObjectError> {
+    serde_json::to_vec(obj).map_err(|source| ObjectError::Encode {
+        id: obj.id(),
+        source,
+    })
 }
 
 fn parse_rv(id: &str, rv: Option<&str>) -> Result<Option<u64>, ObjectError> {
     match rv.filter(|s| !s.is_empty()) {
         None => Ok(None),
-        Some(s) => s.parse::<u64>().map(Some).map_err(|_| {
-            ObjectError::BadRequest(format!(
-                "{id}: metadata.resourceVersion {s:?}: expected the number a previous get returned"
-            ))
-        }),
-    }
-}
-
-fn store_err(e: StoreError) -> ObjectError {
-    match e {
-        StoreError::Unavailable(m) => ObjectError::Unavailable(m),
-        other => ObjectError::Internal(other.to_string()),
+        Some(s) => s
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| ObjectError::BadResourceVersion {
+                id: id.to_string(),
+                given: s.to_string(),
+            }),
     }
 }
 

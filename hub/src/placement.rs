@@ -1,6 +1,6 @@
 //! Placement: a pure function from repositories, clusters, registry secrets and
 //! tag resolutions to the desired image set of every cluster, plus the diff
-//! between two desired sets.
+//! between two desired sets (the delta a session sends its agent).
 //!
 //! It works on small plain input types of its own, so it does no I/O and does
 //! not depend on the shape of the resource model; adapters from the model
@@ -29,8 +29,15 @@
 //!
 //! The output is deterministic: it does not depend on the order of the inputs,
 //! and every list in it is sorted.
+//!
+//! Its output types are also the stored form of a desired set (see
+//! [`crate::desired`]): one shape for one image from placement to the wire.
+//! Their JSON must not change, since the controller compares stored sets by
+//! their encoding.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
 
 /// Namespace and name of an object.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -183,14 +190,21 @@ pub struct RegistryInfo {
     /// Registry host and optional port.
     pub domain: String,
     pub insecure: bool,
+    /// A fingerprint of the credential, so that a rotated password changes
+    /// the desired sets that use it (and so reaches the agents).
+    pub fingerprint: String,
 }
 
-/// One image a cluster must hold; mirrors the wire `DesiredImage`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct DesiredImageEntry {
+/// One image a cluster must hold, as placement computes it, as the stored
+/// desired set keeps it and as the wire's `DesiredImage` carries it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredImage {
     /// `<namespace>/<repository name>@<digest>`.
     pub key: String,
-    pub source: ObjectId,
+    /// The Repository it comes from.
+    pub source_namespace: String,
+    pub source_name: String,
     /// `<namespace>/<RegistrySecret name>`.
     pub registry_key: String,
     /// Registry host and optional port.
@@ -198,31 +212,53 @@ pub struct DesiredImageEntry {
     pub repository: String,
     pub digest: String,
     /// Sorted, without duplicates.
+    #[serde(default)]
     pub tags: Vec<String>,
     /// Sorted, without duplicates; empty means all.
+    #[serde(default)]
     pub platforms: Vec<String>,
+    #[serde(default)]
     pub keep_versions: u32,
+    #[serde(default)]
     pub grace_period_seconds: u64,
 }
 
+impl DesiredImage {
+    /// The Repository it comes from.
+    pub fn source(&self) -> ObjectId {
+        ObjectId::new(self.source_namespace.clone(), self.source_name.clone())
+    }
+}
+
+/// A registry a desired set needs: its key `<namespace>/<name>` and the
+/// fingerprint of its credential.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct RegistryRef {
+    pub key: String,
+    pub fingerprint: String,
+}
+
 /// The desired set of one cluster, without its generation. Images are sorted
-/// by key and unique by key; registries are sorted, unique registry keys.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// by key and unique by key; registries are sorted and unique by key.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DesiredSetContent {
-    pub images: Vec<DesiredImageEntry>,
-    pub registries: Vec<String>,
+    #[serde(default)]
+    pub images: Vec<DesiredImage>,
+    #[serde(default)]
+    pub registries: Vec<RegistryRef>,
 }
 
 impl DesiredSetContent {
-    /// Builds a content in canonical form: images sorted and unique by key (the
-    /// last entry of a key wins), registries sorted and unique.
-    pub fn new(images: Vec<DesiredImageEntry>, registries: Vec<String>) -> DesiredSetContent {
-        let by_key: BTreeMap<String, DesiredImageEntry> =
+    /// Builds a content in canonical form: images sorted and unique by key,
+    /// registries sorted and unique by key (the last entry of a key wins).
+    pub fn new(images: Vec<DesiredImage>, registries: Vec<RegistryRef>) -> DesiredSetContent {
+        let by_key: BTreeMap<String, DesiredImage> =
             images.into_iter().map(|i| (i.key.clone(), i)).collect();
-        let registries: BTreeSet<String> = registries.into_iter().collect();
+        let registries: BTreeMap<String, RegistryRef> =
+            registries.into_iter().map(|r| (r.key.clone(), r)).collect();
         DesiredSetContent {
             images: by_key.into_values().collect(),
-            registries: registries.into_iter().collect(),
+            registries: registries.into_values().collect(),
         }
     }
 }
@@ -308,7 +344,14 @@ pub fn place(
     let clusters = dedupe_clusters(clusters);
     let registries: BTreeMap<&ObjectId, &RegistryInfo> = {
         let mut sorted: Vec<&RegistryInfo> = registries.iter().collect();
-        sorted.sort_by(|a, b| (&a.id, &a.domain, a.insecure).cmp(&(&b.id, &b.domain, b.insecure)));
+        sorted.sort_by(|a, b| {
+            (&a.id, &a.domain, a.insecure, &a.fingerprint).cmp(&(
+                &b.id,
+                &b.domain,
+                b.insecure,
+                &b.fingerprint,
+            ))
+        });
         let mut map = BTreeMap::new();
         for r in sorted {
             map.entry(&r.id).or_insert(r);
@@ -316,7 +359,12 @@ pub fn place(
         map
     };
 
-    let mut images: BTreeMap<&str, Vec<DesiredImageEntry>> = clusters
+    let fingerprints: BTreeMap<String, &str> = registries
+        .values()
+        .map(|r| (r.id.key(), r.fingerprint.as_str()))
+        .collect();
+
+    let mut images: BTreeMap<&str, Vec<DesiredImage>> = clusters
         .keys()
         .map(|name| (name.as_str(), Vec::new()))
         .collect();
@@ -381,9 +429,10 @@ pub fn place(
             };
             reached += 1;
             for (digest, tags) in &resolved {
-                list.push(DesiredImageEntry {
+                list.push(DesiredImage {
                     key: format!("{}/{}@{}", repo.id.namespace, repo.id.name, digest),
-                    source: repo.id.clone(),
+                    source_namespace: repo.id.namespace.clone(),
+                    source_name: repo.id.name.clone(),
                     registry_key: secret.key(),
                     registry: registry.domain.clone(),
                     repository: repo.repository.clone(),
@@ -408,7 +457,16 @@ pub fn place(
     let clusters = images
         .into_iter()
         .map(|(name, list)| {
-            let registries = list.iter().map(|i| i.registry_key.clone()).collect();
+            let registries = list
+                .iter()
+                .map(|i| RegistryRef {
+                    fingerprint: fingerprints
+                        .get(i.registry_key.as_str())
+                        .map(|f| f.to_string())
+                        .unwrap_or_default(),
+                    key: i.registry_key.clone(),
+                })
+                .collect();
             (name.to_string(), DesiredSetContent::new(list, registries))
         })
         .collect();
@@ -462,13 +520,13 @@ fn dedupe_repos(repos: &[PlacementRepo]) -> Vec<&PlacementRepo> {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Delta {
     /// New or changed images, sorted by key.
-    pub upserts: Vec<DesiredImageEntry>,
+    pub upserts: Vec<DesiredImage>,
     /// Keys of images no longer desired, sorted.
     pub removals: Vec<String>,
-    /// Registry keys newly needed, sorted. (Changed credentials of a registry
-    /// already present are not placement's business: the session resends them.)
-    pub registry_upserts: Vec<String>,
-    /// Registry keys no longer needed, sorted.
+    /// Registries newly needed, or whose credential changed (another
+    /// fingerprint: the agent gets the credential again), sorted by key.
+    pub registry_upserts: Vec<RegistryRef>,
+    /// Keys of registries no longer needed, sorted.
     pub registry_removals: Vec<String>,
 }
 
@@ -483,37 +541,42 @@ impl Delta {
 
 /// The changes from `old` to `new` (both in canonical form).
 pub fn diff(old: &DesiredSetContent, new: &DesiredSetContent) -> Delta {
-    let old_images: BTreeMap<&str, &DesiredImageEntry> =
-        old.images.iter().map(|i| (i.key.as_str(), i)).collect();
-    let new_images: BTreeMap<&str, &DesiredImageEntry> =
-        new.images.iter().map(|i| (i.key.as_str(), i)).collect();
-    let old_regs: BTreeSet<&String> = old.registries.iter().collect();
-    let new_regs: BTreeSet<&String> = new.registries.iter().collect();
+    let (upserts, removals) = changes(&old.images, &new.images, |i| &i.key);
+    let (registry_upserts, registry_removals) =
+        changes(&old.registries, &new.registries, |r| &r.key);
     Delta {
-        upserts: new_images
-            .iter()
-            .filter(|(k, v)| old_images.get(*k) != Some(*v))
-            .map(|(_, v)| (*v).clone())
-            .collect(),
-        removals: old_images
-            .keys()
-            .filter(|k| !new_images.contains_key(*k))
-            .map(|k| k.to_string())
-            .collect(),
-        registry_upserts: new_regs
-            .difference(&old_regs)
-            .map(|s| s.to_string())
-            .collect(),
-        registry_removals: old_regs
-            .difference(&new_regs)
-            .map(|s| s.to_string())
-            .collect(),
+        upserts,
+        removals,
+        registry_upserts,
+        registry_removals,
     }
+}
+
+/// The entries of `new` that are new or differ from `old`'s of the same
+/// key, and the keys of `old` that `new` lacks; both sorted by key.
+fn changes<T: PartialEq + Clone>(
+    old: &[T],
+    new: &[T],
+    key: impl Fn(&T) -> &String,
+) -> (Vec<T>, Vec<String>) {
+    let old: BTreeMap<&String, &T> = old.iter().map(|e| (key(e), e)).collect();
+    let new: BTreeMap<&String, &T> = new.iter().map(|e| (key(e), e)).collect();
+    let upserts = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(_, v)| (*v).clone())
+        .collect();
+    let removals = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(|k| k.to_string())
+        .collect();
+    (upserts, removals)
 }
 
 /// Applies `delta` to `old`: `apply(old, &diff(old, new)) == new`.
 pub fn apply(old: &DesiredSetContent, delta: &Delta) -> DesiredSetContent {
-    let mut images: BTreeMap<String, DesiredImageEntry> = old
+    let mut images: BTreeMap<String, DesiredImage> = old
         .images
         .iter()
         .map(|i| (i.key.clone(), i.clone()))
@@ -524,13 +587,19 @@ pub fn apply(old: &DesiredSetContent, delta: &Delta) -> DesiredSetContent {
     for i in &delta.upserts {
         images.insert(i.key.clone(), i.clone());
     }
-    let mut registries: BTreeSet<String> = old.registries.iter().cloned().collect();
+    let mut registries: BTreeMap<String, RegistryRef> = old
+        .registries
+        .iter()
+        .map(|r| (r.key.clone(), r.clone()))
+        .collect();
     for k in &delta.registry_removals {
         registries.remove(k);
     }
-    registries.extend(delta.registry_upserts.iter().cloned());
+    for r in &delta.registry_upserts {
+        registries.insert(r.key.clone(), r.clone());
+    }
     DesiredSetContent {
         images: images.into_values().collect(),
-        registries: registries.into_iter().collect(),
+        registries: registries.into_values().collect(),
     }
 }

@@ -13,12 +13,11 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt;
 use imgfleet::model::{
     ConnectionPhase, DEFAULT_NAMESPACE, Kind, Object, RegistrySecret, RegistrySecretStatus,
     Repository, RepositoryStatus, ResolveReason, ResolvedTag,
 };
-use imgfleet_common::registry::{Credentials, RegistryClient, RegistryConfig};
+use imgfleet_common::registry::{Credentials, RegistryClient, RegistryConfig, RegistryError};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -31,8 +30,9 @@ use crate::objects::{ObjectError, Objects};
 use crate::resolver::{
     self, Failure, FailureReason, HealthPhase, ResolveSpec, ResolveStatus, Resolved, TagChoice,
 };
-use crate::server::{HubContext, TaskHook};
-use crate::store::{Key, StoreError, WatchEvent};
+use crate::retry::Retry;
+use crate::store::Key;
+use crate::store::watcher::{Event, Watcher, recover};
 
 /// How many registry calls run at once, so one dead registry does not stall the rest.
 pub const MAX_CONCURRENT: usize = 8;
@@ -48,26 +48,22 @@ const FAILURE_SUMMARY: Duration = Duration::from_secs(60);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often due work is looked for between watch events.
 const TICK: Duration = Duration::from_millis(250);
-/// Status writes retried after a conflict with another writer.
-const WRITE_ATTEMPTS: usize = 8;
 
-/// The task hook that [`crate::parts::default_extensions`] registers.
-/// The replica's identity in the election is its listen address and pid.
-pub fn task(config: &Config) -> TaskHook {
-    let store = config.store.clone();
+/// The resolver's election for a hub with `config`: the replica's identity
+/// in it is its listen address and pid.
+pub fn election(config: &Config) -> Election {
     let identity = format!("{}/pid-{}", config.listen, std::process::id());
-    Box::new(move |ctx: HubContext| {
-        Box::pin(async move {
-            let election = Election::for_store(&store, "resolver", identity);
-            let (tx, rx) = watch::channel(false);
-            let shutdown = ctx.shutdown.clone();
-            tokio::join!(
-                election.run(tx, shutdown.clone()),
-                run(ctx.objects.clone(), rx, shutdown)
-            );
-            Ok(())
-        })
-    })
+    Election::for_store(&config.store, "resolver", identity)
+}
+
+/// Campaigns in `election` and does the work while this replica leads,
+/// until `shutdown`.
+pub async fn serve(objects: Objects, election: Election, shutdown: CancellationToken) {
+    let (tx, rx) = watch::channel(false);
+    tokio::join!(
+        election.run(tx, shutdown.clone()),
+        run(objects, rx, shutdown.clone())
+    );
 }
 
 /// Identifies the version of a RegistrySecret a resolution used: its uid and
@@ -301,6 +297,9 @@ struct Cache {
 
 /// What a watch event changed, for the scheduler.
 enum Changed {
+    /// A kind was listed again: every Repository's due time is worked out
+    /// again.
+    All,
     Repository(Id),
     /// A RegistrySecret whose spec or identity changed (a new one, an edit, a
     /// deletion); a status write (its health) is not a change here.
@@ -329,9 +328,20 @@ impl Cache {
         }
     }
 
-    fn remove(&mut self, kind: &str, key: &Key) -> Changed {
+    /// A kind as listed: it replaces what the cache held of it.
+    fn relisted(&mut self, kind: Kind, objects: Vec<Object>) {
+        match kind {
+            Kind::Repository => self.repos.clear(),
+            _ => self.secrets.clear(),
+        }
+        for o in objects {
+            self.put(o);
+        }
+    }
+
+    fn remove(&mut self, kind: Kind, key: &Key) -> Changed {
         let id = (key.namespace.clone(), key.name.clone());
-        if kind == Kind::Repository.plural() {
+        if kind == Kind::Repository {
             self.repos.remove(&id);
             Changed::Repository(id)
         } else {
@@ -421,131 +431,174 @@ pub async fn run(objects: Objects, mut leader: watch::Receiver<bool>, shutdown: 
 }
 
 /// The leader's work; returns never (it is dropped, with its in-flight
-/// requests, when leadership ends). Relists after a watch error.
+/// requests, when leadership ends). Follows Repositories and
+/// RegistrySecrets through two watchers; nothing is scheduled before both
+/// were listed, since a Repository whose RegistrySecret is not read yet
+/// would fail as if the secret were missing.
 async fn lead(objects: &Objects) {
-    let mut attempts: HashMap<Id, Attempt> = HashMap::new();
-    let mut checks: HashMap<Id, (SystemTime, SecretVersion)> = HashMap::new();
-    loop {
-        if let Err(e) = lead_once(objects, &mut attempts, &mut checks).await {
-            warn!(error = %e, "Tag resolver lost its watch; listing again");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-}
-
-async fn lead_once(
-    objects: &Objects,
-    attempts: &mut HashMap<Id, Attempt>,
-    checks: &mut HashMap<Id, (SystemTime, SecretVersion)>,
-) -> Result<(), String> {
     let store = objects.store().clone();
-    let mut cache = Cache::default();
-    let (secrets, rev_s) = objects
-        .list(Kind::RegistrySecret, None)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (repos, rev_r) = objects
-        .list(Kind::Repository, None)
-        .await
-        .map_err(|e| e.to_string())?;
-    for o in secrets.into_iter().chain(repos) {
-        cache.put(o);
-    }
-    let mut secret_events = store
-        .watch(Kind::RegistrySecret.plural(), rev_s)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut repo_events = store
-        .watch(Kind::Repository.plural(), rev_r)
-        .await
-        .map_err(|e| e.to_string())?;
-    // Forget what was deleted while no watch ran, so a re-created object
-    // starts afresh.
-    attempts.retain(|id, _| cache.repos.contains_key(id));
-    checks.retain(|id, _| cache.secrets.contains_key(id));
-    let mut queue = DueQueue {
-        dirty: cache.repos.keys().cloned().collect(),
-        ..Default::default()
-    };
+    let mut secret_events = Watcher::new(store.clone(), Kind::RegistrySecret.plural());
+    let mut repo_events = Watcher::new(store, Kind::Repository.plural());
+    let mut retry = Retry::new("Watching Repositories and RegistrySecrets for the tag resolver");
+    // The leader's work ends by being dropped, never by a token.
+    let never = CancellationToken::new();
+    let mut leader = Leader::default();
+    let mut listed = (false, false);
     let mut work: JoinSet<Done> = JoinSet::new();
-    let mut in_flight: HashSet<(Kind, Id)> = HashSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut summary = tokio::time::interval(FAILURE_SUMMARY);
     summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_logged = 0usize;
     loop {
-        schedule(
-            objects,
-            &cache,
-            attempts,
-            checks,
-            &mut queue,
-            &mut in_flight,
-            &mut work,
-        );
-        let changed = tokio::select! {
-            ev = secret_events.next() => apply_event(objects, &mut cache, Kind::RegistrySecret, ev)?,
-            ev = repo_events.next() => apply_event(objects, &mut cache, Kind::Repository, ev)?,
-            Some(done) = work.join_next(), if !work.is_empty() => match done {
-                Ok(Done::Resolved { id, attempt }) => {
-                    in_flight.remove(&(Kind::Repository, id.clone()));
-                    attempts.insert(id.clone(), attempt);
-                    Changed::Repository(id)
+        if listed == (true, true) {
+            leader.schedule(objects, &mut work);
+        }
+        let event = tokio::select! {
+            ev = secret_events.next() => Some((Kind::RegistrySecret, ev)),
+            ev = repo_events.next() => Some((Kind::Repository, ev)),
+            Some(done) = work.join_next(), if !work.is_empty() => {
+                match done {
+                    Ok(done) => leader.finished(done),
+                    Err(e) => {
+                        // Which task failed is unknown: start the work
+                        // over, as after a new list.
+                        warn!(error = %e, "A resolver task failed; starting the work over");
+                        work.abort_all();
+                        while work.join_next().await.is_some() {}
+                        leader.in_flight.clear();
+                        leader.changed(Changed::All);
+                    }
                 }
-                Ok(Done::Checked { id, version, at }) => {
-                    in_flight.remove(&(Kind::RegistrySecret, id.clone()));
-                    checks.insert(id, (at, version));
-                    Changed::Nothing
-                }
-                Err(e) => return Err(format!("a resolver task failed: {e}")),
-            },
-            _ = tick.tick() => Changed::Nothing,
+                None
+            }
+            _ = tick.tick() => None,
             _ = summary.tick() => {
-                let failing = attempts.values().filter(|a| a.failures > 0).count();
+                let failing = leader.attempts.values().filter(|a| a.failures > 0).count();
                 if failing > 0 || failing_logged > 0 {
                     info!(failing, "Repositories whose tag resolution keeps failing (each retried with back-off, up to its syncInterval)");
                 }
                 failing_logged = failing;
-                Changed::Nothing
+                None
             }
         };
-        match changed {
-            Changed::Repository(id) => {
-                if !cache.repos.contains_key(&id) {
-                    attempts.remove(&id);
+        match event {
+            None => {}
+            Some((kind, Ok(ev))) => {
+                retry.succeeded();
+                if matches!(ev, Event::Listed { .. }) {
+                    match kind {
+                        Kind::Repository => listed.1 = true,
+                        _ => listed.0 = true,
+                    }
                 }
-                queue.dirty.insert(id);
+                let changed = leader.cache.apply(objects, kind, ev);
+                leader.changed(changed);
             }
-            Changed::Secret(id) => {
-                if !cache.secrets.contains_key(&id) {
-                    checks.remove(&id);
-                }
-                let users: Vec<Id> = cache.users_of(&id).cloned().collect();
-                queue.dirty.extend(users);
+            Some((kind, Err(e))) => {
+                // While it waits, nothing else is scheduled: without the
+                // store, there is nothing to record results in either.
+                let watcher = match kind {
+                    Kind::Repository => &mut repo_events,
+                    _ => &mut secret_events,
+                };
+                recover(watcher, e, &mut retry, &never).await;
             }
-            Changed::Nothing => {}
         }
     }
 }
 
-fn apply_event(
-    objects: &Objects,
-    cache: &mut Cache,
-    kind: Kind,
-    ev: Option<Result<WatchEvent, StoreError>>,
-) -> Result<Changed, String> {
-    match ev {
-        None => Err(format!("the {} watch ended", kind.plural())),
-        Some(Err(e)) => Err(e.to_string()),
-        Some(Ok(WatchEvent::Put(v))) => match objects.decode(&v) {
-            Ok(o) => Ok(cache.put(o)),
+/// What the leader knows and has going.
+#[derive(Default)]
+struct Leader {
+    /// The Repositories and RegistrySecrets as watched.
+    cache: Cache,
+    /// This leader's last attempt at each Repository.
+    attempts: HashMap<Id, Attempt>,
+    /// This leader's last health check of each RegistrySecret.
+    checks: HashMap<Id, (SystemTime, SecretVersion)>,
+    /// When each Repository is due next.
+    queue: DueQueue,
+    /// Resolutions and health checks under way.
+    in_flight: HashSet<(Kind, Id)>,
+}
+
+impl Leader {
+    fn finished(&mut self, done: Done) {
+        match done {
+            Done::Resolved { id, attempt } => {
+                self.in_flight.remove(&(Kind::Repository, id.clone()));
+                self.attempts.insert(id.clone(), attempt);
+                self.changed(Changed::Repository(id));
+            }
+            Done::Checked { id, version, at } => {
+                self.in_flight.remove(&(Kind::RegistrySecret, id.clone()));
+                self.checks.insert(id, (at, version));
+            }
+        }
+    }
+
+    fn changed(&mut self, changed: Changed) {
+        match changed {
+            Changed::All => {
+                // Forget what was deleted while no watch ran, so a
+                // re-created object starts afresh.
+                let cache = &self.cache;
+                self.attempts.retain(|id, _| cache.repos.contains_key(id));
+                self.checks.retain(|id, _| cache.secrets.contains_key(id));
+                self.queue.dirty.extend(cache.repos.keys().cloned());
+            }
+            Changed::Repository(id) => {
+                if !self.cache.repos.contains_key(&id) {
+                    self.attempts.remove(&id);
+                }
+                self.queue.dirty.insert(id);
+            }
+            Changed::Secret(id) => {
+                if !self.cache.secrets.contains_key(&id) {
+                    self.checks.remove(&id);
+                }
+                let users: Vec<Id> = self.cache.users_of(&id).cloned().collect();
+                self.queue.dirty.extend(users);
+            }
+            Changed::Nothing => {}
+        }
+    }
+
+    fn schedule(&mut self, objects: &Objects, work: &mut JoinSet<Done>) {
+        schedule(
+            objects,
+            &self.cache,
+            &self.attempts,
+            &self.checks,
+            &mut self.queue,
+            &mut self.in_flight,
+            work,
+        );
+    }
+}
+
+impl Cache {
+    /// Takes in one watcher event.
+    fn apply(&mut self, objects: &Objects, kind: Kind, ev: Event) -> Changed {
+        let decode = |v: &crate::store::Versioned| match objects.decode(v) {
+            Ok(o) => Some(o),
             Err(e) => {
                 warn!(error = %e, "Skipping an unreadable object");
-                Ok(Changed::Nothing)
+                None
             }
-        },
-        Some(Ok(WatchEvent::Delete(v))) => Ok(cache.remove(kind.plural(), &v.key)),
+        };
+        match ev {
+            Event::Listed { items, .. } => {
+                self.relisted(kind, items.iter().filter_map(decode).collect());
+                Changed::All
+            }
+            Event::Put(v) => match decode(&v) {
+                Some(o) => self.put(o),
+                None => Changed::Nothing,
+            },
+            Event::Delete(v) => self.remove(kind, &v.key),
+        }
     }
 }
 
@@ -625,11 +678,11 @@ fn schedule(
 #[derive(Debug, thiserror::Error)]
 enum ClientError {
     /// The stored password does not open with this hub's keys.
-    #[error("{0}")]
+    #[error(transparent)]
     Credential(ObjectError),
     /// The client could not be built (a bad domain, TLS setup).
-    #[error("{0}")]
-    Build(String),
+    #[error(transparent)]
+    Build(RegistryError),
 }
 
 /// A client for the registry a RegistrySecret describes.
@@ -649,7 +702,7 @@ fn client_for(objects: &Objects, rs: &RegistrySecret) -> Result<RegistryClient, 
         read_timeout: Some(Duration::from_secs(15)),
         ..Default::default()
     })
-    .map_err(|e| ClientError::Build(e.to_string()))
+    .map_err(ClientError::Build)
 }
 
 async fn resolve_and_record(
@@ -772,7 +825,9 @@ fn next_status_failed(e: &ObjectError) -> ResolveStatus {
     }
 }
 
-/// Read-modify-write of the resolver's status fields, retried on conflict.
+/// Writes the resolver's status fields of Repository `id` after an
+/// attempt, read-modify-write (the status writer writes the per-cluster
+/// fields of the same object). Returns the resolver's status as written.
 async fn write_repo_status(
     objects: &Objects,
     id: &Id,
@@ -780,56 +835,37 @@ async fn write_repo_status(
     generation: i64,
     at: SystemTime,
 ) -> Result<ResolveStatus, ObjectError> {
-    let mut last_err = None;
-    for _ in 0..WRITE_ATTEMPTS {
-        let obj = objects.get(Kind::Repository, Some(&id.0), &id.1).await?;
-        let Object::Repository(mut repo) = obj else {
-            return Err(ObjectError::Internal(format!(
-                "{}/{} is not a Repository",
-                id.0, id.1
-            )));
-        };
-        let rev = revision_of(&repo.metadata)?;
-        let previous = resolve_status_of(repo.status.as_ref());
-        let next = resolver::next_status(&previous, outcome, at);
-        let before = repo.status.clone().unwrap_or_default();
-        let mut status = before.clone();
-        apply_resolve_status(&mut status, &next, generation);
-        // A new digest counts as synced nowhere until clusters report it:
-        // recount in the same write, so no reader ever sees the new digest
-        // next to the old count.
-        repo.status = Some(status);
-        let wanted = imgfleet::model::wanted_digests(&repo);
-        let mut status = repo.status.take().unwrap_or_default();
-        status.synced_clusters = crate::status::count_synced(&status.clusters, &wanted);
-        if status == before {
+    let mut written = None;
+    objects
+        .update_status(Kind::Repository, Some(&id.0), &id.1, |obj| {
+            let Object::Repository(repo) = obj else {
+                written = None;
+                return false;
+            };
+            let previous = resolve_status_of(repo.status.as_ref());
+            let next = resolver::next_status(&previous, outcome, at);
+            let before = repo.status.clone().unwrap_or_default();
+            let mut status = before.clone();
+            apply_resolve_status(&mut status, &next, generation);
+            // A new digest counts as synced nowhere until clusters report
+            // it: recount in the same write, so no reader ever sees the new
+            // digest next to the old count.
+            repo.status = Some(status);
+            let wanted = imgfleet::model::wanted_digests(repo);
+            let mut status = repo.status.take().unwrap_or_default();
+            status.synced_clusters = crate::status::count_synced(&status.clusters, &wanted);
+            written = Some(next);
             // The same outcome as last time (a registry that stays down):
             // nothing to write, and no watch event for every replica.
-            return Ok(next);
-        }
-        repo.status = Some(status);
-        match objects
-            .write_status(&Object::Repository(repo), Some(rev))
-            .await
-        {
-            Ok(_) => return Ok(next),
-            Err(e @ ObjectError::Stale { .. }) => {
-                debug!(repository = %format!("{}/{}", id.0, id.1), "Status changed concurrently; writing again");
-                last_err = Some(e);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last_err.unwrap_or_else(|| ObjectError::Contended(format!("{}/{}", id.0, id.1))))
-}
-
-fn revision_of(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Result<u64, ObjectError> {
-    meta.resource_version
-        .as_deref()
-        .and_then(|r| r.parse().ok())
-        .ok_or_else(|| ObjectError::Internal("stored object without a revision".into()))
+            let changed = status != before;
+            repo.status = Some(status);
+            changed
+        })
+        .await?;
+    written.ok_or_else(|| ObjectError::WrongKind {
+        id: format!("{}/{}", id.0, id.1),
+        expected: Kind::Repository,
+    })
 }
 
 async fn check_and_record(objects: &Objects, id: &Id, rs: &RegistrySecret) {
@@ -859,45 +895,33 @@ async fn check_and_record(objects: &Objects, id: &Id, rs: &RegistrySecret) {
         (_, HealthPhase::AuthFailed) => ConnectionPhase::AuthFailed,
         (_, HealthPhase::Unreachable) => ConnectionPhase::Unreachable,
     };
-    debug!(registry_secret = %format!("{}/{}", id.0, id.1), domain = %rs.spec.domain,
+    let name = format!("{}/{}", id.0, id.1);
+    debug!(registry_secret = %name, domain = %rs.spec.domain,
            phase = ?phase, latency_ms = health.latency.as_millis() as u64, "Checked registry health");
-    for _ in 0..WRITE_ATTEMPTS {
-        let obj = match objects.get(Kind::RegistrySecret, Some(&id.0), &id.1).await {
-            Ok(o) => o,
-            Err(ObjectError::NotFound(_)) => return,
-            Err(e) => {
-                warn!(registry_secret = %format!("{}/{}", id.0, id.1), error = %e, "Could not read for the health status");
-                return;
-            }
-        };
-        let Object::RegistrySecret(mut current) = obj else {
-            return;
-        };
-        let Ok(rev) = revision_of(&current.metadata) else {
-            return;
-        };
-        let previous = current.status.clone().unwrap_or_default();
-        if previous.phase != Some(phase) {
-            info!(registry_secret = %format!("{}/{}", id.0, id.1), domain = %rs.spec.domain,
+    let mut previous = None;
+    let written = objects
+        .update_status(Kind::RegistrySecret, Some(&id.0), &id.1, |obj| {
+            let Object::RegistrySecret(current) = obj else {
+                return false;
+            };
+            previous = current.status.as_ref().and_then(|s| s.phase);
+            current.status = Some(RegistrySecretStatus {
+                phase: Some(phase),
+                last_check_time: to_time(health.checked_at),
+                latency_ms: health.latency.as_millis().min(u32::MAX as u128) as u32,
+                message: Some(health.message.clone()).filter(|m| !m.is_empty()),
+            });
+            true
+        })
+        .await;
+    match written {
+        Ok(true) if previous != Some(phase) => {
+            info!(registry_secret = %name, domain = %rs.spec.domain,
                   phase = ?phase, "Registry health changed");
         }
-        current.status = Some(RegistrySecretStatus {
-            phase: Some(phase),
-            last_check_time: to_time(health.checked_at),
-            latency_ms: health.latency.as_millis().min(u32::MAX as u128) as u32,
-            message: Some(health.message.clone()).filter(|m| !m.is_empty()),
-        });
-        match objects
-            .write_status(&Object::RegistrySecret(current), Some(rev))
-            .await
-        {
-            Ok(_) => return,
-            Err(ObjectError::Stale { .. }) => continue,
-            Err(ObjectError::NotFound(_)) => return,
-            Err(e) => {
-                warn!(registry_secret = %format!("{}/{}", id.0, id.1), error = %e, "Could not record registry health");
-                return;
-            }
+        Ok(_) | Err(ObjectError::NotFound(_)) => {}
+        Err(e) => {
+            warn!(registry_secret = %name, error = %e, "Could not record registry health");
         }
     }
 }

@@ -359,14 +359,22 @@ fn check_platforms(spec: &ResolveSpec, media_type: &str, bytes: &[u8]) -> Result
     }
 }
 
+/// Why an index's platforms could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("no manifests array")]
+    NoManifests,
+}
+
 /// `os/arch[/variant]` of every manifest in an index.
-pub fn index_platforms(bytes: &[u8]) -> Result<Vec<String>, String> {
-    let doc: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+pub fn index_platforms(bytes: &[u8]) -> Result<Vec<String>, IndexError> {
+    let doc: serde_json::Value = serde_json::from_slice(bytes).map_err(IndexError::NotJson)?;
     let manifests = doc
         .get("manifests")
         .and_then(|m| m.as_array())
-        .ok_or("no manifests array")?;
+        .ok_or(IndexError::NoManifests)?;
     Ok(manifests
         .iter()
         .filter_map(|m| {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -18,20 +18,37 @@ use tracing::{info, warn};
 use crate::admin::AdminService;
 use crate::ca::{CaError, HubPki};
 use crate::config::{Config, SecretKeySource, StoreConfig};
+use crate::controller::PlacementReports;
+use crate::desired_cache::DesiredCache;
+use crate::live::LiveClusters;
 use crate::metrics::HubMetrics;
 use crate::objects::Objects;
+use crate::retry::Retry;
 use crate::secrets::{Keyring, SecretsError};
+use crate::session::AgentService;
+use crate::status_writer::StatusWriter;
 use crate::store::{PolicyStore, StoreError};
+use crate::sweeper::Sweeper;
 
 /// How long in-flight requests get to finish after shutdown is requested.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long agent sessions get to end after shutdown is requested.
+const SESSION_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the hub could not start. `Config` errors are the operator's to fix
 /// (exit 64); the others may be transient (exit 1).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
-    Config(String),
+    /// The data directory cannot be created.
+    #[error("--data-dir {}: {source}", .path.display())]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS configuration is refused by the server.
+    #[error("TLS configuration: {0}")]
+    Tls(#[source] tonic::transport::Error),
     #[error("{setting}: {source}")]
     Pki {
         setting: &'static str,
@@ -57,8 +74,13 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Io(String),
+    /// A bound listener whose address cannot be read.
+    #[error("{what}: {source}")]
+    LocalAddr {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// The keyring does not fit what the store holds (or the store could not
     /// be read to tell).
     #[error(transparent)]
@@ -69,15 +91,54 @@ impl StartError {
     /// True when the configuration is at fault (exit code 64).
     pub fn is_config(&self) -> bool {
         match self {
-            StartError::Config(_) | StartError::Pki { .. } | StartError::Keyring { .. } => true,
+            StartError::DataDir { .. }
+            | StartError::Tls(_)
+            | StartError::Pki { .. }
+            | StartError::Keyring { .. } => true,
             StartError::KeyCheck(e) => e.is_config(),
             _ => false,
         }
     }
 }
 
-/// Everything the hub's services share. Other services (the agent API) are
-/// built from this.
+/// Why a running hub stopped with a failure (one failing part stops the
+/// whole hub; its supervisor restarts it).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server: {0}")]
+    Grpc(#[source] tonic::transport::Error),
+    #[error("metrics server: {0}")]
+    Metrics(#[source] std::io::Error),
+    #[error("a hub task panicked: {0}")]
+    Panicked(#[source] tokio::task::JoinError),
+}
+
+/// Which of the hub's parts run beside the admin API. The binary runs them
+/// all; a test leaves out a part it plays itself, or whose writes would get
+/// in its way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    /// The agent API, with the desired-set controller, the desired-set
+    /// cache, the status writer and the offline sweeper that serve it.
+    pub agent_api: bool,
+    /// The tag resolver and the registry health checks (leader-elected).
+    pub resolver: bool,
+}
+
+impl Parts {
+    /// Everything: the hub an operator runs.
+    pub const ALL: Parts = Parts {
+        agent_api: true,
+        resolver: true,
+    };
+    /// The admin API alone.
+    pub const ADMIN_ONLY: Parts = Parts {
+        agent_api: false,
+        resolver: false,
+    };
+}
+
+/// What the hub's parts share.
 #[derive(Clone, Debug)]
 pub struct HubContext {
     pub objects: Objects,
@@ -85,7 +146,7 @@ pub struct HubContext {
     pub pki: Arc<HubPki>,
     /// The desired-set controller's latest placement report, which the admin
     /// API shows as `status.placement`.
-    pub placement: crate::fleet::PlacementReports,
+    pub placement: PlacementReports,
     pub shutdown: CancellationToken,
 }
 
@@ -101,7 +162,7 @@ pub struct RunningHub {
     /// True when this start generated a new CA.
     pub first_start: bool,
     pub context: HubContext,
-    tasks: JoinSet<Result<(), String>>,
+    tasks: JoinSet<Result<(), ServeError>>,
 }
 
 impl RunningHub {
@@ -112,14 +173,14 @@ impl RunningHub {
 
     /// Request shutdown and wait (up to [`SHUTDOWN_GRACE`]) for in-flight
     /// requests to finish.
-    pub async fn stop(self) -> Result<(), String> {
+    pub async fn stop(self) -> Result<(), ServeError> {
         self.context.shutdown.cancel();
         self.wait().await
     }
 
     /// Wait until the hub stops: after shutdown is requested, or when a
     /// server fails (which also cancels the rest).
-    pub async fn wait(mut self) -> Result<(), String> {
+    pub async fn wait(mut self) -> Result<(), ServeError> {
         let token = self.context.shutdown.clone();
         let mut first_err = None;
         loop {
@@ -130,9 +191,7 @@ impl RunningHub {
             match next {
                 None => return first_err.map_or(Ok(()), Err),
                 Some(r) => {
-                    let r = r
-                        .map_err(|e| format!("server task panicked: {e}"))
-                        .and_then(|r| r);
+                    let r = r.map_err(ServeError::Panicked).and_then(|r| r);
                     if let Err(e) = r {
                         // One server failing takes the hub down; the
                         // supervisor restarts it.
@@ -174,40 +233,17 @@ pub fn client_url(addr: SocketAddr) -> String {
     format!("https://{ip}:{}", addr.port())
 }
 
-/// Adds a gRPC service (such as the agent API) to the hub's listener.
-pub type ServiceHook = Box<dyn FnOnce(&HubContext, &mut RoutesBuilder) + Send>;
-/// A long-running part of the hub (such as the tag resolver): it must return
-/// when the context's shutdown token fires; an `Err` stops the hub.
-pub type TaskHook = Box<dyn FnOnce(HubContext) -> BoxFuture<'static, Result<(), String>> + Send>;
-
-/// What other parts of the hub plug into [`start_with`].
-#[derive(Default)]
-pub struct Extensions {
-    pub services: Vec<ServiceHook>,
-    pub tasks: Vec<TaskHook>,
-}
-
-impl std::fmt::Debug for Extensions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Extensions")
-            .field("services", &self.services.len())
-            .field("tasks", &self.tasks.len())
-            .finish()
-    }
-}
-
-/// Open everything and start serving the admin API. Returns once the
+/// Open everything and start serving the admin API alone. Returns once the
 /// listeners are bound, so callers may connect immediately.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<RunningHub, StartError> {
-    start_with(config, shutdown, Extensions::default()).await
+    start_with(config, shutdown, Parts::ADMIN_ONLY).await
 }
 
-/// Like [`start`], with further services on the same mTLS listener and
-/// further background tasks.
+/// Like [`start`], with the other `parts` on the same mTLS listener.
 pub async fn start_with(
     config: Config,
     shutdown: CancellationToken,
-    extensions: Extensions,
+    parts: Parts,
 ) -> Result<RunningHub, StartError> {
     create_private_dir(&config.data_dir)?;
 
@@ -250,7 +286,7 @@ pub async fn start_with(
 
     let pki = Arc::new(pki);
     let metrics = HubMetrics::new();
-    let placement = crate::fleet::PlacementReports::default();
+    let placement = PlacementReports::default();
     let context = HubContext {
         objects: objects.clone(),
         metrics: metrics.clone(),
@@ -275,7 +311,10 @@ pub async fn start_with(
         })?;
     let grpc_addr = grpc_listener
         .local_addr()
-        .map_err(|e| StartError::Io(format!("--listen: {e}")))?;
+        .map_err(|source| StartError::LocalAddr {
+            what: "--listen",
+            source,
+        })?;
     let mut tasks = JoinSet::new();
     let metrics_addr = match config.metrics_listen {
         Some(addr) => {
@@ -286,16 +325,17 @@ pub async fn start_with(
                     addr,
                     source,
                 })?;
-            let bound = l
-                .local_addr()
-                .map_err(|e| StartError::Io(format!("--metrics-listen: {e}")))?;
+            let bound = l.local_addr().map_err(|source| StartError::LocalAddr {
+                what: "--metrics-listen",
+                source,
+            })?;
             let m = metrics.clone();
             let ready = crate::metrics::Readiness::new(context.objects.store().clone());
             let token = shutdown.clone();
             tasks.spawn(async move {
                 crate::metrics::serve(l, m, ready, token)
                     .await
-                    .map_err(|e| format!("metrics server: {e}"))
+                    .map_err(ServeError::Metrics)
             });
             Some(bound)
         }
@@ -304,16 +344,21 @@ pub async fn start_with(
 
     let mut routes = RoutesBuilder::default();
     routes.add_service(admin.into_server());
-    for hook in extensions.services {
-        hook(&context, &mut routes);
+    if parts.agent_api {
+        start_agent_api(&context, &config, &mut routes, &mut tasks);
     }
-    for task in extensions.tasks {
-        tasks.spawn(task(context.clone()));
+    if parts.resolver {
+        let (objects, token) = (context.objects.clone(), shutdown.clone());
+        let election = crate::resolve_loop::election(&config);
+        tasks.spawn(async move {
+            crate::resolve_loop::serve(objects, election, token).await;
+            Ok(())
+        });
     }
     let tls = pki.server.server_config();
     let router = tonic::transport::Server::builder()
         .tls_config(tls)
-        .map_err(|e| StartError::Config(format!("TLS configuration: {e}")))?
+        .map_err(StartError::Tls)?
         .add_routes(routes.routes());
     let token = shutdown.clone();
     tasks.spawn(async move {
@@ -323,7 +368,7 @@ pub async fn start_with(
                 token.cancelled_owned(),
             )
             .await
-            .map_err(|e| format!("gRPC server: {e}"))
+            .map_err(ServeError::Grpc)
     });
 
     info!(listen = %grpc_addr, metrics = ?metrics_addr, store = %what,
@@ -336,6 +381,105 @@ pub async fn start_with(
         context,
         tasks,
     })
+}
+
+/// The agent API and what serves it: each task gets the handles it needs
+/// of the desired-set cache and the live-session table, no more.
+fn start_agent_api(
+    context: &HubContext,
+    config: &Config,
+    routes: &mut RoutesBuilder,
+    tasks: &mut JoinSet<Result<(), ServeError>>,
+) {
+    let objects = context.objects.clone();
+    let store = objects.store().clone();
+    let shutdown = context.shutdown.clone();
+    let cache = DesiredCache::new();
+    let live = LiveClusters::default();
+    let (epoch_tx, epoch_rx) = watch::channel(None);
+    let service = AgentService::new(
+        objects.clone(),
+        epoch_rx,
+        cache.sets(),
+        live.sessions(),
+        shutdown.clone(),
+    );
+    routes.add_service(service.clone().into_server());
+    let writer = StatusWriter {
+        objects: objects.clone(),
+        desired: cache.snapshots(),
+        live: live.status_feed(),
+        replica: replica_id(),
+        offline_after: config.offline_after,
+    };
+    let sweeper = Sweeper {
+        objects: objects.clone(),
+        heard: live.last_heard(),
+        offline_after: config.offline_after,
+    };
+    let controller = crate::controller::run(
+        objects,
+        context.placement.clone(),
+        cache.handoff(),
+        shutdown.clone(),
+    );
+    tasks.spawn(async move {
+        tokio::join!(
+            read_epoch(store.as_ref(), &epoch_tx, &shutdown),
+            controller,
+            cache.run(store.clone(), shutdown.clone()),
+            writer.run(shutdown.clone()),
+            sweeper.run(shutdown.clone()),
+        );
+        service.drain(SESSION_GRACE).await;
+        Ok(())
+    });
+}
+
+/// Reads (or creates) the hub epoch and publishes it to the sessions,
+/// retrying until the store answers or `shutdown`.
+async fn read_epoch(
+    store: &dyn PolicyStore,
+    epoch: &watch::Sender<Option<String>>,
+    shutdown: &CancellationToken,
+) {
+    let mut retry = Retry::new("Reading the hub epoch");
+    loop {
+        match crate::desired::ensure_epoch(store).await {
+            Ok(e) => {
+                epoch.send_replace(Some(e));
+                return;
+            }
+            Err(e) => {
+                if !retry.wait_after(&e, shutdown).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The id of this hub replica as shown in `Cluster.status.hubReplica`:
+/// host name, process id and a counter (several hubs may share a process in
+/// tests).
+pub fn replica_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "hub".into());
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if n == 0 {
+        format!("{host}-{}", std::process::id())
+    } else {
+        format!("{host}-{}-{n}", std::process::id())
+    }
 }
 
 /// The keyring and how its setting is named in errors. A missing key file
@@ -375,7 +519,10 @@ async fn open_keyring(
 }
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), StartError> {
-    let err = |e: std::io::Error| StartError::Config(format!("--data-dir {}: {e}", dir.display()));
+    let err = |source: std::io::Error| StartError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
     if dir.exists() {
         return Ok(());
     }

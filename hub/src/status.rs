@@ -1,14 +1,14 @@
 //! Status aggregation: pure functions from desired sets, the latest progress
 //! agents reported and whether clusters are connected, to the status fields
 //! the hub owns (`Repository.status.clusters/syncedClusters/targetClusters`
-//! and `Cluster.status`). The session module does the I/O.
+//! and `Cluster.status`). The status writer and the sweeper do the I/O.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use imgfleet::model::{ClusterImageStatus, ClusterPhase, ClusterStatus, ImagePhase, holds_all};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::fleet::StoredDesiredSet;
+use crate::desired::StoredDesiredSet;
 
 /// The latest reported state of one image on one cluster.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -263,10 +263,10 @@ pub fn offline_status(prev: &ClusterStatus) -> ClusterStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::{DesiredContent, StoredImage};
+    use crate::placement::{DesiredImage, DesiredSetContent};
 
-    fn img(ns: &str, name: &str, digest: &str) -> StoredImage {
-        StoredImage {
+    fn img(ns: &str, name: &str, digest: &str) -> DesiredImage {
+        DesiredImage {
             key: format!("{ns}/{name}@{digest}"),
             source_namespace: ns.into(),
             source_name: name.into(),
@@ -275,10 +275,10 @@ mod tests {
         }
     }
 
-    fn set(generation: u64, images: Vec<StoredImage>) -> StoredDesiredSet {
+    fn set(generation: u64, images: Vec<DesiredImage>) -> StoredDesiredSet {
         StoredDesiredSet {
             generation,
-            content: DesiredContent {
+            content: DesiredSetContent {
                 images,
                 registries: vec![],
             },
@@ -360,7 +360,7 @@ mod tests {
 
     #[test]
     fn repository_aggregation_table() {
-        let d = |pairs: &[(&str, Vec<StoredImage>)]| -> BTreeMap<String, StoredDesiredSet> {
+        let d = |pairs: &[(&str, Vec<DesiredImage>)]| -> BTreeMap<String, StoredDesiredSet> {
             pairs
                 .iter()
                 .map(|(c, i)| (c.to_string(), set(1, i.clone())))

@@ -171,15 +171,35 @@ fn assert_conflict(s: &tonic::Status, what: &str) {
     );
 }
 
-/// The whole admin API against one backend.
+/// The whole admin API against one backend, step by step.
 async fn scenario(hub: &TestHub) {
     let mut c = hub.client().await;
     let seed = seed_objects();
     assert_eq!(seed.len(), 2);
+    let created = the_seed_applies_and_answers_carry_no_password(&mut c, &seed).await;
+    reapplying_changes_nothing(&mut c, &seed).await;
+    get_returns_what_was_stored(&mut c, &created).await;
+    the_store_holds_the_password_sealed_only(hub).await;
+    list_filters_by_namespace_and_labels(&mut c, &seed).await;
+    a_stale_resource_version_is_refused(&mut c, &seed, &created).await;
+    labels_alone_keep_the_generation(&mut c, &seed).await;
+    an_omitted_password_is_kept_and_a_new_one_replaces_it(&mut c, &seed, hub).await;
+    missing_objects_are_not_found(&mut c, &seed).await;
+    concurrent_creates_create_once(&mut c, &seed).await;
+    invalid_objects_are_refused_naming_the_field(&mut c, &seed).await;
+    delete_checks_the_resource_version(&mut c).await;
+    watch_sequence(&mut c, &seed).await;
+}
 
-    // Apply the seed: both created, secrets removed from the answers.
+type Client = AdminServiceClient<Channel>;
+
+/// Apply the seed: both created, secrets removed from the answers.
+async fn the_seed_applies_and_answers_carry_no_password(
+    c: &mut Client,
+    seed: &[pb::Object],
+) -> Vec<pb::Object> {
     let mut created = Vec::new();
-    for o in &seed {
+    for o in seed {
         let r = c
             .apply(apply_req(o.clone()))
             .await
@@ -197,9 +217,12 @@ async fn scenario(hub: &TestHub) {
     assert_eq!(rs_spec(rs).password, "");
     assert!(rs_spec(rs).password_set);
     assert_eq!(rs_spec(rs).username, "admin");
+    created
+}
 
-    // Re-applying the same YAML changes nothing.
-    for o in &seed {
+/// Re-applying the same YAML changes nothing.
+async fn reapplying_changes_nothing(c: &mut Client, seed: &[pb::Object]) {
+    for o in seed {
         let r = c
             .apply(apply_req(o.clone()))
             .await
@@ -207,8 +230,10 @@ async fn scenario(hub: &TestHub) {
             .into_inner();
         assert_eq!(r.outcome, pb::ApplyOutcome::Unchanged as i32);
     }
+}
 
-    // Get returns what was stored, with defaults, never the password.
+/// Get returns what was stored, with defaults, never the password.
+async fn get_returns_what_was_stored(c: &mut Client, created: &[pb::Object]) {
     let got = c
         .get(get_req(pb::Kind::RegistrySecret, "default", "harbor-prod"))
         .await
@@ -227,8 +252,10 @@ async fn scenario(hub: &TestHub) {
         meta(&repo).resource_version,
         meta(&created[1]).resource_version
     );
+}
 
-    // The password is not in the store's bytes in plaintext, but its sealed form is.
+/// The password is not in the store's bytes in plaintext, but its sealed form is.
+async fn the_store_holds_the_password_sealed_only(hub: &TestHub) {
     let raw = hub.raw_secret_bytes().await;
     assert!(
         !contains(&raw, SEED_PASSWORD.as_bytes()),
@@ -242,8 +269,10 @@ async fn scenario(hub: &TestHub) {
         contains(&raw, b"harbor.example.com"),
         "the object itself is in the bytes read"
     );
+}
 
-    // List: one namespace, all namespaces, label selector.
+/// List: one namespace, all namespaces, label selector.
+async fn list_filters_by_namespace_and_labels(c: &mut Client, seed: &[pb::Object]) {
     let list = |ns: &str, all: bool, sel: &str| pb::ListRequest {
         kind: pb::Kind::Repository as i32,
         namespace: ns.into(),
@@ -295,9 +324,15 @@ async fn scenario(hub: &TestHub) {
         .await
         .expect_err("bad selector");
     assert_eq!(e.code(), Code::InvalidArgument);
+}
 
-    // Optimistic concurrency: an update with the current resourceVersion
-    // wins, a second one with the same (now stale) version is refused.
+/// Optimistic concurrency: an update with the current resourceVersion
+/// wins, a second one with the same (now stale) version is refused.
+async fn a_stale_resource_version_is_refused(
+    c: &mut Client,
+    seed: &[pb::Object],
+    created: &[pb::Object],
+) {
     let rv0 = meta(&created[1]).resource_version.clone();
     let mut upd = seed[1].clone();
     meta_mut(&mut upd).resource_version = rv0.clone();
@@ -324,16 +359,24 @@ async fn scenario(hub: &TestHub) {
         "{}",
         e.message()
     );
+}
 
-    // Labels only: updated without a generation bump.
+/// Labels only: updated without a generation bump.
+async fn labels_alone_keep_the_generation(c: &mut Client, seed: &[pb::Object]) {
     let mut lab = seed[1].clone();
     meta_mut(&mut lab).labels = HashMap::from([("team".to_string(), "a".to_string())]);
     repo_spec_mut(&mut lab).sync_interval = "30m".into();
     let r = c.apply(apply_req(lab)).await.expect("labels").into_inner();
     assert_eq!(r.outcome, pb::ApplyOutcome::Updated as i32);
     assert_eq!(meta(r.object.as_ref().expect("obj")).generation, 2);
+}
 
-    // Password rules: omitted keeps it (username still set); a new one replaces it.
+/// Password rules: omitted keeps it (username still set); a new one replaces it.
+async fn an_omitted_password_is_kept_and_a_new_one_replaces_it(
+    c: &mut Client,
+    seed: &[pb::Object],
+    hub: &TestHub,
+) {
     let mut no_pw = seed[0].clone();
     if let Some(pb::object::Kind::RegistrySecret(x)) = &mut no_pw.kind {
         x.spec.as_mut().expect("spec").password.clear();
@@ -361,8 +404,10 @@ async fn scenario(hub: &TestHub) {
         !contains(&raw, b"N3wSecret!"),
         "new plaintext password in the store"
     );
+}
 
-    // Missing objects and preconditions on objects that do not exist.
+/// Missing objects and preconditions on objects that do not exist.
+async fn missing_objects_are_not_found(c: &mut Client, seed: &[pb::Object]) {
     let e = c
         .get(get_req(pb::Kind::Repository, "default", "nope"))
         .await
@@ -381,8 +426,10 @@ async fn scenario(hub: &TestHub) {
         .await
         .expect_err("rv on a missing object");
     assert_eq!(e.code(), Code::NotFound);
+}
 
-    // Concurrent creates of one new object: exactly one creates it, none fails.
+/// Concurrent creates of one new object: exactly one creates it, none fails.
+async fn concurrent_creates_create_once(c: &mut Client, seed: &[pb::Object]) {
     let mut fresh = seed[1].clone();
     meta_mut(&mut fresh).name = "raced".into();
     let mut tasks = tokio::task::JoinSet::new();
@@ -403,8 +450,10 @@ async fn scenario(hub: &TestHub) {
         1,
         "{outcomes:?}"
     );
+}
 
-    // Validation: errors name the object and the field.
+/// Validation: errors name the object and the field.
+async fn invalid_objects_are_refused_naming_the_field(c: &mut Client, seed: &[pb::Object]) {
     let mut bad = seed[1].clone();
     repo_spec_mut(&mut bad).sync_interval = "1x".into();
     let e = c.apply(apply_req(bad)).await.expect_err("invalid");
@@ -431,8 +480,10 @@ async fn scenario(hub: &TestHub) {
         .await
         .expect_err("no object");
     assert_eq!(e.code(), Code::InvalidArgument);
+}
 
-    // Delete: stale version refused, current version deletes, then NotFound.
+/// Delete: stale version refused, current version deletes, then NotFound.
+async fn delete_checks_the_resource_version(c: &mut Client) {
     let cur = c
         .get(get_req(pb::Kind::Repository, "default", "raced"))
         .await
@@ -455,8 +506,6 @@ async fn scenario(hub: &TestHub) {
     assert_eq!(meta(d.object.as_ref().expect("obj")).name, "raced");
     let e = c.delete(del("")).await.expect_err("gone");
     assert_eq!(e.code(), Code::NotFound);
-
-    watch_sequence(&mut c, &seed).await;
 }
 
 /// Watch: the current objects as ADDED, then ADDED, MODIFIED and DELETED of

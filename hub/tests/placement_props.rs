@@ -7,9 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use imgfleet_hub::placement::{
-    DesiredImageEntry, DesiredSetContent, ObjectId, Placement, PlacementCluster, PlacementRepo,
-    RegistryInfo, Resolution, ResolvedImage, Selector, SelectorOperator, SelectorRequirement,
-    apply, diff, place,
+    DesiredImage, DesiredSetContent, ObjectId, Placement, PlacementCluster, PlacementRepo,
+    RegistryInfo, RegistryRef, Resolution, ResolvedImage, Selector, SelectorOperator,
+    SelectorRequirement, apply, diff, place,
 };
 use proptest::prelude::*;
 use proptest::sample::{select, subsequence};
@@ -158,6 +158,7 @@ fn world() -> impl Strategy<Value = World> {
                         id: ObjectId::new(ns, "reg"),
                         domain: format!("{ns}.registry.example"),
                         insecure: false,
+                        fingerprint: format!("fp-{ns}"),
                     })
                     .collect(),
                 resolutions,
@@ -182,12 +183,20 @@ fn content() -> impl Strategy<Value = DesiredSetContent> {
             ),
             0..6,
         ),
-        subsequence(&["ns1/reg", "ns2/reg", "ns3/reg"][..], 0..=3),
+        // Registries with one of two credential fingerprints, so that two
+        // sets differ in a credential as well as in which registries.
+        proptest::collection::vec(
+            (
+                select(&["ns1/reg", "ns2/reg", "ns3/reg"][..]),
+                select(&["f1", "f2"][..]),
+            ),
+            0..=3,
+        ),
     )
         .prop_map(|(imgs, regs)| {
             DesiredSetContent::new(
                 imgs.into_iter()
-                    .map(|(src, digest, tag, keep)| DesiredImageEntry {
+                    .map(|(src, digest, tag, keep)| DesiredImage {
                         key: format!("{src}@{digest}"),
                         digest: digest.to_string(),
                         tags: vec![tag.to_string()],
@@ -195,7 +204,12 @@ fn content() -> impl Strategy<Value = DesiredSetContent> {
                         ..Default::default()
                     })
                     .collect(),
-                regs.into_iter().map(str::to_string).collect(),
+                regs.into_iter()
+                    .map(|(key, fingerprint)| RegistryRef {
+                        key: key.to_string(),
+                        fingerprint: fingerprint.to_string(),
+                    })
+                    .collect(),
             )
         })
 }
@@ -224,6 +238,12 @@ proptest! {
         for u in &d.upserts {
             prop_assert!(!d.removals.contains(&u.key));
         }
+        // A registry is sent again only when it is new or its credential
+        // changed, and never both upserted and removed.
+        for r in &d.registry_upserts {
+            prop_assert!(!old.registries.contains(r));
+            prop_assert!(!d.registry_removals.contains(&r.key));
+        }
         prop_assert!(diff(&old, &old).is_empty());
         prop_assert!(diff(&new, &new).is_empty());
     }
@@ -249,7 +269,7 @@ proptest! {
             let reached: BTreeSet<&String> = p
                 .clusters
                 .iter()
-                .filter(|(_, set)| set.images.iter().any(|i| i.source == r.id))
+                .filter(|(_, set)| set.images.iter().any(|i| i.source() == r.id))
                 .map(|(name, _)| name)
                 .collect();
             let reported = p.skipped.iter().any(|s| s.repo == r.id);
@@ -281,13 +301,13 @@ proptest! {
             let set = &p.clusters[&c.name];
             for img in &set.images {
                 prop_assert!(
-                    c.tenants.contains(&img.source.namespace),
+                    c.tenants.contains(&img.source_namespace),
                     "{} got {} outside its tenants {:?}", c.name, img.key, c.tenants
                 );
                 // The secret used is from the repository's own namespace.
-                let own = format!("{}/", img.source.namespace);
+                let own = format!("{}/", img.source_namespace);
                 prop_assert!(img.registry_key.starts_with(&own), "{} uses {}", img.key, img.registry_key);
-                prop_assert!(!suspended.contains(&img.source));
+                prop_assert!(!suspended.contains(&img.source()));
             }
             // Canonical form: sorted, unique.
             let keys: Vec<&String> = set.images.iter().map(|i| &i.key).collect();

@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use imgfleet_hub::placement::{
-    DesiredImageEntry, DesiredSetContent, ObjectId, PlacementCluster, PlacementRepo, RegistryInfo,
-    Resolution, ResolvedImage, Selector, SelectorOperator, SelectorRequirement, SkipReason, apply,
-    diff, place,
+    DesiredImage, DesiredSetContent, ObjectId, PlacementCluster, PlacementRepo, RegistryInfo,
+    RegistryRef, Resolution, ResolvedImage, Selector, SelectorOperator, SelectorRequirement,
+    SkipReason, apply, diff, place,
 };
 
 fn cluster(name: &str, labels: &[(&str, &str)], tenants: &[&str]) -> PlacementCluster {
@@ -87,6 +87,7 @@ fn registries() -> Vec<RegistryInfo> {
             id: ObjectId::new(*ns, "reg"),
             domain: format!("registry.{ns}.example"),
             insecure: false,
+            fingerprint: format!("fp-{ns}"),
         })
         .collect()
 }
@@ -141,7 +142,7 @@ fn check(
         assert_eq!(
             set.registries
                 .iter()
-                .map(String::as_str)
+                .map(|r| r.key.as_str())
                 .collect::<BTreeSet<_>>(),
             regs,
             "{case}: registries of {name} are exactly those its images need"
@@ -468,9 +469,10 @@ fn entries_carry_everything_the_agent_needs() {
     .into();
     let p = place(&[r], &fleet(), &registries(), &res);
     let set = &p.clusters["edge-a"];
-    let want = |digest: &str, tags: &[&str]| DesiredImageEntry {
+    let want = |digest: &str, tags: &[&str]| DesiredImage {
         key: format!("team-a/web@{digest}"),
-        source: ObjectId::new("team-a", "web"),
+        source_namespace: "team-a".into(),
+        source_name: "web".into(),
         registry_key: "team-a/reg".into(),
         registry: "registry.team-a.example".into(),
         repository: "library/web".into(),
@@ -487,15 +489,22 @@ fn entries_carry_everything_the_agent_needs() {
                 want("sha256:aaa", &["1.1"]),
                 want("sha256:bbb", &["1.2", "latest"])
             ],
-            registries: vec!["team-a/reg".into()],
+            registries: vec![reg("team-a/reg", "fp-team-a")],
         }
     );
     assert!(p.skipped.is_empty());
 }
 
+fn reg(key: &str, fingerprint: &str) -> RegistryRef {
+    RegistryRef {
+        key: key.into(),
+        fingerprint: fingerprint.into(),
+    }
+}
+
 #[test]
 fn diff_and_apply() {
-    let entry = |k: &str, tag: &str| DesiredImageEntry {
+    let entry = |k: &str, tag: &str| DesiredImage {
         key: k.into(),
         tags: vec![tag.into()],
         registry_key: "ns/reg".into(),
@@ -507,7 +516,11 @@ fn diff_and_apply() {
             entry("ns/b@1", "x"),
             entry("ns/c@1", "x"),
         ],
-        vec!["ns/reg".into(), "ns/old".into()],
+        vec![
+            reg("ns/reg", "f1"),
+            reg("ns/old", "f2"),
+            reg("ns/same", "f3"),
+        ],
     );
     let new = DesiredSetContent::new(
         vec![
@@ -515,7 +528,11 @@ fn diff_and_apply() {
             entry("ns/b@1", "y"),
             entry("ns/a@1", "x"),
         ],
-        vec!["ns/reg".into(), "ns/new".into()],
+        vec![
+            reg("ns/reg", "f1-rotated"),
+            reg("ns/new", "f4"),
+            reg("ns/same", "f3"),
+        ],
     );
     let d = diff(&old, &new);
     assert_eq!(
@@ -524,7 +541,11 @@ fn diff_and_apply() {
         "changed and added images, not the unchanged one"
     );
     assert_eq!(d.removals, ["ns/c@1"]);
-    assert_eq!(d.registry_upserts, ["ns/new"]);
+    assert_eq!(
+        d.registry_upserts,
+        [reg("ns/new", "f4"), reg("ns/reg", "f1-rotated")],
+        "a new registry, and one whose credential changed (sent again); not the unchanged one"
+    );
     assert_eq!(d.registry_removals, ["ns/old"]);
     assert_eq!(apply(&old, &d), new);
     assert!(diff(&new, &new).is_empty());
@@ -535,4 +556,23 @@ fn diff_and_apply() {
         ),
         new
     );
+}
+
+/// A rotated password changes the fingerprint placement gives a registry,
+/// so the set changes and its delta sends the credential again.
+#[test]
+fn a_new_fingerprint_resends_the_credential() {
+    let mut r = repo("team-a", "web");
+    r.default_placement = true;
+    let res = resolutions(std::slice::from_ref(&r));
+    let before = place(std::slice::from_ref(&r), &fleet(), &registries(), &res);
+    let mut rotated = registries();
+    rotated[0].fingerprint = "fp-team-a-rotated".into();
+    let after = place(std::slice::from_ref(&r), &fleet(), &rotated, &res);
+    let (old, new) = (&before.clusters["edge-a"], &after.clusters["edge-a"]);
+    assert_eq!(old.images, new.images, "the images stay");
+    let d = diff(old, new);
+    assert!(d.upserts.is_empty() && d.removals.is_empty());
+    assert_eq!(d.registry_upserts, [reg("team-a/reg", "fp-team-a-rotated")]);
+    assert!(d.registry_removals.is_empty());
 }

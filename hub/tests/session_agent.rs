@@ -4,7 +4,7 @@
 //! acks, progress into Repository/Cluster status, offline detection, and two
 //! hub replicas on one etcd. A gRPC client in the test plays the agent.
 //!
-//! The tag resolver is not registered in these hubs: the tests write
+//! The tag resolver does not run in these hubs: the tests write
 //! `status.resolved` themselves, so what they measure is the session path
 //! alone (the resolver has its own tests).
 
@@ -21,7 +21,7 @@ use imgfleet::model::{self, ClusterPhase, ImagePhase, Kind, Object, parse_docume
 use imgfleet_common::tls::TlsMaterial;
 use imgfleet_hub::config::{Config, SecretKeySource, StoreConfig};
 use imgfleet_hub::objects::Objects;
-use imgfleet_hub::server::{self, Extensions, RunningHub};
+use imgfleet_hub::server::{self, Parts, RunningHub};
 use imgfleet_tests::Etcd;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -71,9 +71,11 @@ fn config(dir: &Path, etcd: Option<&Etcd>, prefix: &str) -> Config {
 /// A hub with the session part only (no tag resolver; see the module doc).
 async fn start_hub(cfg: Config) -> RunningHub {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut ext = Extensions::default();
-    imgfleet_hub::session::register(&mut ext, &cfg);
-    server::start_with(cfg, CancellationToken::new(), ext)
+    let parts = Parts {
+        agent_api: true,
+        resolver: false,
+    };
+    server::start_with(cfg, CancellationToken::new(), parts)
         .await
         .expect("hub starts")
 }
@@ -113,33 +115,25 @@ async fn apply_yaml(objects: &Objects, yaml: &str) {
 
 /// Plays the tag resolver: sets `status.resolved` of Repository default/app.
 async fn set_resolved(objects: &Objects, digests: &[(&str, &str)]) {
-    for _ in 0..20 {
-        let mut obj = objects
-            .get(Kind::Repository, Some("default"), "app")
-            .await
-            .expect("get repo");
-        let rev = obj
-            .metadata()
-            .resource_version
-            .clone()
-            .and_then(|r| r.parse().ok());
-        let Object::Repository(r) = &mut obj else {
-            panic!("kind")
-        };
-        let st = r.status.get_or_insert_with(Default::default);
-        st.resolved = digests
-            .iter()
-            .map(|(t, d)| model::ResolvedTag {
-                tag: t.to_string(),
-                digest: d.to_string(),
-                media_type: String::new(),
-            })
-            .collect();
-        if objects.write_status(&obj, rev).await.is_ok() {
-            return;
-        }
-    }
-    panic!("could not write status.resolved");
+    let resolved: Vec<model::ResolvedTag> = digests
+        .iter()
+        .map(|&(tag, digest)| model::ResolvedTag {
+            tag: tag.into(),
+            digest: digest.into(),
+            ..Default::default()
+        })
+        .collect();
+    let wrote = objects
+        .update_status(Kind::Repository, Some("default"), "app", |obj| {
+            let Object::Repository(r) = obj else {
+                return false;
+            };
+            r.status.get_or_insert_with(Default::default).resolved = resolved.clone();
+            true
+        })
+        .await
+        .expect("write status.resolved");
+    assert!(wrote);
 }
 
 async fn set_label(objects: &Objects, cluster: &str, tier: &str) {
@@ -204,8 +198,11 @@ async fn connect(
         .into_inner();
     let beat = tx.clone();
     let keepalive = tokio::spawn(async move {
+        // The agent's heartbeat, every half second.
+        let mut beat_every = tokio::time::interval(Duration::from_millis(500));
+        beat_every.tick().await;
         for seq in 1.. {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            beat_every.tick().await;
             let m = pb::AgentMessage {
                 msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { sent_at: None, seq })),
             };
@@ -279,9 +276,9 @@ async fn repo_status(objects: &Objects) -> model::RepositoryStatus {
 }
 
 async fn stored_images(objects: &Objects, cluster: &str) -> usize {
-    let key = imgfleet_hub::fleet::desired_key(cluster);
+    let key = imgfleet_hub::desired::desired_key(cluster);
     match objects.store().get(&key).await.expect("store get") {
-        Some(v) => imgfleet_hub::fleet::decode_desired(cluster, &v.value)
+        Some(v) => imgfleet_hub::desired::decode(cluster, &v.value)
             .expect("decode")
             .content
             .images
@@ -290,26 +287,88 @@ async fn stored_images(objects: &Objects, cluster: &str) -> usize {
     }
 }
 
-async fn scenario(etcd: Option<&Etcd>) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hub = start_hub(config(dir.path(), etcd, "/imgfleet-session")).await;
-    let objects = hub.context.objects.clone();
-    let url = hub.url();
+/// A hub with three enrolled clusters (a: edge, b and c: core) and the
+/// policy placing `app` on edge clusters, resolved to [`DIGEST`].
+struct Fleet {
+    hub: RunningHub,
+    objects: Objects,
+    url: String,
+    a_cert: TlsMaterial,
+    b_cert: TlsMaterial,
+    c_cert: TlsMaterial,
+    /// Keeps the hub's data until the end.
+    _dir: tempfile::TempDir,
+}
 
-    let a_cert = enroll(&hub, "a", "edge").await;
-    let b_cert = enroll(&hub, "b", "core").await;
-    let c_cert = enroll(&hub, "c", "core").await;
-    apply_yaml(&objects, POLICY).await;
-    set_resolved(&objects, &[("v1", DIGEST)]).await;
-    poll(Duration::from_secs(5), async || {
-        (stored_images(&objects, "a").await == 1).then_some(())
+impl Fleet {
+    async fn start(etcd: Option<&Etcd>) -> Fleet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = start_hub(config(dir.path(), etcd, "/imgfleet-session")).await;
+        let objects = hub.context.objects.clone();
+        let url = hub.url();
+        let a_cert = enroll(&hub, "a", "edge").await;
+        let b_cert = enroll(&hub, "b", "core").await;
+        let c_cert = enroll(&hub, "c", "core").await;
+        apply_yaml(&objects, POLICY).await;
+        set_resolved(&objects, &[("v1", DIGEST)]).await;
+        poll(Duration::from_secs(5), async || {
+            (stored_images(&objects, "a").await == 1).then_some(())
+        })
+        .await
+        .expect("the controller places the image on a");
+        Fleet {
+            hub,
+            objects,
+            url,
+            a_cert,
+            b_cert,
+            c_cert,
+            _dir: dir,
+        }
+    }
+}
+
+/// The next message, which must be a delta, within `limit`.
+async fn next_delta(agent: &mut Agent, limit: Duration) -> pb::DesiredSetDelta {
+    match agent.next_change(limit).await {
+        Some(HubMsg::Delta(d)) => d,
+        other => panic!("expected a delta, got {other:?}"),
+    }
+}
+
+/// Progress on `app` at [`DIGEST2`]: `done` of 200 bytes.
+fn progress(phase: pb::ImagePhase, done: u64) -> AgentMsg {
+    AgentMsg::Progress(pb::Progress {
+        images: vec![pb::ImageProgress {
+            key: format!("default/app@{DIGEST2}"),
+            digest: DIGEST2.into(),
+            phase: phase as i32,
+            bytes_done: done,
+            bytes_total: 200,
+            layers_done: 1,
+            layers_total: 2,
+            message: String::new(),
+            updated_at: Some(prost_types::Timestamp {
+                seconds: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_secs() as i64,
+                nanos: 0,
+            }),
+            next_retry_time: None,
+            attempts: 0,
+        }],
+        storage: Some(pb::StorageReport {
+            used_bytes: 5000,
+            capacity_bytes: 100_000,
+        }),
     })
-    .await
-    .expect("the controller places the image on a");
+}
 
-    // Identity: a hello claiming another cluster, an admin certificate, a
-    // cluster that is no longer enrolled.
-    let e = connect(&url, &a_cert, hello("b", "", 0))
+/// A hello claiming another cluster, an admin certificate, and a cluster
+/// that is no longer enrolled are refused.
+async fn only_an_enrolled_clusters_own_certificate_gets_in(f: &Fleet) {
+    let e = connect(&f.url, &f.a_cert, hello("b", "", 0))
         .await
         .err()
         .expect("refused");
@@ -320,23 +379,27 @@ async fn scenario(etcd: Option<&Etcd>) {
         "{}",
         e.message()
     );
-    let e = connect(&url, &admin_material(&hub), hello("a", "", 0))
+    let e = connect(&f.url, &admin_material(&f.hub), hello("a", "", 0))
         .await
         .err()
         .expect("refused");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    objects
+    f.objects
         .delete(Kind::Cluster, None, "c", None)
         .await
         .expect("delete c");
-    let e = connect(&url, &c_cert, hello("c", "", 0))
+    let e = connect(&f.url, &f.c_cert, hello("c", "", 0))
         .await
         .err()
         .expect("refused");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
+}
 
-    // Full set on connect: a gets the image and its credential, b nothing.
-    let mut a = connect(&url, &a_cert, hello("a", "", 0))
+/// Full set on connect: a gets the image and its credential, b nothing.
+async fn each_agent_gets_its_full_set_on_connect(
+    f: &Fleet,
+) -> ((Agent, pb::DesiredSet), (Agent, pb::DesiredSet)) {
+    let mut a = connect(&f.url, &f.a_cert, hello("a", "", 0))
         .await
         .expect("a connects");
     let set_a = full(a.next_change(Duration::from_secs(3)).await);
@@ -353,7 +416,7 @@ async fn scenario(etcd: Option<&Etcd>) {
         "the credential is sent opened"
     );
     assert!(!set_a.epoch.is_empty());
-    let mut b = connect(&url, &b_cert, hello("b", "", 0))
+    let mut b = connect(&f.url, &f.b_cert, hello("b", "", 0))
         .await
         .expect("b connects");
     let set_b = full(b.next_change(Duration::from_secs(3)).await);
@@ -362,14 +425,18 @@ async fn scenario(etcd: Option<&Etcd>) {
         "{set_b:?}"
     );
     assert_eq!(set_b.epoch, set_a.epoch);
+    ((a, set_a), (b, set_b))
+}
 
-    // A label change on b reaches b as a delta within 1 s.
+/// A label change on b reaches b as a delta within 1 s, with the credential.
+async fn a_label_change_reaches_the_agent_as_a_delta(
+    f: &Fleet,
+    b: &mut Agent,
+    set_b: &pb::DesiredSet,
+) {
     let t0 = Instant::now();
-    set_label(&objects, "b", "edge").await;
-    let delta = match b.next_change(Duration::from_secs(3)).await {
-        Some(HubMsg::Delta(d)) => d,
-        other => panic!("expected a delta, got {other:?}"),
-    };
+    set_label(&f.objects, "b", "edge").await;
+    let delta = next_delta(b, Duration::from_secs(3)).await;
     let latency = t0.elapsed();
     println!("label change -> delta at agent b: {latency:?}");
     assert!(latency < Duration::from_secs(1), "{latency:?}");
@@ -378,14 +445,17 @@ async fn scenario(etcd: Option<&Etcd>) {
     assert_eq!(delta.upserts.len(), 1);
     assert_eq!(delta.registry_upserts.len(), 1);
     assert_eq!(delta.registry_upserts[0].password, PASSWORD);
+}
 
-    // A tag resolution change reaches a connected agent within 1 s as well.
+/// A tag resolution change reaches a connected agent within 1 s as well,
+/// without its unchanged credential.
+async fn a_new_digest_reaches_the_agent_as_a_delta(
+    f: &Fleet,
+    a: &mut Agent,
+) -> pb::DesiredSetDelta {
     let t0 = Instant::now();
-    set_resolved(&objects, &[("v1", DIGEST2)]).await;
-    let d = match a.next_change(Duration::from_secs(3)).await {
-        Some(HubMsg::Delta(d)) => d,
-        other => panic!("expected a delta, got {other:?}"),
-    };
+    set_resolved(&f.objects, &[("v1", DIGEST2)]).await;
+    let d = next_delta(a, Duration::from_secs(3)).await;
     let latency = t0.elapsed();
     println!("tag resolution change -> delta at agent a: {latency:?}");
     assert!(latency < Duration::from_secs(1), "{latency:?}");
@@ -396,11 +466,20 @@ async fn scenario(etcd: Option<&Etcd>) {
         d.registry_upserts.is_empty(),
         "credential unchanged: not resent"
     );
+    d
+}
 
-    // A rotated registry password reaches the agent as a credential upsert.
+/// A rotated registry password reaches the agent as a credential upsert.
+/// Returns the delta.
+async fn a_rotated_password_is_sent_again(
+    f: &Fleet,
+    a: &mut Agent,
+    b: &mut Agent,
+    before: &pb::DesiredSetDelta,
+) -> pb::DesiredSetDelta {
     let t0 = Instant::now();
     apply_yaml(
-        &objects,
+        &f.objects,
         &POLICY
             .split("---")
             .next()
@@ -408,66 +487,66 @@ async fn scenario(etcd: Option<&Etcd>) {
             .replace(PASSWORD, "rotated-pw"),
     )
     .await;
-    let d2 = match a.next_change(Duration::from_secs(3)).await {
-        Some(HubMsg::Delta(d)) => d,
-        other => panic!("expected a delta, got {other:?}"),
-    };
+    let d2 = next_delta(a, Duration::from_secs(3)).await;
     println!("password rotation -> delta at agent a: {:?}", t0.elapsed());
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
-    assert_eq!(d2.from_generation, d.generation);
+    assert_eq!(d2.from_generation, before.generation);
     assert!(d2.upserts.is_empty() && d2.removals.is_empty(), "{d2:?}");
     assert_eq!(d2.registry_upserts.len(), 1);
     assert_eq!(d2.registry_upserts[0].password, "rotated-pw");
     // b holds the same image now: drain its two deltas.
     for _ in 0..2 {
-        assert!(matches!(
-            b.next_change(Duration::from_secs(2)).await,
-            Some(HubMsg::Delta(_))
-        ));
+        next_delta(b, Duration::from_secs(2)).await;
     }
+    d2
+}
 
-    let generation = d2.generation;
-    let epoch = d2.epoch.clone();
-
-    // Reconnect holding the current (epoch, generation): nothing is resent.
+/// Reconnecting with the current (epoch, generation) resends nothing;
+/// with another epoch, the full set. Returns a's current session.
+async fn a_reconnect_gets_only_what_it_lacks(
+    f: &Fleet,
+    a: Agent,
+    epoch: &str,
+    generation: u64,
+) -> Agent {
     drop(a);
-    let mut a = connect(&url, &a_cert, hello("a", &epoch, generation))
+    let mut a = connect(&f.url, &f.a_cert, hello("a", epoch, generation))
         .await
         .expect("a reconnects");
     assert!(
         a.next_change(Duration::from_millis(1500)).await.is_none(),
         "nothing resent to an up-to-date agent"
     );
-    // Reconnect with another epoch: the full set again.
-    let mut a2 = connect(&url, &a_cert, hello("a", "other-epoch", generation))
+    let mut a2 = connect(&f.url, &f.a_cert, hello("a", "other-epoch", generation))
         .await
         .expect("a reconnects");
     let again = full(a2.next_change(Duration::from_secs(3)).await);
     assert_eq!(again.generation, generation);
     drop(a2);
-    let a = {
-        drop(a);
-        let mut fresh = connect(&url, &a_cert, hello("a", &epoch, generation))
-            .await
-            .expect("a reconnects");
-        assert!(
-            fresh
-                .next_change(Duration::from_millis(300))
-                .await
-                .is_none()
-        );
+    drop(a);
+    let mut fresh = connect(&f.url, &f.a_cert, hello("a", epoch, generation))
+        .await
+        .expect("a reconnects");
+    assert!(
         fresh
-    };
+            .next_change(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    fresh
+}
 
-    // Ack -> appliedGeneration.
+/// An ack sets the Cluster's appliedGeneration, and the Hello's facts are
+/// in its status.
+async fn an_ack_sets_the_applied_generation(f: &Fleet, a: &Agent, epoch: &str, generation: u64) {
     a.send(AgentMsg::Ack(pb::Ack {
         generation,
-        epoch: epoch.clone(),
+        epoch: epoch.to_string(),
         error: String::new(),
     }))
     .await;
     let st = poll(Duration::from_secs(3), async || {
-        let s = cluster_status(&objects, "a").await;
+        let s = cluster_status(&f.objects, "a").await;
         (s.applied_generation == generation).then_some(s)
     })
     .await
@@ -477,40 +556,16 @@ async fn scenario(etcd: Option<&Etcd>) {
     assert_eq!(st.agent_version.as_deref(), Some("test-agent 0.1"));
     assert_eq!(st.storage_capacity_bytes, 100_000);
     assert!(st.hub_replica.is_some());
+}
 
-    // Progress: a Synced, b Syncing -> 1 of 2 synced.
-    let progress = |phase: pb::ImagePhase, done: u64| {
-        AgentMsg::Progress(pb::Progress {
-            images: vec![pb::ImageProgress {
-                key: format!("default/app@{DIGEST2}"),
-                digest: DIGEST2.into(),
-                phase: phase as i32,
-                bytes_done: done,
-                bytes_total: 200,
-                layers_done: 1,
-                layers_total: 2,
-                message: String::new(),
-                updated_at: Some(prost_types::Timestamp {
-                    seconds: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .expect("clock")
-                        .as_secs() as i64,
-                    nanos: 0,
-                }),
-                next_retry_time: None,
-                attempts: 0,
-            }],
-            storage: Some(pb::StorageReport {
-                used_bytes: 5000,
-                capacity_bytes: 100_000,
-            }),
-        })
-    };
+/// Progress: a Synced, b Syncing -> 1 of 2 synced, in the Repository's and
+/// the Cluster's status.
+async fn progress_reaches_the_status(f: &Fleet, a: &Agent, b: &Agent) {
     let t0 = Instant::now();
     a.send(progress(pb::ImagePhase::Synced, 200)).await;
     b.send(progress(pb::ImagePhase::Syncing, 100)).await;
     let rs = poll(Duration::from_secs(4), async || {
-        let s = repo_status(&objects).await;
+        let s = repo_status(&f.objects).await;
         (s.synced_clusters == 1
             && s.target_clusters == 2
             && s.clusters.len() == 2
@@ -538,16 +593,18 @@ async fn scenario(etcd: Option<&Etcd>) {
     assert!(ea.last_sync_time.is_some());
     // Cluster status writes are coalesced to one a second: allow for that.
     let st = poll(Duration::from_secs(3), async || {
-        let s = cluster_status(&objects, "a").await;
+        let s = cluster_status(&f.objects, "a").await;
         (s.images_synced == 1).then_some(s)
     })
     .await
     .expect("imagesSynced recorded");
     assert_eq!(st.images_desired, 1);
     assert_eq!(st.storage_used_bytes, 5000);
+}
 
-    // What an operator sees (the `imgfleet` binary: cargo build -p imgfleet --bin imgfleet).
-    let cli = imgfleet_tests::fleet::Cli::new(&url, hub.admin_dir.as_ref().expect("admin"));
+/// What an operator sees (the `imgfleet` binary: cargo build -p imgfleet --bin imgfleet).
+async fn the_cli_shows_the_progress(f: &Fleet) {
+    let cli = imgfleet_tests::fleet::Cli::new(&f.url, f.hub.admin_dir.as_ref().expect("admin"));
     let list = cli
         .ok(&["get", "repositories"])
         .await
@@ -584,12 +641,15 @@ async fn scenario(etcd: Option<&Etcd>) {
             .any(|l| l.starts_with("a ") && l.contains("Connected")),
         "{clusters}"
     );
+}
 
-    // Drop a's session: Offline after --offline-after (2 s), entries last known.
+/// Drop a's session: Offline after --offline-after (2 s), its entries last
+/// known and no longer counted as synced; b, heartbeating, stays Connected.
+async fn a_silent_cluster_goes_offline(f: &Fleet, a: Agent, b: &Agent, generation: u64) {
     let t0 = Instant::now();
     drop(a);
     let st = poll(Duration::from_secs(8), async || {
-        let s = cluster_status(&objects, "a").await;
+        let s = cluster_status(&f.objects, "a").await;
         (s.phase == Some(ClusterPhase::Offline)).then_some(s)
     })
     .await
@@ -597,7 +657,7 @@ async fn scenario(etcd: Option<&Etcd>) {
     println!("session dropped -> Offline: {:?}", t0.elapsed());
     assert_eq!(st.applied_generation, generation, "last known state kept");
     let rs = poll(Duration::from_secs(3), async || {
-        let s = repo_status(&objects).await;
+        let s = repo_status(&f.objects).await;
         s.clusters
             .iter()
             .any(|c| c.cluster == "a" && c.last_known)
@@ -619,32 +679,48 @@ async fn scenario(etcd: Option<&Etcd>) {
         Some(ImagePhase::Synced),
         "the last known phase is kept"
     );
-    // b keeps heartbeating through all this and stays Connected.
     b.send(AgentMsg::Heartbeat(pb::Heartbeat {
         sent_at: None,
         seq: 1,
     }))
     .await;
     assert_eq!(
-        cluster_status(&objects, "b").await.phase,
+        cluster_status(&f.objects, "b").await.phase,
         Some(ClusterPhase::Connected)
     );
+}
 
-    // Reconnect: Connected again and current (not last known) once it reports.
-    let a = connect(&url, &a_cert, hello("a", &epoch, generation))
+/// Reconnect: Connected again and current (not last known) once it reports.
+async fn a_returning_cluster_is_current_again(f: &Fleet, epoch: &str, generation: u64) {
+    let a = connect(&f.url, &f.a_cert, hello("a", epoch, generation))
         .await
         .expect("a back");
     a.send(progress(pb::ImagePhase::Synced, 200)).await;
     poll(Duration::from_secs(4), async || {
-        let s = repo_status(&objects).await;
-        let c = cluster_status(&objects, "a").await;
+        let s = repo_status(&f.objects).await;
+        let c = cluster_status(&f.objects, "a").await;
         (s.synced_clusters == 1 && c.phase == Some(ClusterPhase::Connected)).then_some(())
     })
     .await
     .expect("a current again");
+}
 
-    drop((a, b));
-    hub.stop().await.expect("clean stop");
+async fn scenario(etcd: Option<&Etcd>) {
+    let f = Fleet::start(etcd).await;
+    only_an_enrolled_clusters_own_certificate_gets_in(&f).await;
+    let ((mut a, _), (mut b, set_b)) = each_agent_gets_its_full_set_on_connect(&f).await;
+    a_label_change_reaches_the_agent_as_a_delta(&f, &mut b, &set_b).await;
+    let d = a_new_digest_reaches_the_agent_as_a_delta(&f, &mut a).await;
+    let d2 = a_rotated_password_is_sent_again(&f, &mut a, &mut b, &d).await;
+    let (epoch, generation) = (d2.epoch.clone(), d2.generation);
+    let a = a_reconnect_gets_only_what_it_lacks(&f, a, &epoch, generation).await;
+    an_ack_sets_the_applied_generation(&f, &a, &epoch, generation).await;
+    progress_reaches_the_status(&f, &a, &b).await;
+    the_cli_shows_the_progress(&f).await;
+    a_silent_cluster_goes_offline(&f, a, &b, generation).await;
+    a_returning_cluster_is_current_again(&f, &epoch, generation).await;
+    drop(b);
+    f.hub.stop().await.expect("clean stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -677,7 +753,13 @@ async fn two_hubs_share_desired_sets() {
     let a_cert = enroll(&hub1, "a", "core").await;
     apply_yaml(&o1, POLICY).await;
     set_resolved(&o1, &[("v1", DIGEST)]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Hub 1's controller has stored a's (empty) set.
+    poll(Duration::from_secs(5), async || {
+        let key = imgfleet_hub::desired::desired_key("a");
+        o1.store().get(&key).await.expect("store get").map(|_| ())
+    })
+    .await
+    .expect("a desired set for a");
 
     let mut a = connect(&hub2.url(), &a_cert, hello("a", "", 0))
         .await
@@ -721,15 +803,14 @@ async fn two_hubs_share_desired_sets() {
     hub1.stop().await.expect("stop 1");
 }
 
-/// The hub as the binary starts it (`parts::default_extensions`, tag resolver
-/// included) serves the agent API: an enrolled cluster gets its (empty) set.
+/// The hub as the binary starts it (`Parts::ALL`, tag resolver included)
+/// serves the agent API: an enrolled cluster gets its (empty) set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn default_extensions_serve_the_agent_api() {
+async fn every_part_serves_the_agent_api() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(dir.path(), None, "");
-    let ext = imgfleet_hub::parts::default_extensions(&cfg);
-    let hub = server::start_with(cfg, CancellationToken::new(), ext)
+    let hub = server::start_with(cfg, CancellationToken::new(), Parts::ALL)
         .await
         .expect("hub starts");
     let cert = enroll(&hub, "edge-1", "edge").await;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
+use imgfleet_hub::store::watcher::{Event, State, Watcher};
 use imgfleet_hub::store::{
     self, EtcdStore, Key, MAX_BATCH_PUTS, PolicyStore, Put, RedbStore, StoreError, WatchEvent,
     WatchStream,
@@ -106,6 +107,8 @@ conformance!(
     batch_with_one_bad_precondition_writes_nothing,
     batch_limits_are_enforced,
     list_pages_through_a_large_kind,
+    watcher_lists_then_follows,
+    watcher_relists_when_the_history_is_gone,
 );
 
 fn key(ns: &str, name: &str) -> Key {
@@ -449,6 +452,93 @@ async fn watch_from_compacted_revision_is_refused(b: &Backend) -> Result<()> {
     Ok(())
 }
 
+/// The watcher's next event, failing the test on an error or a timeout.
+async fn next_change(w: &mut Watcher) -> Result<Event> {
+    match tokio::time::timeout(EVENT_TIMEOUT, w.next()).await {
+        Err(_) => bail!("no watcher event within {EVENT_TIMEOUT:?}"),
+        Ok(r) => Ok(r?),
+    }
+}
+
+/// The store's watcher: the whole kind once, then every change in order.
+async fn watcher_lists_then_follows(b: &Backend) -> Result<()> {
+    let s = &b.store;
+    let (a, other) = (key("team-a", "a"), key("team-b", "b"));
+    let r1 = s.create(&a, b"1".to_vec()).await?;
+    let r2 = s.create(&other, b"2".to_vec()).await?;
+    let mut w = Watcher::new(s.clone(), "repositories");
+    match next_change(&mut w).await? {
+        Event::Listed { items, revision } => {
+            let keys: Vec<&Key> = items.iter().map(|v| &v.key).collect();
+            ensure!(keys == vec![&a, &other], "listed {keys:?}");
+            ensure!(revision >= r2, "listed at {revision}, before {r2}");
+        }
+        e => bail!("expected the list first, got {e:?}"),
+    }
+    let r3 = s.update(&a, b"3".to_vec(), Some(r1)).await?;
+    let gone = s.delete(&other, None).await?;
+    match next_change(&mut w).await? {
+        Event::Put(v) => ensure!(v.key == a && v.value == b"3" && v.revision == r3, "{v:?}"),
+        e => bail!("expected the update, got {e:?}"),
+    }
+    match next_change(&mut w).await? {
+        Event::Delete(v) => ensure!(v.key == other && v.revision == gone.revision, "{v:?}"),
+        e => bail!("expected the delete, got {e:?}"),
+    }
+    ensure!(
+        w.state()
+            == State::Watching {
+                revision: gone.revision
+            },
+        "{:?}",
+        w.state()
+    );
+    Ok(())
+}
+
+/// A watcher that must go on from a revision compacted away lists the kind
+/// again, and follows it from there.
+async fn watcher_relists_when_the_history_is_gone(b: &Backend) -> Result<()> {
+    let s = &b.store;
+    let (a, other) = (key("team-a", "a"), key("team-a", "b"));
+    let first = s.create(&a, b"0".to_vec()).await?;
+    let mut rev = first;
+    for i in 1..6 {
+        rev = s.update(&a, format!("{i}").into_bytes(), Some(rev)).await?;
+    }
+    let rb = s.create(&other, b"b".to_vec()).await?;
+    b.compact(rb - 1).await?;
+
+    let mut w = Watcher::after(s.clone(), "repositories", first);
+    let e = match w.open().await {
+        Err(e) => e,
+        Ok(()) => bail!("a watch from a compacted revision must fail"),
+    };
+    ensure!(
+        matches!(e.store_error(), Some(StoreError::Compacted { .. })),
+        "{e}"
+    );
+    ensure!(
+        e.relists() && w.state() == State::Empty,
+        "{e}: {:?}",
+        w.state()
+    );
+    match next_change(&mut w).await? {
+        Event::Listed { items, revision } => {
+            let values: Vec<&[u8]> = items.iter().map(|v| v.value.as_slice()).collect();
+            ensure!(values == vec![&b"5"[..], &b"b"[..]], "listed {values:?}");
+            ensure!(revision >= rb);
+        }
+        e => bail!("expected a new list, got {e:?}"),
+    }
+    let r = s.update(&other, b"c".to_vec(), Some(rb)).await?;
+    match next_change(&mut w).await? {
+        Event::Put(v) => ensure!(v.key == other && v.revision == r, "{v:?}"),
+        e => bail!("expected the update after the list, got {e:?}"),
+    }
+    Ok(())
+}
+
 async fn concurrent_updates_exactly_one_wins(b: &Backend) -> Result<()> {
     let k = key("team-a", "contended");
     let r0 = b.store.create(&k, b"0".to_vec()).await?;
@@ -566,17 +656,25 @@ async fn etcd_survives_restart_and_reports_outage() -> Result<()> {
     let k = key("team-a", "durable");
     let r = s.create(&k, b"v".to_vec()).await?;
     let mut w = s.watch("repositories", r).await?;
+    let mut watcher = Watcher::after(s.clone(), "repositories", r);
+    watcher.open().await?;
 
     let Kind::Etcd { etcd, .. } = &mut b.kind else {
         bail!("not etcd")
     };
     etcd.kill();
 
-    // The open watch reports the outage instead of going quiet.
+    // The open watch reports the outage instead of going quiet; so does the
+    // watcher, which will go on from where it was rather than list again.
     match tokio::time::timeout(Duration::from_secs(30), w.next()).await {
         Ok(Some(Err(StoreError::Unavailable(_)))) => {}
         other => bail!("watch during an outage: expected Err(Unavailable), got {other:?}"),
     }
+    match tokio::time::timeout(Duration::from_secs(30), watcher.next()).await {
+        Ok(Err(e)) => ensure!(!e.relists(), "an outage is no reason to list again: {e}"),
+        other => bail!("watcher during an outage: expected an error, got {other:?}"),
+    }
+    ensure!(watcher.state() == State::Listed { revision: r });
     // A call while etcd is down fails promptly with Unavailable.
     let t = Instant::now();
     match s.get(&k).await {
@@ -612,6 +710,21 @@ async fn etcd_survives_restart_and_reports_outage() -> Result<()> {
     assert_eq!((got.value.as_slice(), got.revision), (&b"v"[..], r));
     let r2 = s.update(&k, b"v2".to_vec(), Some(r)).await?;
     ensure!(r2 > r);
+    // The watcher opens its watch again after `r` and sees the update, with
+    // no list in between (retrying while etcd finishes coming back).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout(EVENT_TIMEOUT, watcher.next()).await {
+            Ok(Ok(Event::Put(v))) => {
+                ensure!(v.revision == r2 && v.value == b"v2", "{v:?}");
+                break;
+            }
+            Ok(Err(e)) if !e.relists() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => bail!("watcher after the restart: expected the update, got {other:?}"),
+        }
+    }
     Ok(())
 }
 

@@ -14,10 +14,11 @@ use etcd_client::{
 };
 use futures::StreamExt;
 
-use super::{Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream, check_batch};
+use super::{
+    CLUSTER_SCOPE, Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream,
+    check_batch, check_key,
+};
 
-/// The path segment that stands for the empty namespace.
-const CLUSTER_SCOPE: &str = "_";
 /// Deadline of one unary etcd call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -572,22 +573,6 @@ fn map_err(what: &str, endpoints: &[String], e: etcd_client::Error) -> StoreErro
         )),
         other => StoreError::Unavailable(format!("etcd {what} on {endpoints:?}: {other}")),
     }
-}
-
-fn check_key(key: &Key) -> Result<(), StoreError> {
-    let bad = |s: &str| s.contains('/') || s.contains('\0');
-    if key.kind.is_empty()
-        || key.name.is_empty()
-        || bad(&key.kind)
-        || bad(&key.namespace)
-        || bad(&key.name)
-        || key.namespace == CLUSTER_SCOPE
-    {
-        return Err(StoreError::Internal(format!(
-            "invalid store key {key:?}: expected a non-empty kind and name without '/' or NUL"
-        )));
-    }
-    Ok(())
 }
 
 /// The first key after every key that starts with `prefix` (etcd's range

@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod redb;
+pub mod watcher;
 
 pub use self::etcd::EtcdStore;
 pub use self::redb::RedbStore;
@@ -166,6 +167,30 @@ pub async fn put_batches(
     while let Some((range, result)) = results.next().await {
         done(range, result);
     }
+}
+
+/// The namespace part of a cluster-scoped key as etcd stores it; reserved,
+/// so that no namespaced key can take its place.
+pub(crate) const CLUSTER_SCOPE: &str = "_";
+
+/// Refuses key parts that would make stored keys ambiguous: an empty kind
+/// or name, a '/' or NUL anywhere (both backends use them as separators),
+/// or the reserved namespace [`CLUSTER_SCOPE`]. One check for both
+/// backends, so that they accept the same keys.
+pub(crate) fn check_key(key: &Key) -> Result<(), StoreError> {
+    let bad = |s: &str| s.contains('/') || s.contains('\0');
+    if key.kind.is_empty()
+        || key.name.is_empty()
+        || bad(&key.kind)
+        || bad(&key.namespace)
+        || bad(&key.name)
+        || key.namespace == CLUSTER_SCOPE
+    {
+        return Err(StoreError::Internal(format!(
+            "invalid store key {key:?}: expected a non-empty kind and name without '/' or NUL"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a batch the backend cannot apply as one transaction.

@@ -22,7 +22,8 @@ use ::redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, T
 use tokio::sync::broadcast;
 
 use super::{
-    BatchLimits, Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream, check_batch,
+    BatchLimits, Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream,
+    check_batch, check_key,
 };
 
 const OBJECTS: TableDefinition<&str, (&[u8], u64, u64)> = TableDefinition::new("objects");
@@ -383,10 +384,10 @@ impl PolicyStore for RedbStore {
         &self,
         key: &Key,
         value: Vec<u8>,
-        expected_revision: Option<u64>,
+        expected: Option<u64>,
     ) -> Result<u64, StoreError> {
         Ok(self
-            .change(key, Op::Update(value, expected_revision))
+            .change(key, Op::Update(value, expected))
             .await?
             .revision)
     }
@@ -522,22 +523,6 @@ fn read_meta(
         .map_err(|e| internal(path, e))?
         .map(|g| g.value())
         .unwrap_or(0))
-}
-
-/// Refuses key parts that would make stored keys ambiguous.
-fn check_key(key: &Key) -> Result<(), StoreError> {
-    let bad = |s: &str| s.contains('\0') || s.contains('/');
-    if key.kind.is_empty()
-        || key.name.is_empty()
-        || bad(&key.kind)
-        || bad(&key.namespace)
-        || bad(&key.name)
-    {
-        return Err(StoreError::Internal(format!(
-            "invalid store key {key:?}: expected a non-empty kind and name without '/' or NUL"
-        )));
-    }
-    Ok(())
 }
 
 fn storage_key(key: &Key) -> String {

@@ -1,126 +1,58 @@
 //! The desired-set controller: adapts the stored policy (Repositories,
 //! Clusters, RegistrySecrets) to [`crate::placement`] inputs, computes every
-//! cluster's desired set and stores it (kind "desiredsets") with a
-//! generation that grows with every change. Sessions on any replica watch
-//! those stored sets, so a change computed once reaches every agent.
+//! cluster's desired set and stores it (kind "desiredsets", see
+//! [`crate::desired`]) with a generation that grows with every change.
+//! Sessions on any replica follow those stored sets, so a change computed
+//! once reaches every agent.
 //!
 //! The pure adapter ([`placement_inputs`], [`desired_sets`]) does no I/O;
-//! [`run`] watches the store and writes.
+//! [`run`] follows the policy kinds through the store's [`Watcher`] and
+//! recomputes: [`recompute`] reads, plans the writes, writes and reports.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use imgfleet::model::{self, DEFAULT_NAMESPACE, Kind, Object};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::Digest as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::objects::Objects;
+use crate::desired::{self, DESIRED_KIND, DesiredSetError, StoredDesiredSet};
+use crate::desired_cache::Handoff;
+use crate::objects::{ObjectError, Objects};
 use crate::placement::{
-    self, DesiredImageEntry, ObjectId, PlacementCluster, PlacementRepo, RegistryInfo, Resolution,
+    self, DesiredSetContent, ObjectId, PlacementCluster, PlacementRepo, RegistryInfo, Resolution,
     ResolvedImage, Selector, SelectorOperator, SelectorRequirement,
 };
-use crate::store::{Key, PolicyStore, Put, StoreError};
+use crate::retry::Retry;
+use crate::store::watcher::{Event, Watcher, recover};
+use crate::store::{Key, PolicyStore, Put, StoreError, Versioned};
 
-/// Store kind of the per-cluster desired sets (cluster-scoped: empty namespace).
-pub const DESIRED_KIND: &str = "desiredsets";
-/// Store kind of hub-wide metadata.
-pub const META_KIND: &str = "meta";
-/// Name of the epoch record in [`META_KIND`].
-pub const EPOCH_NAME: &str = "epoch";
 /// How many changed desired sets a recompute logs one by one; a change to a
 /// whole fleet logs one summary line beyond that.
 const LOGGED_CHANGES: usize = 20;
 /// How long the controller waits for more changes before recomputing.
 pub const DEBOUNCE: Duration = Duration::from_millis(30);
 
-/// One desired image as stored; mirrors [`DesiredImageEntry`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct StoredImage {
-    pub key: String,
-    pub source_namespace: String,
-    pub source_name: String,
-    pub registry_key: String,
-    pub registry: String,
-    pub repository: String,
-    pub digest: String,
-    #[serde(default)]
-    pub tags: Vec<String>,
-    #[serde(default)]
-    pub platforms: Vec<String>,
-    #[serde(default)]
-    pub keep_versions: u32,
-    #[serde(default)]
-    pub grace_period_seconds: u64,
-}
-
-impl From<&DesiredImageEntry> for StoredImage {
-    fn from(e: &DesiredImageEntry) -> Self {
-        StoredImage {
-            key: e.key.clone(),
-            source_namespace: e.source.namespace.clone(),
-            source_name: e.source.name.clone(),
-            registry_key: e.registry_key.clone(),
-            registry: e.registry.clone(),
-            repository: e.repository.clone(),
-            digest: e.digest.clone(),
-            tags: e.tags.clone(),
-            platforms: e.platforms.clone(),
-            keep_versions: e.keep_versions,
-            grace_period_seconds: e.grace_period_seconds,
-        }
-    }
-}
-
-/// A registry a desired set needs, with a fingerprint of its credential so
-/// that a rotated password changes the set (and so reaches the agent).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct StoredRegistry {
-    pub key: String,
-    pub fingerprint: String,
-}
-
-/// The content of one cluster's desired set, in canonical (sorted) form.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-pub struct DesiredContent {
-    #[serde(default)]
-    pub images: Vec<StoredImage>,
-    #[serde(default)]
-    pub registries: Vec<StoredRegistry>,
-}
-
-/// A stored desired set: its generation and content.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-pub struct StoredDesiredSet {
-    pub generation: u64,
-    pub content: DesiredContent,
-}
-
-/// [`StoredDesiredSet`] by reference, to encode without cloning the content;
-/// must serialize exactly like it.
-#[derive(Serialize)]
-struct StoredDesiredSetRef<'a> {
-    generation: u64,
-    content: &'a DesiredContent,
-}
-
-/// Errors of the controller's store access. `Store(Unavailable)` is worth a retry.
+/// Why a recompute failed; every variant is worth a retry (the next change,
+/// or the controller's back-off, recomputes from scratch).
 #[derive(Debug, thiserror::Error)]
-pub enum FleetError {
-    #[error("policy store: {0}")]
-    Store(#[from] StoreError),
+pub enum ControllerError {
+    /// Reading the policy failed.
     #[error("reading policy: {0}")]
-    Objects(#[from] crate::objects::ObjectError),
-    #[error("stored desired set of cluster {cluster} is unreadable: {source}")]
-    Corrupt {
-        cluster: String,
-        #[source]
-        source: serde_json::Error,
-    },
+    ReadPolicy(#[from] ObjectError),
+    /// Listing the stored desired sets failed.
+    #[error("listing the stored desired sets: {0}")]
+    ListDesired(#[source] StoreError),
+    /// Writing a batch of desired sets failed.
+    #[error("writing desired sets: {0}")]
+    WriteBatch(#[source] StoreError),
+    /// Reading or writing one stored desired set failed.
+    #[error(transparent)]
+    DesiredSet(#[from] DesiredSetError),
 }
 
 /// Placement inputs read from the model.
@@ -128,10 +60,9 @@ pub enum FleetError {
 pub struct Inputs {
     pub repos: Vec<PlacementRepo>,
     pub clusters: Vec<PlacementCluster>,
+    /// With each one's credential fingerprint.
     pub registries: Vec<RegistryInfo>,
     pub resolutions: BTreeMap<ObjectId, Resolution>,
-    /// Credential fingerprint per registry key `<namespace>/<name>`.
-    pub fingerprints: BTreeMap<String, String>,
     /// Registry keys whose password cannot be opened, with why (never the
     /// password). Their images stay placed: see [`placement_inputs`].
     pub unusable: BTreeMap<String, String>,
@@ -177,13 +108,6 @@ impl PlacementReports {
     fn publish(&self, report: PlacementReport) {
         self.0.send_replace(Arc::new(report));
     }
-}
-
-/// The desired content of every cluster, and what placement reported.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Placed {
-    pub sets: BTreeMap<String, DesiredContent>,
-    pub report: PlacementReport,
 }
 
 fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -256,6 +180,13 @@ pub fn repo_input(r: &model::Repository) -> (PlacementRepo, Resolution) {
     (repo, resolution)
 }
 
+/// The desired content of every cluster, and what placement reported.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Placed {
+    pub sets: BTreeMap<String, DesiredSetContent>,
+    pub report: PlacementReport,
+}
+
 /// A fingerprint of everything an agent's credential is built from. The
 /// password enters sealed, so the fingerprint reveals nothing about it.
 pub fn credential_fingerprint(rs: &model::RegistrySecret) -> String {
@@ -305,13 +236,11 @@ pub fn placement_inputs(
         if let Some(why) = unusable(s) {
             inputs.unusable.insert(id.key(), why);
         }
-        inputs
-            .fingerprints
-            .insert(id.key(), credential_fingerprint(s));
         inputs.registries.push(RegistryInfo {
             id,
             domain: s.spec.domain.clone(),
             insecure: s.spec.insecure,
+            fingerprint: credential_fingerprint(s),
         });
     }
     inputs
@@ -326,28 +255,10 @@ pub fn desired_sets(inputs: &Inputs) -> Placed {
         &inputs.resolutions,
     );
     let report = placement_report(inputs, &placed.skipped);
-    let sets = placed
-        .clusters
-        .into_iter()
-        .map(|(name, c)| {
-            let registries = c
-                .registries
-                .iter()
-                .map(|k| StoredRegistry {
-                    key: k.clone(),
-                    fingerprint: inputs.fingerprints.get(k).cloned().unwrap_or_default(),
-                })
-                .collect();
-            (
-                name,
-                DesiredContent {
-                    images: c.images.iter().map(StoredImage::from).collect(),
-                    registries,
-                },
-            )
-        })
-        .collect();
-    Placed { sets, report }
+    Placed {
+        sets: placed.clusters,
+        report,
+    }
 }
 
 /// One problem per Repository: the most telling reason first (what keeps it
@@ -420,134 +331,58 @@ fn placement_report(inputs: &Inputs, skipped: &[placement::Skipped]) -> Placemen
     PlacementReport { problems }
 }
 
-/// The store key of a cluster's desired set.
-pub fn desired_key(cluster: &str) -> Key {
-    Key::new(DESIRED_KIND, "", cluster)
+/// The policy objects, by kind.
+#[derive(Default)]
+struct Policy {
+    repos: Vec<model::Repository>,
+    clusters: Vec<model::Cluster>,
+    secrets: Vec<model::RegistrySecret>,
 }
 
-/// Decode a stored desired set.
-pub fn decode_desired(cluster: &str, bytes: &[u8]) -> Result<StoredDesiredSet, FleetError> {
-    serde_json::from_slice(bytes).map_err(|source| FleetError::Corrupt {
-        cluster: cluster.to_string(),
-        source,
-    })
-}
-
-/// The generation of a stored desired set, read without building its
-/// content.
-pub fn peek_generation(bytes: &[u8]) -> Option<u64> {
-    #[derive(Deserialize)]
-    struct Generation {
-        generation: u64,
-    }
-    serde_json::from_slice::<Generation>(bytes)
-        .ok()
-        .map(|g| g.generation)
-}
-
-/// The hub store's epoch, created (once, by whichever replica is first) if absent.
-pub async fn ensure_epoch(store: &dyn PolicyStore) -> Result<String, StoreError> {
-    let key = Key::new(META_KIND, "", EPOCH_NAME);
-    loop {
-        if let Some(v) = store.get(&key).await? {
-            return Ok(String::from_utf8_lossy(&v.value).into_owned());
-        }
-        let fresh = uuid::Uuid::new_v4().to_string();
-        match store.create(&key, fresh.clone().into_bytes()).await {
-            Ok(_) => return Ok(fresh),
-            // Another replica won the race: read its epoch.
-            Err(StoreError::AlreadyExists(_)) => continue,
-            Err(e) => return Err(e),
+impl Policy {
+    fn add(&mut self, o: Object) {
+        match o {
+            Object::Repository(r) => self.repos.push(r),
+            Object::Cluster(c) => self.clusters.push(c),
+            Object::RegistrySecret(s) => self.secrets.push(s),
         }
     }
 }
 
-/// Store `content` as the cluster's desired set unless it is already the
-/// stored content. Returns the new generation when it wrote. Two replicas
-/// computing the same change bump the generation once: the loser's
-/// conditional write conflicts, it re-reads and finds the content equal.
-pub async fn store_desired(
-    store: &dyn PolicyStore,
-    cluster: &str,
-    content: &DesiredContent,
-) -> Result<Option<u64>, FleetError> {
-    let key = desired_key(cluster);
-    for _ in 0..10 {
-        let current = store.get(&key).await?;
-        let (generation, revision) = match &current {
-            Some(v) => {
-                let old = decode_desired(cluster, &v.value)?;
-                if &old.content == content {
-                    return Ok(None);
-                }
-                (old.generation + 1, Some(v.revision))
-            }
-            None => (1, None),
-        };
-        let bytes = serde_json::to_vec(&StoredDesiredSet {
-            generation,
-            content: content.clone(),
-        })
-        .map_err(|source| FleetError::Corrupt {
-            cluster: cluster.to_string(),
-            source,
-        })?;
-        let written = match revision {
-            Some(rev) => store.update(&key, bytes, Some(rev)).await,
-            None => store.create(&key, bytes).await,
-        };
-        match written {
-            Ok(_) => return Ok(Some(generation)),
-            Err(StoreError::Conflict { .. }) | Err(StoreError::AlreadyExists(_)) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(StoreError::Unavailable(format!(
-        "desired set of cluster {cluster}: changed concurrently ten times in a row"
-    ))
-    .into())
+/// The policy as the controller reads it for one recompute, and the stored
+/// desired sets it compares against.
+struct Read {
+    inputs: Inputs,
+    /// The stored desired sets by cluster.
+    stored: BTreeMap<String, Versioned>,
 }
 
-/// Read the policy, compute every desired set and store the changed ones.
-/// Clusters that no longer exist get an empty set (their generation keeps
-/// growing, so a re-enrolled cluster never sees a generation go back).
-/// Returns the clusters whose set was written.
-pub async fn recompute(
-    objects: &Objects,
-    reports: &PlacementReports,
-    on_written: &WrittenFn,
-) -> Result<Vec<(String, Arc<StoredDesiredSet>)>, FleetError> {
-    let started = std::time::Instant::now();
-    // The four reads are independent; on etcd each is several pages, so
-    // overlap their round trips. The writes below are conditional, so the
-    // order of the reads does not matter.
+/// Reads the policy and the stored desired sets. The four reads are
+/// independent; on etcd each is several pages, so their round trips
+/// overlap. The writes that follow are conditional, so the order of the
+/// reads does not matter.
+async fn read(objects: &Objects) -> Result<Read, ControllerError> {
     let ((repos, _), (clusters, _), (secrets, _), (stored, _)) = tokio::try_join!(
-        async { Ok::<_, FleetError>(objects.list(Kind::Repository, None).await?) },
+        async { Ok::<_, ControllerError>(objects.list(Kind::Repository, None).await?) },
         async { Ok(objects.list(Kind::Cluster, None).await?) },
         async { Ok(objects.list(Kind::RegistrySecret, None).await?) },
-        async { Ok(objects.store().list(DESIRED_KIND, None).await?) },
+        async {
+            objects
+                .store()
+                .list(DESIRED_KIND, None)
+                .await
+                .map_err(ControllerError::ListDesired)
+        },
     )?;
-    let repos: Vec<_> = repos
-        .into_iter()
-        .filter_map(|o| match o {
-            Object::Repository(r) => Some(r),
-            _ => None,
-        })
-        .collect();
-    let clusters: Vec<_> = clusters
-        .into_iter()
-        .filter_map(|o| match o {
-            Object::Cluster(c) => Some(c),
-            _ => None,
-        })
-        .collect();
-    let secrets: Vec<_> = secrets
-        .into_iter()
-        .filter_map(|o| match o {
-            Object::RegistrySecret(s) => Some(s),
-            _ => None,
-        })
-        .collect();
+    let mut policy = Policy::default();
+    for o in repos.into_iter().chain(clusters).chain(secrets) {
+        policy.add(o);
+    }
+    let Policy {
+        repos,
+        clusters,
+        secrets,
+    } = policy;
     let inputs = placement_inputs(&repos, &clusters, &secrets, |s| match objects.password(s) {
         Ok(_) => None,
         Err(e) => Some(e.to_string()),
@@ -556,41 +391,47 @@ pub async fn recompute(
         warn!(registry_secret = %key, error = %why,
               "Registry credential cannot be opened; its images stay placed with the credential agents hold");
     }
-    let read_ms = started.elapsed().as_millis();
-    let Placed { sets, report } = desired_sets(&inputs);
-    reports.publish(report);
-    let mut stored: BTreeMap<String, crate::store::Versioned> = stored
+    let stored = stored
         .into_iter()
         .map(|v| (v.key.name.clone(), v))
         .collect();
-    // Clusters that are gone keep a stored set: it becomes empty.
-    let gone: Vec<(String, DesiredContent)> = stored
-        .keys()
-        .filter(|name| !sets.contains_key(*name))
-        .map(|name| (name.clone(), DesiredContent::default()))
-        .collect();
-    let sets: BTreeMap<String, DesiredContent> = sets.into_iter().chain(gone).collect();
+    Ok(Read { inputs, stored })
+}
 
-    // Every changed set, written in batches (a hundred clusters per etcd
-    // transaction, several in flight; the whole fleet in one embedded-store
-    // transaction) rather than one write per cluster.
-    let mut puts = Vec::new();
-    let mut changed = Vec::new();
+/// The writes one recompute makes: one conditional put per changed set,
+/// and the sets they store, in the same order.
+#[derive(Default)]
+struct Writes {
+    puts: Vec<Put>,
+    changed: Vec<(String, Arc<StoredDesiredSet>)>,
+}
+
+/// What to write so that the store holds `sets`: every set whose encoding
+/// differs from the stored one, at the next generation. Clusters that are
+/// gone keep a stored set, which becomes empty (their generation keeps
+/// growing, so a re-enrolled cluster never sees a generation go back).
+fn plan_writes(
+    mut sets: BTreeMap<String, DesiredSetContent>,
+    mut stored: BTreeMap<String, Versioned>,
+) -> Result<(Writes, BTreeMap<String, DesiredSetContent>), DesiredSetError> {
+    for name in stored.keys() {
+        if !sets.contains_key(name) {
+            sets.insert(name.clone(), DesiredSetContent::default());
+        }
+    }
+    let mut writes = Writes::default();
     for (cluster, content) in &sets {
         let (generation, expected) = match stored.remove(cluster) {
             Some(v) => {
                 // Compare encodings rather than decode every stored set: a
                 // fleet-wide recompute reads thousands of them. Encoding is
                 // deterministic, so equal content gives equal bytes.
-                let old_generation = match peek_generation(&v.value) {
+                let old_generation = match desired::peek_generation(&v.value) {
                     Some(g) => g,
-                    None => decode_desired(cluster, &v.value)?.generation,
+                    None => desired::decode(cluster, &v.value)?.generation,
                 };
-                let same = serde_json::to_vec(&StoredDesiredSetRef {
-                    generation: old_generation,
-                    content,
-                })
-                .is_ok_and(|bytes| bytes == v.value);
+                let same = desired::encode(cluster, old_generation, content)
+                    .is_ok_and(|bytes| bytes == v.value);
                 if same {
                     continue;
                 }
@@ -602,48 +443,49 @@ pub async fn recompute(
             generation,
             content: content.clone(),
         });
-        let value = serde_json::to_vec(set.as_ref()).map_err(|source| FleetError::Corrupt {
-            cluster: cluster.clone(),
-            source,
-        })?;
-        puts.push(Put {
-            key: desired_key(cluster),
-            value,
+        writes.puts.push(Put {
+            key: desired::desired_key(cluster),
+            value: desired::encode(cluster, generation, content)?,
             expected,
         });
-        changed.push((cluster.clone(), set));
+        writes.changed.push((cluster.clone(), set));
     }
-    let compute_ms = started.elapsed().as_millis() - read_ms;
-    // Sessions get each batch as soon as it is durable, while later
-    // batches are still being written.
+    Ok((writes, sets))
+}
+
+/// Writes `writes` in batches (a hundred clusters per etcd transaction,
+/// several in flight; the whole fleet in one embedded-store transaction),
+/// handing each batch to this replica's sessions as soon as it is durable.
+/// Sets another replica wrote first are redone one by one, each re-reading
+/// what is stored. Returns the sets written.
+async fn write(
+    store: &dyn PolicyStore,
+    writes: Writes,
+    sets: &BTreeMap<String, DesiredSetContent>,
+    handoff: &Handoff,
+) -> Result<Vec<(String, Arc<StoredDesiredSet>)>, ControllerError> {
+    let Writes { puts, changed } = writes;
     let mut written = Vec::new();
     let mut refused = Vec::new();
     let mut failed = None;
-    crate::store::put_batches(
-        objects.store().as_ref(),
-        puts,
-        |range, result| match result {
-            Ok(_) => {
-                on_written(&changed[range.clone()]);
-                written.extend(changed[range].iter().cloned());
-            }
-            // Another replica wrote some of them first: redone below.
-            Err(StoreError::Conflict { .. })
-            | Err(StoreError::AlreadyExists(_))
-            | Err(StoreError::NotFound(_)) => refused.extend(changed[range].iter().cloned()),
-            Err(e) => failed = Some(e),
-        },
-    )
+    crate::store::put_batches(store, puts, |range, result| match result {
+        Ok(_) => {
+            handoff.written(&changed[range.clone()]);
+            written.extend(changed[range].iter().cloned());
+        }
+        // Another replica wrote some of them first: redone below.
+        Err(StoreError::Conflict { .. })
+        | Err(StoreError::AlreadyExists(_))
+        | Err(StoreError::NotFound(_)) => refused.extend(changed[range].iter().cloned()),
+        Err(e) => failed = Some(e),
+    })
     .await;
     if let Some(e) = failed {
-        return Err(e.into());
+        return Err(ControllerError::WriteBatch(e));
     }
-    // One by one, each re-reading what is stored.
     for (cluster, _) in refused {
         let content = sets.get(&cluster).cloned().unwrap_or_default();
-        if let Some(generation) =
-            store_desired(objects.store().as_ref(), &cluster, &content).await?
-        {
+        if let Some(generation) = desired::store_desired(store, &cluster, &content).await? {
             let set = (
                 cluster,
                 Arc::new(StoredDesiredSet {
@@ -651,10 +493,21 @@ pub async fn recompute(
                     content,
                 }),
             );
-            on_written(std::slice::from_ref(&set));
+            handoff.written(std::slice::from_ref(&set));
             written.push(set);
         }
     }
+    Ok(written)
+}
+
+/// How long each part of a recompute took, for the summary line.
+struct Timings {
+    started: Instant,
+    read_ms: u128,
+    compute_ms: u128,
+}
+
+fn log_written(written: &[(String, Arc<StoredDesiredSet>)], t: &Timings) {
     for (cluster, set) in written.iter().take(LOGGED_CHANGES) {
         info!(cluster = %cluster, generation = set.generation,
               images = set.content.images.len(), "Desired set changed");
@@ -662,90 +515,90 @@ pub async fn recompute(
     if written.len() > LOGGED_CHANGES {
         info!(
             clusters = written.len(),
-            read_ms,
-            compute_ms,
-            total_ms = started.elapsed().as_millis(),
+            read_ms = t.read_ms,
+            compute_ms = t.compute_ms,
+            total_ms = t.started.elapsed().as_millis(),
             "Desired sets changed (the first {LOGGED_CHANGES} are logged one by one)"
         );
     }
+}
+
+/// Read the policy, compute every desired set and store the changed ones,
+/// handing them to this replica's sessions. Returns the clusters whose set
+/// was written.
+pub async fn recompute(
+    objects: &Objects,
+    reports: &PlacementReports,
+    handoff: &Handoff,
+) -> Result<Vec<(String, Arc<StoredDesiredSet>)>, ControllerError> {
+    let started = Instant::now();
+    let Read { inputs, stored } = read(objects).await?;
+    let read_ms = started.elapsed().as_millis();
+    let Placed { sets, report } = desired_sets(&inputs);
+    reports.publish(report);
+    let (writes, sets) = plan_writes(sets, stored)?;
+    let compute_ms = started.elapsed().as_millis() - read_ms;
+    let written = write(objects.store().as_ref(), writes, &sets, handoff).await?;
+    let timings = Timings {
+        started,
+        read_ms,
+        compute_ms,
+    };
+    log_written(&written, &timings);
     Ok(written)
 }
 
-/// Watch one store kind and ring `notify` on every change placement can see
-/// (see [`placement_fingerprint`]). A broken or compacted watch is relisted,
-/// with a notify, because changes in between may have been missed (the
-/// receiver recomputes from a full list).
+/// Follow one policy kind and ring `notify` on every change placement can
+/// see (see [`placement_fingerprint`]). A (re)list rings too: anything may
+/// have changed before it (the first pass of the controller can read older
+/// state than this list). Failures wait with [`Retry`].
 pub async fn watch_kind(
     store: Arc<dyn PolicyStore>,
     kind: &'static str,
     notify: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    use futures::StreamExt;
+    let mut watcher = Watcher::new(store, kind);
+    let mut retry = Retry::new(match kind {
+        "repositories" => "Watching Repositories for the controller",
+        "clusters" => "Watching Clusters for the controller",
+        _ => "Watching RegistrySecrets for the controller",
+    });
     // What placement reads of each object, so that the status writes of
     // agent sessions (thousands a minute in a large fleet) do not each cause
     // a recompute.
+    let mut seen: HashMap<Key, u64> = HashMap::new();
     loop {
-        let listed = tokio::select! {
+        let event = tokio::select! {
             _ = shutdown.cancelled() => return,
-            l = store.list(kind, None) => l,
+            e = watcher.next() => e,
         };
-        let (mut seen, mut after) = match listed {
-            Ok((items, revision)) => {
-                let seen: HashMap<Key, u64> = items
+        let relevant = match event {
+            Ok(Event::Listed { items, .. }) => {
+                seen = items
                     .iter()
                     .map(|v| (v.key.clone(), placement_fingerprint(&v.value)))
                     .collect();
-                (seen, revision)
+                true
+            }
+            Ok(Event::Put(v)) => {
+                let print = placement_fingerprint(&v.value);
+                seen.insert(v.key, print) != Some(print)
+            }
+            Ok(Event::Delete(v)) => {
+                seen.remove(&v.key);
+                true
             }
             Err(e) => {
-                debug!(kind, error = %e, "Listing failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                if !recover(&mut watcher, e, &mut retry, &shutdown).await {
+                    return;
                 }
                 continue;
             }
         };
-        // Anything may have changed before this list (the first pass of the
-        // controller can read older state than this list): recompute.
-        notify.notify_one();
-        match store.watch(kind, after).await {
-            Ok(mut stream) => loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    n = stream.next() => n,
-                };
-                match next {
-                    Some(Ok(ev)) => {
-                        let relevant = match &ev {
-                            crate::store::WatchEvent::Put(v) => {
-                                after = v.revision;
-                                let print = placement_fingerprint(&v.value);
-                                seen.insert(v.key.clone(), print) != Some(print)
-                            }
-                            crate::store::WatchEvent::Delete(v) => {
-                                after = v.revision;
-                                seen.remove(&v.key);
-                                true
-                            }
-                        };
-                        if relevant {
-                            notify.notify_one();
-                        }
-                    }
-                    Some(Err(e)) => {
-                        debug!(kind, after, error = %e, "Watch broke; relisting");
-                        break;
-                    }
-                    None => break,
-                }
-            },
-            Err(e) => debug!(kind, error = %e, "Watch failed; relisting"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        retry.succeeded();
+        if relevant {
+            notify.notify_one();
         }
     }
 }
@@ -789,21 +642,16 @@ fn placement_fingerprint(bytes: &[u8]) -> u64 {
     hasher.finish()
 }
 
-/// Told about desired sets as soon as they are stored, before the store's
-/// watch delivers them (which also happens, to every replica).
-pub type OnWritten = Arc<WrittenFn>;
-/// See [`OnWritten`].
-pub type WrittenFn = dyn Fn(&[(String, Arc<StoredDesiredSet>)]) + Send + Sync;
-
 /// The controller: recompute on every change of repositories, clusters or
-/// registry secrets (debounced), until `shutdown`. `on_written` gets every
-/// set this replica stored, so its own sessions need not wait for the watch.
+/// registry secrets (debounced), until `shutdown`. Every set it stores is
+/// handed over through `handoff`, so this replica's sessions need not wait
+/// for the store's watch.
 pub async fn run(
     objects: Objects,
     reports: PlacementReports,
-    on_written: OnWritten,
+    handoff: Handoff,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) {
     let store = objects.store().clone();
     let notify = Arc::new(Notify::new());
     let mut watchers = tokio::task::JoinSet::new();
@@ -819,6 +667,7 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    let mut retry = Retry::new("Computing desired sets");
     // The first pass runs unconditionally.
     notify.notify_one();
     loop {
@@ -828,20 +677,17 @@ pub async fn run(
         }
         // Debounce: let a burst of changes (an apply of many objects) settle.
         tokio::time::sleep(DEBOUNCE).await;
-        match recompute(&objects, &reports, on_written.as_ref()).await {
-            Ok(_) => {}
+        match recompute(&objects, &reports, &handoff).await {
+            Ok(_) => retry.succeeded(),
             Err(e) => {
-                warn!(error = %e, "Computing desired sets failed; retrying");
-                let n = notify.clone();
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => n.notify_one(),
+                if !retry.wait_after(&e, &shutdown).await {
+                    break;
                 }
+                notify.notify_one();
             }
         }
     }
     watchers.shutdown().await;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1020,33 +866,5 @@ spec: {tenants: [default]}
         let before = credential_fingerprint(&s);
         s.spec.password = Some("sealed-other".into());
         assert_ne!(before, credential_fingerprint(&s));
-    }
-
-    #[test]
-    fn the_borrowed_encoding_equals_the_stored_one() {
-        let set = StoredDesiredSet {
-            generation: 7,
-            content: DesiredContent {
-                images: vec![StoredImage {
-                    key: "k".into(),
-                    digest: "sha256:1".into(),
-                    tags: vec!["v1".into()],
-                    ..Default::default()
-                }],
-                registries: vec![StoredRegistry {
-                    key: "default/reg".into(),
-                    fingerprint: "f".into(),
-                }],
-            },
-        };
-        let owned = serde_json::to_vec(&set).unwrap();
-        let borrowed = serde_json::to_vec(&StoredDesiredSetRef {
-            generation: 7,
-            content: &set.content,
-        })
-        .unwrap();
-        assert_eq!(owned, borrowed);
-        assert_eq!(peek_generation(&owned), Some(7));
-        assert_eq!(peek_generation(b"{}"), None);
     }
 }
