@@ -6,7 +6,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{file_len, wait_for};
+use common::{file_len, push, wait_for};
 use imgfleet_tests::fault::FaultProxy;
 use imgfleet_tests::images::{ImageSpec, push_image};
 use imgfleet_tests::registry::{Registry, RegistryOptions};
@@ -47,12 +47,8 @@ async fn sync_from_file_then_serve_to_skopeo() {
     let reg = Registry::start(RegistryOptions::plain().with_auth("edge", "pw-xyz-123"))
         .await
         .unwrap();
-    let a = push_image(&reg, "demo/app", "v1", &ImageSpec::random(&[200_000], 21))
-        .await
-        .unwrap();
-    let b = push_image(&reg, "demo/web", "2.0", &ImageSpec::random(&[100_000], 22))
-        .await
-        .unwrap();
+    let a = push(&reg, "demo/app", "v1", &ImageSpec::random(&[200_000], 21)).await;
+    let b = push(&reg, "demo/web", "2.0", &ImageSpec::random(&[100_000], 22)).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("images.yaml");
     std::fs::write(
@@ -98,15 +94,13 @@ async fn sync_from_file_then_serve_to_skopeo() {
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}/v2/");
-    let mut ready = false;
-    for _ in 0..200 {
-        if reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(ready, "mirror did not come up");
+    imgfleet_tests::process::wait_until(
+        "the mirror to come up",
+        Duration::from_secs(5),
+        || async { Ok(reqwest::get(&url).await?.status() == 200) },
+    )
+    .await
+    .unwrap();
     let d = skopeo::inspect_digest(
         &format!("docker://127.0.0.1:{port}/demo/web:2.0"),
         &["--tls-verify=false"],
@@ -120,9 +114,7 @@ async fn sync_from_file_then_serve_to_skopeo() {
 #[tokio::test]
 async fn failing_image_exits_nonzero_and_is_named() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    push_image(&reg, "demo/app", "v1", &ImageSpec::random(&[10_000], 23))
-        .await
-        .unwrap();
+    push(&reg, "demo/app", "v1", &ImageSpec::random(&[10_000], 23)).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("images.yaml");
     std::fs::write(
@@ -156,9 +148,7 @@ async fn failing_image_exits_nonzero_and_is_named() {
 async fn sigkill_mid_transfer_then_restart_resumes() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let size = 12 * MIB;
-    let pushed = push_image(&reg, "demo/big", "v1", &ImageSpec::random(&[size], 24))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/big", "v1", &ImageSpec::random(&[size], 24)).await;
     let blob = &pushed.layer_digests[0];
     let proxy = FaultProxy::start(reg.addr().parse().unwrap())
         .await
@@ -225,31 +215,16 @@ async fn sigkill_mid_transfer_then_restart_resumes() {
 
 #[tokio::test]
 async fn hosts_toml_names_the_mirror() {
-    let out = tokio::process::Command::new(BIN)
-        .args([
-            "hosts-toml",
-            "--mirror",
-            "http://10.1.2.3:5050",
-            "--upstream",
-            "harbor.example.com",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // An HTTPS upstream: containerd falls back to it over HTTPS.
+    let (out, stdout) = hosts_toml(&["--upstream", "harbor.example.com"]).await;
     assert!(out.status.success());
-    assert!(
-        stdout.contains("# /etc/containerd/certs.d/harbor.example.com/hosts.toml"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("server = \"https://harbor.example.com\""),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("[host.\"http://10.1.2.3:5050\"]"),
-        "{stdout}"
-    );
+    for line in [
+        "# /etc/containerd/certs.d/harbor.example.com/hosts.toml",
+        "server = \"https://harbor.example.com\"",
+        "[host.\"http://10.1.2.3:5050\"]",
+    ] {
+        assert!(stdout.contains(line), "{line} in\n{stdout}");
+    }
     let bad = tokio::process::Command::new(BIN)
         .args(["hosts-toml", "--mirror", "10.1.2.3:5050"])
         .output()
@@ -258,27 +233,14 @@ async fn hosts_toml_names_the_mirror() {
     assert_eq!(bad.status.code(), Some(64));
 
     // A plain-HTTP upstream: containerd falls back to it over HTTP.
-    let out = tokio::process::Command::new(BIN)
-        .args([
-            "hosts-toml",
-            "--mirror",
-            "http://10.1.2.3:5050",
-            "--upstream",
-            "http://127.0.0.1:5000",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (out, stdout) = hosts_toml(&["--upstream", "http://127.0.0.1:5000"]).await;
     assert!(out.status.success());
-    assert!(
-        stdout.contains("# /etc/containerd/certs.d/127.0.0.1:5000/hosts.toml"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("server = \"http://127.0.0.1:5000\""),
-        "{stdout}"
-    );
+    for line in [
+        "# /etc/containerd/certs.d/127.0.0.1:5000/hosts.toml",
+        "server = \"http://127.0.0.1:5000\"",
+    ] {
+        assert!(stdout.contains(line), "{line} in\n{stdout}");
+    }
     assert!(!stdout.contains("https://http"), "{stdout}");
 
     // Input that would inject a [host] section is refused, naming the flag.
@@ -306,21 +268,16 @@ async fn hosts_toml_names_the_mirror() {
 
     // --out-dir writes containerd's config_path layout.
     let dir = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .args([
-            "hosts-toml",
-            "--mirror",
-            "http://10.1.2.3:5050",
-            "--upstream",
-            "docker.io",
-            "--upstream",
-            "http://127.0.0.1:5000",
-            "--out-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .await
-        .unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let (out, _) = hosts_toml(&[
+        "--upstream",
+        "docker.io",
+        "--upstream",
+        "http://127.0.0.1:5000",
+        "--out-dir",
+        out_dir,
+    ])
+    .await;
     assert!(out.status.success());
     let hub = std::fs::read_to_string(dir.path().join("docker.io/hosts.toml")).unwrap();
     assert!(
@@ -331,27 +288,38 @@ async fn hosts_toml_names_the_mirror() {
     assert!(lab.contains("server = \"http://127.0.0.1:5000\""), "{lab}");
 }
 
+/// `imgfleet-agent hosts-toml --mirror http://10.1.2.3:5050 ARGS...`, and
+/// its standard output.
+async fn hosts_toml(args: &[&str]) -> (std::process::Output, String) {
+    let out = tokio::process::Command::new(BIN)
+        .args(["hosts-toml", "--mirror", "http://10.1.2.3:5050"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    (out, stdout)
+}
+
 #[tokio::test]
 async fn removed_repository_is_collected_after_grace_keeping_shared_blobs() {
     use imgfleet_tests::images::LayerSpec;
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let base = LayerSpec::new(300_000, 31);
-    let app = push_image(
+    let app = push(
         &reg,
         "demo/app",
         "v1",
         &ImageSpec::random(&[40_000], 32).with_base(base),
     )
-    .await
-    .unwrap();
-    let web = push_image(
+    .await;
+    let web = push(
         &reg,
         "demo/web",
         "v1",
         &ImageSpec::random(&[50_000], 33).with_base(base),
     )
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("images.yaml");
     let data = dir.path().join("data");
@@ -421,9 +389,7 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 async fn memory_does_not_grow_with_blob_size() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let size = 96 * MIB;
-    let pushed = push_image(&reg, "demo/huge", "v1", &ImageSpec::random(&[size], 41))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/huge", "v1", &ImageSpec::random(&[size], 41)).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("images.yaml");
     std::fs::write(
@@ -444,15 +410,17 @@ async fn memory_does_not_grow_with_blob_size() {
         .spawn()
         .unwrap();
     let pid = child.id().unwrap();
+    // VmHWM is the peak so far: the last reading before the exit holds it.
     let mut peak = 0;
+    let mut sample = tokio::time::interval(Duration::from_millis(10));
     let status = loop {
+        sample.tick().await;
         if let Some(kib) = vm_hwm_kib(pid) {
             peak = peak.max(kib);
         }
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert!(status.success());
     assert!(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use daemon_support::*;
 use imgfleet::api::v1 as pb;
 use imgfleet_tests::images::{ImageSpec, PushedImage, push_image};
-use imgfleet_tests::process::{ChildGuard, free_port};
+use imgfleet_tests::process::ChildGuard;
 use imgfleet_tests::registry::{Registry, RegistryOptions};
 
 fn synced(hub: &FakeHub, key: &str) -> bool {
@@ -68,15 +68,7 @@ async fn each_repository_keeps_its_own_number_of_versions() {
         images: vec![app(&app1, "v1"), web(&web1, "v1")],
         registries: vec![credential(&addr, "", "")],
     };
-    let pki = pki(dir.path(), "edge-retention");
-    let hub = FakeHub::start(pki.server.clone(), set1.clone());
-    let cmd = AgentCmd {
-        hubs: vec![hub.url()],
-        creds: pki.creds_dir.clone(),
-        data: dir.path().join("data"),
-        mirror_port: free_port(),
-        metrics_port: free_port(),
-    };
+    let (hub, cmd) = hub_and_agent(dir.path(), "edge-retention", set1.clone());
     let mut command = cmd.command();
     command.args(["--grace-period", "1h", "--keep-versions", "2"]);
     let mut agent = ChildGuard::spawn("daemon-retention-agent", command).unwrap();
@@ -167,15 +159,7 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
         images: vec![img1.clone()],
         registries: vec![credential(&addr, "", "")],
     };
-    let pki = pki(dir.path(), "edge-fds");
-    let hub = FakeHub::start(pki.server.clone(), set1.clone());
-    let cmd = AgentCmd {
-        hubs: vec![hub.url()],
-        creds: pki.creds_dir.clone(),
-        data: dir.path().join("data"),
-        mirror_port: free_port(),
-        metrics_port: free_port(),
-    };
+    let (hub, cmd) = hub_and_agent(dir.path(), "edge-fds", set1.clone());
     // 600 descriptors: room for (600 - 256) / 2 = 172 mirror connections.
     let prlimit = imgfleet_tests::process::require_binary("prlimit", "util-linux");
     let inner = cmd.command();
@@ -249,14 +233,11 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
     );
     // /metrics counts it: never more open than the descriptors allow, and
     // idle ones were closed to make room.
-    let metrics = http
-        .get(format!("http://127.0.0.1:{}/metrics", cmd.metrics_port))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(
+        &http,
+        &format!("http://127.0.0.1:{}/metrics", cmd.metrics_port),
+    )
+    .await;
     let value = |name: &str| -> u64 {
         metrics
             .lines()
