@@ -6,7 +6,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{file_len, push, wait_for};
+use common::{count_afresh, file_len, push, push_on_base, wait_for};
 use imgfleet_tests::fault::FaultProxy;
 use imgfleet_tests::images::{ImageSpec, push_image};
 use imgfleet_tests::registry::{Registry, RegistryOptions};
@@ -30,9 +30,47 @@ fn yaml(domain: &str, auth: Option<(&str, &str)>, repos: &[(&str, &str, &str)]) 
     out
 }
 
-async fn run_sync(file: &std::path::Path, data: &std::path::Path) -> std::process::Output {
+/// Writes `images.yaml` in `dir` for anonymous pulls of `repos` from
+/// `domain`; returns its path.
+fn write_yaml(
+    dir: &std::path::Path,
+    domain: &str,
+    repos: &[(&str, &str, &str)],
+) -> std::path::PathBuf {
+    let file = dir.join("images.yaml");
+    std::fs::write(&file, yaml(domain, None, repos)).unwrap();
+    file
+}
+
+/// `imgfleet-agent sync --from FILE --data-dir DATA`, running, silent.
+fn spawn_sync(file: &std::path::Path, data: &std::path::Path) -> tokio::process::Child {
     tokio::process::Command::new(BIN)
         .args(["sync", "--from"])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn run_sync(file: &std::path::Path, data: &std::path::Path) -> std::process::Output {
+    run_sync_with(file, data, &[]).await
+}
+
+/// `imgfleet-agent sync FLAGS --from FILE --data-dir DATA`, to its end.
+async fn run_sync_with(
+    file: &std::path::Path,
+    data: &std::path::Path,
+    flags: &[&str],
+) -> std::process::Output {
+    tokio::process::Command::new(BIN)
+        .arg("sync")
+        .args(flags)
+        .arg("--from")
         .arg(file)
         .arg("--data-dir")
         .arg(data)
@@ -116,16 +154,11 @@ async fn failing_image_exits_nonzero_and_is_named() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     push(&reg, "demo/app", "v1", &ImageSpec::random(&[10_000], 23)).await;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("images.yaml");
-    std::fs::write(
-        &file,
-        yaml(
-            &reg.addr(),
-            None,
-            &[("app", "demo/app", "v1"), ("missing", "demo/missing", "v9")],
-        ),
-    )
-    .unwrap();
+    let file = write_yaml(
+        dir.path(),
+        &reg.addr(),
+        &[("app", "demo/app", "v1"), ("missing", "demo/missing", "v9")],
+    );
     let out = run_sync(&file, &dir.path().join("data")).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
@@ -155,30 +188,15 @@ async fn sigkill_mid_transfer_then_restart_resumes() {
         .unwrap();
     proxy.set_throttle(Some(4 * MIB));
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("images.yaml");
-    std::fs::write(
-        &file,
-        yaml(
-            &proxy.addr().to_string(),
-            None,
-            &[("big", "demo/big", "v1")],
-        ),
-    )
-    .unwrap();
+    let file = write_yaml(
+        dir.path(),
+        &proxy.addr().to_string(),
+        &[("big", "demo/big", "v1")],
+    );
     let data = dir.path().join("data");
     let partial = data.join("partial").join(&blob[7..]);
 
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["sync", "--from"])
-        .arg(&file)
-        .arg("--data-dir")
-        .arg(&data)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_sync(&file, &data);
     wait_for(
         "a third of the blob on disk",
         Duration::from_secs(60),
@@ -189,14 +207,7 @@ async fn sigkill_mid_transfer_then_restart_resumes() {
     child.wait().await.unwrap();
     let offset = file_len(&partial);
     assert!(offset >= size / 3 && offset < size, "offset {offset}");
-    wait_for(
-        "the old connection to close",
-        Duration::from_secs(10),
-        || proxy.connections() == 0,
-    )
-    .await;
-    proxy.set_throttle(None);
-    proxy.reset_counters();
+    count_afresh(&proxy).await;
 
     let out = run_sync(&file, &data).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -306,32 +317,19 @@ async fn removed_repository_is_collected_after_grace_keeping_shared_blobs() {
     use imgfleet_tests::images::LayerSpec;
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let base = LayerSpec::new(300_000, 31);
-    let app = push(
+    let [app, web] = push_on_base(
         &reg,
-        "demo/app",
-        "v1",
-        &ImageSpec::random(&[40_000], 32).with_base(base),
-    )
-    .await;
-    let web = push(
-        &reg,
-        "demo/web",
-        "v1",
-        &ImageSpec::random(&[50_000], 33).with_base(base),
+        base,
+        [("demo/app", 40_000, 32), ("demo/web", 50_000, 33)],
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("images.yaml");
+    let file = write_yaml(
+        dir.path(),
+        &reg.addr(),
+        &[("app", "demo/app", "v1"), ("web", "demo/web", "v1")],
+    );
     let data = dir.path().join("data");
-    std::fs::write(
-        &file,
-        yaml(
-            &reg.addr(),
-            None,
-            &[("app", "demo/app", "v1"), ("web", "demo/web", "v1")],
-        ),
-    )
-    .unwrap();
     assert!(run_sync(&file, &data).await.status.success());
     let blob = |d: &str| data.join("blobs/sha256").join(&d[7..]);
     assert!(blob(&web.layer_digests[1]).exists());
@@ -345,14 +343,7 @@ async fn removed_repository_is_collected_after_grace_keeping_shared_blobs() {
     assert!(blob(&web.layer_digests[1]).exists());
 
     // After the grace period (0s here) web's own content goes, the shared base stays.
-    let out = tokio::process::Command::new(BIN)
-        .args(["sync", "--grace-period", "0s", "--from"])
-        .arg(&file)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .await
-        .unwrap();
+    let out = run_sync_with(&file, &data, &["--grace-period", "0s"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -398,17 +389,7 @@ async fn memory_does_not_grow_with_blob_size() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["sync", "--from"])
-        .arg(&file)
-        .arg("--data-dir")
-        .arg(&data)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_sync(&file, &data);
     let pid = child.id().unwrap();
     // VmHWM is the peak so far: the last reading before the exit holds it.
     let mut peak = 0;
@@ -465,14 +446,7 @@ async fn sync_applies_each_repositorys_retention_even_when_an_image_fails() {
     );
     std::fs::write(&file, &text).unwrap();
     let sync = || async {
-        let out = tokio::process::Command::new(BIN)
-            .args(["sync", "--grace-period", "0s", "--from"])
-            .arg(&file)
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .await
-            .unwrap();
+        let out = run_sync_with(&file, &data, &["--grace-period", "0s"]).await;
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         assert_eq!(out.status.code(), Some(1), "demo/gone fails: {stdout}");
         assert!(

@@ -111,18 +111,10 @@ async fn multi_platform_takes_only_requested_platforms() {
 async fn shared_base_layer_is_downloaded_once() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let base = LayerSpec::new(3 * MIB, 77);
-    let a = push(
+    let [a, b] = push_on_base(
         &reg,
-        "team-a/app",
-        "v1",
-        &ImageSpec::random(&[10_000], 3).with_base(base),
-    )
-    .await;
-    let b = push(
-        &reg,
-        "team-b/svc",
-        "v1",
-        &ImageSpec::random(&[20_000], 4).with_base(base),
+        base,
+        [("team-a/app", 10_000, 3), ("team-b/svc", 20_000, 4)],
     )
     .await;
     assert_eq!(a.layer_digests[0], b.layer_digests[0]);
@@ -236,14 +228,7 @@ async fn new_engine_resumes_from_partial_offset() {
     let offset = settled_len(&offset).await;
     assert!(offset > 0 && offset < size);
     // The dropped engine's connection closes; only then count afresh.
-    wait_for(
-        "the old connection to close",
-        Duration::from_secs(10),
-        || proxy.connections() == 0,
-    )
-    .await;
-    proxy.set_throttle(None);
-    proxy.reset_counters();
+    count_afresh(&proxy).await;
     let engine = engine(dir.path());
     let stats = engine.sync_image(&img, None).await.unwrap();
     assert!(engine.store().has_blob(&blob));

@@ -114,6 +114,23 @@ pub async fn push(
         .unwrap()
 }
 
+/// Pushes one random image per (repository, layer size, seed) as `v1`,
+/// each on top of the same `base` layer.
+pub async fn push_on_base<const N: usize>(
+    reg: &imgfleet_tests::registry::Registry,
+    base: imgfleet_tests::images::LayerSpec,
+    images: [(&str, u64, u64); N],
+) -> [imgfleet_tests::images::PushedImage; N] {
+    let mut pushed = Vec::with_capacity(N);
+    for (repo, size, seed) in images {
+        let spec = imgfleet_tests::images::ImageSpec::random(&[size], seed).with_base(base);
+        pushed.push(push(reg, repo, "v1", &spec).await);
+    }
+    pushed
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one image per entry"))
+}
+
 /// Pushes `spec` for linux/amd64 and linux/arm64 under one index, `repo:tag`.
 pub async fn push_two_platforms(
     reg: &imgfleet_tests::registry::Registry,
@@ -136,6 +153,19 @@ pub async fn proxy_in_front(
             .await
             .unwrap(),
     )
+}
+
+/// Waits for the proxy's connections of an interrupted transfer to close,
+/// then lifts its throttle and counts afresh.
+pub async fn count_afresh(proxy: &imgfleet_tests::fault::FaultProxy) {
+    wait_for(
+        "the old connection to close",
+        Duration::from_secs(10),
+        || proxy.connections() == 0,
+    )
+    .await;
+    proxy.set_throttle(None);
+    proxy.reset_counters();
 }
 
 /// Syncs `repo:v1`, as pushed to `reg`, into the engine's store.
