@@ -577,17 +577,21 @@ async fn serve(
     limits: imgfleet_agent::mirror::Limits,
 ) -> anyhow::Result<()> {
     // Create the layout if it is missing, then serve read-only so that a
-    // `sync` can write to the same directory meanwhile.
-    if !data_dir.join("blobs/sha256").exists() {
-        drop(
-            Store::open(&data_dir)
-                .with_context(|| format!("creating the content store {}", data_dir.display()))?,
-        );
-    }
-    let store = Arc::new(
-        Store::open_read_only(&data_dir)
-            .with_context(|| format!("opening the content store {}", data_dir.display()))?,
-    );
+    // `sync` can write to the same directory meanwhile. Both read the disk:
+    // on the blocking pool.
+    let dir = data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        if !dir.join("blobs/sha256").exists() {
+            drop(
+                Store::open(&dir)
+                    .with_context(|| format!("creating the content store {}", dir.display()))?,
+            );
+        }
+        Store::open_read_only(&dir)
+            .with_context(|| format!("opening the content store {}", dir.display()))
+    })
+    .await??;
+    let store = Arc::new(store);
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("listening on --mirror-listen {listen}"))?;
