@@ -161,15 +161,7 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
     };
     let (hub, cmd) = hub_and_agent(dir.path(), "edge-fds", set1.clone());
     // 600 descriptors: room for (600 - 256) / 2 = 172 mirror connections.
-    let prlimit = imgfleet_tests::process::require_binary("prlimit", "util-linux");
-    let inner = cmd.command();
-    let mut command = std::process::Command::new(prlimit);
-    command
-        .arg("--nofile=600:600")
-        .arg(inner.get_program())
-        .args(inner.get_args())
-        .envs(inner.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
-    let mut agent = ChildGuard::spawn("daemon-fds-agent", command).unwrap();
+    let mut agent = spawn_with_descriptors(&cmd, 600, "daemon-fds-agent");
     agent
         .wait_ready("app SYNCED", Duration::from_secs(30), || async {
             Ok(synced(&hub, &img1.key))
@@ -179,13 +171,7 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
 
     // 700 clients connect and send nothing: more than the process could
     // hold descriptors for.
-    let mut idle = Vec::new();
-    for _ in 0..700 {
-        match tokio::net::TcpStream::connect(cmd.mirror()).await {
-            Ok(s) => idle.push(s),
-            Err(e) => panic!("connecting idle client {}: {e}", idle.len()),
-        }
-    }
+    let idle = idle_clients(&cmd.mirror(), 700).await;
     // The daemon still opens its own files: a new image syncs (partials,
     // blobs, desired.bin) and /healthz answers.
     let img2 = image(&addr, "web", "demo/web", &second.manifest_digest, "v1");
@@ -238,19 +224,12 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
         &format!("http://127.0.0.1:{}/metrics", cmd.metrics_port),
     )
     .await;
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
-    };
     assert!(
-        value("imgfleet_agent_mirror_connections") <= 172,
+        metric(&metrics, "imgfleet_agent_mirror_connections") <= 172,
         "{metrics}"
     );
     assert!(
-        value("imgfleet_agent_mirror_drained_total") >= 1,
+        metric(&metrics, "imgfleet_agent_mirror_drained_total") >= 1,
         "{metrics}"
     );
     let log = std::fs::read_to_string(agent.log_path()).unwrap_or_default();
@@ -260,4 +239,38 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
         agent.log_tail(40)
     );
     drop(idle);
+}
+
+/// The agent of `cmd` under `prlimit --nofile=N:N`.
+fn spawn_with_descriptors(cmd: &AgentCmd, n: u32, name: &str) -> ChildGuard {
+    let prlimit = imgfleet_tests::process::require_binary("prlimit", "util-linux");
+    let inner = cmd.command();
+    let mut command = std::process::Command::new(prlimit);
+    command
+        .arg(format!("--nofile={n}:{n}"))
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .envs(inner.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
+    ChildGuard::spawn(name, command).unwrap()
+}
+
+/// `n` connections to `addr` that never send anything.
+async fn idle_clients(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connecting idle client {}: {e}", idle.len()),
+        }
+    }
+    idle
+}
+
+/// The value of one metric in Prometheus text.
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
 }
