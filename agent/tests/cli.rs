@@ -6,7 +6,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{count_afresh, file_len, push, push_on_base, wait_for};
+use common::{count_afresh, file_len, push, push_on_base, wait_for, yaml};
 use imgfleet_tests::fault::FaultProxy;
 use imgfleet_tests::images::{ImageSpec, push_image};
 use imgfleet_tests::registry::{Registry, RegistryOptions};
@@ -14,21 +14,6 @@ use imgfleet_tests::skopeo;
 
 const MIB: u64 = 1024 * 1024;
 const BIN: &str = env!("CARGO_BIN_EXE_imgfleet-agent");
-
-fn yaml(domain: &str, auth: Option<(&str, &str)>, repos: &[(&str, &str, &str)]) -> String {
-    let creds = auth
-        .map(|(u, p)| format!("  username: {u}\n  password: {p}\n"))
-        .unwrap_or_default();
-    let mut out = format!(
-        "apiVersion: image.theriseunion.io/v1alpha1\nkind: RegistrySecret\nmetadata:\n  name: lab\n  namespace: default\nspec:\n  domain: \"{domain}\"\n{creds}  insecure: true\n"
-    );
-    for (name, repo, tag) in repos {
-        out.push_str(&format!(
-            "---\napiVersion: image.theriseunion.io/v1alpha1\nkind: Repository\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  repository: {repo}\n  tag: \"{tag}\"\n  registryRef:\n    name: lab\n"
-        ));
-    }
-    out
-}
 
 /// Writes `images.yaml` in `dir` for anonymous pulls of `repos` from
 /// `domain`; returns its path.

@@ -3,8 +3,11 @@
 //! digests back from it, a base layer shared with another repository arrives
 //! by cross-repository mount, and a re-run sends only HEADs.
 
+mod common;
+
 use std::process::Stdio;
 
+use common::yaml;
 use imgfleet_tests::images::{
     ImageSpec, LayerSpec, PushedImage, PushedIndex, push_image, push_index,
 };
@@ -14,18 +17,6 @@ use imgfleet_tests::skopeo;
 const BIN: &str = env!("CARGO_BIN_EXE_imgfleet-agent");
 const EDGE_USER: &str = "pusher";
 const EDGE_PASS: &str = "edge-pw-7731";
-
-fn yaml(domain: &str, repos: &[(&str, &str, &str)]) -> String {
-    let mut out = format!(
-        "apiVersion: image.theriseunion.io/v1alpha1\nkind: RegistrySecret\nmetadata:\n  name: lab\nspec:\n  domain: \"{domain}\"\n  insecure: true\n"
-    );
-    for (name, repo, tag) in repos {
-        out.push_str(&format!(
-            "---\napiVersion: image.theriseunion.io/v1alpha1\nkind: Repository\nmetadata:\n  name: {name}\nspec:\n  repository: {repo}\n  tag: \"{tag}\"\n  registryRef:\n    name: lab\n"
-        ));
-    }
-    out
-}
 
 async fn run(args: &[&str], extra: &[std::ffi::OsString]) -> (bool, String, String) {
     let out = tokio::process::Command::new(BIN)
@@ -152,7 +143,7 @@ impl Push {
             ("web", "demo/web", "2.0"),
             ("multi", "demo/multi", "v2"),
         ];
-        std::fs::write(&file, yaml(&upstream.reg.addr(), &repos)).unwrap();
+        std::fs::write(&file, yaml(&upstream.reg.addr(), None, &repos)).unwrap();
         let pw_file = dir.join("edge-password");
         std::fs::write(&pw_file, format!("{EDGE_PASS}\n")).unwrap();
         let extra: Vec<std::ffi::OsString> = vec![
@@ -289,7 +280,11 @@ async fn push_prefix_and_bad_push_flags() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("images.yaml");
-    std::fs::write(&file, yaml(&upstream.addr(), &[("app", "demo/app", "v1")])).unwrap();
+    std::fs::write(
+        &file,
+        yaml(&upstream.addr(), None, &[("app", "demo/app", "v1")]),
+    )
+    .unwrap();
     let data = dir.path().join("data");
     let common: Vec<std::ffi::OsString> = vec![
         "--from".into(),

@@ -208,3 +208,20 @@ pub async fn settled_len(p: &std::path::Path) -> u64 {
 pub fn file_len(p: &std::path::Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
+
+/// RegistrySecret `lab` for `domain` (plain HTTP, with `auth` if given) and
+/// one Repository per (name, repository, tag), all in namespace default.
+pub fn yaml(domain: &str, auth: Option<(&str, &str)>, repos: &[(&str, &str, &str)]) -> String {
+    let creds = auth
+        .map(|(u, p)| format!("  username: {u}\n  password: {p}\n"))
+        .unwrap_or_default();
+    let mut out = format!(
+        "apiVersion: image.theriseunion.io/v1alpha1\nkind: RegistrySecret\nmetadata:\n  name: lab\n  namespace: default\nspec:\n  domain: \"{domain}\"\n{creds}  insecure: true\n"
+    );
+    for (name, repo, tag) in repos {
+        out.push_str(&format!(
+            "---\napiVersion: image.theriseunion.io/v1alpha1\nkind: Repository\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  repository: {repo}\n  tag: \"{tag}\"\n  registryRef:\n    name: lab\n"
+        ));
+    }
+    out
+}
