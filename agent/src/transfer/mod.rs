@@ -182,6 +182,9 @@ struct AtomicCounters {
 
 type ClientKey = (String, Option<(String, String)>, bool);
 
+/// A registry client, built by the first image that asks for it.
+type ClientCell = tokio::sync::OnceCell<Arc<RegistryClient>>;
+
 /// The transfer engine. Share it behind an `Arc`; one per store. Its `Debug`
 /// leaves out the client map, whose keys hold registry passwords.
 pub struct Engine {
@@ -191,8 +194,9 @@ pub struct Engine {
     blob_slots: Arc<Semaphore>,
     /// The shared bandwidth limit, if any.
     limiter: Option<RateLimiter>,
-    /// One client per registry and credentials, so bearer tokens are reused.
-    clients: Mutex<HashMap<ClientKey, Arc<RegistryClient>>>,
+    /// One client per registry and credentials, so bearer tokens are
+    /// reused; each built once, however many images ask for it at once.
+    clients: Mutex<HashMap<ClientKey, Arc<ClientCell>>>,
     /// One download at a time per digest: a second image needing the same
     /// blob waits for the first and then finds it present.
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -256,7 +260,8 @@ impl Engine {
 
     /// A registry client, shared by images with the same registry and
     /// credentials so that bearer tokens are reused. A new client is built
-    /// on the blocking pool: it may read the system's trust roots.
+    /// once, on the blocking pool (it may read the system's trust roots),
+    /// while every other image asking for it at the same time waits.
     pub async fn client(
         &self,
         registry: &str,
@@ -268,38 +273,36 @@ impl Engine {
             credentials.map(|c| (c.username.clone(), c.password.clone())),
             insecure,
         );
-        if let Some(c) = self
+        let cell = self
             .clients
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
-            return Ok(c.clone());
-        }
-        let started = std::time::Instant::now();
-        let config = RegistryConfig {
-            host: registry.to_string(),
-            credentials: credentials.cloned(),
-            insecure,
-            extra_roots_pem: self.config.extra_roots_pem.clone(),
-            connect_timeout: None,
-            read_timeout: Some(self.config.read_timeout),
-            min_progress: self.config.min_progress,
-        };
-        let client = tokio::task::spawn_blocking(move || RegistryClient::new(config))
-            .await
-            .map_err(|source| TransferError::Task {
-                op: "building a registry client",
-                source,
-            })??;
-        debug!(registry, elapsed = ?started.elapsed(), "Registry client built");
-        // Two images may have built one at once; the first one kept wins,
-        // so that they share its tokens.
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(clients
             .entry(key)
-            .or_insert_with(|| Arc::new(client))
-            .clone())
+            .or_default()
+            .clone();
+        let client = cell
+            .get_or_try_init(|| async {
+                let started = std::time::Instant::now();
+                let config = RegistryConfig {
+                    host: registry.to_string(),
+                    credentials: credentials.cloned(),
+                    insecure,
+                    extra_roots_pem: self.config.extra_roots_pem.clone(),
+                    connect_timeout: None,
+                    read_timeout: Some(self.config.read_timeout),
+                    min_progress: self.config.min_progress,
+                };
+                let client = tokio::task::spawn_blocking(move || RegistryClient::new(config))
+                    .await
+                    .map_err(|source| TransferError::Task {
+                        op: "building a registry client",
+                        source,
+                    })??;
+                debug!(registry, elapsed = ?started.elapsed(), "Registry client built");
+                Ok::<_, TransferError>(Arc::new(client))
+            })
+            .await?;
+        Ok(client.clone())
     }
 
     /// Brings in every image, `concurrency_images` at a time, and reports each.
@@ -477,10 +480,11 @@ impl Engine {
     }
 
     /// Step 3: records the image, unless the store records exactly this
-    /// already (a no-op re-sync writes nothing).
+    /// already (a no-op re-sync writes nothing). Records carry the time they
+    /// are written, not planned: GC orders a repository's versions by it.
     async fn record(
         &self,
-        records: Vec<ManifestRecord>,
+        mut records: Vec<ManifestRecord>,
         existing: &[ManifestRecord],
     ) -> Result<(), TransferError> {
         let unchanged = records.iter().all(|r| {
@@ -494,6 +498,10 @@ impl Engine {
         });
         if unchanged {
             return Ok(());
+        }
+        let now = now_unix();
+        for r in &mut records {
+            r.recorded_at = now;
         }
         let store = self.store.clone();
         blocking("recording", move || store.record(records)).await
