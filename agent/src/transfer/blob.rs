@@ -11,8 +11,8 @@ use tracing::{debug, warn};
 
 use super::plan::BlobRef;
 use super::progress::Tracker;
-use super::{Engine, TransferError, adjust_delay, blocking};
-use crate::store::PartialBlob;
+use super::{Engine, TransferError, adjust_delay, blocking, presence};
+use crate::store::{PartialBlob, StoreError};
 
 /// What one download attempt got.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,10 +56,8 @@ impl Engine {
             map.entry(blob.digest.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
-        if matches!(
-            self.presence(std::slice::from_ref(blob)).await?.first(),
-            Some(true)
-        ) {
+        let one = std::slice::from_ref(blob);
+        if presence(one, self.blob_sizes(one).await?)?.first() == Some(&true) {
             tracker.bytes_done.fetch_add(blob.size, Ordering::Relaxed);
             return Ok(None);
         }
@@ -192,7 +190,7 @@ impl Engine {
                 debug!(digest = %digest, "Partial longer than the blob; starting over");
                 p.truncate()?;
             }
-            Ok(p)
+            Ok::<_, StoreError>(p)
         })
         .await
     }

@@ -7,7 +7,9 @@
 //!    fetched by digest and verified), then the platform manifests it names,
 //!    through nested indexes up to [`plan::MAX_INDEX_DEPTH`]. What to fetch
 //!    and what to record is decided by the pure [`plan::image`] over the
-//!    manifest bytes; this step only fetches what it says is missing.
+//!    manifest bytes; this step only fetches what it says is missing. What
+//!    the store already holds is read first, in one trip to the blocking
+//!    pool, so that a re-sync of a complete image needs no other.
 //! 2. **Fetch.** Only the blobs the store lacks, several at once. Blobs
 //!    stream to a partial file with bounded memory and resume by HTTP Range
 //!    from the partial's length after a network error, a stall below the
@@ -355,10 +357,21 @@ impl Engine {
     ) -> Result<ImageStats, TransferError> {
         let image = &pull.image;
         check(image)?;
-        // One snapshot of the records serves every lookup below: on a no-op
-        // re-sync of many images, re-reading and cloning them per lookup
-        // was a measurable share of the run.
-        let existing = self.records().await?;
+        // Everything this image uses stays pinned until it is recorded, so
+        // that GC running meanwhile never deletes what this sync counted on.
+        let mut pins = self.store.pins();
+        pins.add(&image.digest);
+        let Survey {
+            existing,
+            root,
+            held,
+            complete,
+            pins,
+        } = {
+            let (store, image) = (self.store.clone(), image.clone());
+            blocking("reading the store", move || survey(&store, &image, pins)).await?
+        };
+        let mut pins = pins;
         let already = existing.iter().any(|r| {
             r.registry == image.registry
                 && r.repository == image.repository
@@ -366,13 +379,18 @@ impl Engine {
                 && r.parent.is_none()
         });
         tracker.emit(Phase::Manifests, None, true);
-        // Everything this image uses stays pinned until it is recorded, so
-        // that GC running meanwhile never deletes what this sync counted on.
-        let mut pins = self.store.pins();
         let client = LazyClient::new(self, pull);
-        let plan = self.plan(image, &existing, &client, &mut pins).await?;
+        let (plan, sizes) = match complete {
+            Some((plan, sizes)) => (plan, Some(sizes)),
+            None => {
+                let plan = self
+                    .plan(image, root, held, &existing, &client, &mut pins)
+                    .await?;
+                (plan, None)
+            }
+        };
         let mut stats = self
-            .fetch_missing(image, &plan.blobs, &client, &mut pins, tracker)
+            .fetch_missing(image, &plan.blobs, sizes, &client, &mut pins, tracker)
             .await?;
         stats.already_present = already;
         tracker.emit(Phase::Committing, None, true);
@@ -386,21 +404,25 @@ impl Engine {
         Ok(stats)
     }
 
-    /// Step 1: the manifests of the image, fetched until [`plan::image`]
-    /// finds none missing, and its plan. Manifests come from the store when
-    /// present, so a re-sync of a complete image makes no request at all.
+    /// Step 1: the manifests of the image the store lacks, fetched until
+    /// [`plan::image`] finds none missing, and its plan. `root` and `held`
+    /// are what the store had (see [`survey`]).
     async fn plan(
         &self,
         image: &DesiredImage,
+        root: Option<Document>,
+        mut held: HashMap<String, Document>,
         existing: &[ManifestRecord],
         client: &LazyClient<'_>,
         pins: &mut Pins,
     ) -> Result<ImagePlan, TransferError> {
-        pins.add(&image.digest);
-        let root = self
-            .manifest(image, &image.digest, None, existing, client)
-            .await?;
-        let mut held: HashMap<String, Document> = HashMap::new();
+        let root = match root {
+            Some(root) => root,
+            None => {
+                self.manifest(image, &image.digest, None, existing, client)
+                    .await?
+            }
+        };
         loop {
             let plan = plan::image(image, &root, &held, now_unix())?;
             if plan.missing.is_empty() {
@@ -419,10 +441,12 @@ impl Engine {
     }
 
     /// Step 2: every blob of the plan that the store lacks, several at once.
+    /// `sizes` are the blobs' sizes in the store when the survey read them.
     async fn fetch_missing(
         &self,
         image: &DesiredImage,
         blobs: &[BlobRef],
+        sizes: Option<Vec<Option<u64>>>,
         client: &LazyClient<'_>,
         pins: &mut Pins,
         tracker: &Tracker,
@@ -441,8 +465,12 @@ impl Engine {
         for b in blobs {
             pins.add(&b.digest);
         }
+        let sizes = match sizes {
+            Some(sizes) => sizes,
+            None => self.blob_sizes(blobs).await?,
+        };
         let mut missing = Vec::new();
-        for (b, held) in blobs.iter().zip(self.presence(blobs).await?) {
+        for (b, held) in blobs.iter().zip(presence(blobs, sizes)?) {
             if held {
                 tracker.bytes_done.fetch_add(b.size, Ordering::Relaxed);
                 tracker.layers_done.fetch_add(1, Ordering::Relaxed);
@@ -507,39 +535,18 @@ impl Engine {
         blocking("recording", move || store.record(records)).await
     }
 
-    /// The store's records, read on the blocking pool (it may re-read
-    /// index.json).
-    async fn records(&self) -> Result<Vec<ManifestRecord>, TransferError> {
+    /// The sizes of blobs in the store (`None`: absent), in one trip to the
+    /// blocking pool.
+    pub(super) async fn blob_sizes(
+        &self,
+        blobs: &[BlobRef],
+    ) -> Result<Vec<Option<u64>>, TransferError> {
         let store = self.store.clone();
-        blocking("reading the records", move || Ok(store.records())).await
-    }
-
-    /// Whether each blob is in the store with the size its descriptor
-    /// states, in one trip to the blocking pool. A blob of another size
-    /// cannot be the one named (sha256 does not collide): the manifest is
-    /// wrong, and the image must fail as it would on a fresh store.
-    async fn presence(&self, blobs: &[BlobRef]) -> Result<Vec<bool>, TransferError> {
-        let store = self.store.clone();
-        let blobs = blobs.to_vec();
-        let sizes = blocking("checking blobs", move || {
-            Ok(blobs
-                .into_iter()
-                .map(|b| (store.blob_size(&b.digest), b))
-                .collect::<Vec<_>>())
+        let digests: Vec<String> = blobs.iter().map(|b| b.digest.clone()).collect();
+        blocking("checking blobs", move || {
+            Ok::<_, StoreError>(digests.iter().map(|d| store.blob_size(d)).collect())
         })
-        .await?;
-        sizes
-            .into_iter()
-            .map(|(size, b)| match size {
-                None => Ok(false),
-                Some(size) if size == b.size => Ok(true),
-                Some(size) => Err(TransferError::SizeMismatch {
-                    digest: b.digest,
-                    expected: b.size,
-                    actual: size,
-                }),
-            })
-            .collect()
+        .await
     }
 
     /// A manifest's bytes and media type: from the store when present (it was
@@ -553,36 +560,16 @@ impl Engine {
         existing: &[ManifestRecord],
         client: &LazyClient<'_>,
     ) -> Result<Document, TransferError> {
-        let check_size = |len: usize| match size {
-            Some(expected) if expected != len as u64 => Err(TransferError::SizeMismatch {
-                digest: digest.to_string(),
-                expected,
-                actual: len as u64,
-            }),
-            _ => Ok(()),
-        };
         let stored = {
             let (store, digest) = (self.store.clone(), digest.to_string());
-            blocking("reading a manifest", move || {
-                match store.has_blob(&digest) {
-                    true => store.read_blob(&digest).map(Some),
-                    false => Ok(None),
-                }
-            })
-            .await?
+            blocking("reading a manifest", move || held_bytes(&store, &digest)).await?
         };
-        if let Some(bytes) = stored {
-            check_size(bytes.len())?;
-            // The media type is recorded for roots and children; fall back to
-            // the document's own field.
-            let media_type = existing
-                .iter()
-                .find(|r| r.digest == digest)
-                .map(|r| r.media_type.clone())
-                .or_else(|| crate::store::declared_media_type(&bytes));
-            if let Some(mt) = media_type {
-                return Ok((bytes, mt));
-            }
+        if let Some(document) = stored
+            .map(|bytes| as_document(existing, digest, size, bytes))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(document);
         }
         let client = client.get().await?;
         let m = (|| async {
@@ -598,7 +585,7 @@ impl Engine {
             |e: &RegistryError, d| warn!(error = %e, delay = ?d, "Manifest fetch failed; retrying"),
         )
         .await?;
-        check_size(m.bytes.len())?;
+        check_size(digest, size, m.bytes.len())?;
         let (store, bytes) = (self.store.clone(), m.bytes.clone());
         let digest = m.digest;
         blocking("storing a manifest", move || {
@@ -667,15 +654,167 @@ impl<'e> LazyClient<'e> {
     }
 }
 
+/// What the store already holds of one image, read in one trip to the
+/// blocking pool: a re-sync of a complete image needs no other.
+struct Survey {
+    /// The store's records. One snapshot serves every lookup: on a no-op
+    /// re-sync of many images, re-reading and cloning them per lookup was a
+    /// measurable share of the run.
+    existing: Vec<ManifestRecord>,
+    /// The root manifest, when held.
+    root: Option<Document>,
+    /// The child manifests held, by digest.
+    held: HashMap<String, Document>,
+    /// When every manifest the image needs was held: its plan, and the size
+    /// in the store of each of its blobs.
+    complete: Option<(ImagePlan, Vec<Option<u64>>)>,
+    /// The pins, with every digest read so far; the transfer goes on with
+    /// them.
+    pins: Pins,
+}
+
+/// Reads what the store holds of `image`: its records, its manifests as far
+/// as held, and, when that is all of them, its plan and its blobs' sizes.
+/// Each digest is pinned before it is read, as the transfer pins them.
+/// Blocking.
+fn survey(store: &Store, image: &DesiredImage, mut pins: Pins) -> Result<Survey, TransferError> {
+    let existing = store.records();
+    let mut held = HashMap::new();
+    let root = stored_manifest(store, &existing, &image.digest, None)?;
+    let Some(root_document) = &root else {
+        return Ok(Survey {
+            existing,
+            root,
+            held,
+            complete: None,
+            pins,
+        });
+    };
+    loop {
+        let plan = plan::image(image, root_document, &held, now_unix())?;
+        if plan.missing.is_empty() {
+            let sizes = plan
+                .blobs
+                .iter()
+                .map(|b| {
+                    pins.add(&b.digest);
+                    store.blob_size(&b.digest)
+                })
+                .collect();
+            return Ok(Survey {
+                existing,
+                root,
+                held,
+                complete: Some((plan, sizes)),
+                pins,
+            });
+        }
+        let mut found = false;
+        for child in &plan.missing {
+            pins.add(&child.digest);
+            if let Some(doc) = stored_manifest(store, &existing, &child.digest, Some(child.size))? {
+                held.insert(child.digest.clone(), doc);
+                found = true;
+            }
+        }
+        if !found {
+            return Ok(Survey {
+                existing,
+                root,
+                held,
+                complete: None,
+                pins,
+            });
+        }
+    }
+}
+
+/// A manifest's bytes and media type from the store, when it holds them
+/// (they were verified when stored) with the size the index naming it says.
+/// The media type is recorded for roots and children; the document's own
+/// field is the fallback, and without either the manifest counts as absent.
+/// Blocking.
+fn stored_manifest(
+    store: &Store,
+    existing: &[ManifestRecord],
+    digest: &str,
+    size: Option<u64>,
+) -> Result<Option<Document>, TransferError> {
+    match held_bytes(store, digest)? {
+        Some(bytes) => as_document(existing, digest, size, bytes),
+        None => Ok(None),
+    }
+}
+
+/// A blob's bytes, when the store holds it. Blocking.
+fn held_bytes(store: &Store, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    match store.has_blob(digest) {
+        true => store.read_blob(digest).map(Some),
+        false => Ok(None),
+    }
+}
+
+/// Stored bytes as a manifest document; see [`stored_manifest`].
+fn as_document(
+    existing: &[ManifestRecord],
+    digest: &str,
+    size: Option<u64>,
+    bytes: Vec<u8>,
+) -> Result<Option<Document>, TransferError> {
+    check_size(digest, size, bytes.len())?;
+    let media_type = existing
+        .iter()
+        .find(|r| r.digest == digest)
+        .map(|r| r.media_type.clone())
+        .or_else(|| crate::store::declared_media_type(&bytes));
+    Ok(media_type.map(|mt| (bytes, mt)))
+}
+
+/// A manifest must be as long as the index naming it says (`expected`; the
+/// root has no index).
+fn check_size(digest: &str, expected: Option<u64>, len: usize) -> Result<(), TransferError> {
+    match expected {
+        Some(expected) if expected != len as u64 => Err(TransferError::SizeMismatch {
+            digest: digest.to_string(),
+            expected,
+            actual: len as u64,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether each blob is in the store with the size its descriptor states,
+/// given its size there. A blob of another size cannot be the one named
+/// (sha256 does not collide): the manifest is wrong, and the image must
+/// fail as it would on a fresh store.
+pub(super) fn presence(
+    blobs: &[BlobRef],
+    sizes: Vec<Option<u64>>,
+) -> Result<Vec<bool>, TransferError> {
+    blobs
+        .iter()
+        .zip(sizes)
+        .map(|(b, size)| match size {
+            None => Ok(false),
+            Some(size) if size == b.size => Ok(true),
+            Some(size) => Err(TransferError::SizeMismatch {
+                digest: b.digest.clone(),
+                expected: b.size,
+                actual: size,
+            }),
+        })
+        .collect()
+}
+
 /// Runs blocking store work (`op` names it) off the async threads.
-async fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static, E: Into<TransferError> + Send + 'static>(
     op: &'static str,
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, TransferError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|source| TransferError::Task { op, source })?
-        .map_err(TransferError::from)
+        .map_err(Into::into)
 }
 
 /// The longest Retry-After honoured; a registry asking for more is waited on
