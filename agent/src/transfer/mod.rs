@@ -654,6 +654,10 @@ impl<'e> LazyClient<'e> {
     }
 }
 
+/// An image's plan and the size in the store of each of its blobs (`None`:
+/// absent).
+type Complete = (ImagePlan, Vec<Option<u64>>);
+
 /// What the store already holds of one image, read in one trip to the
 /// blocking pool: a re-sync of a complete image needs no other.
 struct Survey {
@@ -667,7 +671,7 @@ struct Survey {
     held: HashMap<String, Document>,
     /// When every manifest the image needs was held: its plan, and the size
     /// in the store of each of its blobs.
-    complete: Option<(ImagePlan, Vec<Option<u64>>)>,
+    complete: Option<Complete>,
     /// The pins, with every digest read so far; the transfer goes on with
     /// them.
     pins: Pins,
@@ -681,17 +685,32 @@ fn survey(store: &Store, image: &DesiredImage, mut pins: Pins) -> Result<Survey,
     let existing = store.records();
     let mut held = HashMap::new();
     let root = stored_manifest(store, &existing, &image.digest, None)?;
-    let Some(root_document) = &root else {
-        return Ok(Survey {
-            existing,
-            root,
-            held,
-            complete: None,
-            pins,
-        });
+    let complete = match &root {
+        Some(root) => held_plan(store, image, root, &existing, &mut held, &mut pins)?,
+        None => None,
     };
+    Ok(Survey {
+        existing,
+        root,
+        held,
+        complete,
+        pins,
+    })
+}
+
+/// Plans `image` over the manifests the store holds, adding the children it
+/// finds to `held`: the plan and its blobs' sizes when the store held every
+/// manifest, `None` when some must be fetched. Blocking.
+fn held_plan(
+    store: &Store,
+    image: &DesiredImage,
+    root: &Document,
+    existing: &[ManifestRecord],
+    held: &mut HashMap<String, Document>,
+    pins: &mut Pins,
+) -> Result<Option<Complete>, TransferError> {
     loop {
-        let plan = plan::image(image, root_document, &held, now_unix())?;
+        let plan = plan::image(image, root, held, now_unix())?;
         if plan.missing.is_empty() {
             let sizes = plan
                 .blobs
@@ -701,30 +720,18 @@ fn survey(store: &Store, image: &DesiredImage, mut pins: Pins) -> Result<Survey,
                     store.blob_size(&b.digest)
                 })
                 .collect();
-            return Ok(Survey {
-                existing,
-                root,
-                held,
-                complete: Some((plan, sizes)),
-                pins,
-            });
+            return Ok(Some((plan, sizes)));
         }
         let mut found = false;
         for child in &plan.missing {
             pins.add(&child.digest);
-            if let Some(doc) = stored_manifest(store, &existing, &child.digest, Some(child.size))? {
+            if let Some(doc) = stored_manifest(store, existing, &child.digest, Some(child.size))? {
                 held.insert(child.digest.clone(), doc);
                 found = true;
             }
         }
         if !found {
-            return Ok(Survey {
-                existing,
-                root,
-                held,
-                complete: None,
-                pins,
-            });
+            return Ok(None);
         }
     }
 }
