@@ -2,8 +2,14 @@
 //! and kept on disk, encrypted with a local key, so that the agent goes on
 //! syncing and serving through hub outages and its own restarts.
 //!
-//! Applying hub messages is pure ([`DesiredSet::from_full`],
-//! [`DesiredSet::apply_delta`]); [`DesiredFile`] is the only part with I/O.
+//! Applying a delta is pure ([`DesiredSet::apply_delta`]) over the agent's
+//! own types; the hub's messages become them in [`crate::wire`], and
+//! [`DesiredFile`] is the only part with I/O.
+//!
+//! The serde form of [`DesiredSet`] is what `desired.bin` holds (sealed):
+//! renaming, reordering or retyping a field changes what an agent written
+//! by an earlier version can load. `tests/stored_formats.rs` loads a file
+//! written by version 0.1.0.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,11 +18,15 @@ use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
-use imgfleet::api::v1 as pb;
+use imgfleet_common::registry::Credentials;
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 
-/// One image, pinned by digest, that the cluster must hold.
+use crate::gc::Retention;
+use crate::transfer::Pull;
+
+/// One image, pinned by digest, that the cluster must hold: the one shape of
+/// an image from the hub's message to the transfer engine and GC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredImage {
     /// `<namespace>/<repository name>@<digest>`.
@@ -41,6 +51,16 @@ pub struct DesiredImage {
     pub grace_period_seconds: u64,
 }
 
+impl DesiredImage {
+    /// Its Repository's retention (zero fields: the agent's defaults).
+    pub fn retention(&self) -> Retention {
+        Retention {
+            keep_versions: self.keep_versions,
+            grace_period_seconds: self.grace_period_seconds,
+        }
+    }
+}
+
 /// How to reach one registry. The password is redacted from `Debug`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistryCredential {
@@ -54,6 +74,14 @@ pub struct RegistryCredential {
     pub password: String,
     /// Plain HTTP.
     pub insecure: bool,
+}
+
+impl RegistryCredential {
+    /// What to pull with: `None` (anonymous) without a user name.
+    pub fn credentials(&self) -> Option<Credentials> {
+        (!self.username.is_empty())
+            .then(|| Credentials::new(self.username.clone(), self.password.clone()))
+    }
 }
 
 impl fmt::Debug for RegistryCredential {
@@ -88,6 +116,26 @@ pub struct DesiredSet {
     pub registries: BTreeMap<String, RegistryCredential>,
 }
 
+/// Changes that turn the set at `from_generation` into the set at
+/// `generation`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// The generation the changes apply to.
+    pub from_generation: u64,
+    /// The generation after them.
+    pub generation: u64,
+    /// The epoch of both.
+    pub epoch: String,
+    /// Images added or changed, matched by key.
+    pub upserts: Vec<DesiredImage>,
+    /// Keys of images no longer desired.
+    pub removals: Vec<String>,
+    /// Credentials added or changed, matched by key.
+    pub registry_upserts: Vec<RegistryCredential>,
+    /// Keys of credentials no longer needed.
+    pub registry_removals: Vec<String>,
+}
+
 /// Why a delta cannot be applied: the agent must ask for a full set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeltaError {
@@ -102,57 +150,9 @@ pub enum DeltaError {
     NotForward { from: u64, to: u64 },
 }
 
-impl From<pb::DesiredImage> for DesiredImage {
-    fn from(i: pb::DesiredImage) -> Self {
-        let source = i.source.map(|s| (s.namespace, s.name)).unwrap_or_default();
-        DesiredImage {
-            key: i.key,
-            source,
-            registry_key: i.registry_key,
-            registry: i.registry,
-            repository: i.repository,
-            digest: i.digest,
-            tags: i.tags,
-            platforms: i.platforms,
-            keep_versions: i.keep_versions,
-            grace_period_seconds: i.grace_period_seconds,
-        }
-    }
-}
-
-impl From<pb::RegistryCredential> for RegistryCredential {
-    fn from(c: pb::RegistryCredential) -> Self {
-        RegistryCredential {
-            key: c.key,
-            domain: c.domain,
-            username: c.username,
-            password: c.password,
-            insecure: c.insecure,
-        }
-    }
-}
-
 impl DesiredSet {
-    /// The set a full `DesiredSet` message describes.
-    pub fn from_full(set: pb::DesiredSet) -> DesiredSet {
-        DesiredSet {
-            generation: set.generation,
-            epoch: set.epoch,
-            images: set
-                .images
-                .into_iter()
-                .map(|i| (i.key.clone(), DesiredImage::from(i)))
-                .collect(),
-            registries: set
-                .registries
-                .into_iter()
-                .map(|c| (c.key.clone(), RegistryCredential::from(c)))
-                .collect(),
-        }
-    }
-
     /// The set after a delta, or why the delta does not fit what is held.
-    pub fn apply_delta(&self, delta: pb::DesiredSetDelta) -> Result<DesiredSet, DeltaError> {
+    pub fn apply_delta(&self, delta: Delta) -> Result<DesiredSet, DeltaError> {
         if delta.epoch != self.epoch {
             return Err(DeltaError::WrongEpoch {
                 held: self.epoch.clone(),
@@ -177,29 +177,77 @@ impl DesiredSet {
             next.images.remove(key);
         }
         for image in delta.upserts {
-            next.images.insert(image.key.clone(), image.into());
+            next.images.insert(image.key.clone(), image);
         }
         for key in &delta.registry_removals {
             next.registries.remove(key);
         }
         for cred in delta.registry_upserts {
-            next.registries.insert(cred.key.clone(), cred.into());
+            next.registries.insert(cred.key.clone(), cred);
         }
         Ok(next)
     }
+
+    /// What the engine needs to bring one image in: the image and the
+    /// credential its `registry_key` names (anonymous over HTTPS when the
+    /// set holds none).
+    pub fn pull(&self, image: &DesiredImage) -> Pull {
+        let cred = self.registries.get(&image.registry_key);
+        Pull {
+            image: image.clone(),
+            credentials: cred.and_then(RegistryCredential::credentials),
+            insecure: cred.is_some_and(|c| c.insecure),
+        }
+    }
 }
 
-/// Errors reading or writing the desired-set file.
+/// Errors reading or writing the desired-set file; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum DesiredFileError {
+    /// A filesystem operation failed.
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    /// The file does not start as a desired-set file does.
+    #[error("{path}: not an imgfleet desired-set file")]
+    Foreign { path: PathBuf },
+    /// The seal does not open: another key, or damage.
+    #[error("{path}: cannot be decrypted with local.key (wrong key or damaged file)")]
+    Undecryptable { path: PathBuf },
+    /// The seal opens but the content is not a desired set.
+    #[error("{path}: damaged content: {source}")]
+    Damaged {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The set could not be encoded.
+    #[error("{path}: cannot encode: {source}")]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Sealing failed.
+    #[error("{path}: encryption failed")]
+    Encrypt { path: PathBuf },
+    /// The key file does not hold a key.
+    #[error("{path}: expected a 32-byte key, found {len} bytes")]
+    KeyLength { path: PathBuf, len: usize },
+    /// Others may read the key file.
+    #[error("{path}: mode {mode:o} lets others read the key: expected 0600")]
+    KeyReadable { path: PathBuf, mode: u32 },
+    /// The blocking save did not finish (it panicked, or the runtime is
+    /// shutting down).
+    #[error("{path}: saving task failed: {source}")]
+    Task {
+        path: PathBuf,
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 /// The desired set on disk: `desired.bin` sealed with AES-256-GCM under a key
@@ -237,9 +285,9 @@ impl DesiredFile {
                 let bytes: [u8; 32] =
                     bytes
                         .try_into()
-                        .map_err(|b: Vec<u8>| DesiredFileError::Invalid {
+                        .map_err(|b: Vec<u8>| DesiredFileError::KeyLength {
                             path: key_path.clone(),
-                            message: format!("expected a 32-byte key, found {} bytes", b.len()),
+                            len: b.len(),
                         })?;
                 bytes
             }
@@ -274,38 +322,35 @@ impl DesiredFile {
                 });
             }
         };
-        let invalid = |message: &str| DesiredFileError::Invalid {
-            path: self.path.clone(),
-            message: message.to_string(),
-        };
+        let path = || self.path.clone();
         let body = sealed
             .strip_prefix(MAGIC.as_slice())
             .filter(|b| b.len() > NONCE_LEN)
-            .ok_or_else(|| invalid("not an imgfleet desired-set file"))?;
+            .ok_or_else(|| DesiredFileError::Foreign { path: path() })?;
         let (nonce, ciphertext) = body.split_at(NONCE_LEN);
         let plain = self
             .cipher
             .decrypt(Nonce::from_slice(nonce), ciphertext)
-            .map_err(|_| {
-                invalid("cannot be decrypted with local.key (wrong key or damaged file)")
-            })?;
-        serde_json::from_slice(&plain).map_err(|e| invalid(&format!("damaged content: {e}")))
+            .map_err(|_| DesiredFileError::Undecryptable { path: path() })?;
+        serde_json::from_slice(&plain).map_err(|source| DesiredFileError::Damaged {
+            path: path(),
+            source,
+        })
     }
 
     /// Seals and saves a set, durably.
     pub fn save(&self, set: &DesiredSet) -> Result<(), DesiredFileError> {
-        let plain = serde_json::to_vec(set).map_err(|e| DesiredFileError::Invalid {
+        let plain = serde_json::to_vec(set).map_err(|source| DesiredFileError::Encode {
             path: self.path.clone(),
-            message: format!("cannot encode: {e}"),
+            source,
         })?;
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let ciphertext = self
             .cipher
             .encrypt(Nonce::from_slice(&nonce), plain.as_slice())
-            .map_err(|_| DesiredFileError::Invalid {
+            .map_err(|_| DesiredFileError::Encrypt {
                 path: self.path.clone(),
-                message: "encryption failed".into(),
             })?;
         let mut out = Vec::with_capacity(MAGIC.len() + NONCE_LEN + ciphertext.len());
         out.extend_from_slice(MAGIC);
@@ -326,12 +371,9 @@ fn check_private(path: &Path) -> Result<(), DesiredFileError> {
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
-        return Err(DesiredFileError::Invalid {
+        return Err(DesiredFileError::KeyReadable {
             path: path.to_path_buf(),
-            message: format!(
-                "mode {:o} lets others read the key: expected 0600",
-                mode & 0o777
-            ),
+            mode: mode & 0o777,
         });
     }
     Ok(())
@@ -368,46 +410,46 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DesiredFileError> {
 mod tests {
     use super::*;
 
-    fn image(key: &str, digest: &str) -> pb::DesiredImage {
-        pb::DesiredImage {
+    fn image(key: &str, digest: &str) -> DesiredImage {
+        DesiredImage {
             key: key.into(),
-            source: Some(pb::ObjectRef {
-                name: "app".into(),
-                namespace: "default".into(),
-            }),
+            source: ("default".into(), "app".into()),
             registry_key: "default/harbor".into(),
             registry: "127.0.0.1:5000".into(),
             repository: "demo/app".into(),
             digest: digest.into(),
             tags: vec!["v1".into()],
-            ..Default::default()
+            platforms: Vec::new(),
+            keep_versions: 0,
+            grace_period_seconds: 0,
         }
     }
 
-    fn credential(password: &str) -> pb::RegistryCredential {
-        pb::RegistryCredential {
+    fn credential(password: &str) -> RegistryCredential {
+        RegistryCredential {
             key: "default/harbor".into(),
             domain: "127.0.0.1:5000".into(),
             username: "admin".into(),
             password: password.into(),
             insecure: true,
-            provider: pb::Provider::Harbor as i32,
         }
     }
 
     fn full(generation: u64) -> DesiredSet {
-        DesiredSet::from_full(pb::DesiredSet {
+        let image = image("default/app@sha256:a", "sha256:a");
+        let credential = credential("Harbor12345");
+        DesiredSet {
             generation,
             epoch: "e1".into(),
-            images: vec![image("default/app@sha256:a", "sha256:a")],
-            registries: vec![credential("Harbor12345")],
-        })
+            images: [(image.key.clone(), image)].into(),
+            registries: [(credential.key.clone(), credential)].into(),
+        }
     }
 
     #[test]
     fn deltas_apply_only_on_their_base() {
         let held = full(3);
-        let delta = pb::DesiredSetDelta {
+        let delta = Delta {
             from_generation: 3,
             generation: 4,
             epoch: "e1".into(),
@@ -433,7 +475,7 @@ mod tests {
             .apply_delta(delta.clone())
             .expect_err("the same delta twice");
         assert_eq!(stale, DeltaError::WrongBase { held: 4, from: 3 });
-        let other_epoch = pb::DesiredSetDelta {
+        let other_epoch = Delta {
             epoch: "e2".into(),
             ..delta.clone()
         };
@@ -441,7 +483,7 @@ mod tests {
             held.apply_delta(other_epoch),
             Err(DeltaError::WrongEpoch { .. })
         ));
-        let backwards = pb::DesiredSetDelta {
+        let backwards = Delta {
             generation: 3,
             ..delta
         };
@@ -449,6 +491,33 @@ mod tests {
             held.apply_delta(backwards),
             Err(DeltaError::NotForward { .. })
         ));
+    }
+
+    #[test]
+    fn a_pull_takes_the_credential_its_key_names() {
+        let set = full(1);
+        let image = &set.images["default/app@sha256:a"];
+        let pull = set.pull(image);
+        assert_eq!(pull.image, *image);
+        assert_eq!(
+            pull.credentials,
+            Some(Credentials::new("admin", "Harbor12345"))
+        );
+        assert!(pull.insecure);
+
+        let mut anonymous = set.clone();
+        anonymous
+            .registries
+            .get_mut("default/harbor")
+            .expect("credential")
+            .username
+            .clear();
+        assert_eq!(anonymous.pull(image).credentials, None);
+
+        let mut unknown = image.clone();
+        unknown.registry_key = "default/other".into();
+        let pull = set.pull(&unknown);
+        assert_eq!((pull.credentials, pull.insecure), (None, false));
     }
 
     #[test]

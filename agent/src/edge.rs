@@ -24,9 +24,10 @@ use imgfleet_common::registry::{
 };
 use tracing::{debug, info, warn};
 
+use crate::desired::DesiredImage;
+use crate::settings::ConfigError;
 use crate::store::{Store, StoreError, TreeError};
-use crate::transfer::DesiredImage;
-use crate::transfer::plan::{BlobRef, PlanError};
+use crate::transfer::plan::{BlobRef, WalkError};
 
 /// Where and how to push.
 #[derive(Debug, Clone)]
@@ -50,27 +51,67 @@ pub struct EdgeConfig {
     pub max_retries: usize,
 }
 
-/// Why an image could not be pushed.
+/// Why an image could not be pushed. Registry errors worth a retry were
+/// retried already; the rest are final.
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
     /// The target registry failed.
     #[error("edge registry: {0}")]
     Registry(#[from] RegistryError),
-    /// The content store failed, or lacks content the image needs.
+    /// The content store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A stored manifest the pusher cannot read.
-    #[error("manifest {digest}: {source}")]
-    Plan {
+    #[error(transparent)]
+    Plan(#[from] WalkError),
+    /// A prefix that cannot start a repository path.
+    #[error("push prefix {0:?}: expected lowercase path components of [a-z0-9._-]")]
+    BadPrefix(String),
+    /// The prefixed repository is not a repository path.
+    #[error("image {key}: target repository {repository:?}: expected lowercase path components")]
+    BadTarget {
+        /// The image.
+        key: String,
+        /// The repository it would go to.
+        repository: String,
+    },
+    /// The image is not (completely) in the store.
+    #[error("image {key}: not complete in the content store; sync it first")]
+    NotSynced {
+        /// The image.
+        key: String,
+    },
+    /// A manifest of the image is not in the store.
+    #[error("image {key}: manifest {digest} is not in the content store; sync it first")]
+    ManifestMissing {
+        /// The image.
+        key: String,
         /// The manifest.
         digest: String,
-        /// What was wrong.
-        #[source]
-        source: PlanError,
     },
-    /// Bad settings or an image that is not in the store.
-    #[error("{0}")]
-    Invalid(String),
+    /// A stored blob whose length is not what its descriptor states.
+    #[error("blob {digest}: the store holds {held} bytes, the manifest says {expected}")]
+    SizeMismatch {
+        /// The blob.
+        digest: String,
+        /// Its length in the store.
+        held: u64,
+        /// The size in the descriptor.
+        expected: u64,
+    },
+    /// The pusher's blob slots were closed.
+    #[error("edge pusher shut down")]
+    ShutDown,
+    /// Blocking store work did not finish (it panicked, or the runtime is
+    /// shutting down).
+    #[error("reading image {key} from the store: {source}")]
+    Task {
+        /// The image.
+        key: String,
+        /// Why it did not finish.
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 /// What pushing one image did.
@@ -124,9 +165,7 @@ impl EdgeTarget {
         if let Some(p) = &config.prefix
             && !valid_repository(p)
         {
-            return Err(EdgeError::Invalid(format!(
-                "push prefix {p:?}: expected lowercase path components of [a-z0-9._-]"
-            )));
+            return Err(EdgeError::BadPrefix(p.clone()));
         }
         let client = RegistryClient::new(RegistryConfig {
             host: config.host.clone(),
@@ -173,7 +212,7 @@ impl EdgeTarget {
     /// share them through mounts.
     pub async fn push_all(
         &self,
-        store: &Store,
+        store: &Arc<Store>,
         images: Vec<DesiredImage>,
         concurrency: usize,
     ) -> Vec<PushReport> {
@@ -195,87 +234,74 @@ impl EdgeTarget {
     /// Pushes one image that the store holds completely.
     pub async fn push_image(
         &self,
-        store: &Store,
+        store: &Arc<Store>,
         image: &DesiredImage,
     ) -> Result<PushStats, EdgeError> {
         let repo = self.target_repository(&image.repository);
         if !valid_repository(&repo) {
-            return Err(EdgeError::Invalid(format!(
-                "image {}: target repository {repo:?}: expected lowercase path components",
-                image.key
-            )));
+            return Err(EdgeError::BadTarget {
+                key: image.key.clone(),
+                repository: repo,
+            });
         }
-        if !store.has_image(&image.registry, &image.repository, &image.digest) {
-            return Err(EdgeError::Invalid(format!(
-                "image {}: not complete in the content store; sync it first",
-                image.key
-            )));
-        }
-        let mut stats = PushStats::default();
-
-        // The shortcut for a re-run: root by digest and every tag in place.
-        if self
-            .manifest_is(&repo, &image.digest, &image.digest)
-            .await?
+        if !blocking(image, {
+            let (store, image) = (store.clone(), image.clone());
+            move || Ok(store.has_image(&image.registry, &image.repository, &image.digest))
+        })
+        .await?
         {
-            let mut all = true;
-            for t in &image.tags {
-                if !self.manifest_is(&repo, t, &image.digest).await? {
-                    all = false;
-                    break;
-                }
-            }
-            if all {
-                debug!(image = %image.key, "Edge registry has the image and its tags");
-                stats.already_present = true;
-                return Ok(stats);
-            }
+            return Err(EdgeError::NotSynced {
+                key: image.key.clone(),
+            });
         }
+        if self.already_there(&repo, image).await? {
+            debug!(image = %image.key, "Edge registry has the image and its tags");
+            return Ok(PushStats {
+                already_present: true,
+                ..PushStats::default()
+            });
+        }
+        let stored = blocking(image, {
+            let (store, image) = (store.clone(), image.clone());
+            move || stored_image(&store, &image)
+        })
+        .await?;
+        let mut stats = self.push_blobs(store, &repo, &stored.blobs).await?;
+        stats.manifests_put = self.push_manifests(&repo, image, stored).await?;
+        info!(
+            image = %image.key,
+            target = %repo,
+            uploaded = stats.blobs_uploaded,
+            mounted = stats.blobs_mounted,
+            present = stats.blobs_present,
+            "Image pushed to the edge registry"
+        );
+        Ok(stats)
+    }
 
-        let records = store.records();
-        let root_type = records
-            .iter()
-            .find(|r| r.digest == image.digest && r.parent.is_none())
-            .map(|r| r.media_type.clone());
-        // Children before the indexes that name them: a registry may check
-        // that every manifest an index names is there.
-        let tree = store
-            .tree(&image.digest, root_type.as_deref(), &image.platforms)
-            .map_err(|e| match e {
-                TreeError::Store(e) => EdgeError::Store(e),
-                TreeError::Plan(source) => EdgeError::Plan {
-                    digest: image.digest.clone(),
-                    source,
-                },
-            })?;
-        if let Some(m) = tree.missing.first() {
-            return Err(EdgeError::Invalid(format!(
-                "image {}: manifest {} is not in the content store; sync it first",
-                image.key, m.digest
-            )));
+    /// The shortcut for a re-run: the root by digest and every tag in place.
+    async fn already_there(&self, repo: &str, image: &DesiredImage) -> Result<bool, EdgeError> {
+        for reference in std::iter::once(&image.digest).chain(&image.tags) {
+            if !self.manifest_is(repo, reference, &image.digest).await? {
+                return Ok(false);
+            }
         }
-        let mut manifests = tree.manifests;
-        let Some(root_node) = manifests.pop() else {
-            return Err(EdgeError::Invalid(format!(
-                "image {}: no root manifest",
-                image.key
-            )));
+        Ok(true)
+    }
+
+    /// Every blob of the image into `repo`, several at once.
+    async fn push_blobs(
+        &self,
+        store: &Store,
+        repo: &str,
+        blobs: &[BlobRef],
+    ) -> Result<PushStats, EdgeError> {
+        let mut stats = PushStats {
+            blobs_total: blobs.len() as u32,
+            ..PushStats::default()
         };
-        let root_type = root_node.media_type;
-        let root = store.read_blob(&image.digest)?;
-        let mut children: Vec<(String, String, Vec<u8>)> = Vec::new();
-        for m in manifests {
-            let bytes = store.read_blob(&m.digest)?;
-            children.push((m.digest, m.media_type, bytes));
-        }
-        let blobs: Vec<BlobRef> = tree.blobs;
-        stats.blobs_total = blobs.len() as u32;
-
         let outcomes: Vec<Result<(BlobOutcome, u64), EdgeError>> = futures::stream::iter(blobs)
-            .map(|b| {
-                let repo = repo.as_str();
-                async move { self.push_blob(store, repo, &b).await.map(|o| (o, b.size)) }
-            })
+            .map(|b| async move { self.push_blob(store, repo, b).await.map(|o| (o, b.size)) })
             .buffer_unordered(self.config.concurrency_blobs.max(1))
             .collect()
             .await;
@@ -289,39 +315,45 @@ impl EdgeTarget {
                 }
             }
         }
-
-        for (digest, media_type, bytes) in children {
-            if !self.manifest_is(&repo, &digest, &digest).await? {
-                self.put_manifest(&repo, &digest, &media_type, Bytes::from(bytes))
-                    .await?;
-                stats.manifests_put += 1;
-            }
-        }
-        let root = Bytes::from(root);
-        if !self
-            .manifest_is(&repo, &image.digest, &image.digest)
-            .await?
-        {
-            self.put_manifest(&repo, &image.digest, &root_type, root.clone())
-                .await?;
-            stats.manifests_put += 1;
-        }
-        for t in &image.tags {
-            if !self.manifest_is(&repo, t, &image.digest).await? {
-                self.put_manifest(&repo, t, &root_type, root.clone())
-                    .await?;
-                stats.manifests_put += 1;
-            }
-        }
-        info!(
-            image = %image.key,
-            target = %repo,
-            uploaded = stats.blobs_uploaded,
-            mounted = stats.blobs_mounted,
-            present = stats.blobs_present,
-            "Image pushed to the edge registry"
-        );
         Ok(stats)
+    }
+
+    /// The child manifests (children first: a registry may check that every
+    /// manifest an index names is there), the root by digest, and each tag;
+    /// only those the target lacks. Returns how many were put.
+    async fn push_manifests(
+        &self,
+        repo: &str,
+        image: &DesiredImage,
+        stored: StoredImage,
+    ) -> Result<u32, EdgeError> {
+        let root = Bytes::from(stored.root);
+        // (reference, the digest it must name, media type, bytes)
+        let children = stored
+            .children
+            .into_iter()
+            .map(|(digest, media_type, bytes)| {
+                (digest.clone(), digest, media_type, Bytes::from(bytes))
+            });
+        let roots = std::iter::once(&image.digest)
+            .chain(&image.tags)
+            .map(|reference| {
+                (
+                    reference.clone(),
+                    image.digest.clone(),
+                    stored.root_type.clone(),
+                    root.clone(),
+                )
+            });
+        let mut put = 0;
+        for (reference, digest, media_type, bytes) in children.chain(roots) {
+            if !self.manifest_is(repo, &reference, &digest).await? {
+                self.put_manifest(repo, &reference, &media_type, bytes)
+                    .await?;
+                put += 1;
+            }
+        }
+        Ok(put)
     }
 
     fn backoff(&self) -> ExponentialBuilder {
@@ -394,7 +426,7 @@ impl EdgeTarget {
             .slots
             .acquire()
             .await
-            .map_err(|_| EdgeError::Invalid("edge pusher shut down".into()))?;
+            .map_err(|_| EdgeError::ShutDown)?;
         let outcome = (|| async { self.push_blob_once(store, repo, blob).await })
             .retry(self.backoff())
             .when(|e: &EdgeError| matches!(e, EdgeError::Registry(r) if r.is_retryable()))
@@ -432,20 +464,20 @@ impl EdgeTarget {
             UploadStart::Session(url) => url,
         };
         let path: PathBuf = store.blob_path(&blob.digest)?;
-        let size = std::fs::metadata(&path)
-            .map_err(|e| {
-                EdgeError::Store(StoreError::Io {
-                    op: "reading",
-                    path: path.clone(),
-                    source: e,
-                })
+        let size = tokio::fs::metadata(&path)
+            .await
+            .map_err(|source| StoreError::Io {
+                op: "reading",
+                path: path.clone(),
+                source,
             })?
             .len();
         if size != blob.size {
-            return Err(EdgeError::Invalid(format!(
-                "blob {}: the store holds {size} bytes, the manifest says {}",
-                blob.digest, blob.size
-            )));
+            return Err(EdgeError::SizeMismatch {
+                digest: blob.digest.clone(),
+                held: size,
+                expected: blob.size,
+            });
         }
         // The body is re-made from the file if the request must be repeated
         // (a 401 answered); it streams, so memory does not grow with the blob.
@@ -462,6 +494,71 @@ impl EdgeTarget {
         self.uploads.fetch_add(1, Ordering::Relaxed);
         Ok(BlobOutcome::Uploaded)
     }
+}
+
+/// What the store holds of one image, read for a push.
+#[derive(Debug)]
+struct StoredImage {
+    /// The root manifest's bytes and media type.
+    root: Vec<u8>,
+    root_type: String,
+    /// (digest, media type, bytes) of every manifest below the root,
+    /// children before the indexes that name them.
+    children: Vec<(String, String, Vec<u8>)>,
+    /// Every blob of the image.
+    blobs: Vec<BlobRef>,
+}
+
+/// Reads an image from the store: its tree, as far as its platforms
+/// select, and every manifest's bytes. Blocking.
+fn stored_image(store: &Store, image: &DesiredImage) -> Result<StoredImage, EdgeError> {
+    let root_type = store
+        .records()
+        .into_iter()
+        .find(|r| r.digest == image.digest && r.parent.is_none())
+        .map(|r| r.media_type);
+    let tree = store
+        .tree(&image.digest, root_type.as_deref(), &image.platforms)
+        .map_err(|e| match e {
+            TreeError::Store(e) => EdgeError::Store(e),
+            TreeError::Plan(e) => EdgeError::Plan(e),
+        })?;
+    let manifest_missing = |digest: &str| EdgeError::ManifestMissing {
+        key: image.key.clone(),
+        digest: digest.to_string(),
+    };
+    if let Some(m) = tree.missing.first() {
+        return Err(manifest_missing(&m.digest));
+    }
+    let mut manifests = tree.manifests;
+    // The walk lists the root last.
+    let root_node = manifests
+        .pop()
+        .ok_or_else(|| manifest_missing(&image.digest))?;
+    let mut children = Vec::with_capacity(manifests.len());
+    for m in manifests {
+        let bytes = store.read_blob(&m.digest)?;
+        children.push((m.digest, m.media_type, bytes));
+    }
+    Ok(StoredImage {
+        root: store.read_blob(&image.digest)?,
+        root_type: root_node.media_type,
+        children,
+        blobs: tree.blobs,
+    })
+}
+
+/// Runs blocking store work for `image` off the async workers.
+async fn blocking<T: Send + 'static>(
+    image: &DesiredImage,
+    f: impl FnOnce() -> Result<T, EdgeError> + Send + 'static,
+) -> Result<T, EdgeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|source| EdgeError::Task {
+            key: image.key.clone(),
+            source,
+        })?
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -502,32 +599,20 @@ impl PushArgs {
         concurrency_images: usize,
         concurrency_blobs: usize,
         max_retries: usize,
-    ) -> Result<Option<EdgeConfig>, EdgeError> {
+    ) -> Result<Option<EdgeConfig>, ConfigError> {
         let Some(host) = &self.push_to else {
             return Ok(None);
         };
         if let Some(p) = &self.push_prefix
             && !valid_repository(p)
         {
-            return Err(EdgeError::Invalid(format!(
-                "--push-prefix: push prefix {p:?}: expected lowercase path components of [a-z0-9._-]"
-            )));
+            return Err(ConfigError::new(
+                "--push-prefix",
+                EdgeError::BadPrefix(p.clone()).to_string(),
+            ));
         }
         let credentials = match (&self.push_username, &self.push_password_file) {
-            (Some(u), Some(f)) => {
-                let text = std::fs::read_to_string(f).map_err(|e| {
-                    EdgeError::Invalid(format!("--push-password-file {}: {e}", f.display()))
-                })?;
-                let password = text.strip_suffix('\n').unwrap_or(&text);
-                let password = password.strip_suffix('\r').unwrap_or(password);
-                if password.is_empty() {
-                    return Err(EdgeError::Invalid(format!(
-                        "--push-password-file {}: expected a password, the file is empty",
-                        f.display()
-                    )));
-                }
-                Some(Credentials::new(u.clone(), password))
-            }
+            (Some(u), Some(f)) => Some(Credentials::new(u.clone(), read_password(f)?)),
             _ => None,
         };
         Ok(Some(EdgeConfig {
@@ -543,11 +628,27 @@ impl PushArgs {
     }
 }
 
+/// The password in `--push-password-file`, without one trailing newline.
+fn read_password(f: &std::path::Path) -> Result<String, ConfigError> {
+    let setting = || format!("--push-password-file {}", f.display());
+    let text =
+        std::fs::read_to_string(f).map_err(|e| ConfigError::new(setting(), e.to_string()))?;
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err(ConfigError::new(
+            setting(),
+            "expected a password, the file is empty",
+        ));
+    }
+    Ok(password.to_string())
+}
+
 /// Pushes the images that synced into the target and prints one line per
 /// image (`PUSHED` or `PUSH FAILED`); true when every one was pushed.
 pub async fn push_synced(
     config: EdgeConfig,
-    store: &Store,
+    store: &Arc<Store>,
     reports: &[crate::transfer::SyncReport],
 ) -> Result<bool, EdgeError> {
     let concurrency_images = config.concurrency_images;

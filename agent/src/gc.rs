@@ -170,14 +170,7 @@ pub fn plan(
         .iter()
         .map(|(g, r)| (g.as_str(), r.as_str()))
         .collect();
-    // The retention of every desired repository, merged over its images.
-    let mut desired_repos: BTreeMap<(&str, &str), Retention> = BTreeMap::new();
-    for w in wanted {
-        let e = desired_repos
-            .entry((w.id.0.as_str(), w.id.1.as_str()))
-            .or_default();
-        *e = e.merge(w.retention);
-    }
+    let desired_repos = desired_retention(wanted);
     // What each repository with content uses: its desired retention, else
     // the one remembered from when it was desired.
     let retention_of = |registry: &str, repository: &str| -> Retention {
@@ -223,31 +216,18 @@ pub fn plan(
             .iter()
             .filter(|(id, _)| wanted_ids.contains(id))
             .count();
-        let mut rollback_slots = if desired_repos.contains_key(&(registry, repository)) {
+        let rollback_slots = if desired_repos.contains_key(&(registry, repository)) {
             keep.saturating_sub(present_desired)
         } else {
             // A repository no longer desired keeps nothing for rollback.
             0
         };
-        for (id, _) in list {
-            if wanted_ids.contains(id) {
-                continue;
-            }
-            if rollback_slots > 0 {
-                rollback_slots -= 1;
-                continue;
-            }
-            let key = id_key(id);
-            let since = previous.unwanted_since.get(&key).copied().unwrap_or(now);
-            let waited = now.saturating_sub(since);
-            if waited >= grace.as_secs() {
-                out.remove.push(id.clone());
-            } else {
-                out.state.unwanted_since.insert(key, since);
-                let left = grace.as_secs() - waited;
-                out.next_due = Some(out.next_due.map_or(left, |d| d.min(left)));
-            }
-        }
+        let undesired = list
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| !wanted_ids.contains(id))
+            .skip(rollback_slots);
+        expire(undesired, grace, previous, now, &mut out);
     }
     // Desired repositories with nothing recorded yet still have their
     // retention remembered.
@@ -259,6 +239,42 @@ pub fn plan(
         }
     }
     out
+}
+
+/// The retention of every desired repository, merged over its images.
+fn desired_retention(wanted: &[Wanted]) -> BTreeMap<(&str, &str), Retention> {
+    let mut desired: BTreeMap<(&str, &str), Retention> = BTreeMap::new();
+    for w in wanted {
+        let e = desired
+            .entry((w.id.0.as_str(), w.id.1.as_str()))
+            .or_default();
+        *e = e.merge(w.retention);
+    }
+    desired
+}
+
+/// Removes each of `images` (unwanted, beyond the rollback slots) that has
+/// been unwanted for `grace`, and marks the rest with when they became
+/// unwanted.
+fn expire<'i>(
+    images: impl Iterator<Item = &'i ImageId>,
+    grace: Duration,
+    previous: &GcState,
+    now: u64,
+    out: &mut GcPlan,
+) {
+    for id in images {
+        let key = id_key(id);
+        let since = previous.unwanted_since.get(&key).copied().unwrap_or(now);
+        let waited = now.saturating_sub(since);
+        if waited >= grace.as_secs() {
+            out.remove.push(id.clone());
+        } else {
+            out.state.unwanted_since.insert(key, since);
+            let left = grace.as_secs() - waited;
+            out.next_due = Some(out.next_due.map_or(left, |d| d.min(left)));
+        }
+    }
 }
 
 /// What a collection did, and the storage it leaves.

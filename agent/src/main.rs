@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use imgfleet_agent::gc::{self, GcPolicy};
+use imgfleet_agent::settings::{ConfigError, parse_duration};
 use imgfleet_agent::standalone::{self, ResolveFailure};
 use imgfleet_agent::store::Store;
 use imgfleet_agent::transfer::{Engine, EngineConfig, Phase, Progress, SyncReport};
@@ -36,48 +37,7 @@ enum Command {
     /// Run the daemon: hub session, sync, mirror (the same as giving --hub without a subcommand).
     Run(imgfleet_agent::daemon::DaemonArgs),
     /// Sync the images named by RegistrySecret and Repository YAML once, then exit.
-    Sync {
-        /// The YAML file (the same the hub takes).
-        #[arg(long = "from", value_name = "FILE")]
-        from: PathBuf,
-        /// The content store directory.
-        #[arg(long, env = "IMGFLEET_DATA_DIR", default_value = "./agent-data")]
-        data_dir: PathBuf,
-        /// Images transferred at once.
-        #[arg(long, default_value_t = 4)]
-        concurrency_images: usize,
-        /// Blobs transferred at once, across all images.
-        #[arg(long, default_value_t = 8)]
-        concurrency_blobs: usize,
-        /// Combined bandwidth limit in bytes per second.
-        #[arg(long, value_name = "BYTES")]
-        bandwidth_limit: Option<u64>,
-        /// Extra CA certificate (PEM) to trust for registries; repeatable.
-        #[arg(long, value_name = "PEM")]
-        ca_file: Vec<PathBuf>,
-        /// Retries of a failing request before the image fails.
-        #[arg(long, default_value_t = 6)]
-        retries: usize,
-        /// How long content no longer in the file stays, e.g. 30m, 24h, 0s (a
-        /// Repository's retention.gracePeriod overrides it for its own content).
-        #[arg(long, default_value = "24h", value_parser = parse_duration_arg)]
-        grace_period: Duration,
-        /// Versions kept per repository still in the file, the desired one
-        /// included: 1 keeps only it, 2 one older version for rollback (a
-        /// Repository's retention.keepVersions overrides it).
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
-        keep_versions: u32,
-        /// A transfer that receives less than 16 KiB in this much time spent
-        /// waiting is cut and resumed by Range, e.g. 30s.
-        #[arg(long, default_value = "30s", value_parser = parse_nonzero_duration_arg)]
-        stall_timeout: Duration,
-        /// Do not collect content that is no longer desired.
-        #[arg(long)]
-        no_gc: bool,
-        /// The edge-registry target (--push-to ...).
-        #[command(flatten)]
-        push: imgfleet_agent::edge::PushArgs,
-    },
+    Sync(SyncArgs),
     /// Serve the content store as a read-only registry mirror (no hub).
     Serve {
         /// The content store directory.
@@ -104,6 +64,51 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
+}
+
+/// `imgfleet-agent sync`'s flags.
+#[derive(Debug, clap::Args)]
+struct SyncArgs {
+    /// The YAML file (the same the hub takes).
+    #[arg(long = "from", value_name = "FILE")]
+    from: PathBuf,
+    /// The content store directory.
+    #[arg(long, env = "IMGFLEET_DATA_DIR", default_value = "./agent-data")]
+    data_dir: PathBuf,
+    /// Images transferred at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency_images: usize,
+    /// Blobs transferred at once, across all images.
+    #[arg(long, default_value_t = 8)]
+    concurrency_blobs: usize,
+    /// Combined bandwidth limit in bytes per second.
+    #[arg(long, value_name = "BYTES")]
+    bandwidth_limit: Option<u64>,
+    /// Extra CA certificate (PEM) to trust for registries; repeatable.
+    #[arg(long, value_name = "PEM")]
+    ca_file: Vec<PathBuf>,
+    /// Retries of a failing request before the image fails.
+    #[arg(long, default_value_t = 6)]
+    retries: usize,
+    /// How long content no longer in the file stays, e.g. 30m, 24h, 0s (a
+    /// Repository's retention.gracePeriod overrides it for its own content).
+    #[arg(long, default_value = "24h", value_parser = parse_duration_arg)]
+    grace_period: Duration,
+    /// Versions kept per repository still in the file, the desired one
+    /// included: 1 keeps only it, 2 one older version for rollback (a
+    /// Repository's retention.keepVersions overrides it).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    keep_versions: u32,
+    /// A transfer that receives less than 16 KiB in this much time spent
+    /// waiting is cut and resumed by Range, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_nonzero_duration_arg)]
+    stall_timeout: Duration,
+    /// Do not collect content that is no longer desired.
+    #[arg(long)]
+    no_gc: bool,
+    /// The edge-registry target (--push-to ...).
+    #[command(flatten)]
+    push: imgfleet_agent::edge::PushArgs,
 }
 
 fn main() -> ExitCode {
@@ -228,71 +233,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let command = cli.command.unwrap_or(Command::Run(cli.daemon));
     match command {
         Command::Run(args) => run_daemon(args).await,
-        Command::Sync {
-            from,
-            data_dir,
-            concurrency_images,
-            concurrency_blobs,
-            bandwidth_limit,
-            ca_file,
-            retries,
-            grace_period,
-            keep_versions,
-            stall_timeout,
-            no_gc,
-            push,
-        } => {
-            let mut config = EngineConfig {
-                concurrency_images,
-                concurrency_blobs,
-                bandwidth_limit,
-                ..EngineConfig::default()
-            };
-            config.retry.max_retries = retries;
-            config.min_progress = Some(imgfleet_common::registry::MinProgress {
-                window: stall_timeout,
-                ..Default::default()
-            });
-            for f in &ca_file {
-                config.extra_roots_pem.push(
-                    std::fs::read(f)
-                        .with_context(|| format!("reading --ca-file {}", f.display()))?,
-                );
-            }
-            let gc = (!no_gc).then_some(GcPolicy {
-                grace_period,
-                keep_versions: keep_versions as usize,
-            });
-            let push = push.config(
-                config.extra_roots_pem.clone(),
-                concurrency_images,
-                concurrency_blobs,
-                retries,
-            )?;
-            sync(from, data_dir, config, gc, push).await
-        }
+        Command::Sync(args) => sync(args).await,
         Command::Serve {
             data_dir,
             mirror_listen,
             limits,
-        } => {
-            let limits = match limits.limits() {
-                Ok(l) => l,
-                Err((setting, message)) => {
-                    eprintln!("error: {setting}: {message}");
-                    return Ok(ExitCode::from(64));
-                }
-            };
-            serve(data_dir, mirror_listen, limits)
+        } => match limits.limits() {
+            Ok(limits) => serve(data_dir, mirror_listen, limits)
                 .await
-                .map(|()| ExitCode::SUCCESS)
-        }
+                .map(|()| ExitCode::SUCCESS),
+            Err(e) => Ok(usage_error(e)),
+        },
         Command::HostsToml {
             mirror,
             upstream,
             out_dir,
         } => hosts_toml(&mirror, &upstream, out_dir.as_deref()),
     }
+}
+
+/// The one exit for bad settings: the message names the setting, and the
+/// status is 64 (`EX_USAGE`), apart from anything that went wrong later.
+fn usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(64)
 }
 
 /// `hosts-toml`: every input checked (exit 64 naming the bad one), since
@@ -311,10 +275,7 @@ fn hosts_toml(
     });
     let (mirror, ups) = match checked {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(64));
-        }
+        Err(e) => return Ok(usage_error(e)),
     };
     let files = standalone::hosts_toml(&mirror, &ups);
     match out_dir {
@@ -342,10 +303,7 @@ fn hosts_toml(
 async fn run_daemon(args: imgfleet_agent::daemon::DaemonArgs) -> anyhow::Result<ExitCode> {
     let config = match args.validate() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(64));
-        }
+        Err(e) => return Ok(usage_error(e)),
     };
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
@@ -360,30 +318,58 @@ async fn run_daemon(args: imgfleet_agent::daemon::DaemonArgs) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-fn parse_nonzero_duration_arg(s: &str) -> Result<Duration, String> {
-    imgfleet::model::parse_duration(s)
-        .map_err(|_| format!("{s:?}: expected a duration like 30s or 2m"))
+fn parse_nonzero_duration_arg(s: &str) -> Result<Duration, ConfigError> {
+    parse_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| ConfigError::new(format!("{s:?}"), "expected a duration like 30s or 2m"))
 }
 
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    // The model's durations are never zero; a zero grace period is useful here.
-    if s.trim_end_matches(['s', 'm', 'h', 'd']) == "0" {
-        return Ok(Duration::ZERO);
+fn parse_duration_arg(s: &str) -> Result<Duration, ConfigError> {
+    parse_duration(s).ok_or_else(|| {
+        ConfigError::new(format!("{s:?}"), "expected a duration like 30m, 24h or 0s")
+    })
+}
+
+impl SyncArgs {
+    /// The engine's settings, with the extra CA roots read.
+    fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+        let mut config = EngineConfig {
+            concurrency_images: self.concurrency_images,
+            concurrency_blobs: self.concurrency_blobs,
+            bandwidth_limit: self.bandwidth_limit,
+            min_progress: Some(imgfleet_common::registry::MinProgress {
+                window: self.stall_timeout,
+                ..Default::default()
+            }),
+            ..EngineConfig::default()
+        };
+        config.retry.max_retries = self.retries;
+        for f in &self.ca_file {
+            config.extra_roots_pem.push(
+                std::fs::read(f).with_context(|| format!("reading --ca-file {}", f.display()))?,
+            );
+        }
+        Ok(config)
     }
-    imgfleet::model::parse_duration(s)
-        .map_err(|_| format!("{s:?}: expected a duration like 30m, 24h or 0s"))
 }
 
-async fn sync(
-    from: PathBuf,
-    data_dir: PathBuf,
-    config: EngineConfig,
-    gc: Option<GcPolicy>,
-    push: Option<imgfleet_agent::edge::EdgeConfig>,
-) -> anyhow::Result<ExitCode> {
+/// `sync --from FILE`: read the YAML, resolve its tags, sync the images,
+/// push them to the edge registry if asked, then collect what the file no
+/// longer names. Exit 64 for a file that does not validate, 1 when an
+/// image failed.
+async fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let text =
-        std::fs::read_to_string(&from).with_context(|| format!("reading {}", from.display()))?;
+    let config = args.engine_config()?;
+    let push = args.push.config(
+        config.extra_roots_pem.clone(),
+        args.concurrency_images,
+        args.concurrency_blobs,
+        args.retries,
+    )?;
+    let from = &args.from;
+    let text = tokio::fs::read_to_string(from)
+        .await
+        .with_context(|| format!("reading {}", from.display()))?;
     let targets = match standalone::targets_from_yaml(&text) {
         Ok(t) => t,
         Err(errors) => {
@@ -396,32 +382,14 @@ async fn sync(
     if targets.is_empty() {
         println!("No Repository to sync in {}.", from.display());
     }
-    let store = Arc::new(
-        tokio::task::spawn_blocking({
-            let d = data_dir.clone();
-            move || Store::open(d)
-        })
-        .await?
-        .with_context(|| format!("opening the content store {}", data_dir.display()))?,
-    );
-    let engine = Engine::new(store, config);
+    let engine = open_engine(&args.data_dir, config).await?;
     tracing::debug!(elapsed = ?started.elapsed(), targets = targets.len(), "Store opened");
-    let (images, failures) = standalone::resolve(&engine, &targets).await;
-    // Each repository's own retention, merged over the Repositories naming it.
-    let mut retention: HashMap<(String, String), gc::Retention> = HashMap::new();
-    for t in &targets {
-        let e = retention
-            .entry((t.registry.clone(), t.repository.clone()))
-            .or_default();
-        e.keep_versions = e.keep_versions.max(t.retention.keep_versions);
-        e.grace_period_seconds = e.grace_period_seconds.max(t.retention.grace_period_seconds);
-    }
-    tracing::debug!(elapsed = ?started.elapsed(), images = images.len(), "Tags resolved");
+    let (pulls, failures) = standalone::resolve(&engine, &targets).await;
+    tracing::debug!(elapsed = ?started.elapsed(), images = pulls.len(), "Tags resolved");
 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let tty = std::io::stderr().is_terminal();
-    let display = tokio::spawn(show_progress(rx, tty));
-    let mut reports = engine.sync(images, Some(tx)).await;
+    let display = tokio::spawn(show_progress(rx, std::io::stderr().is_terminal()));
+    let mut reports = engine.sync(pulls, Some(tx)).await;
     reports.sort_by(|a, b| a.image.key.cmp(&b.image.key));
     tracing::debug!(elapsed = ?started.elapsed(), "Images synced");
     let _ = display.await;
@@ -436,41 +404,77 @@ async fn sync(
     // Collected even when some images failed: a failed image is still wanted
     // (its content stays), and a repository whose tags did not resolve loses
     // nothing; everything else follows its retention.
-    if let Some(policy) = gc {
-        let wanted: Vec<gc::Wanted> = reports
-            .iter()
-            .map(|r| {
-                let repo = (r.image.registry.clone(), r.image.repository.clone());
-                gc::Wanted {
-                    retention: retention.get(&repo).copied().unwrap_or_default(),
-                    id: (repo.0, repo.1, r.image.digest.clone()),
-                }
-            })
-            .collect();
-        let unresolved: Vec<gc::RepoId> = failures.iter().map(|f| f.repository.clone()).collect();
-        let store = engine.store().clone();
-        let report =
-            tokio::task::spawn_blocking(move || gc::collect(&store, &wanted, &unresolved, &policy))
-                .await?
-                .context("collecting unwanted content")?;
-        println!(
-            "GC: removed {} images, {} blobs, {} freed; store holds {} in {} blobs{}",
-            report.images_removed.len(),
-            report.blobs_removed,
-            mib(report.bytes_freed),
-            mib(report.usage.blob_bytes),
-            report.usage.blobs,
-            match (report.available, report.capacity) {
-                (Some(a), Some(c)) => format!(", {} free of {}", mib(a), mib(c)),
-                _ => String::new(),
-            }
-        );
+    if !args.no_gc {
+        let policy = GcPolicy {
+            grace_period: args.grace_period,
+            keep_versions: args.keep_versions as usize,
+        };
+        collect(engine.store(), &targets, &reports, &failures, policy).await?;
     }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The content store in `data_dir`, opened (and locked) on the blocking
+/// pool, under a new engine.
+async fn open_engine(data_dir: &std::path::Path, config: EngineConfig) -> anyhow::Result<Engine> {
+    let dir = data_dir.to_path_buf();
+    let store = tokio::task::spawn_blocking(move || Store::open(dir))
+        .await?
+        .with_context(|| format!("opening the content store {}", data_dir.display()))?;
+    Ok(Engine::new(Arc::new(store), config))
+}
+
+/// GC after a sync: every image of the file is wanted, each repository with
+/// the retention merged over the Repositories naming it; repositories with
+/// a tag that did not resolve lose nothing.
+async fn collect(
+    store: &Arc<Store>,
+    targets: &[standalone::Target],
+    reports: &[SyncReport],
+    failures: &[ResolveFailure],
+    policy: GcPolicy,
+) -> anyhow::Result<()> {
+    let mut retention: HashMap<(String, String), gc::Retention> = HashMap::new();
+    for t in targets {
+        let e = retention
+            .entry((t.registry.clone(), t.repository.clone()))
+            .or_default();
+        e.keep_versions = e.keep_versions.max(t.retention.keep_versions);
+        e.grace_period_seconds = e.grace_period_seconds.max(t.retention.grace_period_seconds);
+    }
+    let wanted: Vec<gc::Wanted> = reports
+        .iter()
+        .map(|r| {
+            let repo = (r.image.registry.clone(), r.image.repository.clone());
+            gc::Wanted {
+                retention: retention.get(&repo).copied().unwrap_or_default(),
+                id: (repo.0, repo.1, r.image.digest.clone()),
+            }
+        })
+        .collect();
+    let unresolved: Vec<gc::RepoId> = failures.iter().map(|f| f.repository.clone()).collect();
+    let store = store.clone();
+    let report =
+        tokio::task::spawn_blocking(move || gc::collect(&store, &wanted, &unresolved, &policy))
+            .await?
+            .context("collecting unwanted content")?;
+    println!(
+        "GC: removed {} images, {} blobs, {} freed; store holds {} in {} blobs{}",
+        report.images_removed.len(),
+        report.blobs_removed,
+        mib(report.bytes_freed),
+        mib(report.usage.blob_bytes),
+        report.usage.blobs,
+        match (report.available, report.capacity) {
+            (Some(a), Some(c)) => format!(", {} free of {}", mib(a), mib(c)),
+            _ => String::new(),
+        }
+    );
+    Ok(())
 }
 
 fn mib(n: u64) -> String {
@@ -481,7 +485,7 @@ fn mib(n: u64) -> String {
 fn print_summary(reports: &[SyncReport], failures: &[ResolveFailure], took: Duration) -> bool {
     let mut ok = failures.is_empty();
     for f in failures {
-        println!("FAILED  {}: {}", f.what, f.message);
+        println!("FAILED  {}: {}", f.what, f.error);
     }
     for r in reports {
         let i = &r.image;
@@ -573,17 +577,21 @@ async fn serve(
     limits: imgfleet_agent::mirror::Limits,
 ) -> anyhow::Result<()> {
     // Create the layout if it is missing, then serve read-only so that a
-    // `sync` can write to the same directory meanwhile.
-    if !data_dir.join("blobs/sha256").exists() {
-        drop(
-            Store::open(&data_dir)
-                .with_context(|| format!("creating the content store {}", data_dir.display()))?,
-        );
-    }
-    let store = Arc::new(
-        Store::open_read_only(&data_dir)
-            .with_context(|| format!("opening the content store {}", data_dir.display()))?,
-    );
+    // `sync` can write to the same directory meanwhile. Both read the disk:
+    // on the blocking pool.
+    let dir = data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        if !dir.join("blobs/sha256").exists() {
+            drop(
+                Store::open(&dir)
+                    .with_context(|| format!("creating the content store {}", dir.display()))?,
+            );
+        }
+        Store::open_read_only(&dir)
+            .with_context(|| format!("opening the content store {}", dir.display()))
+    })
+    .await??;
+    let store = Arc::new(store);
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("listening on --mirror-listen {listen}"))?;

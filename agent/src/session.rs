@@ -8,10 +8,9 @@
 //! not. Every set is persisted before it is acked and before the reconciler
 //! sees it, so what the hub records as applied survives a crash.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use imgfleet::api::v1 as pb;
@@ -22,132 +21,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
 use tracing::{Instrument as _, debug, error, info, warn};
 
 use crate::desired::{DeltaError, DesiredFile, DesiredFileError, DesiredSet};
-
-/// The latest state of every desired image, as the hub should see it. The
-/// reconciler writes it; the session sends what changed, coalesced.
-#[derive(Debug)]
-pub struct ProgressBook {
-    inner: Mutex<BookInner>,
-    changed: watch::Sender<u64>,
-}
-
-#[derive(Debug, Default)]
-struct BookInner {
-    /// Per key: the sequence number of its last change, and the state.
-    entries: BTreeMap<String, (u64, pb::ImageProgress)>,
-    seq: u64,
-    storage: pb::StorageReport,
-}
-
-impl ProgressBook {
-    /// An empty book.
-    pub fn new() -> Arc<ProgressBook> {
-        Arc::new(ProgressBook {
-            inner: Mutex::new(BookInner::default()),
-            changed: watch::channel(0).0,
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BookInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records an image's state. A state equal to the held one (apart from
-    /// its timestamp) is not a change and is not sent again.
-    pub fn set(&self, progress: pb::ImageProgress) {
-        let mut inner = self.lock();
-        if let Some((_, old)) = inner.entries.get(&progress.key) {
-            let same = pb::ImageProgress {
-                updated_at: old.updated_at,
-                ..progress.clone()
-            } == *old;
-            if same {
-                return;
-            }
-        }
-        inner.seq += 1;
-        let seq = inner.seq;
-        inner.entries.insert(progress.key.clone(), (seq, progress));
-        drop(inner);
-        self.changed.send_replace(seq);
-    }
-
-    /// Forgets an image that is no longer desired.
-    pub fn remove(&self, key: &str) {
-        self.lock().entries.remove(key);
-    }
-
-    /// The state of one image.
-    pub fn get(&self, key: &str) -> Option<pb::ImageProgress> {
-        self.lock().entries.get(key).map(|(_, p)| p.clone())
-    }
-
-    /// Records the storage figures; sent with the next progress message.
-    pub fn set_storage(&self, storage: pb::StorageReport) {
-        let mut inner = self.lock();
-        if inner.storage == storage {
-            return;
-        }
-        inner.storage = storage;
-        inner.seq += 1;
-        let seq = inner.seq;
-        drop(inner);
-        self.changed.send_replace(seq);
-    }
-
-    /// The storage figures.
-    pub fn storage(&self) -> pb::StorageReport {
-        self.lock().storage
-    }
-
-    /// Every image's state and the sequence number it is current to.
-    pub fn snapshot(&self) -> (u64, Vec<pb::ImageProgress>) {
-        let inner = self.lock();
-        (
-            inner.seq,
-            inner.entries.values().map(|(_, p)| p.clone()).collect(),
-        )
-    }
-
-    /// The states changed after `seq`, and the sequence number they are current to.
-    pub fn changes_since(&self, seq: u64) -> (u64, Vec<pb::ImageProgress>) {
-        let inner = self.lock();
-        (
-            inner.seq,
-            inner
-                .entries
-                .values()
-                .filter(|(s, _)| *s > seq)
-                .map(|(_, p)| p.clone())
-                .collect(),
-        )
-    }
-
-    /// (images, synced, failed) counts, for metrics.
-    pub fn counts(&self) -> (usize, usize, usize) {
-        let inner = self.lock();
-        let phase = |ph: pb::ImagePhase| {
-            inner
-                .entries
-                .values()
-                .filter(|(_, p)| p.phase == ph as i32)
-                .count()
-        };
-        (
-            inner.entries.len(),
-            phase(pb::ImagePhase::Synced),
-            phase(pb::ImagePhase::Failed),
-        )
-    }
-
-    /// Wakes on every change.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-}
+use crate::report::ProgressBook;
+use crate::wire::{self, EmptyMessage, FromHub};
 
 /// Session facts for metrics and health.
 #[derive(Debug, Default)]
@@ -213,8 +92,8 @@ pub enum SessionError {
     Silent(Duration),
     #[error("{0}; reconnecting for a full set")]
     Delta(#[from] DeltaError),
-    #[error("hub sent an empty message")]
-    Empty,
+    #[error(transparent)]
+    Empty(#[from] EmptyMessage),
 }
 
 /// The session task: owns the persisted desired set and publishes it.
@@ -308,14 +187,28 @@ impl Session {
         }
     }
 
+    /// One session: connect and say hello, then serve the stream until it
+    /// ends. `established` turns true once the hub has said something.
     async fn once(
         &self,
         url: &str,
         shutdown: &CancellationToken,
         established: &mut bool,
     ) -> Result<Outcome, SessionError> {
+        let Some((tx, inbound)) = self.open(url, shutdown).await? else {
+            return Ok(Outcome::Shutdown);
+        };
+        self.serve(tx, inbound, shutdown, established).await
+    }
+
+    /// Connects to `url` and sends the Hello; `None` on shutdown.
+    async fn open(
+        &self,
+        url: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(Outbound, Streaming<pb::HubMessage>)>, SessionError> {
         let channel = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+            _ = shutdown.cancelled() => return Ok(None),
             // A hub that accepts TCP and then says nothing counts as silent.
             c = tokio::time::timeout(self.config.silence, self.config.tls.connect(url)) => {
                 c.map_err(|_| SessionError::Silent(self.config.silence))??
@@ -325,25 +218,23 @@ impl Session {
         let held = self.desired.borrow().clone();
         send(
             &tx,
-            pb::agent_message::Msg::Hello(pb::Hello {
-                cluster_name: self.config.cluster.clone(),
-                agent_version: self.config.agent_version.clone(),
-                current_generation: held.generation,
-                current_epoch: held.epoch.clone(),
-                storage: Some(self.book.storage()),
-            }),
+            wire::hello(
+                &self.config.cluster,
+                &self.config.agent_version,
+                &held,
+                self.book.storage(),
+            ),
         )?;
         // A desired set of thousands of images can pass tonic's 4 MiB default.
         let mut client =
             AgentServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
         let response = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+            _ = shutdown.cancelled() => return Ok(None),
             r = tokio::time::timeout(
                 self.config.silence,
                 client.connect(UnboundedReceiverStream::new(rx)),
             ) => r.map_err(|_| SessionError::Silent(self.config.silence))??,
         };
-        let mut inbound = response.into_inner();
         self.status.connected.store(true, Ordering::Relaxed);
         info!(
             hub = %url,
@@ -351,18 +242,24 @@ impl Session {
             epoch = %held.epoch,
             "Connected to hub"
         );
+        Ok(Some((tx, response.into_inner())))
+    }
 
+    /// Serves an open session: applies what the hub sends, heartbeats, and
+    /// sends progress at most every `progress_interval`, until the stream
+    /// ends, falls silent or shutdown.
+    async fn serve(
+        &self,
+        tx: Outbound,
+        mut inbound: Streaming<pb::HubMessage>,
+        shutdown: &CancellationToken,
+        established: &mut bool,
+    ) -> Result<Outcome, SessionError> {
         // The hub learns the true current state of every image first.
         let mut changes = self.book.subscribe();
         changes.borrow_and_update();
         let (mut sent_seq, all) = self.book.snapshot();
-        send(
-            &tx,
-            pb::agent_message::Msg::Progress(pb::Progress {
-                images: all,
-                storage: Some(self.book.storage()),
-            }),
-        )?;
+        send(&tx, wire::progress(all, self.book.storage()))?;
         let mut last_progress = Instant::now();
         let mut pending = false;
         let mut last_heard = Instant::now();
@@ -382,14 +279,11 @@ impl Session {
                     // Only a hub that talks resets the backoff: one that
                     // accepts and then refuses must not be hammered.
                     *established = true;
-                    self.handle(msg, &tx).await?;
+                    self.handle(FromHub::try_from(msg)?, &tx).await?;
                 }
                 _ = heartbeat.tick() => {
                     seq += 1;
-                    send(&tx, pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
-                        sent_at: Some(SystemTime::now().into()),
-                        seq,
-                    }))?;
+                    send(&tx, wire::heartbeat(seq))?;
                 }
                 _ = tokio::time::sleep_until(last_heard + self.config.silence) => {
                     return Err(SessionError::Silent(self.config.silence));
@@ -403,10 +297,7 @@ impl Session {
                     changes.borrow_and_update();
                     let (seq_now, images) = self.book.changes_since(sent_seq);
                     sent_seq = seq_now;
-                    send(&tx, pb::agent_message::Msg::Progress(pb::Progress {
-                        images,
-                        storage: Some(self.book.storage()),
-                    }))?;
+                    send(&tx, wire::progress(images, self.book.storage()))?;
                     pending = false;
                     last_progress = Instant::now();
                 }
@@ -415,15 +306,11 @@ impl Session {
     }
 
     /// Applies one hub message: persist, publish, then ack.
-    async fn handle(
-        &self,
-        msg: pb::HubMessage,
-        tx: &mpsc::UnboundedSender<pb::AgentMessage>,
-    ) -> Result<(), SessionError> {
-        let next = match msg.msg.ok_or(SessionError::Empty)? {
-            pb::hub_message::Msg::Heartbeat(_) => return Ok(()),
-            pb::hub_message::Msg::DesiredSet(set) => DesiredSet::from_full(set),
-            pb::hub_message::Msg::Delta(delta) => {
+    async fn handle(&self, msg: FromHub, tx: &Outbound) -> Result<(), SessionError> {
+        let next = match msg {
+            FromHub::Heartbeat => return Ok(()),
+            FromHub::Set(set) => set,
+            FromHub::Delta(delta) => {
                 let held = self.desired.borrow().clone();
                 held.apply_delta(delta)?
             }
@@ -434,10 +321,10 @@ impl Session {
             let next = next.clone();
             tokio::task::spawn_blocking(move || file.save(&next))
                 .await
-                .unwrap_or_else(|e| {
-                    Err(DesiredFileError::Invalid {
+                .unwrap_or_else(|source| {
+                    Err(DesiredFileError::Task {
                         path: self.file.path().to_path_buf(),
-                        message: format!("saving task failed: {e}"),
+                        source,
                     })
                 })
         };
@@ -445,14 +332,7 @@ impl Session {
             // Not held durably, so not applied: the hub sees the error and
             // the generation stays where it was.
             error!(generation, error = %e, "Cannot persist the desired set");
-            return send(
-                tx,
-                pb::agent_message::Msg::Ack(pb::Ack {
-                    generation,
-                    epoch,
-                    error: e.to_string(),
-                }),
-            );
+            return send(tx, wire::ack(generation, epoch, Some(e.to_string())));
         }
         info!(
             generation,
@@ -462,23 +342,15 @@ impl Session {
         );
         self.desired.send_replace(Arc::new(next));
         self.status.sets_applied.fetch_add(1, Ordering::Relaxed);
-        send(
-            tx,
-            pb::agent_message::Msg::Ack(pb::Ack {
-                generation,
-                epoch,
-                error: String::new(),
-            }),
-        )
+        send(tx, wire::ack(generation, epoch, None))
     }
 }
 
-fn send(
-    tx: &mpsc::UnboundedSender<pb::AgentMessage>,
-    msg: pb::agent_message::Msg,
-) -> Result<(), SessionError> {
-    tx.send(pb::AgentMessage { msg: Some(msg) })
-        .map_err(|_| SessionError::Closed)
+/// What the session sends to the hub on.
+type Outbound = mpsc::UnboundedSender<pb::AgentMessage>;
+
+fn send(tx: &Outbound, msg: pb::AgentMessage) -> Result<(), SessionError> {
+    tx.send(msg).map_err(|_| SessionError::Closed)
 }
 
 /// A delay drawn uniformly from zero to `d` ("full jitter"), so that agents
@@ -491,35 +363,6 @@ pub fn full_jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn p(key: &str, phase: pb::ImagePhase, done: u64) -> pb::ImageProgress {
-        pb::ImageProgress {
-            key: key.into(),
-            phase: phase as i32,
-            bytes_done: done,
-            updated_at: Some(SystemTime::now().into()),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn book_sends_only_latest_changes() {
-        let book = ProgressBook::new();
-        book.set(p("a", pb::ImagePhase::Syncing, 1));
-        book.set(p("b", pb::ImagePhase::Pending, 0));
-        let (seq, all) = book.snapshot();
-        assert_eq!(all.len(), 2);
-        // Intermediate states collapse to the newest one.
-        book.set(p("a", pb::ImagePhase::Syncing, 5));
-        book.set(p("a", pb::ImagePhase::Synced, 9));
-        let (seq2, changed) = book.changes_since(seq);
-        assert_eq!(changed.len(), 1);
-        assert_eq!(changed[0].bytes_done, 9);
-        // The same state again (new timestamp) is no change.
-        book.set(p("a", pb::ImagePhase::Synced, 9));
-        assert!(book.changes_since(seq2).1.is_empty());
-        assert_eq!(book.counts(), (2, 1, 0));
-    }
 
     #[test]
     fn jitter_stays_within_the_delay() {

@@ -5,21 +5,24 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use imgfleet::model::{self, DEFAULT_NAMESPACE, Object};
-use imgfleet_common::registry::Credentials;
-
 use futures::StreamExt;
+use imgfleet::model::{self, DEFAULT_NAMESPACE, Object, ValidationError};
+use imgfleet_common::registry::{Credentials, RegistryError};
 
+use crate::desired::DesiredImage;
 use crate::gc::Retention;
-use crate::transfer::{DesiredImage, Engine};
+use crate::settings::ConfigError;
+use crate::transfer::{Engine, Pull, TransferError};
 
 /// One Repository to sync, with its registry settings, before tag resolution.
 #[derive(Debug, Clone)]
 pub struct Target {
     /// `Repository <namespace>/<name>`, for messages.
     pub object: String,
-    /// `<namespace>/<name>`.
-    pub name: String,
+    /// Namespace and name of the Repository.
+    pub source: (String, String),
+    /// `<namespace>/<name>` of its RegistrySecret.
+    pub registry_key: String,
     /// Registry host.
     pub registry: String,
     /// Repository path.
@@ -42,9 +45,8 @@ pub struct Target {
 
 /// Reads the YAML: every Repository that is not suspended, joined with its
 /// RegistrySecret. Errors name the object and field.
-pub fn targets_from_yaml(text: &str) -> Result<Vec<Target>, Vec<String>> {
-    let objects = model::parse_documents(text)
-        .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+pub fn targets_from_yaml(text: &str) -> Result<Vec<Target>, Vec<ValidationError>> {
+    let objects = model::parse_documents(text)?;
     let mut secrets = BTreeMap::new();
     for o in &objects {
         if let Object::RegistrySecret(s) = o {
@@ -67,11 +69,12 @@ pub fn targets_from_yaml(text: &str) -> Result<Vec<Target>, Vec<String>> {
             .namespace
             .clone()
             .unwrap_or_else(|| ns.clone());
-        let Some(secret) = secrets.get(&(secret_ns.clone(), r.spec.registry_ref.name.clone()))
-        else {
-            errors.push(format!(
-                "{object}: spec.registryRef: RegistrySecret {secret_ns}/{} is not in the file",
-                r.spec.registry_ref.name
+        let secret_name = r.spec.registry_ref.name.clone();
+        let Some(secret) = secrets.get(&(secret_ns.clone(), secret_name.clone())) else {
+            errors.push(ValidationError::new(
+                object,
+                "spec.registryRef",
+                format!("RegistrySecret {secret_ns}/{secret_name} is not in the file"),
             ));
             continue;
         };
@@ -83,7 +86,8 @@ pub fn targets_from_yaml(text: &str) -> Result<Vec<Target>, Vec<String>> {
         tags.extend(r.spec.tags.iter().cloned());
         out.push(Target {
             object,
-            name: format!("{ns}/{}", o.name()),
+            source: (ns.clone(), o.name().to_string()),
+            registry_key: format!("{secret_ns}/{secret_name}"),
             registry: secret.domain.clone(),
             repository: r.spec.repository.clone(),
             digest: r.spec.digest.clone(),
@@ -157,10 +161,23 @@ pub fn version_cmp(a: &str, b: &str) -> Ordering {
     pa.len().cmp(&pb.len()).then_with(|| a.cmp(b))
 }
 
+/// A `tagPattern` that is not a regular expression.
+#[derive(Debug, thiserror::Error)]
+#[error("spec.tagPattern.pattern {pattern:?}: {source}")]
+pub struct PatternError {
+    /// The pattern.
+    pub pattern: String,
+    /// Why it does not compile.
+    #[source]
+    pub source: regex::Error,
+}
+
 /// The newest `keep` tags that match `pattern` in full, newest first.
-pub fn select_tags(tags: &[String], pattern: &str, keep: u32) -> Result<Vec<String>, String> {
-    let re = regex::Regex::new(&format!("^(?:{pattern})$"))
-        .map_err(|e| format!("spec.tagPattern.pattern {pattern:?}: {e}"))?;
+pub fn select_tags(tags: &[String], pattern: &str, keep: u32) -> Result<Vec<String>, PatternError> {
+    let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|source| PatternError {
+        pattern: pattern.to_string(),
+        source,
+    })?;
     let mut matching: Vec<String> = tags.iter().filter(|t| re.is_match(t)).cloned().collect();
     matching.sort_by(|a, b| version_cmp(b, a));
     matching.truncate(keep as usize);
@@ -168,14 +185,40 @@ pub fn select_tags(tags: &[String], pattern: &str, keep: u32) -> Result<Vec<Stri
 }
 
 /// A target that could not be turned into images.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ResolveFailure {
     /// Object and reference, e.g. `Repository default/app tag v1`.
     pub what: String,
     /// Why.
-    pub message: String,
+    pub error: ResolveError,
     /// The (registry, repository) whose desired digests are not known.
     pub repository: (String, String),
+}
+
+/// Why tags could not be resolved. Each is final for this run; the next
+/// run asks again.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// No client for the registry.
+    #[error(transparent)]
+    Client(TransferError),
+    /// The tag list could not be read.
+    #[error("listing tags: {0}")]
+    ListTags(#[source] RegistryError),
+    /// The tag pattern does not compile.
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    /// No tag matches the pattern.
+    #[error("no tag of {repository} matches {pattern:?}")]
+    NoMatch {
+        /// The repository.
+        repository: String,
+        /// The pattern.
+        pattern: String,
+    },
+    /// The tag could not be resolved to a digest.
+    #[error(transparent)]
+    Tag(RegistryError),
 }
 
 /// Tag lookups in flight at once.
@@ -183,11 +226,8 @@ const RESOLVE_CONCURRENCY: usize = 64;
 
 /// Resolves tags to digests and groups tags by digest into desired images,
 /// several targets at once (a no-op re-sync is mostly these lookups).
-pub async fn resolve(
-    engine: &Engine,
-    targets: &[Target],
-) -> (Vec<DesiredImage>, Vec<ResolveFailure>) {
-    let results: Vec<(Vec<DesiredImage>, Vec<ResolveFailure>)> = futures::stream::iter(targets)
+pub async fn resolve(engine: &Engine, targets: &[Target]) -> (Vec<Pull>, Vec<ResolveFailure>) {
+    let results: Vec<(Vec<Pull>, Vec<ResolveFailure>)> = futures::stream::iter(targets)
         .map(|t| resolve_one(engine, t))
         // A no-op re-sync is bounded by these round trips: ask for up to 64
         // at once (the registry's own concurrency does the rest), each on
@@ -195,88 +235,97 @@ pub async fn resolve(
         .buffered(RESOLVE_CONCURRENCY)
         .collect()
         .await;
-    let mut images = Vec::new();
+    let mut pulls = Vec::new();
     let mut failures = Vec::new();
-    for (i, f) in results {
-        images.extend(i);
+    for (p, f) in results {
+        pulls.extend(p);
         failures.extend(f);
     }
-    (images, failures)
+    (pulls, failures)
 }
 
-async fn resolve_one(engine: &Engine, t: &Target) -> (Vec<DesiredImage>, Vec<ResolveFailure>) {
-    let mut images: Vec<DesiredImage> = Vec::new();
+async fn resolve_one(engine: &Engine, t: &Target) -> (Vec<Pull>, Vec<ResolveFailure>) {
     let mut failures = Vec::new();
+    let mut fail = |what: &str, error: ResolveError| {
+        failures.push(ResolveFailure {
+            what: what.to_string(),
+            error,
+            repository: (t.registry.clone(), t.repository.clone()),
+        })
+    };
+    let client = match engine
+        .client(&t.registry, t.credentials.as_ref(), t.insecure)
+        .await
     {
-        let client = match engine.client_for(&t.registry, t.credentials.as_ref(), t.insecure) {
-            Ok(c) => c,
-            Err(e) => {
-                failures.push(ResolveFailure {
-                    what: t.object.clone(),
-                    message: e.to_string(),
-                    repository: (t.registry.clone(), t.repository.clone()),
-                });
-                return (images, failures);
-            }
-        };
-        let mut tags = t.tags.clone();
-        if let Some((pattern, keep)) = &t.pattern {
-            match client.list_tags(&t.repository).await {
-                Ok(all) => match select_tags(&all, pattern, *keep) {
-                    Ok(sel) if sel.is_empty() => failures.push(ResolveFailure {
-                        what: t.object.clone(),
-                        message: format!("no tag of {} matches {pattern:?}", t.repository),
-                        repository: (t.registry.clone(), t.repository.clone()),
-                    }),
-                    Ok(sel) => tags.extend(sel),
-                    Err(m) => failures.push(ResolveFailure {
-                        what: t.object.clone(),
-                        message: m,
-                        repository: (t.registry.clone(), t.repository.clone()),
-                    }),
-                },
-                Err(e) => failures.push(ResolveFailure {
-                    what: t.object.clone(),
-                    message: format!("listing tags: {e}"),
-                    repository: (t.registry.clone(), t.repository.clone()),
-                }),
-            }
+        Ok(c) => c,
+        Err(e) => {
+            fail(&t.object, ResolveError::Client(e));
+            return (Vec::new(), failures);
         }
-        let mut by_digest: Vec<(String, Vec<String>)> = Vec::new();
-        let mut add = |digest: String, tag: Option<String>| match by_digest
-            .iter_mut()
-            .find(|(d, _)| *d == digest)
-        {
-            Some((_, ts)) => ts.extend(tag),
-            None => by_digest.push((digest, tag.into_iter().collect())),
-        };
-        if let Some(d) = &t.digest {
-            add(d.clone(), None);
-        }
-        for tag in tags {
-            match client.resolve_tag(&t.repository, &tag).await {
-                Ok(d) => add(d, Some(tag)),
-                Err(e) => failures.push(ResolveFailure {
-                    what: format!("{} tag {tag}", t.object),
-                    message: e.to_string(),
-                    repository: (t.registry.clone(), t.repository.clone()),
-                }),
-            }
-        }
-        for (digest, tags) in by_digest {
-            images.push(DesiredImage {
-                key: format!("{}@{digest}", t.name),
-                registry: t.registry.clone(),
-                repository: t.repository.clone(),
-                digest,
-                tags,
-                platforms: t.platforms.clone(),
-                credentials: t.credentials.clone(),
-                insecure: t.insecure,
-            });
+    };
+    let mut tags = t.tags.clone();
+    if let Some((pattern, keep)) = &t.pattern {
+        match client.list_tags(&t.repository).await {
+            Ok(all) => match select_tags(&all, pattern, *keep) {
+                Ok(sel) if sel.is_empty() => fail(
+                    &t.object,
+                    ResolveError::NoMatch {
+                        repository: t.repository.clone(),
+                        pattern: pattern.clone(),
+                    },
+                ),
+                Ok(sel) => tags.extend(sel),
+                Err(e) => fail(&t.object, e.into()),
+            },
+            Err(e) => fail(&t.object, ResolveError::ListTags(e)),
         }
     }
-    (images, failures)
+    let mut by_digest: Vec<(String, Vec<String>)> = Vec::new();
+    let mut add = |digest: String, tag: Option<String>| match by_digest
+        .iter_mut()
+        .find(|(d, _)| *d == digest)
+    {
+        Some((_, ts)) => ts.extend(tag),
+        None => by_digest.push((digest, tag.into_iter().collect())),
+    };
+    if let Some(d) = &t.digest {
+        add(d.clone(), None);
+    }
+    for tag in tags {
+        match client.resolve_tag(&t.repository, &tag).await {
+            Ok(d) => add(d, Some(tag)),
+            Err(e) => fail(&format!("{} tag {tag}", t.object), ResolveError::Tag(e)),
+        }
+    }
+    let pulls = by_digest
+        .into_iter()
+        .map(|(digest, tags)| t.pull(digest, tags))
+        .collect();
+    (pulls, failures)
+}
+
+impl Target {
+    /// The pull of one resolved digest of this target, with the tags that
+    /// name it.
+    fn pull(&self, digest: String, tags: Vec<String>) -> Pull {
+        let (namespace, name) = &self.source;
+        Pull {
+            image: DesiredImage {
+                key: format!("{namespace}/{name}@{digest}"),
+                source: self.source.clone(),
+                registry_key: self.registry_key.clone(),
+                registry: self.registry.clone(),
+                repository: self.repository.clone(),
+                digest,
+                tags,
+                platforms: self.platforms.clone(),
+                keep_versions: self.retention.keep_versions,
+                grace_period_seconds: self.retention.grace_period_seconds,
+            },
+            credentials: self.credentials.clone(),
+            insecure: self.insecure,
+        }
+    }
 }
 
 /// Whether `s` is a host name or IP address with an optional port: what may
@@ -323,7 +372,7 @@ impl Upstream {
     /// Parses `HOST[:PORT]`, `http://HOST[:PORT]` or `https://HOST[:PORT]`
     /// (a trailing `/` is allowed). Anything else is refused with what was
     /// expected.
-    pub fn parse(s: &str) -> Result<Upstream, String> {
+    pub fn parse(s: &str) -> Result<Upstream, ConfigError> {
         let (plain_http, rest) = if let Some(r) = s.strip_prefix("http://") {
             (true, r)
         } else if let Some(r) = s.strip_prefix("https://") {
@@ -333,8 +382,9 @@ impl Upstream {
         };
         let host = rest.strip_suffix('/').unwrap_or(rest);
         if !valid_authority(host) {
-            return Err(format!(
-                "--upstream {s:?}: expected HOST[:PORT], http://HOST[:PORT] or https://HOST[:PORT]"
+            return Err(ConfigError::new(
+                format!("--upstream {s:?}"),
+                "expected HOST[:PORT], http://HOST[:PORT] or https://HOST[:PORT]",
             ));
         }
         Ok(Upstream {
@@ -355,15 +405,16 @@ impl Upstream {
 
 /// Checks the mirror URL for `hosts-toml --mirror`: `http://` or `https://`
 /// and a host with an optional port. Returns it without a trailing `/`.
-pub fn parse_mirror_url(s: &str) -> Result<String, String> {
+pub fn parse_mirror_url(s: &str) -> Result<String, ConfigError> {
     let rest = s
         .strip_prefix("http://")
         .or_else(|| s.strip_prefix("https://"));
     let host = rest.map(|r| r.strip_suffix('/').unwrap_or(r));
     match host {
         Some(h) if valid_authority(h) => Ok(s.trim_end_matches('/').to_string()),
-        _ => Err(format!(
-            "--mirror {s:?}: expected a URL like http://10.0.0.5:5050"
+        _ => Err(ConfigError::new(
+            format!("--mirror {s:?}"),
+            "expected a URL like http://10.0.0.5:5050",
         )),
     }
 }
@@ -441,9 +492,9 @@ spec:
         assert!(t[0].insecure);
         assert!(!format!("{:?}", t[0]).contains("password: \"p\""));
         let missing = yaml.replace("name: lab}", "name: other}");
-        let err = targets_from_yaml(&missing).unwrap_err();
-        assert!(err[0].contains("Repository default/app"), "{err:?}");
-        assert!(err[0].contains("RegistrySecret default/other"), "{err:?}");
+        let err = targets_from_yaml(&missing).unwrap_err()[0].to_string();
+        assert!(err.contains("Repository default/app"), "{err}");
+        assert!(err.contains("RegistrySecret default/other"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{file_len, wait_for};
+use common::{count_afresh, file_len, push, push_on_base, wait_for, yaml};
 use imgfleet_tests::fault::FaultProxy;
 use imgfleet_tests::images::{ImageSpec, push_image};
 use imgfleet_tests::registry::{Registry, RegistryOptions};
@@ -15,24 +15,47 @@ use imgfleet_tests::skopeo;
 const MIB: u64 = 1024 * 1024;
 const BIN: &str = env!("CARGO_BIN_EXE_imgfleet-agent");
 
-fn yaml(domain: &str, auth: Option<(&str, &str)>, repos: &[(&str, &str, &str)]) -> String {
-    let creds = auth
-        .map(|(u, p)| format!("  username: {u}\n  password: {p}\n"))
-        .unwrap_or_default();
-    let mut out = format!(
-        "apiVersion: image.theriseunion.io/v1alpha1\nkind: RegistrySecret\nmetadata:\n  name: lab\n  namespace: default\nspec:\n  domain: \"{domain}\"\n{creds}  insecure: true\n"
-    );
-    for (name, repo, tag) in repos {
-        out.push_str(&format!(
-            "---\napiVersion: image.theriseunion.io/v1alpha1\nkind: Repository\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  repository: {repo}\n  tag: \"{tag}\"\n  registryRef:\n    name: lab\n"
-        ));
-    }
-    out
+/// Writes `images.yaml` in `dir` for anonymous pulls of `repos` from
+/// `domain`; returns its path.
+fn write_yaml(
+    dir: &std::path::Path,
+    domain: &str,
+    repos: &[(&str, &str, &str)],
+) -> std::path::PathBuf {
+    let file = dir.join("images.yaml");
+    std::fs::write(&file, yaml(domain, None, repos)).unwrap();
+    file
+}
+
+/// `imgfleet-agent sync --from FILE --data-dir DATA`, running, silent.
+fn spawn_sync(file: &std::path::Path, data: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
+        .args(["sync", "--from"])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
 }
 
 async fn run_sync(file: &std::path::Path, data: &std::path::Path) -> std::process::Output {
+    run_sync_with(file, data, &[]).await
+}
+
+/// `imgfleet-agent sync FLAGS --from FILE --data-dir DATA`, to its end.
+async fn run_sync_with(
+    file: &std::path::Path,
+    data: &std::path::Path,
+    flags: &[&str],
+) -> std::process::Output {
     tokio::process::Command::new(BIN)
-        .args(["sync", "--from"])
+        .arg("sync")
+        .args(flags)
+        .arg("--from")
         .arg(file)
         .arg("--data-dir")
         .arg(data)
@@ -47,12 +70,8 @@ async fn sync_from_file_then_serve_to_skopeo() {
     let reg = Registry::start(RegistryOptions::plain().with_auth("edge", "pw-xyz-123"))
         .await
         .unwrap();
-    let a = push_image(&reg, "demo/app", "v1", &ImageSpec::random(&[200_000], 21))
-        .await
-        .unwrap();
-    let b = push_image(&reg, "demo/web", "2.0", &ImageSpec::random(&[100_000], 22))
-        .await
-        .unwrap();
+    let a = push(&reg, "demo/app", "v1", &ImageSpec::random(&[200_000], 21)).await;
+    let b = push(&reg, "demo/web", "2.0", &ImageSpec::random(&[100_000], 22)).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("images.yaml");
     std::fs::write(
@@ -98,15 +117,13 @@ async fn sync_from_file_then_serve_to_skopeo() {
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}/v2/");
-    let mut ready = false;
-    for _ in 0..200 {
-        if reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(ready, "mirror did not come up");
+    imgfleet_tests::process::wait_until(
+        "the mirror to come up",
+        Duration::from_secs(5),
+        || async { Ok(reqwest::get(&url).await?.status() == 200) },
+    )
+    .await
+    .unwrap();
     let d = skopeo::inspect_digest(
         &format!("docker://127.0.0.1:{port}/demo/web:2.0"),
         &["--tls-verify=false"],
@@ -120,20 +137,13 @@ async fn sync_from_file_then_serve_to_skopeo() {
 #[tokio::test]
 async fn failing_image_exits_nonzero_and_is_named() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    push_image(&reg, "demo/app", "v1", &ImageSpec::random(&[10_000], 23))
-        .await
-        .unwrap();
+    push(&reg, "demo/app", "v1", &ImageSpec::random(&[10_000], 23)).await;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("images.yaml");
-    std::fs::write(
-        &file,
-        yaml(
-            &reg.addr(),
-            None,
-            &[("app", "demo/app", "v1"), ("missing", "demo/missing", "v9")],
-        ),
-    )
-    .unwrap();
+    let file = write_yaml(
+        dir.path(),
+        &reg.addr(),
+        &[("app", "demo/app", "v1"), ("missing", "demo/missing", "v9")],
+    );
     let out = run_sync(&file, &dir.path().join("data")).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
@@ -156,39 +166,22 @@ async fn failing_image_exits_nonzero_and_is_named() {
 async fn sigkill_mid_transfer_then_restart_resumes() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let size = 12 * MIB;
-    let pushed = push_image(&reg, "demo/big", "v1", &ImageSpec::random(&[size], 24))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/big", "v1", &ImageSpec::random(&[size], 24)).await;
     let blob = &pushed.layer_digests[0];
     let proxy = FaultProxy::start(reg.addr().parse().unwrap())
         .await
         .unwrap();
     proxy.set_throttle(Some(4 * MIB));
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("images.yaml");
-    std::fs::write(
-        &file,
-        yaml(
-            &proxy.addr().to_string(),
-            None,
-            &[("big", "demo/big", "v1")],
-        ),
-    )
-    .unwrap();
+    let file = write_yaml(
+        dir.path(),
+        &proxy.addr().to_string(),
+        &[("big", "demo/big", "v1")],
+    );
     let data = dir.path().join("data");
     let partial = data.join("partial").join(&blob[7..]);
 
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["sync", "--from"])
-        .arg(&file)
-        .arg("--data-dir")
-        .arg(&data)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_sync(&file, &data);
     wait_for(
         "a third of the blob on disk",
         Duration::from_secs(60),
@@ -199,14 +192,7 @@ async fn sigkill_mid_transfer_then_restart_resumes() {
     child.wait().await.unwrap();
     let offset = file_len(&partial);
     assert!(offset >= size / 3 && offset < size, "offset {offset}");
-    wait_for(
-        "the old connection to close",
-        Duration::from_secs(10),
-        || proxy.connections() == 0,
-    )
-    .await;
-    proxy.set_throttle(None);
-    proxy.reset_counters();
+    count_afresh(&proxy).await;
 
     let out = run_sync(&file, &data).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -225,31 +211,16 @@ async fn sigkill_mid_transfer_then_restart_resumes() {
 
 #[tokio::test]
 async fn hosts_toml_names_the_mirror() {
-    let out = tokio::process::Command::new(BIN)
-        .args([
-            "hosts-toml",
-            "--mirror",
-            "http://10.1.2.3:5050",
-            "--upstream",
-            "harbor.example.com",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // An HTTPS upstream: containerd falls back to it over HTTPS.
+    let (out, stdout) = hosts_toml(&["--upstream", "harbor.example.com"]).await;
     assert!(out.status.success());
-    assert!(
-        stdout.contains("# /etc/containerd/certs.d/harbor.example.com/hosts.toml"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("server = \"https://harbor.example.com\""),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("[host.\"http://10.1.2.3:5050\"]"),
-        "{stdout}"
-    );
+    for line in [
+        "# /etc/containerd/certs.d/harbor.example.com/hosts.toml",
+        "server = \"https://harbor.example.com\"",
+        "[host.\"http://10.1.2.3:5050\"]",
+    ] {
+        assert!(stdout.contains(line), "{line} in\n{stdout}");
+    }
     let bad = tokio::process::Command::new(BIN)
         .args(["hosts-toml", "--mirror", "10.1.2.3:5050"])
         .output()
@@ -258,27 +229,14 @@ async fn hosts_toml_names_the_mirror() {
     assert_eq!(bad.status.code(), Some(64));
 
     // A plain-HTTP upstream: containerd falls back to it over HTTP.
-    let out = tokio::process::Command::new(BIN)
-        .args([
-            "hosts-toml",
-            "--mirror",
-            "http://10.1.2.3:5050",
-            "--upstream",
-            "http://127.0.0.1:5000",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (out, stdout) = hosts_toml(&["--upstream", "http://127.0.0.1:5000"]).await;
     assert!(out.status.success());
-    assert!(
-        stdout.contains("# /etc/containerd/certs.d/127.0.0.1:5000/hosts.toml"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("server = \"http://127.0.0.1:5000\""),
-        "{stdout}"
-    );
+    for line in [
+        "# /etc/containerd/certs.d/127.0.0.1:5000/hosts.toml",
+        "server = \"http://127.0.0.1:5000\"",
+    ] {
+        assert!(stdout.contains(line), "{line} in\n{stdout}");
+    }
     assert!(!stdout.contains("https://http"), "{stdout}");
 
     // Input that would inject a [host] section is refused, naming the flag.
@@ -306,21 +264,16 @@ async fn hosts_toml_names_the_mirror() {
 
     // --out-dir writes containerd's config_path layout.
     let dir = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .args([
-            "hosts-toml",
-            "--mirror",
-            "http://10.1.2.3:5050",
-            "--upstream",
-            "docker.io",
-            "--upstream",
-            "http://127.0.0.1:5000",
-            "--out-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .await
-        .unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let (out, _) = hosts_toml(&[
+        "--upstream",
+        "docker.io",
+        "--upstream",
+        "http://127.0.0.1:5000",
+        "--out-dir",
+        out_dir,
+    ])
+    .await;
     assert!(out.status.success());
     let hub = std::fs::read_to_string(dir.path().join("docker.io/hosts.toml")).unwrap();
     assert!(
@@ -331,39 +284,37 @@ async fn hosts_toml_names_the_mirror() {
     assert!(lab.contains("server = \"http://127.0.0.1:5000\""), "{lab}");
 }
 
+/// `imgfleet-agent hosts-toml --mirror http://10.1.2.3:5050 ARGS...`, and
+/// its standard output.
+async fn hosts_toml(args: &[&str]) -> (std::process::Output, String) {
+    let out = tokio::process::Command::new(BIN)
+        .args(["hosts-toml", "--mirror", "http://10.1.2.3:5050"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    (out, stdout)
+}
+
 #[tokio::test]
 async fn removed_repository_is_collected_after_grace_keeping_shared_blobs() {
     use imgfleet_tests::images::LayerSpec;
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let base = LayerSpec::new(300_000, 31);
-    let app = push_image(
+    let [app, web] = push_on_base(
         &reg,
-        "demo/app",
-        "v1",
-        &ImageSpec::random(&[40_000], 32).with_base(base),
+        base,
+        [("demo/app", 40_000, 32), ("demo/web", 50_000, 33)],
     )
-    .await
-    .unwrap();
-    let web = push_image(
-        &reg,
-        "demo/web",
-        "v1",
-        &ImageSpec::random(&[50_000], 33).with_base(base),
-    )
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("images.yaml");
+    let file = write_yaml(
+        dir.path(),
+        &reg.addr(),
+        &[("app", "demo/app", "v1"), ("web", "demo/web", "v1")],
+    );
     let data = dir.path().join("data");
-    std::fs::write(
-        &file,
-        yaml(
-            &reg.addr(),
-            None,
-            &[("app", "demo/app", "v1"), ("web", "demo/web", "v1")],
-        ),
-    )
-    .unwrap();
     assert!(run_sync(&file, &data).await.status.success());
     let blob = |d: &str| data.join("blobs/sha256").join(&d[7..]);
     assert!(blob(&web.layer_digests[1]).exists());
@@ -377,14 +328,7 @@ async fn removed_repository_is_collected_after_grace_keeping_shared_blobs() {
     assert!(blob(&web.layer_digests[1]).exists());
 
     // After the grace period (0s here) web's own content goes, the shared base stays.
-    let out = tokio::process::Command::new(BIN)
-        .args(["sync", "--grace-period", "0s", "--from"])
-        .arg(&file)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .await
-        .unwrap();
+    let out = run_sync_with(&file, &data, &["--grace-period", "0s"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -421,9 +365,7 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 async fn memory_does_not_grow_with_blob_size() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let size = 96 * MIB;
-    let pushed = push_image(&reg, "demo/huge", "v1", &ImageSpec::random(&[size], 41))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/huge", "v1", &ImageSpec::random(&[size], 41)).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("images.yaml");
     std::fs::write(
@@ -432,27 +374,19 @@ async fn memory_does_not_grow_with_blob_size() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["sync", "--from"])
-        .arg(&file)
-        .arg("--data-dir")
-        .arg(&data)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_sync(&file, &data);
     let pid = child.id().unwrap();
+    // VmHWM is the peak so far: the last reading before the exit holds it.
     let mut peak = 0;
+    let mut sample = tokio::time::interval(Duration::from_millis(10));
     let status = loop {
+        sample.tick().await;
         if let Some(kib) = vm_hwm_kib(pid) {
             peak = peak.max(kib);
         }
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert!(status.success());
     assert!(
@@ -497,14 +431,7 @@ async fn sync_applies_each_repositorys_retention_even_when_an_image_fails() {
     );
     std::fs::write(&file, &text).unwrap();
     let sync = || async {
-        let out = tokio::process::Command::new(BIN)
-            .args(["sync", "--grace-period", "0s", "--from"])
-            .arg(&file)
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .await
-            .unwrap();
+        let out = run_sync_with(&file, &data, &["--grace-period", "0s"]).await;
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         assert_eq!(out.status.code(), Some(1), "demo/gone fails: {stdout}");
         assert!(

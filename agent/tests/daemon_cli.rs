@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use daemon_support::*;
 use imgfleet::api::v1 as pb;
-use imgfleet_tests::process::{ChildGuard, free_port, wait_until};
+use imgfleet_tests::process::{ChildGuard, free_port};
 
 async fn run(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut cmd = tokio::process::Command::new(BIN);
@@ -188,14 +188,7 @@ async fn run_from_environment_serves_with_every_hub_down_and_stops_on_sigterm() 
         })
         .await
         .unwrap();
-    let text = http
-        .get(format!("http://127.0.0.1:{metrics}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&http, &format!("http://127.0.0.1:{metrics}/metrics")).await;
     assert!(text.contains("imgfleet_agent_hub_connected 0"), "{text}");
     assert!(dir.path().join("data/local.key").exists());
     // Reconnect attempts to the dead hubs are logged as warnings.
@@ -207,41 +200,19 @@ async fn run_from_environment_serves_with_every_hub_down_and_stops_on_sigterm() 
         })
         .await
         .unwrap();
-    agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
-    wait_until("exit 0 after SIGTERM", Duration::from_secs(15), || {
-        let done = agent.try_wait();
-        async move {
-            match done {
-                Some(s) => {
-                    anyhow::ensure!(s.success(), "exit status {s}");
-                    Ok(true)
-                }
-                None => Ok(false),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    stops_with_0_on_sigterm(&mut agent).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_on_the_wrong_base_brings_a_full_set() {
     imgfleet_tests::process::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path(), "edge-4");
     let set5 = pb::DesiredSet {
         generation: 5,
         epoch: "e9".into(),
         ..Default::default()
     };
-    let hub = FakeHub::start(pki.server.clone(), set5);
-    let cmd = AgentCmd {
-        hubs: vec![hub.url()],
-        creds: pki.creds_dir.clone(),
-        data: dir.path().join("data"),
-        mirror_port: free_port(),
-        metrics_port: free_port(),
-    };
+    let (hub, cmd) = hub_and_agent(dir.path(), "edge-4", set5);
     let mut agent = ChildGuard::spawn("daemon-cli-resync", cmd.command()).unwrap();
     agent
         .wait_ready("acks 5", Duration::from_secs(20), || async {

@@ -3,27 +3,20 @@
 //! digests back from it, a base layer shared with another repository arrives
 //! by cross-repository mount, and a re-run sends only HEADs.
 
+mod common;
+
 use std::process::Stdio;
 
-use imgfleet_tests::images::{ImageSpec, LayerSpec, push_image, push_index};
+use common::yaml;
+use imgfleet_tests::images::{
+    ImageSpec, LayerSpec, PushedImage, PushedIndex, push_image, push_index,
+};
 use imgfleet_tests::registry::{Registry, RegistryOptions};
 use imgfleet_tests::skopeo;
 
 const BIN: &str = env!("CARGO_BIN_EXE_imgfleet-agent");
 const EDGE_USER: &str = "pusher";
 const EDGE_PASS: &str = "edge-pw-7731";
-
-fn yaml(domain: &str, repos: &[(&str, &str, &str)]) -> String {
-    let mut out = format!(
-        "apiVersion: image.theriseunion.io/v1alpha1\nkind: RegistrySecret\nmetadata:\n  name: lab\nspec:\n  domain: \"{domain}\"\n  insecure: true\n"
-    );
-    for (name, repo, tag) in repos {
-        out.push_str(&format!(
-            "---\napiVersion: image.theriseunion.io/v1alpha1\nkind: Repository\nmetadata:\n  name: {name}\nspec:\n  repository: {repo}\n  tag: \"{tag}\"\n  registryRef:\n    name: lab\n"
-        ));
-    }
-    out
-}
 
 async fn run(args: &[&str], extra: &[std::ffi::OsString]) -> (bool, String, String) {
     let out = tokio::process::Command::new(BIN)
@@ -72,74 +65,13 @@ fn log_count(reg: &Registry, needle: &str) -> usize {
 
 #[tokio::test]
 async fn push_to_edge_registry_mounts_shared_layers_and_reruns_with_heads_only() {
-    let upstream = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let upstream = Upstream::start().await;
     let edge = Registry::start(RegistryOptions::plain().with_auth(EDGE_USER, EDGE_PASS))
         .await
         .unwrap();
-    let base = LayerSpec::shared(300_000, 41);
-    let app = push_image(
-        &upstream,
-        "demo/app",
-        "v1",
-        &ImageSpec::random(&[100_000], 42).with_base(base),
-    )
-    .await
-    .unwrap();
-    let web = push_image(
-        &upstream,
-        "demo/web",
-        "2.0",
-        &ImageSpec::random(&[50_000], 43).with_base(base),
-    )
-    .await
-    .unwrap();
-    let multi = push_index(
-        &upstream,
-        "demo/multi",
-        "v2",
-        &[("linux", "amd64"), ("linux", "arm64")],
-        &ImageSpec::random(&[80_000], 44),
-    )
-    .await
-    .unwrap();
-    assert!(app.layer_digests.contains(&base.digest()));
-    assert!(web.layer_digests.contains(&base.digest()));
-
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("images.yaml");
-    std::fs::write(
-        &file,
-        yaml(
-            &upstream.addr(),
-            &[
-                ("app", "demo/app", "v1"),
-                ("web", "demo/web", "2.0"),
-                ("multi", "demo/multi", "v2"),
-            ],
-        ),
-    )
-    .unwrap();
-    let pw_file = dir.path().join("edge-password");
-    std::fs::write(&pw_file, format!("{EDGE_PASS}\n")).unwrap();
-    let data = dir.path().join("data");
-    let args = [
-        "sync",
-        "--no-gc",
-        "--push-insecure",
-        "--push-username",
-        EDGE_USER,
-    ];
-    let extra: Vec<std::ffi::OsString> = vec![
-        "--from".into(),
-        file.clone().into(),
-        "--data-dir".into(),
-        data.clone().into(),
-        "--push-to".into(),
-        edge.addr().into(),
-        "--push-password-file".into(),
-        pw_file.clone().into(),
-    ];
-    let (ok, stdout, stderr) = run(&args, &extra).await;
+    let push = Push::new(dir.path(), &upstream, &edge);
+    let (ok, stdout, stderr) = push.run().await;
     assert!(ok, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(!stdout.contains(EDGE_PASS) && !stderr.contains(EDGE_PASS));
     assert_eq!(
@@ -147,14 +79,107 @@ async fn push_to_edge_registry_mounts_shared_layers_and_reruns_with_heads_only()
         3,
         "{stdout}"
     );
+    skopeo_reads_the_upstream_digests_back(&upstream, &edge).await;
+    every_platform_of_the_index_is_there(&upstream, &edge, dir.path()).await;
+    the_shared_base_went_up_once_and_was_mounted(&upstream, &edge, &stdout);
+    a_rerun_pushes_nothing(&push, &edge).await;
+}
 
-    // skopeo reads the upstream digests back from the edge registry.
+/// The upstream of the push test: app and web on a shared base layer, and
+/// a 2-platform index.
+struct Upstream {
+    reg: Registry,
+    base: LayerSpec,
+    app: PushedImage,
+    web: PushedImage,
+    multi: PushedIndex,
+}
+
+impl Upstream {
+    async fn start() -> Upstream {
+        let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
+        let base = LayerSpec::shared(300_000, 41);
+        let on_base = |size, seed| ImageSpec::random(&[size], seed).with_base(base);
+        let app = push_image(&reg, "demo/app", "v1", &on_base(100_000, 42))
+            .await
+            .unwrap();
+        let web = push_image(&reg, "demo/web", "2.0", &on_base(50_000, 43))
+            .await
+            .unwrap();
+        let platforms = [("linux", "amd64"), ("linux", "arm64")];
+        let multi = push_index(
+            &reg,
+            "demo/multi",
+            "v2",
+            &platforms,
+            &ImageSpec::random(&[80_000], 44),
+        )
+        .await
+        .unwrap();
+        assert!(app.layer_digests.contains(&base.digest()));
+        assert!(web.layer_digests.contains(&base.digest()));
+        Upstream {
+            reg,
+            base,
+            app,
+            web,
+            multi,
+        }
+    }
+}
+
+/// `sync --push-to` of the three upstream images into the edge registry,
+/// with the password in a file.
+struct Push {
+    args: [&'static str; 5],
+    extra: Vec<std::ffi::OsString>,
+}
+
+impl Push {
+    fn new(dir: &std::path::Path, upstream: &Upstream, edge: &Registry) -> Push {
+        let file = dir.join("images.yaml");
+        let repos = [
+            ("app", "demo/app", "v1"),
+            ("web", "demo/web", "2.0"),
+            ("multi", "demo/multi", "v2"),
+        ];
+        std::fs::write(&file, yaml(&upstream.reg.addr(), None, &repos)).unwrap();
+        let pw_file = dir.join("edge-password");
+        std::fs::write(&pw_file, format!("{EDGE_PASS}\n")).unwrap();
+        let extra: Vec<std::ffi::OsString> = vec![
+            "--from".into(),
+            file.into(),
+            "--data-dir".into(),
+            dir.join("data").into(),
+            "--push-to".into(),
+            edge.addr().into(),
+            "--push-password-file".into(),
+            pw_file.into(),
+        ];
+        Push {
+            args: [
+                "sync",
+                "--no-gc",
+                "--push-insecure",
+                "--push-username",
+                EDGE_USER,
+            ],
+            extra,
+        }
+    }
+
+    async fn run(&self) -> (bool, String, String) {
+        run(&self.args, &self.extra).await
+    }
+}
+
+async fn skopeo_reads_the_upstream_digests_back(upstream: &Upstream, edge: &Registry) {
     let creds = format!("--creds={EDGE_USER}:{EDGE_PASS}");
     let edge_args = ["--tls-verify=false", creds.as_str()];
     for (repo, tag, want) in [
-        ("demo/app", "v1", &app.manifest_digest),
-        ("demo/web", "2.0", &web.manifest_digest),
-        ("demo/multi", "v2", &multi.index_digest),
+        ("demo/app", "v1", &upstream.app.manifest_digest),
+        ("demo/web", "2.0", &upstream.web.manifest_digest),
+        ("demo/multi", "v2", &upstream.multi.index_digest),
     ] {
         let got = skopeo::inspect_digest(
             &format!("docker://{}/{repo}:{tag}", edge.addr()),
@@ -164,8 +189,15 @@ async fn push_to_edge_registry_mounts_shared_layers_and_reruns_with_heads_only()
         .unwrap();
         assert_eq!(&got, want, "{repo}:{tag} in the edge registry");
     }
-    // Every platform of the index is there, not only the index.
-    let copy_dir = dir.path().join("copy");
+}
+
+/// Every platform of the index reached the edge, not only the index.
+async fn every_platform_of_the_index_is_there(
+    upstream: &Upstream,
+    edge: &Registry,
+    dir: &std::path::Path,
+) {
+    let copy_dir = dir.join("copy");
     skopeo::copy(
         &format!("docker://{}/demo/multi:v2", edge.addr()),
         &format!("oci:{}:v2", copy_dir.display()),
@@ -179,50 +211,59 @@ async fn push_to_edge_registry_mounts_shared_layers_and_reruns_with_heads_only()
     .unwrap();
     let mut copied = skopeo::oci_layout_blobs(&copy_dir).unwrap();
     copied.sort();
-    for d in multi.blob_digests() {
+    for d in upstream.multi.blob_digests() {
         assert!(
             copied.contains(&d),
             "{d} of demo/multi copied from the edge"
         );
     }
+}
 
-    // The shared base went up once and reached the other repository by a
-    // cross-repository mount; everything else was uploaded once.
-    let distinct: std::collections::HashSet<String> = app
+/// The shared base went up once and reached the other repository by a
+/// cross-repository mount; everything else was uploaded once.
+fn the_shared_base_went_up_once_and_was_mounted(
+    upstream: &Upstream,
+    edge: &Registry,
+    stdout: &str,
+) {
+    let distinct: std::collections::HashSet<String> = upstream
+        .app
         .blob_digests()
         .into_iter()
-        .chain(web.blob_digests())
-        .chain(multi.blob_digests())
+        .chain(upstream.web.blob_digests())
+        .chain(upstream.multi.blob_digests())
         .collect();
-    assert_eq!(pushed_count(&stdout, "mounted"), 1, "{stdout}");
+    assert_eq!(pushed_count(stdout, "mounted"), 1, "{stdout}");
     assert_eq!(
-        pushed_count(&stdout, "blobs") as usize,
+        pushed_count(stdout, "blobs") as usize,
         distinct.len(),
         "uploads: {stdout}"
     );
-    let mount_line = format!("mount={}", base.digest());
-    let mounts = log_lines(&edge, &[&mount_line, "HTTP/1.1\" 201"]);
+    let mount_line = format!("mount={}", upstream.base.digest());
+    let mounts = log_lines(edge, &[&mount_line, "HTTP/1.1\" 201"]);
     assert_eq!(
         mounts.len(),
         1,
         "one mount of the base answered 201 in the edge registry's log: {mounts:#?}\n{:#?}",
-        log_lines(&edge, &[&mount_line])
+        log_lines(edge, &[&mount_line])
     );
+}
 
-    // A re-run pushes nothing: no PUT, POST or PATCH reaches the edge.
+/// A re-run pushes nothing: no PUT, POST or PATCH reaches the edge.
+async fn a_rerun_pushes_nothing(push: &Push, edge: &Registry) {
     let writes = |reg: &Registry| {
         log_count(reg, "\"PUT ") + log_count(reg, "\"POST ") + log_count(reg, "\"PATCH ")
     };
-    let before = writes(&edge);
+    let before = writes(edge);
     assert!(before > 0, "the access log records writes");
-    let (ok, stdout, stderr) = run(&args, &extra).await;
+    let (ok, stdout, stderr) = push.run().await;
     assert!(ok, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_eq!(
         stdout.matches(": already there").count(),
         3,
         "re-run: {stdout}"
     );
-    assert_eq!(writes(&edge), before, "a re-run sent no write to the edge");
+    assert_eq!(writes(edge), before, "a re-run sent no write to the edge");
 }
 
 #[tokio::test]
@@ -239,7 +280,11 @@ async fn push_prefix_and_bad_push_flags() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("images.yaml");
-    std::fs::write(&file, yaml(&upstream.addr(), &[("app", "demo/app", "v1")])).unwrap();
+    std::fs::write(
+        &file,
+        yaml(&upstream.addr(), None, &[("app", "demo/app", "v1")]),
+    )
+    .unwrap();
     let data = dir.path().join("data");
     let common: Vec<std::ffi::OsString> = vec![
         "--from".into(),

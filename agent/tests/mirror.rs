@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use imgfleet_tests::images::{ImageSpec, LayerSpec, push_image, push_index};
+use imgfleet_tests::images::{ImageSpec, LayerSpec, push_image};
 use imgfleet_tests::registry::{Registry, RegistryOptions};
 use imgfleet_tests::skopeo;
 
@@ -17,24 +17,15 @@ fn oci_index_digest(dir: &std::path::Path) -> String {
 #[tokio::test]
 async fn skopeo_sees_upstream_digests_single_and_multi_platform() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let single = push_image(
+    let single = push(
         &reg,
         "demo/app",
         "v1",
         &ImageSpec::random(&[300_000, 20_000], 11),
     )
-    .await
-    .unwrap();
+    .await;
     let spec = ImageSpec::random(&[150_000], 12).with_base(LayerSpec::shared(100_000, 13));
-    let multi = push_index(
-        &reg,
-        "demo/multi",
-        "v2",
-        &[("linux", "amd64"), ("linux", "arm64")],
-        &spec,
-    )
-    .await
-    .unwrap();
+    let multi = push_two_platforms(&reg, "demo/multi", "v2", &spec).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
     let reports = engine
@@ -111,18 +102,10 @@ async fn skopeo_sees_upstream_digests_single_and_multi_platform() {
 #[tokio::test]
 async fn http_answers_headers_ranges_and_oci_errors() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let pushed = push_image(&reg, "demo/app", "v1", &ImageSpec::random(&[100_000], 14))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/app", "v1", &ImageSpec::random(&[100_000], 14)).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
-    engine
-        .sync_image(
-            &desired(&reg.addr(), "demo/app", &pushed.manifest_digest, &["v1"]),
-            None,
-        )
-        .await
-        .unwrap();
+    sync_v1(&engine, &reg, "demo/app", &pushed).await;
     let mirror = start_mirror(engine.store().clone()).await;
     let base = format!("http://{}", mirror.addr);
     let http = reqwest::Client::new();
@@ -280,9 +263,7 @@ fn error_code(body: &[u8]) -> String {
 #[tokio::test]
 async fn tags_list_pages_with_n_last_and_link() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let pushed = push_image(&reg, "demo/app", "a", &ImageSpec::random(&[5_000], 21))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/app", "a", &ImageSpec::random(&[5_000], 21)).await;
     let target = imgfleet_tests::images::PushTarget::from(&reg);
     let tags = ["a", "b", "c", "d", "e"];
     for t in &tags[1..] {
@@ -371,17 +352,14 @@ async fn tags_list_pages_with_n_last_and_link() {
 #[tokio::test]
 async fn content_is_served_only_under_the_repository_that_references_it() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let a = push_image(&reg, "team-a/app", "v1", &ImageSpec::random(&[20_000], 31))
-        .await
-        .unwrap();
-    let b = push_image(
+    let a = push(&reg, "team-a/app", "v1", &ImageSpec::random(&[20_000], 31)).await;
+    let b = push(
         &reg,
         "team-b/secret",
         "v1",
         &ImageSpec::random(&[30_000], 32),
     )
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
     for (repo, p) in [("team-a/app", &a), ("team-b/secret", &b)] {
@@ -527,18 +505,10 @@ async fn digests_are_served_without_ns_when_two_upstreams_hold_the_name() {
 #[tokio::test]
 async fn ranges_past_the_end_are_416_and_huge_ends_are_clamped() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let pushed = push_image(&reg, "demo/app", "v1", &ImageSpec::random(&[70_000], 35))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/app", "v1", &ImageSpec::random(&[70_000], 35)).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
-    engine
-        .sync_image(
-            &desired(&reg.addr(), "demo/app", &pushed.manifest_digest, &["v1"]),
-            None,
-        )
-        .await
-        .unwrap();
+    sync_v1(&engine, &reg, "demo/app", &pushed).await;
     let mirror = start_mirror(engine.store().clone()).await;
     let base = format!("http://{}", mirror.addr);
     let layer = &pushed.layer_digests[0];

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use imgfleet_agent::mirror::{Limits, Stats};
-use imgfleet_tests::images::{ImageSpec, PushedImage, push_image};
+use imgfleet_tests::images::{ImageSpec, PushedImage};
 use imgfleet_tests::registry::{Registry, RegistryOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,23 +25,16 @@ async fn mirror_with(
     limits: Limits,
 ) -> (Registry, tempfile::TempDir, Mirror, Arc<Stats>, PushedImage) {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let pushed = push_image(
+    let pushed = push(
         &reg,
         "demo/app",
         "v1",
         &ImageSpec::random(&[layer_size], 71),
     )
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
-    engine
-        .sync_image(
-            &desired(&reg.addr(), "demo/app", &pushed.manifest_digest, &["v1"]),
-            None,
-        )
-        .await
-        .unwrap();
+    sync_v1(&engine, &reg, "demo/app", &pushed).await;
     let (mirror, stats) = start_mirror_with(engine.store().clone(), limits).await;
     (reg, dir, mirror, stats, pushed)
 }
@@ -59,6 +52,20 @@ async fn read_to_close(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
             Err(_) => panic!("the server did not close the connection within {limit:?}"),
         }
     }
+}
+
+/// GETs `/v2/` (giving it 30 s), checks it answers 200 and says how long
+/// that took.
+async fn api_root_answers(mirror: &Mirror) -> Duration {
+    let started = Instant::now();
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/v2/", mirror.addr))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    started.elapsed()
 }
 
 fn head_request(path: &str) -> String {
@@ -84,11 +91,13 @@ async fn a_half_sent_request_head_is_cut_after_the_header_timeout() {
     // A client that trickles its head one byte at a time is cut the same way.
     let mut s = TcpStream::connect(mirror.addr).await.unwrap();
     let slow = tokio::spawn(async move {
+        // One byte every 100 ms: the head takes longer than the timeout.
+        let mut every = tokio::time::interval(Duration::from_millis(100));
         for b in b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\nX-Pad: aaaaaaaaaaaaaaaaaaaa\r\n\r\n" {
+            every.tick().await;
             if s.write_all(&[*b]).await.is_err() {
                 return true;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         false
     });
@@ -137,14 +146,12 @@ async fn a_client_that_stops_reading_is_cut_after_the_stall_timeout() {
     let path = format!("/v2/demo/app/blobs/{}", pushed.layer_digests[0]);
     s.write_all(head_request(&path).as_bytes()).await.unwrap();
     // Read nothing until the server has given up on us.
-    let waited = Instant::now();
-    while stats.stalled.load(Ordering::Relaxed) == 0 {
-        assert!(
-            waited.elapsed() < Duration::from_secs(20),
-            "never cut a client that reads nothing"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        "the mirror to cut a client that reads nothing",
+        Duration::from_secs(20),
+        || stats.stalled.load(Ordering::Relaxed) > 0,
+    )
+    .await;
     let got = read_to_close(&mut s, Duration::from_secs(10)).await;
     assert!(
         (got.len() as u64) < size / 2,
@@ -176,15 +183,8 @@ async fn the_connection_limit_holds_and_idle_connections_make_room() {
     .await;
     // A real client still gets its answer: connections idle for over a
     // second are closed to make room, and the limit is never exceeded.
-    let started = Instant::now();
-    let r = reqwest::Client::new()
-        .get(format!("http://{}/v2/", mirror.addr))
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    eprintln!("figures: served after {:?} at the limit", started.elapsed());
+    let took = api_root_answers(&mirror).await;
+    eprintln!("figures: served after {took:?} at the limit");
     assert!(stats.drained.load(Ordering::Relaxed) >= 1);
     assert!(stats.peak.load(Ordering::Relaxed) <= 4, "limit exceeded");
 }
@@ -212,15 +212,7 @@ async fn busy_connections_are_not_drained_new_ones_wait_for_room() {
     })
     .await;
     // The third client waits in the backlog until the stalled ones are cut.
-    let started = Instant::now();
-    let r = reqwest::Client::new()
-        .get(format!("http://{}/v2/", mirror.addr))
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let waited = started.elapsed();
+    let waited = api_root_answers(&mirror).await;
     assert!(
         waited >= Duration::from_secs(1),
         "served after {waited:?}: a busy connection was dropped for it"

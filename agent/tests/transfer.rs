@@ -21,14 +21,13 @@ const MIB: u64 = 1024 * 1024;
 #[tokio::test]
 async fn syncs_image_and_noop_resync_makes_no_requests() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let pushed = push_image(
+    let pushed = push(
         &reg,
         "demo/app",
         "v1",
         &ImageSpec::random(&[2 * MIB, 300_000], 1),
     )
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
     let img = desired(&reg.addr(), "demo/app", &pushed.manifest_digest, &["v1"]);
@@ -68,19 +67,11 @@ async fn syncs_image_and_noop_resync_makes_no_requests() {
 async fn multi_platform_takes_only_requested_platforms() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let spec = ImageSpec::random(&[100_000, 50_000], 2).with_base(LayerSpec::shared(200_000, 99));
-    let idx = push_index(
-        &reg,
-        "demo/multi",
-        "v1",
-        &[("linux", "amd64"), ("linux", "arm64")],
-        &spec,
-    )
-    .await
-    .unwrap();
+    let idx = push_two_platforms(&reg, "demo/multi", "v1", &spec).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
     let mut img = desired(&reg.addr(), "demo/multi", &idx.index_digest, &["v1"]);
-    img.platforms = vec!["linux/arm64".into()];
+    img.image.platforms = vec!["linux/arm64".into()];
     engine.sync_image(&img, None).await.unwrap();
     let (_, arm) = idx
         .manifests
@@ -111,7 +102,7 @@ async fn multi_platform_takes_only_requested_platforms() {
             .is_some()
     );
 
-    img.platforms = vec!["linux/s390x".into()];
+    img.image.platforms = vec!["linux/s390x".into()];
     let err = engine.sync_image(&img, None).await.unwrap_err();
     assert!(err.to_string().contains("s390x"), "{err}");
 }
@@ -120,22 +111,12 @@ async fn multi_platform_takes_only_requested_platforms() {
 async fn shared_base_layer_is_downloaded_once() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let base = LayerSpec::new(3 * MIB, 77);
-    let a = push_image(
+    let [a, b] = push_on_base(
         &reg,
-        "team-a/app",
-        "v1",
-        &ImageSpec::random(&[10_000], 3).with_base(base),
+        base,
+        [("team-a/app", 10_000, 3), ("team-b/svc", 20_000, 4)],
     )
-    .await
-    .unwrap();
-    let b = push_image(
-        &reg,
-        "team-b/svc",
-        "v1",
-        &ImageSpec::random(&[20_000], 4).with_base(base),
-    )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(a.layer_digests[0], b.layer_digests[0]);
     let proxy = FaultProxy::start(reg.addr().parse().unwrap())
         .await
@@ -172,15 +153,9 @@ async fn shared_base_layer_is_downloaded_once() {
 async fn cut_mid_blob_resumes_by_range() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let size = 64 * MIB;
-    let pushed = push_image(&reg, "demo/big", "v1", &ImageSpec::random(&[size], 5))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/big", "v1", &ImageSpec::random(&[size], 5)).await;
     let blob = pushed.layer_digests[0].clone();
-    let proxy = Arc::new(
-        FaultProxy::start(reg.addr().parse().unwrap())
-            .await
-            .unwrap(),
-    );
+    let proxy = proxy_in_front(&reg).await;
     proxy.set_throttle(Some(48 * MIB));
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
@@ -228,9 +203,7 @@ async fn cut_mid_blob_resumes_by_range() {
 async fn new_engine_resumes_from_partial_offset() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let size = 8 * MIB;
-    let pushed = push_image(&reg, "demo/restart", "v1", &ImageSpec::random(&[size], 6))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/restart", "v1", &ImageSpec::random(&[size], 6)).await;
     let blob = pushed.layer_digests[0].clone();
     let proxy = FaultProxy::start(reg.addr().parse().unwrap())
         .await
@@ -252,25 +225,10 @@ async fn new_engine_resumes_from_partial_offset() {
     };
     // A write already handed to the blocking pool may still land; wait until
     // the partial stops growing before taking its length as the offset.
-    let mut offset = file_len(&offset);
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = file_len(&engine_partial_path(dir.path(), &blob));
-        if now == offset {
-            break;
-        }
-        offset = now;
-    }
+    let offset = settled_len(&offset).await;
     assert!(offset > 0 && offset < size);
     // The dropped engine's connection closes; only then count afresh.
-    wait_for(
-        "the old connection to close",
-        Duration::from_secs(10),
-        || proxy.connections() == 0,
-    )
-    .await;
-    proxy.set_throttle(None);
-    proxy.reset_counters();
+    count_afresh(&proxy).await;
     let engine = engine(dir.path());
     let stats = engine.sync_image(&img, None).await.unwrap();
     assert!(engine.store().has_blob(&blob));
@@ -282,17 +240,11 @@ async fn new_engine_resumes_from_partial_offset() {
     );
 }
 
-fn engine_partial_path(dir: &std::path::Path, digest: &str) -> std::path::PathBuf {
-    dir.join("partial").join(&digest[7..])
-}
-
 #[tokio::test]
 async fn corrupt_partial_is_detected_and_redownloaded() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let size = 2 * MIB;
-    let pushed = push_image(&reg, "demo/corrupt", "v1", &ImageSpec::random(&[size], 7))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/corrupt", "v1", &ImageSpec::random(&[size], 7)).await;
     let blob = pushed.layer_digests[0].clone();
     let dir = tempfile::tempdir().unwrap();
     {
@@ -331,9 +283,7 @@ async fn corrupt_partial_is_detected_and_redownloaded() {
 #[tokio::test]
 async fn tampered_upstream_blob_is_refused_and_never_served() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let pushed = push_image(&reg, "demo/tamper", "v1", &ImageSpec::random(&[500_000], 8))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/tamper", "v1", &ImageSpec::random(&[500_000], 8)).await;
     let blob = pushed.layer_digests[0].clone();
     let file = registry_blob_file(&reg.storage_dir(), &blob);
     let mut bytes = std::fs::read(&file).unwrap();
@@ -380,9 +330,7 @@ async fn basic_auth_registry() {
     let reg = Registry::start(RegistryOptions::plain().with_auth("edge", "s3cret-pw"))
         .await
         .unwrap();
-    let pushed = push_image(&reg, "private/app", "v1", &ImageSpec::random(&[100_000], 9))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "private/app", "v1", &ImageSpec::random(&[100_000], 9)).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
     let img = desired(&reg.addr(), "private/app", &pushed.manifest_digest, &["v1"]);
@@ -408,14 +356,13 @@ async fn basic_auth_registry() {
 #[tokio::test]
 async fn bandwidth_limit_slows_transfers() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let pushed = push_image(
+    let pushed = push(
         &reg,
         "demo/slow",
         "v1",
         &ImageSpec::random(&[3 * MIB, 3 * MIB], 10),
     )
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let config = EngineConfig {
         bandwidth_limit: Some(2 * MIB),
@@ -423,13 +370,7 @@ async fn bandwidth_limit_slows_transfers() {
     };
     let engine = engine_with(dir.path(), config);
     let start = Instant::now();
-    engine
-        .sync_image(
-            &desired(&reg.addr(), "demo/slow", &pushed.manifest_digest, &["v1"]),
-            None,
-        )
-        .await
-        .unwrap();
+    sync_v1(&engine, &reg, "demo/slow", &pushed).await;
     // 6 MiB at 2 MiB/s with a one-second burst: at least 2 s.
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(1900), "took only {took:?}");
@@ -458,15 +399,9 @@ fn engine_futures_can_be_spawned() {
 async fn stalled_link_times_out_and_resumes() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let size = 6 * MIB;
-    let pushed = push_image(&reg, "demo/stall", "v1", &ImageSpec::random(&[size], 17))
-        .await
-        .unwrap();
+    let pushed = push(&reg, "demo/stall", "v1", &ImageSpec::random(&[size], 17)).await;
     let blob = pushed.layer_digests[0].clone();
-    let proxy = Arc::new(
-        FaultProxy::start(reg.addr().parse().unwrap())
-            .await
-            .unwrap(),
-    );
+    let proxy = proxy_in_front(&reg).await;
     proxy.set_throttle(Some(4 * MIB));
     let dir = tempfile::tempdir().unwrap();
     let config = EngineConfig {
@@ -481,20 +416,25 @@ async fn stalled_link_times_out_and_resumes() {
         &pushed.manifest_digest,
         &["v1"],
     );
-    let p2 = proxy.clone();
-    let staller = tokio::spawn(async move {
+    let staller = async {
         wait_for("part of the blob on disk", Duration::from_secs(60), || {
             file_len(&partial) >= 2 * MIB
         })
         .await;
-        // A black hole longer than the read timeout: the attempt must fail and resume.
-        p2.set_stall(true);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        p2.set_stall(false);
-        p2.set_throttle(None);
-    });
-    engine.sync_image(&img, None).await.unwrap();
-    staller.await.unwrap();
+        // A black hole until the read timeout fails the attempt and it resumes.
+        let requests = engine.counters().blob_requests;
+        proxy.set_stall(true);
+        wait_for(
+            "the stalled attempt to time out and resume",
+            Duration::from_secs(30),
+            || engine.counters().blob_requests > requests,
+        )
+        .await;
+        proxy.set_stall(false);
+        proxy.set_throttle(None);
+    };
+    let (synced, ()) = tokio::join!(engine.sync_image(&img, None), staller);
+    synced.unwrap();
     assert!(engine.store().has_blob(&blob));
     assert!(
         engine.counters().blob_requests >= 3,
@@ -519,14 +459,13 @@ async fn nested_indexes_sync_and_are_served() {
     )
     .await
     .unwrap();
-    let single = push_image(
+    let single = push(
         &reg,
         "demo/nested",
         "single",
         &ImageSpec::random(&[20_000], 52),
     )
-    .await
-    .unwrap();
+    .await;
     // An index naming that index and an image manifest beside it.
     let outer = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
@@ -611,7 +550,7 @@ async fn nested_indexes_sync_and_are_served() {
     let dir2 = tempfile::tempdir().unwrap();
     let arm_only = engine_with(dir2.path(), EngineConfig::default());
     let mut img = desired(&reg.addr(), "demo/nested", &outer_digest, &["v1"]);
-    img.platforms = vec!["linux/arm64".into()];
+    img.image.platforms = vec!["linux/arm64".into()];
     arm_only.sync_image(&img, None).await.unwrap();
     let (arm, amd) = (&inner.manifests[1].1, &inner.manifests[0].1);
     for d in arm.blob_digests() {
@@ -694,14 +633,8 @@ async fn a_wrong_layer_size_fails_even_when_the_blob_is_already_present() {
 async fn a_trickling_blob_is_cut_by_the_minimum_progress_and_resumed() {
     let reg = Registry::start(RegistryOptions::plain()).await.unwrap();
     let size = 2 * MIB;
-    let pushed = push_image(&reg, "demo/slow", "v1", &ImageSpec::random(&[size], 54))
-        .await
-        .unwrap();
-    let proxy = Arc::new(
-        FaultProxy::start(reg.addr().parse().unwrap())
-            .await
-            .unwrap(),
-    );
+    let pushed = push(&reg, "demo/slow", "v1", &ImageSpec::random(&[size], 54)).await;
+    let proxy = proxy_in_front(&reg).await;
     // Bytes keep coming, so the read timeout never fires, but far too slowly.
     proxy.set_throttle(Some(16 * 1024));
     let dir = tempfile::tempdir().unwrap();
@@ -744,16 +677,17 @@ async fn a_trickling_blob_is_cut_by_the_minimum_progress_and_resumed() {
     );
 }
 
-#[test]
-fn engine_debug_never_shows_a_password() {
+#[tokio::test]
+async fn engine_debug_never_shows_a_password() {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path());
     engine
-        .client_for(
+        .client(
             "registry.example:5000",
             Some(&Credentials::new("robot", "pw-never-shown-42")),
             true,
         )
+        .await
         .unwrap();
     let debug = format!("{engine:?}");
     assert!(!debug.contains("pw-never-shown-42"), "{debug}");

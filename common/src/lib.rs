@@ -1,6 +1,7 @@
-//! Daemon plumbing shared by the hub and the agent: telemetry, TLS identities,
-//! registry access and retry policy. Hub and agent depend on this crate, never
-//! on each other.
+//! Daemon plumbing shared by the hub and the agent: the PKI and the
+//! identities certificates carry ([`pki`]), mTLS configuration ([`tls`]),
+//! and the OCI registry client with which of its errors are worth a retry
+//! ([`registry`]). Hub and agent depend on this crate, never on each other.
 pub mod pki;
 pub mod registry;
 pub mod tls;

@@ -33,6 +33,29 @@ pub const DEFAULT_LEAF_VALIDITY_DAYS: u32 = 365;
 /// Longest validity the CA will sign for a leaf certificate.
 pub const MAX_LEAF_VALIDITY_DAYS: u32 = 3650;
 
+/// Why a verified certificate names no imgfleet identity.
+#[derive(Debug, thiserror::Error)]
+pub enum NoIdentity {
+    /// The subject lacks an attribute (`CN`, `O`).
+    #[error("subject has no {0}")]
+    Missing(&'static str),
+    /// The subject has an attribute more than once.
+    #[error("subject has several {0}")]
+    Several(&'static str),
+    /// An attribute is not a string.
+    #[error("subject {0} is not a string")]
+    NotAString(&'static str),
+    /// The CN is not a valid admin or cluster name.
+    #[error(transparent)]
+    Name(Box<PkiError>),
+    /// A cluster certificate without the one URI SAN that binds its name.
+    #[error("cluster certificate CN={cn} needs exactly the URI SAN {want}")]
+    ClusterUri { cn: String, want: String },
+    /// An organization that is neither role.
+    #[error("organization {0:?} is neither {ADMIN_ORGANIZATION} nor {CLUSTER_ORGANIZATION}")]
+    Organization(String),
+}
+
 /// Errors of the PKI. None is worth a retry except `Io`, and only when the
 /// underlying filesystem problem is transient.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +83,7 @@ pub enum PkiError {
     #[error("peer certificate is not parseable X.509: {0}")]
     ParseCertificate(String),
     #[error("peer certificate carries no imgfleet identity: {0}")]
-    NoIdentity(String),
+    NoIdentity(#[source] NoIdentity),
     #[error("writing {path}: {source}")]
     Io {
         path: PathBuf,
@@ -361,11 +384,11 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
     let org = single_attr(subject.iter_organization(), "O")?;
     match org.as_str() {
         ADMIN_ORGANIZATION => {
-            validate_admin_name(&cn).map_err(|e| PkiError::NoIdentity(e.to_string()))?;
+            validate_admin_name(&cn).map_err(no_identity_name)?;
             Ok(Identity::Admin(cn))
         }
         CLUSTER_ORGANIZATION => {
-            validate_cluster_name(&cn).map_err(|e| PkiError::NoIdentity(e.to_string()))?;
+            validate_cluster_name(&cn).map_err(no_identity_name)?;
             let sans = cert
                 .subject_alternative_name()
                 .map_err(|e| PkiError::ParseCertificate(e.to_string()))?;
@@ -389,14 +412,12 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
                 .filter(|u| u.starts_with(CLUSTER_URI_PREFIX))
                 .collect();
             if ours.is_empty() || ours.iter().any(|u| **u != want) {
-                return Err(PkiError::NoIdentity(format!(
-                    "cluster certificate CN={cn} needs exactly the URI SAN {want}"
-                )));
+                return Err(PkiError::NoIdentity(NoIdentity::ClusterUri { cn, want }));
             }
             Ok(Identity::Cluster(cn))
         }
-        other => Err(PkiError::NoIdentity(format!(
-            "organization {other:?} is neither {ADMIN_ORGANIZATION} nor {CLUSTER_ORGANIZATION}"
+        other => Err(PkiError::NoIdentity(NoIdentity::Organization(
+            other.to_string(),
         ))),
     }
 }
@@ -407,20 +428,24 @@ pub fn identity_from_pem(pem: &str) -> Result<Identity, PkiError> {
     identity_from_der(&der)
 }
 
+fn no_identity_name(e: PkiError) -> PkiError {
+    PkiError::NoIdentity(NoIdentity::Name(Box::new(e)))
+}
+
 fn single_attr<'a>(
     mut it: impl Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>,
-    what: &str,
+    what: &'static str,
 ) -> Result<String, PkiError> {
     let first = it
         .next()
-        .ok_or_else(|| PkiError::NoIdentity(format!("subject has no {what}")))?;
+        .ok_or(PkiError::NoIdentity(NoIdentity::Missing(what)))?;
     if it.next().is_some() {
-        return Err(PkiError::NoIdentity(format!("subject has several {what}")));
+        return Err(PkiError::NoIdentity(NoIdentity::Several(what)));
     }
     first
         .as_str()
         .map(str::to_string)
-        .map_err(|_| PkiError::NoIdentity(format!("subject {what} is not a string")))
+        .map_err(|_| PkiError::NoIdentity(NoIdentity::NotAString(what)))
 }
 
 /// Write a public file (certificate) atomically, mode 0644.

@@ -55,6 +55,23 @@ struct Case {
     unwanted: Vec<(&'static str, char)>,
 }
 
+impl Default for Case {
+    /// The history below at t = 1000, nothing unresolved or remembered,
+    /// nothing removed or marked.
+    fn default() -> Self {
+        Case {
+            name: "",
+            records: history(),
+            wanted: Vec::new(),
+            unresolved: Vec::new(),
+            previous: GcState::default(),
+            now: 1000,
+            remove: Vec::new(),
+            unwanted: Vec::new(),
+        }
+    }
+}
+
 fn check(case: Case) {
     let p = plan(
         &case.records,
@@ -101,43 +118,29 @@ fn keep_versions_counts_the_desired_version() {
     let cases = vec![
         Case {
             name: "keepVersions 1: only the desired digest stays",
-            records: history(),
             wanted: vec![want("app", 'c', 1, 0), want("web", 'w', 0, 0)],
-            unresolved: vec![],
             previous: unwanted_since(0, &[("app", 'a'), ("app", 'b')]),
-            now: 1000,
             remove: vec![("app", 'a'), ("app", 'b')],
-            unwanted: vec![],
+            ..Case::default()
         },
         Case {
             name: "keepVersions 2: the newest older version stays for rollback",
-            records: history(),
             wanted: vec![want("app", 'c', 2, 0), want("web", 'w', 0, 0)],
-            unresolved: vec![],
             previous: unwanted_since(0, &[("app", 'a'), ("app", 'b')]),
-            now: 1000,
             remove: vec![("app", 'a')],
-            unwanted: vec![],
+            ..Case::default()
         },
         Case {
             name: "keepVersions 0 is the agent's default (2)",
-            records: history(),
             wanted: vec![want("app", 'c', 0, 0), want("web", 'w', 0, 0)],
-            unresolved: vec![],
             previous: unwanted_since(0, &[("app", 'a')]),
-            now: 1000,
             remove: vec![("app", 'a')],
-            unwanted: vec![],
+            ..Case::default()
         },
         Case {
             name: "keepVersions 3 keeps everything of app",
-            records: history(),
             wanted: vec![want("app", 'c', 3, 0), want("web", 'w', 0, 0)],
-            unresolved: vec![],
-            previous: GcState::default(),
-            now: 1000,
-            remove: vec![],
-            unwanted: vec![],
+            ..Case::default()
         },
         Case {
             name: "each repository uses its own keepVersions",
@@ -147,49 +150,37 @@ fn keep_versions_counts_the_desired_version() {
                 r
             },
             wanted: vec![want("app", 'c', 1, 0), want("web", 'y', 3, 0)],
-            unresolved: vec![],
             previous: unwanted_since(0, &[("app", 'a'), ("app", 'b')]),
-            now: 1000,
             remove: vec![("app", 'a'), ("app", 'b')],
-            unwanted: vec![],
+            ..Case::default()
         },
         Case {
             name: "two desired digests with keepVersions 2 leave no rollback slot",
-            records: history(),
             wanted: vec![
                 want("app", 'b', 2, 0),
                 want("app", 'c', 2, 0),
                 want("web", 'w', 0, 0),
             ],
-            unresolved: vec![],
             previous: unwanted_since(0, &[("app", 'a')]),
-            now: 1000,
             remove: vec![("app", 'a')],
-            unwanted: vec![],
+            ..Case::default()
         },
         Case {
             name: "a desired version not synced yet takes no slot: the old one stays",
             records: vec![rec("app", 'a', 10), rec("app", 'b', 20)],
             wanted: vec![want("app", 'c', 1, 0)],
-            unresolved: vec![],
             previous: unwanted_since(0, &[("app", 'a')]),
-            now: 1000,
             remove: vec![("app", 'a')],
-            unwanted: vec![],
+            ..Case::default()
         },
         Case {
             name: "two Repositories of one upstream repository: the larger keepVersions wins",
-            records: history(),
             wanted: vec![
                 want("app", 'c', 1, 0),
                 want("app", 'c', 3, 0),
                 want("web", 'w', 0, 0),
             ],
-            unresolved: vec![],
-            previous: GcState::default(),
-            now: 1000,
-            remove: vec![],
-            unwanted: vec![],
+            ..Case::default()
         },
     ];
     for case in cases {
@@ -202,39 +193,30 @@ fn grace_periods_are_per_repository() {
     let cases = vec![
         Case {
             name: "first run: unwanted images start their grace period",
-            records: history(),
             wanted: vec![want("app", 'c', 1, 0)],
-            unresolved: vec![],
-            previous: GcState::default(),
-            now: 1000,
-            remove: vec![],
             unwanted: vec![("app", 'a'), ("app", 'b'), ("web", 'w')],
+            ..Case::default()
         },
         Case {
             name: "app's own 10 s grace is over, web's default 100 s is not",
-            records: history(),
             wanted: vec![want("app", 'c', 1, 10)],
-            unresolved: vec![],
             previous: unwanted_since(1000, &[("app", 'a'), ("app", 'b'), ("web", 'w')]),
             now: 1050,
             remove: vec![("app", 'a'), ("app", 'b')],
             unwanted: vec![("web", 'w')],
+            ..Case::default()
         },
         Case {
             name: "a long grace of its own keeps app's old versions past the default",
-            records: history(),
             wanted: vec![want("app", 'c', 1, 5000), want("web", 'w', 0, 0)],
-            unresolved: vec![],
             previous: unwanted_since(1000, &[("app", 'a'), ("app", 'b')]),
             now: 1200,
-            remove: vec![],
             unwanted: vec![("app", 'a'), ("app", 'b')],
+            ..Case::default()
         },
         Case {
             name: "a repository that left the desired set keeps its remembered grace",
-            records: history(),
             wanted: vec![want("app", 'c', 1, 0)],
-            unresolved: vec![],
             previous: GcState {
                 unwanted_since: [(id_key(&id("web", 'w')), 1000)].into(),
                 retention: [(
@@ -247,32 +229,28 @@ fn grace_periods_are_per_repository() {
                 .into(),
             },
             now: 1200,
-            remove: vec![],
             unwanted: vec![("app", 'a'), ("app", 'b'), ("web", 'w')],
+            ..Case::default()
         },
         Case {
             name: "desired again within the grace period: the mark is dropped",
-            records: history(),
             wanted: vec![
                 want("app", 'a', 3, 0),
                 want("app", 'c', 3, 0),
                 want("web", 'w', 0, 0),
             ],
-            unresolved: vec![],
             previous: unwanted_since(1000, &[("app", 'a'), ("web", 'w')]),
             now: 1050,
-            remove: vec![],
-            unwanted: vec![],
+            ..Case::default()
         },
         Case {
             name: "an unresolved repository loses nothing and its clocks keep running",
-            records: history(),
             wanted: vec![want("web", 'w', 0, 0)],
             unresolved: vec![("r".into(), "app".into())],
             previous: unwanted_since(1000, &[("app", 'a')]),
             now: 5000,
-            remove: vec![],
             unwanted: vec![("app", 'a')],
+            ..Case::default()
         },
     ];
     for case in cases {

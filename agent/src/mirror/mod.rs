@@ -29,6 +29,7 @@ use std::time::Duration;
 use imgfleet_common::registry::sha256_hex;
 use tokio_util::sync::CancellationToken;
 
+use crate::settings::{ConfigError, parse_duration};
 use crate::store::Store;
 use catalog::{Catalog, Held};
 use http::{Body, Request, Response};
@@ -66,22 +67,20 @@ pub struct MirrorArgs {
 }
 
 impl MirrorArgs {
-    /// The checked limits; `Err((setting, expectation))` names a bad flag.
-    pub fn limits(&self) -> Result<Limits, (String, String)> {
+    /// The checked limits, or the flag that is wrong.
+    pub fn limits(&self) -> Result<Limits, ConfigError> {
         let duration = |flag: &str, v: &str| {
-            crate::daemon::parse_duration(v)
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    (
-                        format!("--{flag} {v}"),
-                        "expected a duration like 10s or 2m".to_string(),
-                    )
-                })
+            parse_duration(v).filter(|d| !d.is_zero()).ok_or_else(|| {
+                ConfigError::new(
+                    format!("--{flag} {v}"),
+                    "expected a duration like 10s or 2m",
+                )
+            })
         };
         if self.mirror_max_connections == 0 {
-            return Err((
-                "--mirror-max-connections 0".into(),
-                "expected at least 1".into(),
+            return Err(ConfigError::new(
+                "--mirror-max-connections 0",
+                "expected at least 1",
             ));
         }
         Ok(Limits {
@@ -275,6 +274,30 @@ fn candidates<'c>(catalog: &'c Catalog, name: &str, ns: Option<&str>) -> Vec<&'c
     }
 }
 
+/// Answers with `f` over the upstreams that may answer for `name`, or
+/// NAME_UNKNOWN when none holds it.
+fn with_holders(
+    mirror: &Mirror,
+    name: &str,
+    ns: Option<&str>,
+    f: impl FnOnce(&[&Held]) -> Response,
+) -> Response {
+    let catalog = mirror.catalog();
+    match candidates(&catalog, name, ns).as_slice() {
+        [] => name_unknown(name),
+        holders => f(holders),
+    }
+}
+
+/// A 404 with `code` for `what` (a manifest or blob) this mirror does not hold.
+fn not_held(code: &str, what: std::fmt::Arguments<'_>) -> Response {
+    error_response(
+        NOT_FOUND,
+        code,
+        &format!("{what} is not held by this mirror"),
+    )
+}
+
 fn name_unknown(name: &str) -> Response {
     error_response(
         NOT_FOUND,
@@ -353,23 +376,23 @@ fn tags(mirror: &Mirror, name: &str, ns: Option<&str>, query: Option<&str>) -> R
         },
     };
     let last = query_param(query, "last");
-    let catalog = mirror.catalog();
-    let held = match candidates(&catalog, name, ns).as_slice() {
-        [] => return name_unknown(name),
-        [one] => *one,
-        many => return several_upstreams(name, many),
-    };
-    let (page, more) = tags_page(held.tags(), n, last.as_deref());
-    let mut resp = json(serde_json::json!({"name": name, "tags": page}).to_string());
-    if let (true, Some(next)) = (more, page.last()) {
-        let size = n.unwrap_or(MAX_TAGS_PAGE).min(MAX_TAGS_PAGE);
-        let ns = ns.map(|ns| format!("&ns={ns}")).unwrap_or_default();
-        resp.headers.push((
-            "Link",
-            format!("</v2/{name}/tags/list?n={size}&last={next}{ns}>; rel=\"next\""),
-        ));
-    }
-    resp
+    with_holders(mirror, name, ns, |holders| {
+        let held = match holders {
+            [one] => *one,
+            many => return several_upstreams(name, many),
+        };
+        let (page, more) = tags_page(held.tags(), n, last.as_deref());
+        let mut resp = json(serde_json::json!({"name": name, "tags": page}).to_string());
+        if let (true, Some(next)) = (more, page.last()) {
+            let size = n.unwrap_or(MAX_TAGS_PAGE).min(MAX_TAGS_PAGE);
+            let ns = ns.map(|ns| format!("&ns={ns}")).unwrap_or_default();
+            resp.headers.push((
+                "Link",
+                format!("</v2/{name}/tags/list?n={size}&last={next}{ns}>; rel=\"next\""),
+            ));
+        }
+        resp
+    })
 }
 
 /// One page of tags (already in lexical order): those after `last`
@@ -397,50 +420,46 @@ fn manifest(mirror: &Mirror, name: &str, reference: &str, ns: Option<&str>) -> R
     if by_digest && let Err(e) = digest_form(reference) {
         return e;
     }
-    let catalog = mirror.catalog();
-    let holders = candidates(&catalog, name, ns);
-    if holders.is_empty() {
-        return name_unknown(name);
-    }
-    let unknown = || {
-        error_response(
-            NOT_FOUND,
-            "MANIFEST_UNKNOWN",
-            &format!("manifest {name}:{reference} is not held by this mirror"),
-        )
-    };
-    let found: Vec<(&str, &catalog::ManifestInfo)> = holders
-        .iter()
-        .filter_map(|h| {
-            let digest = if by_digest {
-                reference
-            } else {
-                h.tag(reference)?
-            };
-            h.manifest(digest).map(|m| (digest, m))
-        })
-        .collect();
-    let (digest, info) = match found.as_slice() {
-        [] => return unknown(),
-        [one] => *one,
-        // One digest from several upstreams is the same bytes.
-        [first, ..] if by_digest => *first,
-        // A tag held from several upstreams may name different images.
-        _ => return several_upstreams(name, &holders),
-    };
-    let Some(body) = open(&mirror.store, digest, 0, info.size) else {
-        return unknown();
-    };
-    Response {
-        status: (200, "OK"),
-        headers: vec![
-            ("Content-Type", info.media_type.clone()),
-            ("Docker-Content-Digest", digest.to_string()),
-            ("ETag", format!("\"{digest}\"")),
-            (API_VERSION.0, API_VERSION.1.into()),
-        ],
-        body,
-    }
+    with_holders(mirror, name, ns, |holders| {
+        let unknown = || {
+            not_held(
+                "MANIFEST_UNKNOWN",
+                format_args!("manifest {name}:{reference}"),
+            )
+        };
+        let found: Vec<(&str, &catalog::ManifestInfo)> = holders
+            .iter()
+            .filter_map(|h| {
+                let digest = if by_digest {
+                    reference
+                } else {
+                    h.tag(reference)?
+                };
+                h.manifest(digest).map(|m| (digest, m))
+            })
+            .collect();
+        let (digest, info) = match found.as_slice() {
+            [] => return unknown(),
+            [one] => *one,
+            // One digest from several upstreams is the same bytes.
+            [first, ..] if by_digest => *first,
+            // A tag held from several upstreams may name different images.
+            _ => return several_upstreams(name, holders),
+        };
+        let Some(body) = open(&mirror.store, digest, 0, info.size) else {
+            return unknown();
+        };
+        Response {
+            status: (200, "OK"),
+            headers: vec![
+                ("Content-Type", info.media_type.clone()),
+                ("Docker-Content-Digest", digest.to_string()),
+                ("ETag", format!("\"{digest}\"")),
+                (API_VERSION.0, API_VERSION.1.into()),
+            ],
+            body,
+        }
+    })
 }
 
 fn blob(
@@ -453,61 +472,52 @@ fn blob(
     if let Err(e) = digest_form(digest) {
         return e;
     }
-    let catalog = mirror.catalog();
-    let holders = candidates(&catalog, name, ns);
-    if holders.is_empty() {
-        return name_unknown(name);
-    }
-    let unknown = || {
-        error_response(
-            NOT_FOUND,
-            "BLOB_UNKNOWN",
-            &format!("blob {digest} is not held by this mirror"),
-        )
-    };
-    // The scope: only a digest this repository's content references.
-    if !holders.iter().any(|h| h.references(digest)) {
-        return unknown();
-    }
-    let Some(size) = mirror.store.blob_size(digest) else {
-        return unknown();
-    };
-    let (status, first, len) = match range.map(|r| parse_range(r, size)) {
-        None | Some(Ok(None)) => ((200, "OK"), 0, size),
-        Some(Ok(Some((first, last)))) => ((206, "Partial Content"), first, last - first + 1),
-        Some(Err(())) => {
-            // RANGE_INVALID is distribution's code for 416 (the OCI table has
-            // none for ranges); Content-Range says what is satisfiable.
-            let mut r = error_response(
-                (416, "Range Not Satisfiable"),
-                "RANGE_INVALID",
-                &format!("requested range not satisfiable: the blob is {size} bytes"),
-            );
-            r.headers.push(("Content-Range", format!("bytes */{size}")));
-            return r;
+    with_holders(mirror, name, ns, |holders| {
+        let unknown = || not_held("BLOB_UNKNOWN", format_args!("blob {digest}"));
+        // The scope: only a digest this repository's content references.
+        if !holders.iter().any(|h| h.references(digest)) {
+            return unknown();
         }
-    };
-    let Some(body) = open(&mirror.store, digest, first, len) else {
-        return unknown();
-    };
-    let mut headers = vec![
-        ("Content-Type", "application/octet-stream".to_string()),
-        ("Accept-Ranges", "bytes".to_string()),
-        ("Docker-Content-Digest", digest.to_string()),
-        ("ETag", format!("\"{digest}\"")),
-        (API_VERSION.0, API_VERSION.1.to_string()),
-    ];
-    if status.0 == 206 {
-        headers.push((
-            "Content-Range",
-            format!("bytes {first}-{}/{size}", first + len - 1),
-        ));
-    }
-    Response {
-        status,
-        headers,
-        body,
-    }
+        let Some(size) = mirror.store.blob_size(digest) else {
+            return unknown();
+        };
+        let (status, first, len) = match range.map(|r| parse_range(r, size)) {
+            None | Some(Ok(None)) => ((200, "OK"), 0, size),
+            Some(Ok(Some((first, last)))) => ((206, "Partial Content"), first, last - first + 1),
+            Some(Err(())) => {
+                // RANGE_INVALID is distribution's code for 416 (the OCI table has
+                // none for ranges); Content-Range says what is satisfiable.
+                let mut r = error_response(
+                    (416, "Range Not Satisfiable"),
+                    "RANGE_INVALID",
+                    &format!("requested range not satisfiable: the blob is {size} bytes"),
+                );
+                r.headers.push(("Content-Range", format!("bytes */{size}")));
+                return r;
+            }
+        };
+        let Some(body) = open(&mirror.store, digest, first, len) else {
+            return unknown();
+        };
+        let mut headers = vec![
+            ("Content-Type", "application/octet-stream".to_string()),
+            ("Accept-Ranges", "bytes".to_string()),
+            ("Docker-Content-Digest", digest.to_string()),
+            ("ETag", format!("\"{digest}\"")),
+            (API_VERSION.0, API_VERSION.1.to_string()),
+        ];
+        if status.0 == 206 {
+            headers.push((
+                "Content-Range",
+                format!("bytes {first}-{}/{size}", first + len - 1),
+            ));
+        }
+        Response {
+            status,
+            headers,
+            body,
+        }
+    })
 }
 
 /// A body of `len` bytes of a verified blob from `offset`: small ones read

@@ -76,16 +76,36 @@ pub enum StoreError {
     #[error("content store {0}: locked by another writer")]
     Locked(PathBuf),
     /// `index.json` could not be parsed.
-    #[error("content store: {path}: {message}")]
+    #[error("content store: {path}: expected an OCI index: {source}")]
     Corrupt {
         /// The file.
         path: PathBuf,
         /// What was wrong.
-        message: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `index.json` could not be encoded.
+    #[error("content store: {path}: {source}")]
+    Encode {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        #[source]
+        source: serde_json::Error,
     },
     /// A write on a store opened read-only.
     #[error("content store: opened read-only")]
     ReadOnly,
+    /// A partial committed at another length than its descriptor states.
+    #[error("content store: {digest}: {actual} bytes, but {expected} were expected")]
+    SizeMismatch {
+        /// The blob.
+        digest: String,
+        /// The size the commit expected.
+        expected: u64,
+        /// The partial's length.
+        actual: u64,
+    },
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + use<> {
@@ -404,13 +424,22 @@ impl Store {
         PartialBlob::open(digest.to_string(), path)
     }
 
-    /// Makes a finished partial visible: flushes and fsyncs it, checks its
-    /// sha256 against the digest (discarding it on a mismatch), renames it into
-    /// `blobs/` and fsyncs the directory.
-    pub fn commit_partial(&self, partial: PartialBlob) -> Result<u64, StoreError> {
+    /// Makes a finished partial visible, as containerd's `Commit(size,
+    /// expected)` does: flushes and fsyncs it, checks its length against
+    /// `size` (a shorter partial stays, to be resumed) and its sha256 against
+    /// the digest (discarding it on a mismatch), renames it into `blobs/`
+    /// and fsyncs the directory.
+    pub fn commit_partial(&self, partial: PartialBlob, size: u64) -> Result<u64, StoreError> {
         self.check_writable()?;
         let target = self.blob_path(partial.digest())?;
         let (path, actual, len) = partial.finish()?;
+        if len != size {
+            return Err(StoreError::SizeMismatch {
+                digest: partial_digest_expected(&path),
+                expected: size,
+                actual: len,
+            });
+        }
         if actual != partial_digest_expected(&path) {
             let _ = fs::remove_file(&path);
             return Err(StoreError::DigestMismatch {
@@ -633,9 +662,10 @@ impl Store {
         let media_type = match media_type {
             Some(m) => m.to_string(),
             None => declared_media_type(&bytes).ok_or_else(|| {
-                TreeError::Plan(plan::PlanError::Malformed(format!(
-                    "manifest {root}: no mediaType"
-                )))
+                TreeError::Plan(plan::WalkError {
+                    digest: root.to_string(),
+                    source: plan::PlanError::NoMediaType,
+                })
             })?,
         };
         let node = plan::Node {
@@ -680,9 +710,9 @@ impl Store {
             media_type: OCI_INDEX.to_string(),
             manifests: records.iter().map(ManifestRecord::to_descriptor).collect(),
         };
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Corrupt {
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|source| StoreError::Encode {
             path: self.root.join("index.json"),
-            message: e.to_string(),
+            source,
         })?;
         let path = self.root.join("index.json");
         write_atomic(&self.root, &path, &bytes)?;
@@ -709,10 +739,11 @@ impl Store {
         File::open(&path)
             .and_then(|mut f| f.read_to_end(&mut text))
             .map_err(io_err("reading", &path))?;
-        let file: IndexFile = serde_json::from_slice(&text).map_err(|e| StoreError::Corrupt {
-            path: path.clone(),
-            message: format!("expected an OCI index: {e}"),
-        })?;
+        let file: IndexFile =
+            serde_json::from_slice(&text).map_err(|source| StoreError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
         state.records = file
             .manifests
             .iter()
@@ -732,7 +763,7 @@ pub enum TreeError {
     Store(StoreError),
     /// A manifest of the tree is unusable.
     #[error(transparent)]
-    Plan(plan::PlanError),
+    Plan(plan::WalkError),
 }
 
 /// The `mediaType` a manifest document declares.

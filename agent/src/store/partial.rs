@@ -236,7 +236,10 @@ impl PartialBlob {
     }
 
     /// Empties the partial to start the blob over (its bytes were wrong, or
-    /// the registry ignored Range and sends everything again).
+    /// the registry ignored Range and sends everything again). Blocking; see
+    /// [`restart`] for async callers.
+    ///
+    /// [`restart`]: PartialBlob::restart
     pub fn truncate(&mut self) -> Result<(), StoreError> {
         self.wait_written_blocking()?;
         let Some((file, _)) = self.file.take() else {
@@ -244,12 +247,35 @@ impl PartialBlob {
         };
         file.set_len(0)
             .map_err(io_err("truncating partial", &self.path))?;
+        self.emptied(file);
+        Ok(())
+    }
+
+    /// [`truncate`] for async callers: the batch in flight is awaited and
+    /// the file emptied on the blocking pool.
+    ///
+    /// [`truncate`]: PartialBlob::truncate
+    pub async fn restart(&mut self) -> Result<(), StoreError> {
+        self.wait_written().await?;
+        let Some((file, _)) = self.file.take() else {
+            return Err(self.unusable("truncating partial"));
+        };
+        let emptied = tokio::task::spawn_blocking(move || file.set_len(0).map(|()| file))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(io_err("truncating partial", &self.path))?;
+        self.emptied(emptied);
+        Ok(())
+    }
+
+    /// Starts over on a file just emptied.
+    fn emptied(&mut self, file: File) {
         self.file = Some((file, Sha256::new()));
         self.buf.clear();
         self.written = 0;
         self.resumed_from = 0;
         self.advised = 0;
-        Ok(())
     }
 
     /// Deletes the partial (its bytes were wrong or are not wanted).

@@ -53,7 +53,10 @@ async fn partial_resumes_and_verifies() {
     assert_eq!(p.resumed_from(), 1_500_000);
     p.append(&data[1_500_000..]).await.unwrap();
     assert!(!store.has_blob(&digest), "not visible before commit");
-    assert_eq!(store.commit_partial(p).unwrap(), data.len() as u64);
+    assert_eq!(
+        store.commit_partial(p, data.len() as u64).unwrap(),
+        data.len() as u64
+    );
     assert!(store.has_blob(&digest));
     assert!(!store.partial_path(&digest).unwrap().exists());
 }
@@ -69,7 +72,7 @@ async fn corrupt_partial_is_refused_and_removed() {
     assert_eq!(p.offset(), 50_000);
     p.append(&data[50_000..]).await.unwrap();
     assert!(matches!(
-        store.commit_partial(p),
+        store.commit_partial(p, data.len() as u64),
         Err(StoreError::DigestMismatch { .. })
     ));
     assert!(!store.has_blob(&digest));
@@ -172,6 +175,9 @@ async fn partial_writes_batches_while_receiving() {
         data.len() as u64,
         "flush leaves every byte on disk"
     );
-    assert_eq!(store.commit_partial(p).unwrap(), data.len() as u64);
+    assert_eq!(
+        store.commit_partial(p, data.len() as u64).unwrap(),
+        data.len() as u64
+    );
     assert_eq!(store.read_blob(&digest).unwrap(), data);
 }

@@ -1,23 +1,39 @@
 //! The transfer engine: brings desired images into the content store.
 //!
-//! For each image it fetches the manifest or index (verified by digest), only
-//! the platform manifests asked for (through nested indexes, up to
-//! [`plan::MAX_INDEX_DEPTH`]), then only the blobs the store lacks. Blobs
-//! stream to a partial file with bounded memory and resume by HTTP Range from
-//! the partial's length after a network error, a stall below the minimum
-//! progress, or a restart; the bytes already on disk are re-hashed before they
-//! are trusted. A blob already in the store counts only when its size is the
-//! one the manifest states. An image is recorded (and so servable) only after
-//! every blob it needs is present and verified.
+//! Each image goes through three steps, in the manner of containerd's
+//! content writers (status, write, `Commit(size, expected)`):
+//!
+//! 1. **Plan.** The root manifest or index (from the store when held, else
+//!    fetched by digest and verified), then the platform manifests it names,
+//!    through nested indexes up to [`plan::MAX_INDEX_DEPTH`]. What to fetch
+//!    and what to record is decided by the pure [`plan::image`] over the
+//!    manifest bytes; this step only fetches what it says is missing. What
+//!    the store already holds is read first, in one trip to the blocking
+//!    pool, so that a re-sync of a complete image needs no other.
+//! 2. **Fetch.** Only the blobs the store lacks, several at once. Blobs
+//!    stream to a partial file with bounded memory and resume by HTTP Range
+//!    from the partial's length after a network error, a stall below the
+//!    minimum progress, or a restart; the bytes already on disk are
+//!    re-hashed before they are trusted. A blob already in the store counts
+//!    only when its size is the one the manifest states.
+//! 3. **Record.** The image is recorded (and so servable) only after every
+//!    blob it needs is present and verified.
+//!
+//! Store calls that touch the disk (`records`, manifest reads, `put_blob`
+//! with its fsync, size checks, commits) run on the blocking pool, never on
+//! the async workers that move the bytes.
 
+mod blob;
+mod error;
 mod limit;
 pub mod plan;
 mod progress;
 
+pub use error::{InvalidImage, TransferError};
 pub use limit::RateLimiter;
 pub use progress::{Phase, Progress};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,29 +48,38 @@ use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::desired::DesiredImage;
 use crate::store::{ManifestRecord, Pins, Store, StoreError, now_unix};
-use plan::{BlobRef, ManifestKind, PlanError};
+use plan::{BlobRef, Document, ImagePlan};
 use progress::Tracker;
 
-/// One image the store must hold.
+/// One image to bring in: the image as desired, and how to reach its
+/// registry. `Debug` never shows the password.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredImage {
-    /// Stable id used in progress events, e.g. `default/app@sha256:..`.
-    pub key: String,
-    /// Registry host and optional port.
-    pub registry: String,
-    /// Repository path in the registry.
-    pub repository: String,
-    /// The manifest or index digest.
-    pub digest: String,
-    /// Tags that name the digest and that the mirror must serve.
-    pub tags: Vec<String>,
-    /// `os/arch[/variant]` to take from an index; empty means all.
-    pub platforms: Vec<String>,
+pub struct Pull {
+    /// The image.
+    pub image: DesiredImage,
     /// Pull credentials; `None` for anonymous.
     pub credentials: Option<Credentials>,
     /// Plain HTTP to the registry.
     pub insecure: bool,
+}
+
+impl Pull {
+    /// Whether pulling `other` would fetch and record exactly what pulling
+    /// this does. Retention and where the image comes from (its Repository,
+    /// its credential's key) do not change a transfer.
+    pub fn same_transfer(&self, other: &Pull) -> bool {
+        let (a, b) = (&self.image, &other.image);
+        a.key == b.key
+            && a.registry == b.registry
+            && a.repository == b.repository
+            && a.digest == b.digest
+            && a.tags == b.tags
+            && a.platforms == b.platforms
+            && self.credentials == other.credentials
+            && self.insecure == other.insecure
+    }
 }
 
 /// Retry policy for registry requests.
@@ -112,81 +137,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// Why an image could not be brought in.
-#[derive(Debug, thiserror::Error)]
-pub enum TransferError {
-    /// The registry failed; see [`RegistryError::is_retryable`].
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    /// The content store failed (a digest mismatch lands here too).
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A manifest the engine cannot use.
-    #[error("manifest {digest}: {source}")]
-    Plan {
-        /// The manifest.
-        digest: String,
-        /// What was wrong.
-        #[source]
-        source: PlanError,
-    },
-    /// Content whose size is not the one its descriptor states: a blob
-    /// already in the store, or the length the registry announced.
-    #[error("{digest}: {actual} bytes, but the manifest says {expected}")]
-    SizeMismatch {
-        /// The blob or manifest.
-        digest: String,
-        /// The size in the descriptor.
-        expected: u64,
-        /// The size found.
-        actual: u64,
-    },
-    /// A blob's body was longer than its descriptor says, or ended early.
-    #[error("blob {digest}: {message}")]
-    BadBody {
-        /// The blob.
-        digest: String,
-        /// What was wrong.
-        message: String,
-    },
-    /// The desired image itself is invalid.
-    #[error("image {key}: {message}")]
-    Invalid {
-        /// The image key.
-        key: String,
-        /// What was wrong.
-        message: String,
-    },
-}
-
-impl TransferError {
-    /// Whether a later attempt may succeed: transport errors, 5xx and 429,
-    /// a body cut short. Digest mismatches and bad manifests are final.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            TransferError::Registry(e) => e.is_retryable(),
-            TransferError::BadBody { message, .. } => message.starts_with("body ended"),
-            _ => false,
-        }
-    }
-
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            TransferError::Registry(e) => e.retry_after(),
-            _ => None,
-        }
-    }
-
-    /// Whether this is content that did not match its digest.
-    pub fn is_digest_mismatch(&self) -> bool {
-        matches!(
-            self,
-            TransferError::Store(StoreError::DigestMismatch { .. })
-                | TransferError::Registry(RegistryError::DigestMismatch { .. })
-        )
-    }
-}
-
 /// What one image's transfer did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageStats {
@@ -234,14 +184,23 @@ struct AtomicCounters {
 
 type ClientKey = (String, Option<(String, String)>, bool);
 
+/// A registry client, built by the first image that asks for it.
+type ClientCell = tokio::sync::OnceCell<Arc<RegistryClient>>;
+
 /// The transfer engine. Share it behind an `Arc`; one per store. Its `Debug`
 /// leaves out the client map, whose keys hold registry passwords.
 pub struct Engine {
     store: Arc<Store>,
     config: EngineConfig,
+    /// Blob downloads at once, across images.
     blob_slots: Arc<Semaphore>,
+    /// The shared bandwidth limit, if any.
     limiter: Option<RateLimiter>,
-    clients: Mutex<HashMap<ClientKey, Arc<RegistryClient>>>,
+    /// One client per registry and credentials, so bearer tokens are
+    /// reused; each built once, however many images ask for it at once.
+    clients: Mutex<HashMap<ClientKey, Arc<ClientCell>>>,
+    /// One download at a time per digest: a second image needing the same
+    /// blob waits for the first and then finds it present.
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     counters: AtomicCounters,
 }
@@ -301,50 +260,68 @@ impl Engine {
         }
     }
 
-    /// A registry client for an image, shared by images with the same
-    /// registry and credentials so that bearer tokens are reused.
-    pub fn client_for(
+    /// A registry client, shared by images with the same registry and
+    /// credentials so that bearer tokens are reused. A new client is built
+    /// once, on the blocking pool (it may read the system's trust roots),
+    /// while every other image asking for it at the same time waits.
+    pub async fn client(
         &self,
         registry: &str,
         credentials: Option<&Credentials>,
         insecure: bool,
-    ) -> Result<Arc<RegistryClient>, RegistryError> {
+    ) -> Result<Arc<RegistryClient>, TransferError> {
         let key = (
             registry.to_string(),
             credentials.map(|c| (c.username.clone(), c.password.clone())),
             insecure,
         );
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(&key) {
-            return Ok(c.clone());
-        }
-        let started = std::time::Instant::now();
-        let client = Arc::new(RegistryClient::new(RegistryConfig {
-            host: registry.to_string(),
-            credentials: credentials.cloned(),
-            insecure,
-            extra_roots_pem: self.config.extra_roots_pem.clone(),
-            connect_timeout: None,
-            read_timeout: Some(self.config.read_timeout),
-            min_progress: self.config.min_progress,
-        })?);
-        debug!(registry, elapsed = ?started.elapsed(), "Registry client built");
-        clients.insert(key, client.clone());
-        Ok(client)
+        let cell = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let client = cell
+            .get_or_try_init(|| async {
+                let started = std::time::Instant::now();
+                let config = RegistryConfig {
+                    host: registry.to_string(),
+                    credentials: credentials.cloned(),
+                    insecure,
+                    extra_roots_pem: self.config.extra_roots_pem.clone(),
+                    connect_timeout: None,
+                    read_timeout: Some(self.config.read_timeout),
+                    min_progress: self.config.min_progress,
+                };
+                let client = tokio::task::spawn_blocking(move || RegistryClient::new(config))
+                    .await
+                    .map_err(|source| TransferError::Task {
+                        op: "building a registry client",
+                        source,
+                    })??;
+                debug!(registry, elapsed = ?started.elapsed(), "Registry client built");
+                Ok::<_, TransferError>(Arc::new(client))
+            })
+            .await?;
+        Ok(client.clone())
     }
 
     /// Brings in every image, `concurrency_images` at a time, and reports each.
     pub async fn sync(
         &self,
-        images: Vec<DesiredImage>,
+        pulls: Vec<Pull>,
         progress: Option<UnboundedSender<Progress>>,
     ) -> Vec<SyncReport> {
-        futures::stream::iter(images)
-            .map(|image| {
+        futures::stream::iter(pulls)
+            .map(|pull| {
                 let progress = progress.clone();
                 async move {
-                    let result = self.sync_image(&image, progress).await;
-                    SyncReport { image, result }
+                    let result = self.sync_image(&pull, progress).await;
+                    SyncReport {
+                        image: pull.image,
+                        result,
+                    }
                 }
             })
             .buffer_unordered(self.config.concurrency_images.max(1))
@@ -355,13 +332,14 @@ impl Engine {
     /// Brings in one image and records it with its tags.
     pub async fn sync_image(
         &self,
-        image: &DesiredImage,
+        pull: &Pull,
         progress: Option<UnboundedSender<Progress>>,
     ) -> Result<ImageStats, TransferError> {
+        let image = &pull.image;
         let span = tracing::info_span!("image", key = %image.key, repository = %image.repository, digest = %image.digest);
         let tracker = Tracker::new(&image.key, &image.digest, progress);
         let result = self
-            .sync_image_inner(image, &tracker)
+            .plan_fetch_record(pull, &tracker)
             .instrument(span)
             .await;
         match &result {
@@ -371,36 +349,29 @@ impl Engine {
         result
     }
 
-    async fn sync_image_inner(
+    /// The three steps of one image; see the module documentation.
+    async fn plan_fetch_record(
         &self,
-        image: &DesiredImage,
+        pull: &Pull,
         tracker: &Tracker,
     ) -> Result<ImageStats, TransferError> {
-        let invalid = |message: String| TransferError::Invalid {
-            key: image.key.clone(),
-            message,
+        let image = &pull.image;
+        check(image)?;
+        // Everything this image uses stays pinned until it is recorded, so
+        // that GC running meanwhile never deletes what this sync counted on.
+        let mut pins = self.store.pins();
+        pins.add(&image.digest);
+        let Survey {
+            existing,
+            root,
+            held,
+            complete,
+            pins,
+        } = {
+            let (store, image) = (self.store.clone(), image.clone());
+            blocking("reading the store", move || survey(&store, &image, pins)).await?
         };
-        if sha256_hex(&image.digest).is_none() {
-            return Err(invalid(format!(
-                "digest {:?}: expected sha256:<64 lowercase hex>",
-                image.digest
-            )));
-        }
-        if !valid_repository(&image.repository) {
-            return Err(invalid(format!(
-                "repository {:?}: expected a path like library/nginx",
-                image.repository
-            )));
-        }
-        if let Some(t) = image.tags.iter().find(|t| !valid_tag(t)) {
-            return Err(invalid(format!(
-                "tag {t:?}: expected [A-Za-z0-9_.-], at most 128 characters"
-            )));
-        }
-        // One snapshot of the records serves every lookup below: on a no-op
-        // re-sync of many images, re-reading and cloning them per lookup
-        // was a measurable share of the run.
-        let existing = self.store.records();
+        let mut pins = pins;
         let already = existing.iter().any(|r| {
             r.registry == image.registry
                 && r.repository == image.repository
@@ -408,122 +379,22 @@ impl Engine {
                 && r.parent.is_none()
         });
         tracker.emit(Phase::Manifests, None, true);
-
-        // Manifests come from the store when present, so a re-sync of a
-        // complete image makes no request at all.
-        let client = std::sync::OnceLock::new();
-        let get_client = || -> Result<Arc<RegistryClient>, TransferError> {
-            if let Some(c) = client.get() {
-                return Ok(Arc::clone(c));
+        let client = LazyClient::new(self, pull);
+        let (plan, sizes) = match complete {
+            Some((plan, sizes)) => (plan, Some(sizes)),
+            None => {
+                let plan = self
+                    .plan(image, root, held, &existing, &client, &mut pins)
+                    .await?;
+                (plan, None)
             }
-            let c = self.client_for(&image.registry, image.credentials.as_ref(), image.insecure)?;
-            Ok(Arc::clone(client.get_or_init(|| c)))
         };
-
-        // Everything this image uses stays pinned until it is recorded, so
-        // that GC running meanwhile never deletes what this sync counted on.
-        let mut pins = self.store.pins();
-        pins.add(&image.digest);
-        let (root_bytes, root_type) = self
-            .manifest(image, &image.digest, None, &existing, &get_client)
+        let mut stats = self
+            .fetch_missing(image, &plan.blobs, sizes, &client, &mut pins, tracker)
             .await?;
-        let (records, blobs) = self
-            .walk(
-                image,
-                &root_bytes,
-                &root_type,
-                &existing,
-                &get_client,
-                &mut pins,
-            )
-            .await?;
-        let mut records = records;
-
-        let mut stats = ImageStats {
-            bytes_total: blobs.iter().map(|b| b.size).sum(),
-            blobs_total: blobs.len() as u32,
-            already_present: already,
-            ..ImageStats::default()
-        };
-        tracker
-            .bytes_total
-            .store(stats.bytes_total, Ordering::Relaxed);
-        tracker
-            .layers_total
-            .store(stats.blobs_total, Ordering::Relaxed);
-        let mut missing = Vec::new();
-        for b in &blobs {
-            pins.add(&b.digest);
-            if self.present(b)? {
-                tracker.bytes_done.fetch_add(b.size, Ordering::Relaxed);
-                tracker.layers_done.fetch_add(1, Ordering::Relaxed);
-            } else {
-                missing.push(b.clone());
-            }
-        }
-        tracker.emit(Phase::Blobs, None, true);
-        if !missing.is_empty() {
-            let client = get_client()?;
-            let results: Vec<Result<Option<u64>, TransferError>> = futures::stream::iter(missing)
-                .map(|b| {
-                    let client = client.clone();
-                    async move {
-                        let fetched = self
-                            .fetch_blob(&client, &image.repository, &b, tracker)
-                            .await?;
-                        tracker.layers_done.fetch_add(1, Ordering::Relaxed);
-                        tracker.emit(Phase::Blobs, None, true);
-                        Ok(fetched)
-                    }
-                })
-                .buffer_unordered(self.config.concurrency_blobs.max(1))
-                .collect()
-                .await;
-            for r in results {
-                if let Some(n) = r? {
-                    stats.bytes_fetched += n;
-                    stats.blobs_fetched += 1;
-                }
-            }
-        }
-
+        stats.already_present = already;
         tracker.emit(Phase::Committing, None, true);
-        let root_size = root_bytes.len() as u64;
-        let record = |tag: Option<String>| ManifestRecord {
-            registry: image.registry.clone(),
-            repository: image.repository.clone(),
-            tag,
-            digest: image.digest.clone(),
-            media_type: root_type.clone(),
-            size: root_size,
-            parent: None,
-            recorded_at: now_unix(),
-        };
-        records.push(record(None));
-        for t in &image.tags {
-            records.push(record(Some(t.clone())));
-        }
-        let unchanged = records.iter().all(|r| {
-            existing.iter().any(|e| {
-                e.registry == r.registry
-                    && e.repository == r.repository
-                    && e.tag == r.tag
-                    && e.digest == r.digest
-                    && e.parent == r.parent
-            })
-        });
-        if !unchanged {
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.record(records))
-                .await
-                .map_err(|e| {
-                    TransferError::Store(StoreError::Io {
-                        op: "recording",
-                        path: self.store.root().join("index.json"),
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                })??;
-        }
+        self.record(plan.records, &existing).await?;
         info!(
             bytes_fetched = stats.bytes_fetched,
             blobs_fetched = stats.blobs_fetched,
@@ -533,107 +404,149 @@ impl Engine {
         Ok(stats)
     }
 
-    /// Whether a blob is in the store with the size its descriptor states.
-    /// A blob of another size cannot be the one named (sha256 does not
-    /// collide): the manifest is wrong, and the image must fail as it would
-    /// on a fresh store.
-    fn present(&self, blob: &BlobRef) -> Result<bool, TransferError> {
-        match self.store.blob_size(&blob.digest) {
-            None => Ok(false),
-            Some(size) if size == blob.size => Ok(true),
-            Some(size) => Err(TransferError::SizeMismatch {
-                digest: blob.digest.clone(),
-                expected: blob.size,
-                actual: size,
-            }),
+    /// Step 1: the manifests of the image the store lacks, fetched until
+    /// [`plan::image`] finds none missing, and its plan. `root` and `held`
+    /// are what the store had (see [`survey`]).
+    async fn plan(
+        &self,
+        image: &DesiredImage,
+        root: Option<Document>,
+        mut held: HashMap<String, Document>,
+        existing: &[ManifestRecord],
+        client: &LazyClient<'_>,
+        pins: &mut Pins,
+    ) -> Result<ImagePlan, TransferError> {
+        let root = match root {
+            Some(root) => root,
+            None => {
+                self.manifest(image, &image.digest, None, existing, client)
+                    .await?
+            }
+        };
+        loop {
+            let plan = plan::image(image, &root, &held, now_unix())?;
+            if plan.missing.is_empty() {
+                return Ok(plan);
+            }
+            // Each round fetches every child the last one found, so the
+            // rounds end after as many as indexes nest.
+            for child in plan.missing {
+                pins.add(&child.digest);
+                let document = self
+                    .manifest(image, &child.digest, Some(child.size), existing, client)
+                    .await?;
+                held.insert(child.digest, document);
+            }
         }
     }
 
-    /// Fetches the manifests below the root that the image's platforms
-    /// select, through nested indexes, and returns their records and the
-    /// blobs of every image manifest among them.
-    async fn walk(
+    /// Step 2: every blob of the plan that the store lacks, several at once.
+    /// `sizes` are the blobs' sizes in the store when the survey read them.
+    async fn fetch_missing(
         &self,
         image: &DesiredImage,
-        root_bytes: &[u8],
-        root_type: &str,
-        existing: &[ManifestRecord],
-        get_client: &(dyn Fn() -> Result<Arc<RegistryClient>, TransferError> + Sync),
+        blobs: &[BlobRef],
+        sizes: Option<Vec<Option<u64>>>,
+        client: &LazyClient<'_>,
         pins: &mut Pins,
-    ) -> Result<(Vec<ManifestRecord>, Vec<BlobRef>), TransferError> {
-        let plan_err = |digest: &str| {
-            let digest = digest.to_string();
-            move |source| TransferError::Plan { digest, source }
+        tracker: &Tracker,
+    ) -> Result<ImageStats, TransferError> {
+        let mut stats = ImageStats {
+            bytes_total: blobs.iter().map(|b| b.size).sum(),
+            blobs_total: blobs.len() as u32,
+            ..ImageStats::default()
         };
-        let mut records = Vec::new();
-        let mut blobs: Vec<BlobRef> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::from([image.digest.clone()]);
-        let mut available: Vec<String> = Vec::new();
-        let mut images = 0usize;
-        // (bytes, media type, digest, depth); the root index is depth 0.
-        let mut queue = vec![(
-            root_bytes.to_vec(),
-            root_type.to_string(),
-            image.digest.clone(),
-            0usize,
-        )];
-        while let Some((bytes, media_type, digest, depth)) = queue.pop() {
-            match plan::kind_of(&media_type).map_err(plan_err(&digest))? {
-                ManifestKind::Image => {
-                    images += 1;
-                    for b in plan::image_blobs(&bytes).map_err(plan_err(&digest))? {
-                        if !blobs.iter().any(|x| x.digest == b.digest) {
-                            blobs.push(b);
-                        }
-                    }
-                }
-                ManifestKind::Index => {
-                    if depth > plan::MAX_INDEX_DEPTH {
-                        return Err(plan_err(&digest)(PlanError::TooDeep {
-                            digest: digest.clone(),
-                            depth,
-                        }));
-                    }
-                    let (children, offered) = plan::choose_children(&bytes, &image.platforms)
-                        .map_err(plan_err(&digest))?;
-                    available.extend(offered);
-                    for child in children {
-                        if !seen.insert(child.digest.clone()) {
-                            continue;
-                        }
-                        if seen.len() > plan::MAX_MANIFESTS {
-                            return Err(plan_err(&image.digest)(PlanError::TooManyManifests));
-                        }
-                        pins.add(&child.digest);
-                        let (child_bytes, child_type) = self
-                            .manifest(image, &child.digest, Some(child.size), existing, get_client)
-                            .await?;
-                        records.push(ManifestRecord {
-                            registry: image.registry.clone(),
-                            repository: image.repository.clone(),
-                            tag: None,
-                            digest: child.digest.clone(),
-                            media_type: child_type.clone(),
-                            size: child_bytes.len() as u64,
-                            // Every manifest below the root names the root,
-                            // so that GC removes the whole tree with it.
-                            parent: Some(image.digest.clone()),
-                            recorded_at: now_unix(),
-                        });
-                        queue.push((child_bytes, child_type, child.digest, depth + 1));
-                    }
-                }
+        tracker
+            .bytes_total
+            .store(stats.bytes_total, Ordering::Relaxed);
+        tracker
+            .layers_total
+            .store(stats.blobs_total, Ordering::Relaxed);
+        for b in blobs {
+            pins.add(&b.digest);
+        }
+        let sizes = match sizes {
+            Some(sizes) => sizes,
+            None => self.blob_sizes(blobs).await?,
+        };
+        let mut missing = Vec::new();
+        for (b, held) in blobs.iter().zip(presence(blobs, sizes)?) {
+            if held {
+                tracker.bytes_done.fetch_add(b.size, Ordering::Relaxed);
+                tracker.layers_done.fetch_add(1, Ordering::Relaxed);
+            } else {
+                missing.push(b.clone());
             }
         }
-        if images == 0 && !image.platforms.is_empty() {
-            available.sort();
-            available.dedup();
-            return Err(plan_err(&image.digest)(PlanError::NoMatchingPlatform {
-                wanted: image.platforms.clone(),
-                available,
-            }));
+        tracker.emit(Phase::Blobs, None, true);
+        if missing.is_empty() {
+            return Ok(stats);
         }
-        Ok((records, blobs))
+        let client = client.get().await?;
+        let results: Vec<Result<Option<u64>, TransferError>> = futures::stream::iter(missing)
+            .map(|b| {
+                let client = client.clone();
+                async move {
+                    let fetched = self
+                        .fetch_blob(&client, &image.repository, &b, tracker)
+                        .await?;
+                    tracker.layers_done.fetch_add(1, Ordering::Relaxed);
+                    tracker.emit(Phase::Blobs, None, true);
+                    Ok(fetched)
+                }
+            })
+            .buffer_unordered(self.config.concurrency_blobs.max(1))
+            .collect()
+            .await;
+        for r in results {
+            if let Some(n) = r? {
+                stats.bytes_fetched += n;
+                stats.blobs_fetched += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Step 3: records the image, unless the store records exactly this
+    /// already (a no-op re-sync writes nothing). Records carry the time they
+    /// are written, not planned: GC orders a repository's versions by it.
+    async fn record(
+        &self,
+        mut records: Vec<ManifestRecord>,
+        existing: &[ManifestRecord],
+    ) -> Result<(), TransferError> {
+        let unchanged = records.iter().all(|r| {
+            existing.iter().any(|e| {
+                e.registry == r.registry
+                    && e.repository == r.repository
+                    && e.tag == r.tag
+                    && e.digest == r.digest
+                    && e.parent == r.parent
+            })
+        });
+        if unchanged {
+            return Ok(());
+        }
+        let now = now_unix();
+        for r in &mut records {
+            r.recorded_at = now;
+        }
+        let store = self.store.clone();
+        blocking("recording", move || store.record(records)).await
+    }
+
+    /// The sizes of blobs in the store (`None`: absent), in one trip to the
+    /// blocking pool.
+    pub(super) async fn blob_sizes(
+        &self,
+        blobs: &[BlobRef],
+    ) -> Result<Vec<Option<u64>>, TransferError> {
+        let store = self.store.clone();
+        let digests: Vec<String> = blobs.iter().map(|b| b.digest.clone()).collect();
+        blocking("checking blobs", move || {
+            Ok::<_, StoreError>(digests.iter().map(|d| store.blob_size(d)).collect())
+        })
+        .await
     }
 
     /// A manifest's bytes and media type: from the store when present (it was
@@ -645,31 +558,20 @@ impl Engine {
         digest: &str,
         size: Option<u64>,
         existing: &[ManifestRecord],
-        get_client: &(dyn Fn() -> Result<Arc<RegistryClient>, TransferError> + Sync),
-    ) -> Result<(Vec<u8>, String), TransferError> {
-        let check_size = |len: usize| match size {
-            Some(expected) if expected != len as u64 => Err(TransferError::SizeMismatch {
-                digest: digest.to_string(),
-                expected,
-                actual: len as u64,
-            }),
-            _ => Ok(()),
+        client: &LazyClient<'_>,
+    ) -> Result<Document, TransferError> {
+        let stored = {
+            let (store, digest) = (self.store.clone(), digest.to_string());
+            blocking("reading a manifest", move || held_bytes(&store, &digest)).await?
         };
-        if self.store.has_blob(digest) {
-            let bytes = self.store.read_blob(digest)?;
-            check_size(bytes.len())?;
-            // The media type is recorded for roots and children; fall back to
-            // the document's own field.
-            let media_type = existing
-                .iter()
-                .find(|r| r.digest == digest)
-                .map(|r| r.media_type.clone())
-                .or_else(|| crate::store::declared_media_type(&bytes));
-            if let Some(mt) = media_type {
-                return Ok((bytes, mt));
-            }
+        if let Some(document) = stored
+            .map(|bytes| as_document(existing, digest, size, bytes))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(document);
         }
-        let client = get_client()?;
+        let client = client.get().await?;
         let m = (|| async {
             self.counters
                 .manifest_requests
@@ -683,8 +585,13 @@ impl Engine {
             |e: &RegistryError, d| warn!(error = %e, delay = ?d, "Manifest fetch failed; retrying"),
         )
         .await?;
-        check_size(m.bytes.len())?;
-        self.store.put_blob(&m.digest, &m.bytes)?;
+        check_size(digest, size, m.bytes.len())?;
+        let (store, bytes) = (self.store.clone(), m.bytes.clone());
+        let digest = m.digest;
+        blocking("storing a manifest", move || {
+            store.put_blob(&digest, &bytes)
+        })
+        .await?;
         Ok((m.bytes.to_vec(), m.media_type))
     }
 
@@ -695,223 +602,226 @@ impl Engine {
             .with_max_times(self.config.retry.max_retries)
             .with_jitter()
     }
+}
 
-    /// Fetches one blob unless present; concurrent requests for the same
-    /// digest (from any image) wait for the first. Returns the bytes received
-    /// when this call downloaded it, `None` when someone else did.
-    async fn fetch_blob(
-        &self,
-        client: &RegistryClient,
-        repository: &str,
-        blob: &BlobRef,
-        tracker: &Tracker,
-    ) -> Result<Option<u64>, TransferError> {
-        let lock = {
-            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(blob.digest.clone()).or_default().clone()
-        };
-        let _guard = lock.lock().await;
-        if self.present(blob)? {
-            tracker.bytes_done.fetch_add(blob.size, Ordering::Relaxed);
-            return Ok(None);
+/// Refuses a desired image whose names could change the paths and URLs
+/// they are put in.
+fn check(image: &DesiredImage) -> Result<(), TransferError> {
+    let problem = if sha256_hex(&image.digest).is_none() {
+        InvalidImage::Digest(image.digest.clone())
+    } else if !valid_repository(&image.repository) {
+        InvalidImage::Repository(image.repository.clone())
+    } else if let Some(t) = image.tags.iter().find(|t| !valid_tag(t)) {
+        InvalidImage::Tag(t.clone())
+    } else {
+        return Ok(());
+    };
+    Err(TransferError::Invalid {
+        key: image.key.clone(),
+        problem,
+    })
+}
+
+/// The registry client of one image, made on first use: a re-sync of a
+/// complete image never needs one.
+struct LazyClient<'e> {
+    engine: &'e Engine,
+    pull: &'e Pull,
+    cell: tokio::sync::OnceCell<Arc<RegistryClient>>,
+}
+
+impl<'e> LazyClient<'e> {
+    fn new(engine: &'e Engine, pull: &'e Pull) -> Self {
+        LazyClient {
+            engine,
+            pull,
+            cell: tokio::sync::OnceCell::new(),
         }
-        let _slot = self
-            .blob_slots
-            .acquire()
+    }
+
+    async fn get(&self) -> Result<Arc<RegistryClient>, TransferError> {
+        let pull = self.pull;
+        self.cell
+            .get_or_try_init(|| {
+                self.engine.client(
+                    &pull.image.registry,
+                    pull.credentials.as_ref(),
+                    pull.insecure,
+                )
+            })
             .await
-            .map_err(|_| TransferError::Invalid {
-                key: blob.digest.clone(),
-                message: "engine shut down".into(),
-            })?;
-        let result = self.download_blob(client, repository, blob, tracker).await;
-        self.inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&blob.digest);
-        result.map(Some)
+            .cloned()
     }
+}
 
-    /// Downloads with retries. A digest mismatch after resuming a partial may
-    /// be the partial's fault: that case restarts once from zero.
-    async fn download_blob(
-        &self,
-        client: &RegistryClient,
-        repository: &str,
-        blob: &BlobRef,
-        tracker: &Tracker,
-    ) -> Result<u64, TransferError> {
-        let mut fresh_start = false;
-        let mut received = 0u64;
-        loop {
-            // Only the first attempt after a mismatch empties the partial;
-            // later attempts resume what that one wrote.
-            let truncate = std::sync::atomic::AtomicBool::new(fresh_start);
-            let result = (|| async {
-                let (n, _) = self
-                    .download_attempt(client, repository, blob, tracker, truncate.swap(false, Ordering::Relaxed))
-                    .await?;
-                Ok::<u64, (TransferError, bool, u64)>(n)
-            })
-            .retry(self.backoff())
-            .when(|e: &(TransferError, bool, u64)| e.0.is_retryable())
-            .adjust(|e: &(TransferError, bool, u64), d| {
-                adjust_delay(e.0.retry_after(), d)
-            })
-            .notify(|e: &(TransferError, bool, u64), d| {
-                received += e.2;
-                warn!(digest = %blob.digest, error = %e.0, delay = ?d, "Blob transfer failed; resuming");
-            })
-            .await;
-            match result {
-                Ok(n) => {
-                    self.counters
-                        .blobs_completed
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Ok(received + n);
-                }
-                Err((e, from_partial, n)) => {
-                    received += n;
-                    if e.is_digest_mismatch() && from_partial && !fresh_start {
-                        warn!(digest = %blob.digest, "Resumed blob failed verification; the partial was bad, downloading from the start");
-                        fresh_start = true;
-                        continue;
-                    }
-                    return Err(e);
-                }
-            }
-        }
-    }
+/// An image's plan and the size in the store of each of its blobs (`None`:
+/// absent).
+type Complete = (ImagePlan, Vec<Option<u64>>);
 
-    /// One attempt: open the partial (re-hashing it), ask for the rest, append
-    /// chunk by chunk, then verify and commit. Returns (bytes received,
-    /// whether bytes from an earlier attempt were used); the error carries the
-    /// same flag and count.
-    async fn download_attempt(
-        &self,
-        client: &RegistryClient,
-        repository: &str,
-        blob: &BlobRef,
-        tracker: &Tracker,
-        fresh_start: bool,
-    ) -> Result<(u64, bool), (TransferError, bool, u64)> {
-        let store = self.store.clone();
-        let digest = blob.digest.clone();
-        let mut partial = blocking(move || {
-            let mut p = store.open_partial(&digest)?;
-            if fresh_start && p.resumed_from() > 0 {
-                p.truncate()?;
-            }
-            Ok(p)
-        })
-        .await
-        .map_err(|e| (e, false, 0))?;
-        if partial.offset() > blob.size {
-            debug!(digest = %blob.digest, "Partial longer than the blob; starting over");
-            partial.truncate().map_err(|e| (e.into(), false, 0))?;
+/// What the store already holds of one image, read in one trip to the
+/// blocking pool: a re-sync of a complete image needs no other.
+struct Survey {
+    /// The store's records. One snapshot serves every lookup: on a no-op
+    /// re-sync of many images, re-reading and cloning them per lookup was a
+    /// measurable share of the run.
+    existing: Vec<ManifestRecord>,
+    /// The root manifest, when held.
+    root: Option<Document>,
+    /// The child manifests held, by digest.
+    held: HashMap<String, Document>,
+    /// When every manifest the image needs was held: its plan, and the size
+    /// in the store of each of its blobs.
+    complete: Option<Complete>,
+    /// The pins, with every digest read so far; the transfer goes on with
+    /// them.
+    pins: Pins,
+}
+
+/// Reads what the store holds of `image`: its records, its manifests as far
+/// as held, and, when that is all of them, its plan and its blobs' sizes.
+/// Each digest is pinned before it is read, as the transfer pins them.
+/// Blocking.
+fn survey(store: &Store, image: &DesiredImage, mut pins: Pins) -> Result<Survey, TransferError> {
+    let existing = store.records();
+    let mut held = HashMap::new();
+    let root = stored_manifest(store, &existing, &image.digest, None)?;
+    let complete = match &root {
+        Some(root) => held_plan(store, image, root, &existing, &mut held, &mut pins)?,
+        None => None,
+    };
+    Ok(Survey {
+        existing,
+        root,
+        held,
+        complete,
+        pins,
+    })
+}
+
+/// Plans `image` over the manifests the store holds, adding the children it
+/// finds to `held`: the plan and its blobs' sizes when the store held every
+/// manifest, `None` when some must be fetched. Blocking.
+fn held_plan(
+    store: &Store,
+    image: &DesiredImage,
+    root: &Document,
+    existing: &[ManifestRecord],
+    held: &mut HashMap<String, Document>,
+    pins: &mut Pins,
+) -> Result<Option<Complete>, TransferError> {
+    loop {
+        let plan = plan::image(image, root, held, now_unix())?;
+        if plan.missing.is_empty() {
+            let sizes = plan
+                .blobs
+                .iter()
+                .map(|b| {
+                    pins.add(&b.digest);
+                    store.blob_size(&b.digest)
+                })
+                .collect();
+            return Ok(Some((plan, sizes)));
         }
-        let mut from_partial = partial.offset() > 0;
-        let start_offset = partial.offset();
-        // Count what is already on disk as progress once.
-        tracker
-            .bytes_done
-            .fetch_add(start_offset, Ordering::Relaxed);
-        let mut received = 0u64;
-        let result: Result<(), TransferError> = async {
-            if partial.offset() < blob.size || blob.size == 0 {
-                self.counters.blob_requests.fetch_add(1, Ordering::Relaxed);
-                let mut stream = client
-                    .get_blob(repository, &blob.digest, partial.offset())
-                    .await?;
-                // A registry that announces another length cannot send the
-                // blob the manifest describes: fail now, not after retries.
-                if let Some(total) = stream.total.filter(|t| *t != blob.size) {
-                    return Err(TransferError::SizeMismatch {
-                        digest: blob.digest.clone(),
-                        expected: blob.size,
-                        actual: total,
-                    });
-                }
-                if stream.start != partial.offset() {
-                    // The registry ignored Range and sends the whole blob.
-                    debug!(digest = %blob.digest, "Registry ignored Range; restarting the blob");
-                    tracker
-                        .bytes_done
-                        .fetch_sub(partial.offset(), Ordering::Relaxed);
-                    partial.truncate()?;
-                    from_partial = false;
-                }
-                while let Some(chunk) = stream.chunk().await? {
-                    if partial.offset() + chunk.len() as u64 > blob.size {
-                        return Err(TransferError::BadBody {
-                            digest: blob.digest.clone(),
-                            message: format!("more bytes than the {} the manifest says", blob.size),
-                        });
-                    }
-                    let len = chunk.len() as u64;
-                    if let Some(l) = &self.limiter {
-                        l.acquire(len).await;
-                    }
-                    // Batches are hashed and written while the next arrives.
-                    partial.append(&chunk).await?;
-                    received += len;
-                    self.counters
-                        .bytes_received
-                        .fetch_add(len, Ordering::Relaxed);
-                    tracker.add_bytes(len);
-                }
-                if partial.offset() < blob.size {
-                    return Err(TransferError::BadBody {
-                        digest: blob.digest.clone(),
-                        message: format!(
-                            "body ended at {} of {} bytes",
-                            partial.offset(),
-                            blob.size
-                        ),
-                    });
-                }
+        let mut found = false;
+        for child in &plan.missing {
+            pins.add(&child.digest);
+            if let Some(doc) = stored_manifest(store, existing, &child.digest, Some(child.size))? {
+                held.insert(child.digest.clone(), doc);
+                found = true;
             }
-            // The last batch is written before the commit, on this task, so
-            // that the blocking commit never waits for it.
-            partial.flush().await?;
-            Ok(())
         }
-        .await;
-        match result {
-            Ok(()) => {
-                let store = self.store.clone();
-                blocking(move || store.commit_partial(partial))
-                    .await
-                    .map(|_| (received, from_partial))
-                    .map_err(|e| (e, from_partial, received))
-            }
-            Err(e) => {
-                // Keep what arrived for the next attempt; progress restarts
-                // counting from the partial's length then.
-                let _ = partial.flush().await;
-                tracker.bytes_done.fetch_sub(
-                    (start_offset + received).min(tracker.bytes_done.load(Ordering::Relaxed)),
-                    Ordering::Relaxed,
-                );
-                Err((e, from_partial, received))
-            }
+        if !found {
+            return Ok(None);
         }
     }
 }
 
-/// Runs blocking store work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+/// A manifest's bytes and media type from the store, when it holds them
+/// (they were verified when stored) with the size the index naming it says.
+/// The media type is recorded for roots and children; the document's own
+/// field is the fallback, and without either the manifest counts as absent.
+/// Blocking.
+fn stored_manifest(
+    store: &Store,
+    existing: &[ManifestRecord],
+    digest: &str,
+    size: Option<u64>,
+) -> Result<Option<Document>, TransferError> {
+    match held_bytes(store, digest)? {
+        Some(bytes) => as_document(existing, digest, size, bytes),
+        None => Ok(None),
+    }
+}
+
+/// A blob's bytes, when the store holds it. Blocking.
+fn held_bytes(store: &Store, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    match store.has_blob(digest) {
+        true => store.read_blob(digest).map(Some),
+        false => Ok(None),
+    }
+}
+
+/// Stored bytes as a manifest document; see [`stored_manifest`].
+fn as_document(
+    existing: &[ManifestRecord],
+    digest: &str,
+    size: Option<u64>,
+    bytes: Vec<u8>,
+) -> Result<Option<Document>, TransferError> {
+    check_size(digest, size, bytes.len())?;
+    let media_type = existing
+        .iter()
+        .find(|r| r.digest == digest)
+        .map(|r| r.media_type.clone())
+        .or_else(|| crate::store::declared_media_type(&bytes));
+    Ok(media_type.map(|mt| (bytes, mt)))
+}
+
+/// A manifest must be as long as the index naming it says (`expected`; the
+/// root has no index).
+fn check_size(digest: &str, expected: Option<u64>, len: usize) -> Result<(), TransferError> {
+    match expected {
+        Some(expected) if expected != len as u64 => Err(TransferError::SizeMismatch {
+            digest: digest.to_string(),
+            expected,
+            actual: len as u64,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether each blob is in the store with the size its descriptor states,
+/// given its size there. A blob of another size cannot be the one named
+/// (sha256 does not collide): the manifest is wrong, and the image must
+/// fail as it would on a fresh store.
+pub(super) fn presence(
+    blobs: &[BlobRef],
+    sizes: Vec<Option<u64>>,
+) -> Result<Vec<bool>, TransferError> {
+    blobs
+        .iter()
+        .zip(sizes)
+        .map(|(b, size)| match size {
+            None => Ok(false),
+            Some(size) if size == b.size => Ok(true),
+            Some(size) => Err(TransferError::SizeMismatch {
+                digest: b.digest.clone(),
+                expected: b.size,
+                actual: size,
+            }),
+        })
+        .collect()
+}
+
+/// Runs blocking store work (`op` names it) off the async threads.
+async fn blocking<T: Send + 'static, E: Into<TransferError> + Send + 'static>(
+    op: &'static str,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, TransferError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| {
-            TransferError::Store(StoreError::Io {
-                op: "blocking task",
-                path: Default::default(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        })?
-        .map_err(TransferError::from)
+        .map_err(|source| TransferError::Task { op, source })?
+        .map_err(Into::into)
 }
 
 /// The longest Retry-After honoured; a registry asking for more is waited on

@@ -1,12 +1,19 @@
 //! Pure planning over manifests: which child manifests of an index match the
-//! requested platforms, which blobs an image manifest needs, and the whole
-//! tree of an image (indexes may nest, up to [`MAX_INDEX_DEPTH`]). No I/O:
-//! [`walk`] takes the manifests it descends into from a function.
+//! requested platforms, which blobs an image manifest needs, the whole tree
+//! of an image (indexes may nest, up to [`MAX_INDEX_DEPTH`]), and what a
+//! transfer must fetch and record ([`image`]). No I/O: [`walk`] takes the
+//! manifests it descends into from a function, and [`image`] from a map of
+//! the manifests fetched so far.
+
+use std::collections::HashMap;
 
 use imgfleet_common::registry::{
     DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, sha256_hex,
 };
 use serde::Deserialize;
+
+use crate::desired::DesiredImage;
+use crate::store::ManifestRecord;
 
 /// What kind of manifest a document is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,15 +46,26 @@ pub struct ChildRef {
     pub platform: Option<String>,
 }
 
-/// Why a manifest could not be planned.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a manifest could not be planned. None is worth a retry: the same
+/// bytes give the same answer.
+#[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     /// A media type we do not handle (e.g. Docker schema 1).
     #[error("unsupported manifest media type {0:?}")]
     Unsupported(String),
     /// Not valid JSON of the expected shape.
     #[error("malformed manifest: {0}")]
-    Malformed(String),
+    Json(#[source] serde_json::Error),
+    /// A descriptor whose digest is not `sha256:<64 hex>`: it could change
+    /// the meaning of the path or URL it is put in.
+    #[error("malformed manifest: digest {0:?}: expected sha256:<64 hex>")]
+    BadDigest(String),
+    /// An image manifest that names no config.
+    #[error("malformed manifest: image manifest without config")]
+    NoConfig,
+    /// A manifest that declares no media type where nothing else says it.
+    #[error("malformed manifest: no mediaType")]
+    NoMediaType,
     /// No child of the index matches the requested platforms.
     #[error("no manifest for platforms {wanted:?} in the index (it has {available:?})")]
     NoMatchingPlatform {
@@ -77,6 +95,25 @@ pub enum PlanError {
         /// Its length.
         actual: u64,
     },
+}
+
+/// A manifest of an image's tree that could not be planned: which one, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("manifest {digest}: {source}")]
+pub struct WalkError {
+    /// The manifest the problem is in (the root for a tree that is too
+    /// large, the index for a child of the wrong size).
+    pub digest: String,
+    /// What was wrong.
+    #[source]
+    pub source: PlanError,
+}
+
+impl WalkError {
+    fn at(digest: &str) -> impl FnOnce(PlanError) -> WalkError + use<> {
+        let digest = digest.to_string();
+        move |source| WalkError { digest, source }
+    }
 }
 
 /// How deep indexes may nest below the root: the root index is depth 0, an
@@ -126,7 +163,7 @@ struct PlatformDoc {
 fn check_digest(d: &str) -> Result<(), PlanError> {
     sha256_hex(d)
         .map(|_| ())
-        .ok_or_else(|| PlanError::Malformed(format!("digest {d:?}: expected sha256:<64 hex>")))
+        .ok_or_else(|| PlanError::BadDigest(d.to_string()))
 }
 
 /// The children of an index that match `platforms` (all when empty).
@@ -156,8 +193,7 @@ pub fn choose_children(
     bytes: &[u8],
     platforms: &[String],
 ) -> Result<(Vec<ChildRef>, Vec<String>), PlanError> {
-    let doc: Doc =
-        serde_json::from_slice(bytes).map_err(|e| PlanError::Malformed(e.to_string()))?;
+    let doc: Doc = serde_json::from_slice(bytes).map_err(PlanError::Json)?;
     let mut all = Vec::new();
     for m in doc.manifests {
         check_digest(&m.digest)?;
@@ -212,11 +248,8 @@ pub fn platform_matches(wanted: &str, have: &str) -> bool {
 /// The blobs (config first, then layers) an image manifest needs. Foreign
 /// layers, which live outside the registry (`urls`), are left out.
 pub fn image_blobs(bytes: &[u8]) -> Result<Vec<BlobRef>, PlanError> {
-    let doc: Doc =
-        serde_json::from_slice(bytes).map_err(|e| PlanError::Malformed(e.to_string()))?;
-    let config = doc
-        .config
-        .ok_or_else(|| PlanError::Malformed("image manifest without config".into()))?;
+    let doc: Doc = serde_json::from_slice(bytes).map_err(PlanError::Json)?;
+    let config = doc.config.ok_or(PlanError::NoConfig)?;
     let mut out = Vec::new();
     for d in std::iter::once(config).chain(doc.layers) {
         check_digest(&d.digest)?;
@@ -254,6 +287,19 @@ pub struct Tree {
     pub blobs: Vec<BlobRef>,
     /// Children that `load` did not have.
     pub missing: Vec<ChildRef>,
+    /// The platforms the walked indexes offer, for a message when none of
+    /// them is the one asked for.
+    pub offered: Vec<String>,
+}
+
+impl Tree {
+    /// How many image manifests (as opposed to indexes) the tree holds.
+    fn image_manifests(&self) -> usize {
+        self.manifests
+            .iter()
+            .filter(|n| matches!(kind_of(&n.media_type), Ok(ManifestKind::Image)))
+            .count()
+    }
 }
 
 /// What [`walk`] reads children with: their bytes and media type, if held.
@@ -263,77 +309,169 @@ pub type Loader<'a> = dyn FnMut(&ChildRef) -> Option<(Vec<u8>, String)> + 'a;
 /// (all when empty), nested indexes up to [`MAX_INDEX_DEPTH`], and the blobs
 /// of every image manifest. `load` gives a child's bytes and media type, or
 /// `None` when it does not have the child (the walk goes on without it).
+/// An error names the manifest it is in.
 pub fn walk(
     root: Node,
     root_bytes: &[u8],
     platforms: &[String],
     mut load: impl FnMut(&ChildRef) -> Option<(Vec<u8>, String)>,
-) -> Result<Tree, PlanError> {
-    let mut tree = Tree::default();
-    let mut seen = std::collections::HashSet::new();
-    seen.insert(root.digest.clone());
-    visit(
-        root, root_bytes, 0, platforms, &mut load, &mut tree, &mut seen,
-    )?;
-    Ok(tree)
+) -> Result<Tree, WalkError> {
+    let mut walker = Walker {
+        root: root.digest.clone(),
+        platforms,
+        load: &mut load,
+        tree: Tree::default(),
+        seen: std::collections::HashSet::from([root.digest.clone()]),
+    };
+    walker.visit(root, root_bytes, 0)?;
+    Ok(walker.tree)
 }
 
-fn visit(
-    node: Node,
-    bytes: &[u8],
-    depth: usize,
-    platforms: &[String],
-    load: &mut Loader<'_>,
-    tree: &mut Tree,
-    seen: &mut std::collections::HashSet<String>,
-) -> Result<(), PlanError> {
-    match kind_of(&node.media_type)? {
-        ManifestKind::Image => {
-            for b in image_blobs(bytes)? {
-                if !tree.blobs.iter().any(|x| x.digest == b.digest) {
-                    tree.blobs.push(b);
+/// The state of one [`walk`].
+struct Walker<'w, 'l> {
+    /// The root's digest, which a tree that is too large is blamed on.
+    root: String,
+    platforms: &'w [String],
+    load: &'w mut Loader<'l>,
+    tree: Tree,
+    /// Digests met so far: the same manifest named twice (or by two
+    /// indexes) is one node.
+    seen: std::collections::HashSet<String>,
+}
+
+impl Walker<'_, '_> {
+    fn visit(&mut self, node: Node, bytes: &[u8], depth: usize) -> Result<(), WalkError> {
+        let here = WalkError::at(&node.digest);
+        match kind_of(&node.media_type).map_err(WalkError::at(&node.digest))? {
+            ManifestKind::Image => {
+                for b in image_blobs(bytes).map_err(here)? {
+                    if !self.tree.blobs.iter().any(|x| x.digest == b.digest) {
+                        self.tree.blobs.push(b);
+                    }
+                }
+            }
+            ManifestKind::Index => {
+                if depth > MAX_INDEX_DEPTH {
+                    return Err(here(PlanError::TooDeep {
+                        digest: node.digest,
+                        depth,
+                    }));
+                }
+                let (children, offered) =
+                    choose_children(bytes, self.platforms).map_err(WalkError::at(&node.digest))?;
+                self.tree.offered.extend(offered);
+                for child in children {
+                    self.child(&node, child, depth)?;
                 }
             }
         }
-        ManifestKind::Index => {
-            if depth > MAX_INDEX_DEPTH {
-                return Err(PlanError::TooDeep {
-                    digest: node.digest,
-                    depth,
-                });
-            }
-            let (children, _) = choose_children(bytes, platforms)?;
-            for child in children {
-                // The same manifest named twice (or by two indexes) is one node.
-                if !seen.insert(child.digest.clone()) {
-                    continue;
-                }
-                if seen.len() > MAX_MANIFESTS {
-                    return Err(PlanError::TooManyManifests);
-                }
-                let Some((child_bytes, media_type)) = load(&child) else {
-                    tree.missing.push(child);
-                    continue;
-                };
-                let size = child_bytes.len() as u64;
-                if size != child.size {
-                    return Err(PlanError::SizeMismatch {
-                        digest: child.digest,
-                        expected: child.size,
-                        actual: size,
-                    });
-                }
-                let node = Node {
-                    digest: child.digest.clone(),
-                    media_type,
-                    size,
-                };
-                visit(node, &child_bytes, depth + 1, platforms, load, tree, seen)?;
-            }
-        }
+        self.tree.manifests.push(node);
+        Ok(())
     }
-    tree.manifests.push(node);
-    Ok(())
+
+    /// Loads and visits one child of `parent`, unless it was met already.
+    fn child(&mut self, parent: &Node, child: ChildRef, depth: usize) -> Result<(), WalkError> {
+        if !self.seen.insert(child.digest.clone()) {
+            return Ok(());
+        }
+        if self.seen.len() > MAX_MANIFESTS {
+            return Err(WalkError::at(&self.root)(PlanError::TooManyManifests));
+        }
+        let Some((child_bytes, media_type)) = (self.load)(&child) else {
+            self.tree.missing.push(child);
+            return Ok(());
+        };
+        let size = child_bytes.len() as u64;
+        if size != child.size {
+            return Err(WalkError::at(&parent.digest)(PlanError::SizeMismatch {
+                digest: child.digest,
+                expected: child.size,
+                actual: size,
+            }));
+        }
+        let node = Node {
+            digest: child.digest,
+            media_type,
+            size,
+        };
+        self.visit(node, &child_bytes, depth + 1)
+    }
+}
+
+/// A manifest's bytes and media type.
+pub type Document = (Vec<u8>, String);
+
+/// What one image needs, as far as its manifests are known: what to fetch
+/// and what to record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImagePlan {
+    /// Child manifests the image names that were not given: fetch them and
+    /// plan again. While any is missing, `blobs` and `records` are partial.
+    pub missing: Vec<ChildRef>,
+    /// Every blob the image's manifests name, each once, with the size its
+    /// descriptor states.
+    pub blobs: Vec<BlobRef>,
+    /// What makes the image servable once every blob is present: each
+    /// manifest below the root (naming the root as its parent, so that GC
+    /// removes the whole tree with it), the root, and the root under each tag.
+    pub records: Vec<ManifestRecord>,
+}
+
+/// Plans one image over its manifests: `root` is the root manifest, `held`
+/// every child fetched so far by digest, `now` the time the records carry.
+/// Pure; the transfer fetches what [`ImagePlan::missing`] names and calls
+/// it again until nothing is missing.
+pub fn image(
+    image: &DesiredImage,
+    root: &Document,
+    held: &HashMap<String, Document>,
+    now: u64,
+) -> Result<ImagePlan, WalkError> {
+    let (root_bytes, root_type) = root;
+    let root = Node {
+        digest: image.digest.clone(),
+        media_type: root_type.clone(),
+        size: root_bytes.len() as u64,
+    };
+    let tree = walk(root.clone(), root_bytes, &image.platforms, |child| {
+        held.get(&child.digest).cloned()
+    })?;
+    if tree.missing.is_empty() && tree.image_manifests() == 0 && !image.platforms.is_empty() {
+        let mut available = tree.offered;
+        available.sort();
+        available.dedup();
+        return Err(WalkError::at(&image.digest)(
+            PlanError::NoMatchingPlatform {
+                wanted: image.platforms.clone(),
+                available,
+            },
+        ));
+    }
+    let record = |node: &Node, tag: Option<&String>, parent: Option<&String>| ManifestRecord {
+        registry: image.registry.clone(),
+        repository: image.repository.clone(),
+        tag: tag.cloned(),
+        digest: node.digest.clone(),
+        media_type: node.media_type.clone(),
+        size: node.size,
+        parent: parent.cloned(),
+        recorded_at: now,
+    };
+    let mut records = Vec::with_capacity(tree.manifests.len() + image.tags.len());
+    // The walk lists the root last, after every manifest below it.
+    let below_root = &tree.manifests[..tree.manifests.len().saturating_sub(1)];
+    records.extend(
+        below_root
+            .iter()
+            .map(|child| record(child, None, Some(&image.digest))),
+    );
+    records.push(record(&root, None, None));
+    records.extend(image.tags.iter().map(|t| record(&root, Some(t), None)));
+    Ok(ImagePlan {
+        missing: tree.missing,
+        blobs: tree.blobs,
+        records,
+    })
 }
 
 #[cfg(test)]
@@ -407,7 +545,7 @@ mod tests {
             serde_json::json!({"config": {"digest": "sha256:../../x", "size": 1}, "layers": []});
         assert!(matches!(
             image_blobs(&serde_json::to_vec(&bad).unwrap()),
-            Err(PlanError::Malformed(_))
+            Err(PlanError::BadDigest(_))
         ));
         assert!(matches!(
             kind_of("application/vnd.docker.distribution.manifest.v1+prettyjws"),
@@ -446,24 +584,25 @@ mod tests {
         imgfleet_common::registry::sha256_digest(bytes)
     }
 
-    #[test]
-    fn walks_nested_indexes_children_first() {
+    /// Image manifests for linux/amd64 and linux/arm64, and an index of both.
+    fn two_platforms() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         let amd = image('1', '2');
         let arm = image('3', '4');
-        let inner = index(&[
+        let entry = |m: &Vec<u8>, arch| {
             (
                 OCI_MANIFEST,
-                digest_of(&amd),
-                amd.len() as u64,
-                Some(("linux", "amd64")),
-            ),
-            (
-                OCI_MANIFEST,
-                digest_of(&arm),
-                arm.len() as u64,
-                Some(("linux", "arm64")),
-            ),
-        ]);
+                digest_of(m),
+                m.len() as u64,
+                Some(("linux", arch)),
+            )
+        };
+        let idx = index(&[entry(&amd, "amd64"), entry(&arm, "arm64")]);
+        (amd, arm, idx)
+    }
+
+    #[test]
+    fn walks_nested_indexes_children_first() {
+        let (amd, arm, inner) = two_platforms();
         let outer = index(&[(OCI_INDEX, digest_of(&inner), inner.len() as u64, None)]);
         let docs: std::collections::HashMap<String, Vec<u8>> = [&amd, &arm, &inner]
             .into_iter()
@@ -516,7 +655,10 @@ mod tests {
         };
         assert!(matches!(
             walk(lying_root, &lying, &[], load),
-            Err(PlanError::SizeMismatch { .. })
+            Err(WalkError {
+                source: PlanError::SizeMismatch { .. },
+                ..
+            })
         ));
     }
 
@@ -543,7 +685,117 @@ mod tests {
         };
         assert!(matches!(
             walk(root, &top.1, &[], load),
-            Err(PlanError::TooDeep { .. })
+            Err(WalkError {
+                source: PlanError::TooDeep { .. },
+                ..
+            })
         ));
+    }
+
+    fn desired(digest: &str, tags: &[&str], platforms: &[&str]) -> DesiredImage {
+        DesiredImage {
+            key: format!("default/app@{digest}"),
+            source: ("default".into(), "app".into()),
+            registry_key: "default/lab".into(),
+            registry: "r.example".into(),
+            repository: "demo/app".into(),
+            digest: digest.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            platforms: platforms.iter().map(|p| p.to_string()).collect(),
+            keep_versions: 0,
+            grace_period_seconds: 0,
+        }
+    }
+
+    /// (digest, tag, parent) of each record a plan makes.
+    fn recorded(plan: &ImagePlan) -> Vec<(String, Option<String>, Option<String>)> {
+        plan.records
+            .iter()
+            .map(|r| (r.digest.clone(), r.tag.clone(), r.parent.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn plans_what_to_fetch_and_record() {
+        let (amd, _, idx) = two_platforms();
+        let (amd_d, idx_d) = (digest_of(&amd), digest_of(&idx));
+        let root = (idx.clone(), OCI_INDEX.to_string());
+        let held = |docs: &[&Vec<u8>]| -> HashMap<String, Document> {
+            docs.iter()
+                .map(|b| (digest_of(b), ((*b).clone(), OCI_MANIFEST.to_string())))
+                .collect()
+        };
+
+        // Nothing below the root is held yet: the children to fetch, no blobs.
+        let first = super::image(
+            &desired(&idx_d, &["v1"], &["linux/amd64"]),
+            &root,
+            &held(&[]),
+            7,
+        )
+        .unwrap();
+        assert_eq!(
+            first.missing.iter().map(|c| &c.digest).collect::<Vec<_>>(),
+            [&amd_d]
+        );
+        assert!(first.blobs.is_empty());
+
+        // With the child: its blobs, the child under the root, the root, its tag.
+        let done = super::image(
+            &desired(&idx_d, &["v1"], &["linux/amd64"]),
+            &root,
+            &held(&[&amd]),
+            7,
+        )
+        .unwrap();
+        assert!(done.missing.is_empty());
+        assert_eq!(
+            done.blobs
+                .iter()
+                .map(|b| b.digest.clone())
+                .collect::<Vec<_>>(),
+            [d('1'), d('2')]
+        );
+        assert_eq!(
+            recorded(&done),
+            [
+                (amd_d.clone(), None, Some(idx_d.clone())),
+                (idx_d.clone(), None, None),
+                (idx_d.clone(), Some("v1".to_string()), None),
+            ]
+        );
+        assert!(
+            done.records
+                .iter()
+                .all(|r| r.recorded_at == 7 && r.repository == "demo/app")
+        );
+
+        // An image manifest as the root: no child, its blobs, root and tags.
+        let single = (amd.clone(), OCI_MANIFEST.to_string());
+        let plain = super::image(
+            &desired(&amd_d, &["a", "b"], &["linux/s390x"]),
+            &single,
+            &held(&[]),
+            7,
+        )
+        .unwrap();
+        assert_eq!(recorded(&plain).len(), 3);
+        assert_eq!(plain.blobs.len(), 2);
+
+        // A platform no index entry offers fails, naming what is offered.
+        let err = super::image(
+            &desired(&idx_d, &[], &["linux/s390x"]),
+            &root,
+            &held(&[]),
+            7,
+        )
+        .unwrap_err();
+        assert_eq!(err.digest, idx_d);
+        match err.source {
+            PlanError::NoMatchingPlatform { available, .. } => {
+                assert_eq!(available, ["linux/amd64", "linux/arm64"])
+            }
+            other => panic!("expected NoMatchingPlatform, got {other}"),
+        }
     }
 }

@@ -114,8 +114,10 @@ impl AgentService for Svc {
         let hb = tx.clone();
         tokio::spawn(async move {
             let mut seq = 0;
+            let mut every = tokio::time::interval(Duration::from_secs(2));
+            every.tick().await;
             loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                every.tick().await;
                 seq += 1;
                 let msg = pb::HubMessage {
                     msg: Some(pb::hub_message::Msg::Heartbeat(pb::Heartbeat {
@@ -340,6 +342,18 @@ pub struct AgentCmd {
 }
 
 impl AgentCmd {
+    /// The command line of an agent with the credentials of `pki` and a
+    /// data dir in `dir`, on free ports, talking to `hubs`.
+    pub fn new(dir: &Path, pki: &Pki, hubs: Vec<String>) -> AgentCmd {
+        AgentCmd {
+            hubs,
+            creds: pki.creds_dir.clone(),
+            data: dir.join("data"),
+            mirror_port: imgfleet_tests::process::free_port(),
+            metrics_port: imgfleet_tests::process::free_port(),
+        }
+    }
+
     pub fn command(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(BIN);
         cmd.arg("--hub")
@@ -359,6 +373,39 @@ impl AgentCmd {
     pub fn mirror(&self) -> String {
         format!("127.0.0.1:{}", self.mirror_port)
     }
+}
+
+/// A hub holding `set` for the cluster `cluster`, and an agent's command
+/// line for it, both under `dir`.
+pub fn hub_and_agent(dir: &Path, cluster: &str, set: pb::DesiredSet) -> (FakeHub, AgentCmd) {
+    let pki = pki(dir, cluster);
+    let hub = FakeHub::start(pki.server.clone(), set);
+    let cmd = AgentCmd::new(dir, &pki, vec![hub.url()]);
+    (hub, cmd)
+}
+
+/// Sends SIGTERM and waits for exit status 0.
+pub async fn stops_with_0_on_sigterm(agent: &mut imgfleet_tests::process::ChildGuard) {
+    agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    imgfleet_tests::process::wait_until("exit 0 after SIGTERM", Duration::from_secs(15), || {
+        let done = agent.try_wait();
+        async move {
+            match done {
+                Some(s) => {
+                    anyhow::ensure!(s.success(), "exit status {s}");
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// The body of a GET that must succeed.
+pub async fn get_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
 }
 
 pub fn phase_of(p: &pb::ImageProgress) -> pb::ImagePhase {

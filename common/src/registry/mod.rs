@@ -112,19 +112,20 @@ impl ProgressCheck {
         self.rule.window.saturating_sub(self.waited)
     }
 
-    /// Counts a wait that ended (with `bytes`, 0 on a timeout). `Err` holds
-    /// the reason when the window closed with too little progress.
-    fn account(&mut self, waited: Duration, bytes: u64) -> Result<(), String> {
+    /// Counts a wait that ended (with `bytes`, 0 on a timeout). `Err` says
+    /// how little arrived when the window closed with too little progress.
+    fn account(&mut self, waited: Duration, bytes: u64) -> Result<(), TooSlow> {
         self.waited += waited;
         self.received += bytes;
         if self.waited < self.rule.window {
             return Ok(());
         }
         let outcome = if self.received < self.rule.bytes {
-            Err(format!(
-                "{} bytes in {:?} of waiting, expected at least {}",
-                self.received, self.waited, self.rule.bytes
-            ))
+            Err(TooSlow {
+                received: self.received,
+                waited: self.waited,
+                expected: self.rule.bytes,
+            })
         } else {
             Ok(())
         };
@@ -132,6 +133,15 @@ impl ProgressCheck {
         self.received = 0;
         outcome
     }
+}
+
+/// A window of waiting that closed with too little progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{received} bytes in {waited:?} of waiting, expected at least {expected}")]
+struct TooSlow {
+    received: u64,
+    waited: Duration,
+    expected: u64,
 }
 
 /// Receives the next chunk of a body, holding it to `check`.
@@ -147,10 +157,10 @@ async fn next_chunk(
             .await
             .map_err(|e| transport_error(registry, e));
     };
-    let stalled = |message: String| RegistryError::Stalled {
+    let stalled = |slow: TooSlow| RegistryError::Stalled {
         registry: registry.to_string(),
         what: what.to_string(),
-        message,
+        message: slow.to_string(),
     };
     loop {
         let started = Instant::now();

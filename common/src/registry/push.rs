@@ -24,6 +24,22 @@ impl RegistryClient {
         }
     }
 
+    /// Sends a request that needs push access to `repository`, answering
+    /// a challenge.
+    async fn send_push(
+        &self,
+        method: Method,
+        url: &str,
+        repository: &str,
+        headers: HeaderMap,
+        body: Option<&(dyn Fn() -> reqwest::Body + Send + Sync)>,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let scope = Self::push_scope(repository, None);
+        self.send_scoped(method, url, scope, headers, body, what)
+            .await
+    }
+
     fn check_digest(&self, what: &str, digest: &str) -> Result<(), RegistryError> {
         if sha256_hex(digest).is_none() {
             return Err(RegistryError::Malformed {
@@ -41,10 +57,10 @@ impl RegistryClient {
         self.check_digest(&what, digest)?;
         let url = format!("{}/v2/{repository}/blobs/{digest}", self.base_url);
         let resp = self
-            .send_scoped(
+            .send_push(
                 Method::HEAD,
                 &url,
-                Self::push_scope(repository, None),
+                repository,
                 HeaderMap::new(),
                 None,
                 &what,
@@ -78,15 +94,10 @@ impl RegistryClient {
         };
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        // A mount also needs pull access to the repository it comes from.
+        let scope = Self::push_scope(repository, mount.map(|(_, f)| f));
         let resp = self
-            .send_scoped(
-                Method::POST,
-                &url,
-                Self::push_scope(repository, mount.map(|(_, f)| f)),
-                headers,
-                None,
-                &what,
-            )
+            .send_scoped(Method::POST, &url, scope, headers, None, &what)
             .await?;
         let resp = self.check_status(resp, &what).await?;
         match resp.status() {
@@ -148,14 +159,7 @@ impl RegistryClient {
         );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
         let resp = self
-            .send_scoped(
-                Method::PUT,
-                &url,
-                Self::push_scope(repository, None),
-                headers,
-                Some(body),
-                &what,
-            )
+            .send_push(Method::PUT, &url, repository, headers, Some(body), &what)
             .await?;
         self.check_status(resp, &what).await.map(|_| ())
     }
@@ -182,14 +186,7 @@ impl RegistryClient {
         );
         let make = move || reqwest::Body::from(bytes.clone());
         let resp = self
-            .send_scoped(
-                Method::PUT,
-                &url,
-                Self::push_scope(repository, None),
-                headers,
-                Some(&make),
-                &what,
-            )
+            .send_push(Method::PUT, &url, repository, headers, Some(&make), &what)
             .await?;
         let resp = self.check_status(resp, &what).await?;
         Ok(header_str(resp.headers(), "docker-content-digest").map(str::to_string))

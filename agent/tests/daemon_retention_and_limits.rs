@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use daemon_support::*;
 use imgfleet::api::v1 as pb;
 use imgfleet_tests::images::{ImageSpec, PushedImage, push_image};
-use imgfleet_tests::process::{ChildGuard, free_port};
+use imgfleet_tests::process::ChildGuard;
 use imgfleet_tests::registry::{Registry, RegistryOptions};
 
 fn synced(hub: &FakeHub, key: &str) -> bool {
@@ -68,15 +68,7 @@ async fn each_repository_keeps_its_own_number_of_versions() {
         images: vec![app(&app1, "v1"), web(&web1, "v1")],
         registries: vec![credential(&addr, "", "")],
     };
-    let pki = pki(dir.path(), "edge-retention");
-    let hub = FakeHub::start(pki.server.clone(), set1.clone());
-    let cmd = AgentCmd {
-        hubs: vec![hub.url()],
-        creds: pki.creds_dir.clone(),
-        data: dir.path().join("data"),
-        mirror_port: free_port(),
-        metrics_port: free_port(),
-    };
+    let (hub, cmd) = hub_and_agent(dir.path(), "edge-retention", set1.clone());
     let mut command = cmd.command();
     command.args(["--grace-period", "1h", "--keep-versions", "2"]);
     let mut agent = ChildGuard::spawn("daemon-retention-agent", command).unwrap();
@@ -167,25 +159,9 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
         images: vec![img1.clone()],
         registries: vec![credential(&addr, "", "")],
     };
-    let pki = pki(dir.path(), "edge-fds");
-    let hub = FakeHub::start(pki.server.clone(), set1.clone());
-    let cmd = AgentCmd {
-        hubs: vec![hub.url()],
-        creds: pki.creds_dir.clone(),
-        data: dir.path().join("data"),
-        mirror_port: free_port(),
-        metrics_port: free_port(),
-    };
+    let (hub, cmd) = hub_and_agent(dir.path(), "edge-fds", set1.clone());
     // 600 descriptors: room for (600 - 256) / 2 = 172 mirror connections.
-    let prlimit = imgfleet_tests::process::require_binary("prlimit", "util-linux");
-    let inner = cmd.command();
-    let mut command = std::process::Command::new(prlimit);
-    command
-        .arg("--nofile=600:600")
-        .arg(inner.get_program())
-        .args(inner.get_args())
-        .envs(inner.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
-    let mut agent = ChildGuard::spawn("daemon-fds-agent", command).unwrap();
+    let mut agent = spawn_with_descriptors(&cmd, 600, "daemon-fds-agent");
     agent
         .wait_ready("app SYNCED", Duration::from_secs(30), || async {
             Ok(synced(&hub, &img1.key))
@@ -195,13 +171,7 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
 
     // 700 clients connect and send nothing: more than the process could
     // hold descriptors for.
-    let mut idle = Vec::new();
-    for _ in 0..700 {
-        match tokio::net::TcpStream::connect(cmd.mirror()).await {
-            Ok(s) => idle.push(s),
-            Err(e) => panic!("connecting idle client {}: {e}", idle.len()),
-        }
-    }
+    let idle = idle_clients(&cmd.mirror(), 700).await;
     // The daemon still opens its own files: a new image syncs (partials,
     // blobs, desired.bin) and /healthz answers.
     let img2 = image(&addr, "web", "demo/web", &second.manifest_digest, "v1");
@@ -249,27 +219,17 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
     );
     // /metrics counts it: never more open than the descriptors allow, and
     // idle ones were closed to make room.
-    let metrics = http
-        .get(format!("http://127.0.0.1:{}/metrics", cmd.metrics_port))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
-    };
+    let metrics = get_text(
+        &http,
+        &format!("http://127.0.0.1:{}/metrics", cmd.metrics_port),
+    )
+    .await;
     assert!(
-        value("imgfleet_agent_mirror_connections") <= 172,
+        metric(&metrics, "imgfleet_agent_mirror_connections") <= 172,
         "{metrics}"
     );
     assert!(
-        value("imgfleet_agent_mirror_drained_total") >= 1,
+        metric(&metrics, "imgfleet_agent_mirror_drained_total") >= 1,
         "{metrics}"
     );
     let log = std::fs::read_to_string(agent.log_path()).unwrap_or_default();
@@ -279,4 +239,38 @@ async fn the_daemon_keeps_its_own_files_when_clients_hold_every_connection() {
         agent.log_tail(40)
     );
     drop(idle);
+}
+
+/// The agent of `cmd` under `prlimit --nofile=N:N`.
+fn spawn_with_descriptors(cmd: &AgentCmd, n: u32, name: &str) -> ChildGuard {
+    let prlimit = imgfleet_tests::process::require_binary("prlimit", "util-linux");
+    let inner = cmd.command();
+    let mut command = std::process::Command::new(prlimit);
+    command
+        .arg(format!("--nofile={n}:{n}"))
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .envs(inner.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
+    ChildGuard::spawn(name, command).unwrap()
+}
+
+/// `n` connections to `addr` that never send anything.
+async fn idle_clients(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connecting idle client {}: {e}", idle.len()),
+        }
+    }
+    idle
+}
+
+/// The value of one metric in Prometheus text.
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
 }
