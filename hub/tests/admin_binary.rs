@@ -141,12 +141,7 @@ async fn first_start_prints_once_and_sigterm_drains_to_exit_0() {
     // sent before the drain (the resolver's status write) may still arrive
     // first; what matters is that the stream ends.
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match watch.message().await {
-                Ok(Some(_event)) => continue,
-                Ok(None) | Err(_) => break,
-            }
-        }
+        while let Ok(Some(_event)) = watch.message().await {}
     })
     .await;
     assert!(ended.is_ok(), "the Watch stream outlived the hub's drain");
