@@ -6,12 +6,14 @@
 //!   strict YAML reading and validation.
 //! - [`convert`] maps the model to and from the wire contract.
 //! - [`crd`] generates the Kubernetes CRDs in `deploy/crds/` from the model.
+//! - [`process`] ends the command-line programs with an exit code.
 
 mod api_debug;
 pub mod codec;
 pub mod convert;
 pub mod crd;
 pub mod model;
+pub mod process;
 
 /// The generated wire contract, package `imgfleet.v1`.
 pub mod api {

@@ -62,7 +62,7 @@ impl DesiredImage {
 }
 
 /// How to reach one registry. The password is redacted from `Debug`.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistryCredential {
     /// `<namespace>/<RegistrySecret name>`.
     pub key: String,
@@ -71,7 +71,7 @@ pub struct RegistryCredential {
     /// User name; empty for anonymous pulls.
     pub username: String,
     /// Password; empty for anonymous pulls.
-    pub password: String,
+    pub password: Password,
     /// Plain HTTP.
     pub insecure: bool,
 }
@@ -80,26 +80,43 @@ impl RegistryCredential {
     /// What to pull with: `None` (anonymous) without a user name.
     pub fn credentials(&self) -> Option<Credentials> {
         (!self.username.is_empty())
-            .then(|| Credentials::new(self.username.clone(), self.password.clone()))
+            .then(|| Credentials::new(self.username.clone(), self.password.expose().to_owned()))
     }
 }
 
-impl fmt::Debug for RegistryCredential {
+/// A registry password. `Debug` shows only whether one is set, so a logged
+/// credential never leaks it; serde sees the plain string, so `desired.bin`
+/// (sealed as a whole) keeps its format.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Password(pub String);
+
+impl Password {
+    /// The password itself, for the registry client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Password {
+    fn from(password: String) -> Self {
+        Self(password)
+    }
+}
+
+impl From<&str> for Password {
+    fn from(password: &str) -> Self {
+        Self(password.to_owned())
+    }
+}
+
+impl fmt::Debug for Password {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RegistryCredential")
-            .field("key", &self.key)
-            .field("domain", &self.domain)
-            .field("username", &self.username)
-            .field(
-                "password",
-                &if self.password.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
-            .field("insecure", &self.insecure)
-            .finish()
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
     }
 }
 

@@ -18,12 +18,9 @@ use imgfleet_agent::transfer::{Engine, EngineConfig, Phase, Progress, SyncReport
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
+/// imgfleet edge agent: image sync and registry mirror
 #[derive(Debug, Parser)]
-#[command(
-    name = "imgfleet-agent",
-    version,
-    about = "imgfleet edge agent: image sync and registry mirror"
-)]
+#[command(name = "imgfleet-agent", version)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -130,20 +127,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
-    let runtime = match runtime() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    imgfleet::process::block_on_main(runtime(), run(cli))
 }
 
 /// The malloc tunable the agent runs with, and its value: glibc's default

@@ -480,10 +480,7 @@ spec: {domain: "127.0.0.1:5000", username: u, password: p, insecure: true}
 apiVersion: image.theriseunion.io/v1alpha1
 kind: Repository
 metadata: {name: app, namespace: default}
-spec:
-  repository: demo/app
-  tag: v1
-  registryRef: {name: lab}
+spec: {repository: demo/app, tag: v1, registryRef: {name: lab}}
 "#;
         let t = targets_from_yaml(yaml).unwrap();
         assert_eq!(t.len(), 1);

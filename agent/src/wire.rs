@@ -64,7 +64,7 @@ impl From<pb::RegistryCredential> for RegistryCredential {
             key: c.key,
             domain: c.domain,
             username: c.username,
-            password: c.password,
+            password: c.password.into(),
             insecure: c.insecure,
         }
     }

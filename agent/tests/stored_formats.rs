@@ -91,7 +91,7 @@ fn expected_set() -> DesiredSet {
         key: "team-b/hub".into(),
         domain: "hub.example".into(),
         username: String::new(),
-        password: String::new(),
+        password: String::new().into(),
         insecure: false,
     };
     DesiredSet {

@@ -166,23 +166,10 @@ pub fn main() -> ExitCode {
     // rustls is built with ring only; without an installed provider the first
     // TLS connection would panic.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        .build();
+    imgfleet::process::block_on_main(runtime, run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
