@@ -148,7 +148,7 @@ async fn the_hub_refuses_an_oversized_field_with_the_message_validate_gives() {
         .expect("hub starts");
     let password = "p".repeat(100 * 1024);
     let yaml = format!(
-        "apiVersion: image.theriseunion.io/v1alpha1\nkind: RegistrySecret\nmetadata:\n  name: harbor-prod\n  namespace: default\nspec:\n  domain: harbor.example.com\n  username: admin\n  password: {password}\n"
+        "apiVersion: image.theriseunion.io/v1alpha1\nkind: RegistrySecret\nmetadata:\n  name: harbor-prod\n  namespace: default\nspec:\n  domain: 127.0.0.1:9\n  username: admin\n  password: {password}\n"
     );
     let file = write(dir.path(), "secret.yaml", &yaml);
     let message = "RegistrySecret default/harbor-prod: spec.password: 100 KiB long: \
@@ -180,7 +180,7 @@ async fn the_hub_refuses_an_oversized_field_with_the_message_validate_gives() {
     let mut secret = RegistrySecret::new(
         "harbor-prod",
         RegistrySecretSpec {
-            domain: "harbor.example.com".into(),
+            domain: "127.0.0.1:9".into(),
             username: Some("admin".into()),
             password: Some(password.clone()),
             provider: Default::default(),
