@@ -423,9 +423,11 @@ fn references(store: &Store, records: &[ManifestRecord], wanted: &[Wanted]) -> H
     for r in records {
         referenced.insert(r.digest.clone());
     }
+    // A referrer is walked as a root of its own: its blobs are named by no
+    // image manifest.
     let recorded_roots = records
         .iter()
-        .filter(|r| r.parent.is_none())
+        .filter(|r| r.parent.is_none() || r.subject.is_some())
         .map(|r| (r.digest.as_str(), Some(r.media_type.as_str())));
     let wanted_roots = wanted
         .iter()

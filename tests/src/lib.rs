@@ -23,6 +23,7 @@
 //! The fault proxy and the skopeo helpers run on the caller's tokio runtime: do not block it
 //! (std::process, std::thread::sleep) while they are in use.
 
+pub mod artifacts;
 pub mod containerd;
 pub mod etcd;
 pub mod fault;

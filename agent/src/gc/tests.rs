@@ -16,6 +16,7 @@ fn rec(repo: &str, c: char, at: u64) -> ManifestRecord {
         media_type: imgfleet_common::registry::OCI_MANIFEST.into(),
         size: 1,
         parent: None,
+        subject: None,
         recorded_at: at,
     }
 }

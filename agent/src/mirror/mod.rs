@@ -11,7 +11,8 @@
 //! - This file routes a parsed request to an answer.
 //!
 //! Only recorded manifests and complete, verified blobs are served, so a node
-//! never pulls half an image. `?ns=<upstream host>` (which containerd adds when
+//! never pulls half an image. Referrers (`/v2/<name>/referrers/<digest>`,
+//! OCI 1.1) are listed from the manifests held that name a subject. `?ns=<upstream host>` (which containerd adds when
 //! it uses a mirror) selects the upstream registry. Without it, a tag is
 //! served when exactly one upstream of that repository name holds it, and a
 //! digest whenever one of them references it (the bytes of a digest are the
@@ -26,7 +27,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use imgfleet_common::registry::sha256_hex;
+use imgfleet_common::registry::{OCI_INDEX, ReferrerDescriptor, sha256_hex};
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::{ConfigError, parse_duration};
@@ -173,10 +174,12 @@ enum Route {
     Manifest { name: String, reference: String },
     Blob { name: String, digest: String },
     Tags { name: String },
+    Referrers { name: String, digest: String },
 }
 
 /// Parses `/v2/...` by hand: repository names contain slashes, so only the
-/// last `/manifests/`, `/blobs/` or `/tags/list` splits name from the rest.
+/// last `/manifests/`, `/blobs/`, `/referrers/` or `/tags/list` splits name
+/// from the rest.
 fn parse_path(path: &str) -> Option<Route> {
     let rest = path.strip_prefix("/v2")?;
     if rest.is_empty() || rest == "/" {
@@ -205,6 +208,15 @@ fn parse_path(path: &str) -> Option<Route> {
                 reference: reference.into(),
             },
         );
+    }
+    if let Some(i) = rest.rfind("/referrers/") {
+        let (name, digest) = (&rest[..i], &rest[i + "/referrers/".len()..]);
+        if valid_name(name) && !digest.is_empty() && !digest.contains('/') {
+            return Some(Route::Referrers {
+                name: name.into(),
+                digest: digest.into(),
+            });
+        }
     }
     if let Some(i) = rest.rfind("/blobs/") {
         let (name, digest) = (&rest[..i], &rest[i + "/blobs/".len()..]);
@@ -341,7 +353,58 @@ fn handle(mirror: &Mirror, req: &Request) -> Response {
         Route::Blob { name, digest } => {
             blob(mirror, &name, &digest, ns.as_deref(), req.range.as_deref())
         }
+        Route::Referrers { name, digest } => referrers(
+            mirror,
+            &name,
+            &digest,
+            ns.as_deref(),
+            query_param(query, "artifactType").as_deref(),
+        ),
     }
+}
+
+/// `GET /v2/<name>/referrers/<digest>`: an image index of the manifests
+/// held under `name` that name `digest` as their subject, filtered by
+/// `artifactType` when asked. A subject this repository does not reference
+/// has no referrers here (an empty index, as the spec wants for an unknown
+/// subject), whatever other repositories hold.
+fn referrers(
+    mirror: &Mirror,
+    name: &str,
+    digest: &str,
+    ns: Option<&str>,
+    artifact_type: Option<&str>,
+) -> Response {
+    if let Err(e) = digest_form(digest) {
+        return e;
+    }
+    with_holders(mirror, name, ns, |holders| {
+        // One digest from several upstreams is the same bytes: list each once.
+        let mut found: std::collections::BTreeMap<&str, &ReferrerDescriptor> = Default::default();
+        for d in holders.iter().flat_map(|h| h.referrers(digest)) {
+            if artifact_type.is_none_or(|t| d.artifact_type.as_deref() == Some(t)) {
+                found.entry(d.digest.as_str()).or_insert(d);
+            }
+        }
+        let manifests: Vec<&ReferrerDescriptor> = found.into_values().collect();
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": manifests,
+        });
+        let mut headers = vec![
+            ("Content-Type", OCI_INDEX.to_string()),
+            (API_VERSION.0, API_VERSION.1.to_string()),
+        ];
+        if artifact_type.is_some() {
+            headers.push(("OCI-Filters-Applied", "artifactType".to_string()));
+        }
+        Response {
+            status: (200, "OK"),
+            headers,
+            body: Body::Bytes(body.to_string().into_bytes()),
+        }
+    })
 }
 
 /// Whether a digest is well-formed for a lookup: `sha256:<64 hex>`, or a
@@ -627,7 +690,15 @@ mod tests {
         check("/v2/A/manifests/x", None);
         check("/v3/a/manifests/x", None);
         check("/v2/a/other", None);
-        check("/v2/a/referrers/sha256:ab", None);
+        check(
+            "/v2/a/b/referrers/sha256:ab",
+            Some(Route::Referrers {
+                name: "a/b".into(),
+                digest: "sha256:ab".into(),
+            }),
+        );
+        check("/v2/a/referrers/", None);
+        check("/v2/a/referrers/x/y", None);
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub const ANN_TAG: &str = "org.opencontainers.image.ref.name";
 pub const ANN_PARENT: &str = "io.imgfleet.parent";
 /// Annotation with the unix time the record was written.
 pub const ANN_RECORDED: &str = "io.imgfleet.recorded-at";
+/// Annotation naming the manifest a referrer (a signature, an SBOM, an
+/// attestation) was synced for: its OCI `subject`.
+pub const ANN_SUBJECT: &str = "io.imgfleet.subject";
 
 /// Errors of the content store. None of them is worth a blind retry, except
 /// `Io`, which may be a full disk that an operator or GC frees.
@@ -143,8 +146,15 @@ pub struct ManifestRecord {
     pub media_type: String,
     /// Its size in bytes.
     pub size: u64,
-    /// For a child of an index: the index digest.
+    /// For a child of an index: the index digest. For a referrer and the
+    /// manifests below it: the image root it was synced with, so that GC
+    /// removes it with that image.
     pub parent: Option<String>,
+    /// For a referrer synced with an image: the digest it refers to (its
+    /// `subject`). The mirror lists it in that digest's referrers, and it
+    /// and its blobs are walked as a tree of their own. Stores written
+    /// before referrers were synced have none.
+    pub subject: Option<String>,
     /// Unix seconds when recorded.
     pub recorded_at: u64,
 }
@@ -159,6 +169,9 @@ impl ManifestRecord {
         }
         if let Some(p) = &self.parent {
             annotations.insert(ANN_PARENT.to_string(), p.clone());
+        }
+        if let Some(s) = &self.subject {
+            annotations.insert(ANN_SUBJECT.to_string(), s.clone());
         }
         annotations.insert(ANN_RECORDED.to_string(), self.recorded_at.to_string());
         Descriptor {
@@ -178,6 +191,7 @@ impl ManifestRecord {
             media_type: d.media_type.clone(),
             size: d.size,
             parent: d.annotations.get(ANN_PARENT).cloned(),
+            subject: d.annotations.get(ANN_SUBJECT).cloned(),
             recorded_at: d
                 .annotations
                 .get(ANN_RECORDED)
@@ -192,7 +206,9 @@ impl ManifestRecord {
             && self.repository == other.repository
             && match (&self.tag, &other.tag) {
                 (Some(a), Some(b)) => a == b,
-                (None, None) => self.digest == other.digest,
+                // A referrer's record (with its subject) and the same
+                // manifest synced as an image of its own are two records.
+                (None, None) => self.digest == other.digest && self.subject == other.subject,
                 _ => false,
             }
     }

@@ -11,6 +11,7 @@ fn record(repo: &str, tag: Option<&str>, digest: &str) -> ManifestRecord {
         media_type: imgfleet_common::registry::OCI_MANIFEST.into(),
         size: 3,
         parent: None,
+        subject: None,
         recorded_at: 1,
     }
 }

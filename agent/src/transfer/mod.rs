@@ -28,6 +28,7 @@ mod error;
 mod limit;
 pub mod plan;
 mod progress;
+mod referrers;
 
 pub use error::{InvalidImage, TransferError};
 pub use limit::RateLimiter;
@@ -393,8 +394,19 @@ impl Engine {
             .fetch_missing(image, &plan.blobs, sizes, &client, &mut pins, tracker)
             .await?;
         stats.already_present = already;
+        let mut records = plan.records;
+        // Referrers are looked for when an image is first synced, not on each
+        // re-sync of one already held: a no-op re-sync sends no request.
+        if !already {
+            let found = self
+                .sync_referrers(image, &existing, &client, &mut pins)
+                .await;
+            stats.bytes_fetched += found.bytes_fetched;
+            stats.blobs_fetched += found.blobs_fetched;
+            records.extend(found.records);
+        }
         tracker.emit(Phase::Committing, None, true);
-        self.record(plan.records, &existing).await?;
+        self.record(records, &existing).await?;
         info!(
             bytes_fetched = stats.bytes_fetched,
             blobs_fetched = stats.blobs_fetched,
@@ -522,6 +534,7 @@ impl Engine {
                     && e.tag == r.tag
                     && e.digest == r.digest
                     && e.parent == r.parent
+                    && e.subject == r.subject
             })
         });
         if unchanged {

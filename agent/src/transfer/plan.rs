@@ -455,6 +455,7 @@ pub fn image(
         media_type: node.media_type.clone(),
         size: node.size,
         parent: parent.cloned(),
+        subject: None,
         recorded_at: now,
     };
     let mut records = Vec::with_capacity(tree.manifests.len() + image.tags.len());

@@ -9,10 +9,12 @@
 mod auth;
 mod error;
 mod push;
+mod referrers;
 
 pub use auth::{Challenge, Credentials, parse_challenge};
 pub use error::RegistryError;
 pub use push::UploadStart;
+pub use referrers::{MAX_REFERRERS, ReferrerDescriptor, referrers_tag};
 
 use std::collections::HashMap;
 use std::sync::Mutex;
