@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real components imgfleet's build and tests use, if missing:
 # protoc and the protobuf well-known types (etcd-client's build script), etcd, the
-# CNCF distribution registry, skopeo, htpasswd, curl, containerd and Prometheus.
+# CNCF distribution registry, skopeo, htpasswd, curl, containerd and Prometheus, and
+# PyPI's `cryptography` (cosign-format signature fixtures; no cosign binary installs here).
 # Idempotent; needs root or sudo on Debian.
 #
 # Each need is checked by a file its package provides, not only by a command on
@@ -20,6 +21,8 @@ needs=(
   "curl curl"
   "containerd containerd"
   "ctr containerd"
+  "python3 python3"
+  "/usr/lib/python3/dist-packages/pip python3-pip"
 )
 missing=()
 for need in "${needs[@]}"; do
@@ -30,7 +33,15 @@ for need in "${needs[@]}"; do
   esac
   case " ${missing[*]} " in *" $pkg "*) ;; *) missing+=("$pkg") ;; esac
 done
+# PyPI's cryptography signs the cosign test fixtures; pip installs it for the
+# user running the tests (Debian marks its Python externally managed).
+install_cryptography() {
+  python3 -c 'import cryptography' 2>/dev/null && return 0
+  echo "installing: cryptography (PyPI)"
+  python3 -m pip install --user --quiet --break-system-packages cryptography
+}
 if [ ${#missing[@]} -eq 0 ]; then
+  install_cryptography
   exit 0
 fi
 sudo=""
@@ -53,3 +64,4 @@ for need in "${needs[@]}"; do
     *) command -v "$file" >/dev/null 2>&1 || { echo "install-deps: $pkg was installed but $file is not on PATH" >&2; exit 1; } ;;
   esac
 done
+install_cryptography

@@ -1,7 +1,9 @@
 //! Daemon plumbing shared by the hub and the agent: the PKI and the
 //! identities certificates carry ([`pki`]), mTLS configuration ([`tls`]),
 //! and the OCI registry client with which of its errors are worth a retry
-//! ([`registry`]). Hub and agent depend on this crate, never on each other.
+//! ([`registry`]), and cosign signature verification ([`cosign`]). Hub and
+//! agent depend on this crate, never on each other.
+pub mod cosign;
 pub mod pki;
 pub mod registry;
 pub mod tls;

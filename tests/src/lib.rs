@@ -25,6 +25,7 @@
 
 pub mod artifacts;
 pub mod containerd;
+pub mod cosign;
 pub mod etcd;
 pub mod fault;
 pub mod fleet;
