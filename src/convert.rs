@@ -15,7 +15,7 @@ use crate::model::{
     ImagePhase, Kind, LabelSelector, LabelSelectorRequirement, Object, Placement, PlacementReason,
     PlacementStatus, Provider, RegistryRef, RegistrySecret, RegistrySecretSpec,
     RegistrySecretStatus, Repository, RepositorySpec, RepositoryStatus, ResolveReason, ResolvedTag,
-    Retention, SelectorOperator, TagPattern, object_id,
+    Retention, SelectorOperator, TagPattern, Verify, VerifyKey, VerifyMode, object_id,
 };
 
 /// A wire object that does not map onto the model.
@@ -497,6 +497,21 @@ impl From<&Repository> for pb::Repository {
                     grace_period: r.grace_period.clone().unwrap_or_default(),
                 }),
                 suspend: s.suspend,
+                verify: s.verify.as_ref().map(|v| pb::Verify {
+                    keys: v
+                        .keys
+                        .iter()
+                        .map(|k| pb::VerifyKey {
+                            name: k.name.clone(),
+                            public_key: k.public_key.clone(),
+                        })
+                        .collect(),
+                    mode: match v.mode {
+                        None => pb::VerifyMode::Unspecified,
+                        Some(VerifyMode::Enforce) => pb::VerifyMode::Enforce,
+                        Some(VerifyMode::Warn) => pb::VerifyMode::Warn,
+                    } as i32,
+                }),
             }),
             status: o.status.as_ref().map(|st| pb::RepositoryStatus {
                 resolved: st
@@ -515,6 +530,9 @@ impl From<&Repository> for pb::Repository {
                     Some(ResolveReason::NotFound) => pb::ResolveReason::NotFound,
                     Some(ResolveReason::Unreachable) => pb::ResolveReason::Unreachable,
                     Some(ResolveReason::RateLimited) => pb::ResolveReason::RateLimited,
+                    Some(ResolveReason::VerificationFailed) => {
+                        pb::ResolveReason::VerificationFailed
+                    }
                 } as i32,
                 message: st.message.clone().unwrap_or_default(),
                 stale: st.stale,
@@ -595,6 +613,9 @@ impl TryFrom<pb::Repository> for Repository {
                         pb::ResolveReason::NotFound => Some(ResolveReason::NotFound),
                         pb::ResolveReason::Unreachable => Some(ResolveReason::Unreachable),
                         pb::ResolveReason::RateLimited => Some(ResolveReason::RateLimited),
+                        pb::ResolveReason::VerificationFailed => {
+                            Some(ResolveReason::VerificationFailed)
+                        }
                     },
                     message: opt(st.message),
                     stale: st.stale,
@@ -633,6 +654,24 @@ impl TryFrom<pb::Repository> for Repository {
                     grace_period: opt(r.grace_period),
                 }),
                 suspend: s.suspend,
+                verify: match s.verify {
+                    None => None,
+                    Some(v) => Some(Verify {
+                        keys: v
+                            .keys
+                            .into_iter()
+                            .map(|k| VerifyKey {
+                                name: k.name,
+                                public_key: k.public_key,
+                            })
+                            .collect(),
+                        mode: match enum_field::<pb::VerifyMode>(&id, "spec.verify.mode", v.mode)? {
+                            pb::VerifyMode::Unspecified => None,
+                            pb::VerifyMode::Enforce => Some(VerifyMode::Enforce),
+                            pb::VerifyMode::Warn => Some(VerifyMode::Warn),
+                        },
+                    }),
+                },
             },
             status,
         })

@@ -203,6 +203,7 @@ pub fn resolve_status_of(status: Option<&RepositoryStatus>) -> ResolveStatus {
             ResolveReason::NotFound => FailureReason::NotFound,
             ResolveReason::Unreachable => FailureReason::Unreachable,
             ResolveReason::RateLimited => FailureReason::RateLimited,
+            ResolveReason::VerificationFailed => FailureReason::VerificationFailed,
         }),
         message: s.message.clone().unwrap_or_default(),
         stale: s.stale,
@@ -228,6 +229,7 @@ pub fn apply_resolve_status(status: &mut RepositoryStatus, r: &ResolveStatus, ge
         FailureReason::NotFound => ResolveReason::NotFound,
         FailureReason::Unreachable => ResolveReason::Unreachable,
         FailureReason::RateLimited => ResolveReason::RateLimited,
+        FailureReason::VerificationFailed => ResolveReason::VerificationFailed,
     });
     status.message = Some(r.message.clone()).filter(|m| !m.is_empty());
     status.stale = r.stale;
@@ -258,6 +260,7 @@ pub fn resolve_spec(repo: &Repository) -> ResolveSpec {
         tags,
         digest: s.digest.clone().filter(|d| !d.is_empty()),
         platforms: s.platforms.clone(),
+        verify: s.verify.clone(),
     }
 }
 

@@ -2,6 +2,9 @@
 //! digests against its upstream registry, so every cluster gets the same
 //! version, and checks each registry's health.
 //!
+//! With a signature policy (`spec.verify`), each resolved digest's cosign
+//! signature is checked here, before it can reach a desired set.
+//!
 //! The choice of tags ([`select_tags`]), the failure classification
 //! ([`FailureReason::of`]) and the status transition ([`next_status`]) are pure
 //! functions; only [`resolve`] and [`check_health`] talk to a registry.
@@ -9,6 +12,8 @@
 use std::cmp::Ordering;
 use std::time::{Duration, SystemTime};
 
+use imgfleet::model::{Verify, VerifyMode};
+use imgfleet_common::cosign;
 use imgfleet_common::registry::{
     DOCKER_LIST, OCI_INDEX, RegistryClient, RegistryError, sha256_hex,
 };
@@ -24,6 +29,8 @@ pub struct ResolveSpec {
     pub digest: Option<String>,
     /// Platforms the index must offer, e.g. `linux/amd64`. Empty means any.
     pub platforms: Vec<String>,
+    /// The signature policy each resolved digest must pass, if any.
+    pub verify: Option<Verify>,
 }
 
 /// Which tags of a repository to keep.
@@ -50,6 +57,8 @@ pub enum FailureReason {
     NotFound,
     Unreachable,
     RateLimited,
+    /// A resolved digest has no valid cosign signature under the policy.
+    VerificationFailed,
 }
 
 /// A failed resolution.
@@ -87,6 +96,7 @@ impl FailureReason {
             FailureReason::NotFound => "NotFound",
             FailureReason::Unreachable => "Unreachable",
             FailureReason::RateLimited => "RateLimited",
+            FailureReason::VerificationFailed => "VerificationFailed",
         }
     }
 }
@@ -244,8 +254,70 @@ fn next_chunk(s: &str) -> (&str, &str) {
     s.split_at(end)
 }
 
-/// Resolves a spec against a registry.
+/// Resolves a spec against a registry, and checks each digest's signature
+/// when the spec has a policy: under `enforce`, a digest without a valid
+/// signature fails the whole resolution (so the last good digests stay, and
+/// nothing new ships); under `warn` it is logged and kept.
 pub async fn resolve(
+    client: &RegistryClient,
+    spec: &ResolveSpec,
+) -> Result<Vec<Resolved>, Failure> {
+    let resolved = resolve_tags(client, spec).await?;
+    if let Some(policy) = &spec.verify {
+        let mut checked: Vec<&str> = Vec::new();
+        for r in &resolved {
+            if checked.contains(&r.digest.as_str()) {
+                continue;
+            }
+            checked.push(&r.digest);
+            if let Err(message) = verify_digest(client, &spec.repository, &r.digest, policy).await {
+                match policy.mode() {
+                    VerifyMode::Enforce => {
+                        return Err(Failure {
+                            reason: FailureReason::VerificationFailed,
+                            message,
+                            retry_after: None,
+                        });
+                    }
+                    VerifyMode::Warn => tracing::warn!(
+                        repository = %spec.repository,
+                        digest = %r.digest,
+                        reason = %message,
+                        "Signature verification failed; shipping anyway (verify.mode: warn)"
+                    ),
+                }
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+/// Checks one digest against a policy: the reason it fails, naming the key,
+/// or Ok. A registry that cannot be asked is a failure too, since nothing
+/// unverified ships under `enforce`.
+async fn verify_digest(
+    client: &RegistryClient,
+    repository: &str,
+    digest: &str,
+    policy: &Verify,
+) -> Result<(), String> {
+    let mut verifiers = Vec::with_capacity(policy.keys.len());
+    for k in &policy.keys {
+        verifiers.push(
+            cosign::Verifier::from_pem(&k.name, &k.public_key)
+                .map_err(|e| format!("{digest}: key {}: {e}", k.name))?,
+        );
+    }
+    let layers = cosign::fetch(client, repository, digest)
+        .await
+        .map_err(|e| format!("{digest}: cannot read its signatures: {e}"))?;
+    cosign::verify(&verifiers, digest, &layers)
+        .map(|_| ())
+        .map_err(|e| format!("{digest}: {e}"))
+}
+
+/// Resolves a spec's tags (or pinned digest) against a registry.
+async fn resolve_tags(
     client: &RegistryClient,
     spec: &ResolveSpec,
 ) -> Result<Vec<Resolved>, Failure> {
@@ -425,7 +497,11 @@ pub async fn check_health(client: &RegistryClient) -> Health {
             FailureReason::NotFound | FailureReason::RateLimited => {
                 (HealthPhase::Connected, e.to_string())
             }
-            FailureReason::Unreachable => (HealthPhase::Unreachable, e.to_string()),
+            // A registry error is never a verification failure; listed for
+            // the match only.
+            FailureReason::Unreachable | FailureReason::VerificationFailed => {
+                (HealthPhase::Unreachable, e.to_string())
+            }
         },
     };
     Health {
@@ -618,6 +694,7 @@ mod tests {
             tags: TagChoice::Fixed(vec!["v1".into()]),
             digest: None,
             platforms: vec!["linux/s390x".into()],
+            verify: None,
         };
         let err = check_platforms(&spec, OCI_INDEX, index).expect_err("s390x is not offered");
         assert_eq!(err.reason, FailureReason::NotFound);

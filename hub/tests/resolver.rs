@@ -1,12 +1,15 @@
 //! Tag resolution and registry health against the real distribution registry:
 //! fixed tags, tag patterns with keep-latest-N, platform filters, and each
-//! failure reason the status can show.
+//! failure reason the status can show, and signature policies (cosign
+//! signatures made with PyPI's cryptography; see `imgfleet_tests::cosign`).
 
+use imgfleet::model::{Verify, VerifyKey, VerifyMode};
 use imgfleet_common::registry::{Credentials, RegistryClient, RegistryConfig};
 use imgfleet_hub::resolver::{
     FailureReason, HealthPhase, ResolveSpec, TagChoice, check_health, resolve,
 };
-use imgfleet_tests::images::{ImageSpec, push_image, push_index};
+use imgfleet_tests::cosign::{KeyPair, payload, push_signature};
+use imgfleet_tests::images::{ImageSpec, PushTarget, push_image, push_index};
 use imgfleet_tests::{Registry, RegistryOptions};
 
 fn client(registry: &Registry, credentials: Option<(&str, &str)>) -> RegistryClient {
@@ -25,6 +28,7 @@ fn fixed(repository: &str, tags: &[&str]) -> ResolveSpec {
         tags: TagChoice::Fixed(tags.iter().map(|t| t.to_string()).collect()),
         digest: None,
         platforms: vec![],
+        verify: None,
     }
 }
 
@@ -178,5 +182,88 @@ async fn reports_auth_failures_and_unreachable_registries() -> anyhow::Result<()
         failure.message
     );
     assert_eq!(check_health(&good).await.phase, HealthPhase::Unreachable);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_signature_policy_lets_signed_digests_through_and_names_why_others_fail()
+-> anyhow::Result<()> {
+    let registry = Registry::start(RegistryOptions::plain()).await?;
+    let target = PushTarget::from(&registry);
+    let release = KeyPair::generate().await?;
+    let signed = push_image(
+        &registry,
+        "demo/app",
+        "signed",
+        &ImageSpec::random(&[1024], 7),
+    )
+    .await?;
+    let p = payload(
+        &format!("{}/demo/app", registry.addr()),
+        &signed.manifest_digest,
+    );
+    let sig = release.sign(&p).await?;
+    push_signature(&target, "demo/app", &signed.manifest_digest, &[(p, sig)]).await?;
+    let unsigned = push_image(
+        &registry,
+        "demo/app",
+        "unsigned",
+        &ImageSpec::random(&[1024], 8),
+    )
+    .await?;
+    let client = client(&registry, None);
+    let policy = |mode| Verify {
+        keys: vec![VerifyKey {
+            name: "release".into(),
+            public_key: release.public_pem.clone(),
+        }],
+        mode,
+    };
+    let spec = |tags: &[&str], mode| ResolveSpec {
+        verify: Some(policy(mode)),
+        ..fixed("demo/app", tags)
+    };
+
+    let got = resolve(&client, &spec(&["signed"], None))
+        .await
+        .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    assert_eq!(got[0].digest, signed.manifest_digest);
+
+    // Enforce (the default): an unsigned digest fails the resolution, naming
+    // the digest and why.
+    let failure = resolve(&client, &spec(&["signed", "unsigned"], None))
+        .await
+        .expect_err("an unsigned digest must not resolve under enforce");
+    assert_eq!(failure.reason, FailureReason::VerificationFailed);
+    assert!(
+        failure.message.contains(&unsigned.manifest_digest)
+            && failure.message.contains("no cosign signature"),
+        "{}",
+        failure.message
+    );
+
+    // A signature by another key names the key.
+    let other = KeyPair::generate().await?;
+    let p = payload(
+        &format!("{}/demo/app", registry.addr()),
+        &unsigned.manifest_digest,
+    );
+    let sig = other.sign(&p).await?;
+    push_signature(&target, "demo/app", &unsigned.manifest_digest, &[(p, sig)]).await?;
+    let failure = resolve(&client, &spec(&["unsigned"], Some(VerifyMode::Enforce)))
+        .await
+        .expect_err("a signature by another key does not count");
+    assert_eq!(failure.reason, FailureReason::VerificationFailed);
+    assert!(
+        failure.message.contains("key release") && failure.message.contains("does not verify"),
+        "{}",
+        failure.message
+    );
+
+    // Warn: it resolves.
+    let got = resolve(&client, &spec(&["unsigned"], Some(VerifyMode::Warn)))
+        .await
+        .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    assert_eq!(got[0].digest, unsigned.manifest_digest);
     Ok(())
 }

@@ -784,6 +784,7 @@ mod tests {
                 placement: None,
                 retention: None,
                 suspend: false,
+                verify: None,
             },
         );
         r.metadata.namespace = Some("default".into());

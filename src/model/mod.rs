@@ -263,6 +263,11 @@ pub struct RepositorySpec {
     /// Stop resolving and syncing; content already synced stays.
     #[serde(default, skip_serializing_if = "is_false")]
     pub suspend: bool,
+    /// Cosign signatures an image must carry before it ships: checked by the
+    /// hub when it resolves a digest, and by each agent before the image
+    /// becomes visible. Unset: no check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
 }
 
 impl Repository {
@@ -302,6 +307,50 @@ impl RepositorySpec {
             .and_then(|r| r.grace_period.as_deref())
             .and_then(|s| parse_duration(s).ok())
     }
+}
+
+/// Signature policy: an image is accepted when one cosign signature that
+/// verifies under one of `keys` covers its manifest digest. Keyless
+/// verification (certificate identities) would be a sibling of `keys`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Verify {
+    /// Public keys (ECDSA P-256, PEM), any one of which may sign.
+    #[serde(default)]
+    pub keys: Vec<VerifyKey>,
+    /// `Enforce` (the default): an image without a valid signature never
+    /// ships, and the status says VerificationFailed. `Warn`: it ships, and
+    /// the failure is logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<VerifyMode>,
+}
+
+impl Verify {
+    /// The mode, with its default.
+    pub fn mode(&self) -> VerifyMode {
+        self.mode.unwrap_or(VerifyMode::Enforce)
+    }
+}
+
+/// One public key of a signature policy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyKey {
+    /// The key's name, shown when verification fails (a DNS label).
+    pub name: String,
+    /// The public key, PEM (`-----BEGIN PUBLIC KEY-----`), as `cosign.pub`.
+    pub public_key: String,
+}
+
+/// What a failed verification does (`enforce` or `warn`, as the policy
+/// YAML writes them).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// The image never ships.
+    Enforce,
+    /// The image ships; the failure is logged.
+    Warn,
 }
 
 /// A reference to a RegistrySecret.
@@ -417,6 +466,9 @@ pub enum ResolveReason {
     Unreachable,
     /// The registry answered 429.
     RateLimited,
+    /// The resolved digest carries no valid cosign signature under the
+    /// policy's keys (`spec.verify`); the message names the key and the reason.
+    VerificationFailed,
 }
 
 /// One tag resolved to a digest.

@@ -202,6 +202,7 @@ mod tests {
                 placement: None,
                 retention: None,
                 suspend: false,
+                verify: None,
             },
         );
         r.status = Some(RepositoryStatus {

@@ -227,6 +227,15 @@ spec:
     keepVersions: 3
     gracePeriod: 24h
   suspend: false
+  verify:
+    keys:
+    - name: release
+      publicKey: |
+        -----BEGIN PUBLIC KEY-----
+        MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEscTIV1qPEmBNCW5fu6mVPA5bfDcP
+        xpQ01hPrQC4gwaLwVjTbjphlJMUlV7GNdBL14cKe5GJtGgLm6CdrEWoIgg==
+        -----END PUBLIC KEY-----
+    mode: warn
 ";
     let objects = parse_documents(text).unwrap_or_else(|e| panic!("{e:?}"));
     let Object::Repository(r) = &objects[0] else {
@@ -257,6 +266,14 @@ spec:
     assert_eq!(
         r.spec.grace_period_duration(),
         Some(std::time::Duration::from_secs(86_400))
+    );
+    let verify = r.spec.verify.as_ref().expect("verify");
+    assert_eq!(verify.mode(), crate::model::VerifyMode::Warn);
+    assert_eq!(verify.keys[0].name, "release");
+    assert!(
+        verify.keys[0]
+            .public_key
+            .starts_with("-----BEGIN PUBLIC KEY-----\n")
     );
 }
 
@@ -300,6 +317,26 @@ const MALFORMED_REPOSITORIES: &[(&str, &str, &[&str])] = &[
         "  syncInterval: 1h",
         "  syncInterval: 1h\n  retention:\n    gracePeriod: forever",
         &[r#"spec.retention.gracePeriod "forever": expected a duration"#],
+    ),
+    (
+        "  syncInterval: 1h",
+        "  syncInterval: 1h\n  verify:\n    mode: enforce",
+        &["spec.verify.keys: required: expected at least one key"],
+    ),
+    (
+        "  syncInterval: 1h",
+        "  syncInterval: 1h\n  verify:\n    keys:\n    - {name: Release, publicKey: nope}\n    - {name: b}\n    mode: strict",
+        &[
+            r#"spec.verify.keys[0].name "Release": expected a DNS-1123 label"#,
+            "spec.verify.keys[0].publicKey: expected an ECDSA P-256 public key in PEM",
+            r#"spec.verify.mode "strict": expected one of enforce, warn"#,
+            "spec.verify.keys[1].publicKey: required field is missing",
+        ],
+    ),
+    (
+        "  syncInterval: 1h",
+        "  syncInterval: 1h\n  verify:\n    keys:\n    - {name: a, publicKey: x}\n    - {name: a, publicKey: x}",
+        &[r#"spec.verify.keys[1].name "a": listed twice"#],
     ),
     // Unknown fields, with hints, at every level.
     (
@@ -728,6 +765,15 @@ spec:
     clusters: [edge-1]
   retention: {keepVersions: 2, gracePeriod: 12h}
   suspend: true
+  verify:
+    keys:
+    - name: release
+      publicKey: |
+        -----BEGIN PUBLIC KEY-----
+        MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEscTIV1qPEmBNCW5fu6mVPA5bfDcP
+        xpQ01hPrQC4gwaLwVjTbjphlJMUlV7GNdBL14cKe5GJtGgLm6CdrEWoIgg==
+        -----END PUBLIC KEY-----
+    mode: enforce
 status:
   resolved:
   - {tag: v1, digest: \"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\", mediaType: application/vnd.oci.image.index.v1+json}

@@ -8,7 +8,7 @@ use regex::Regex;
 
 use super::{
     Cluster, LabelSelector, MIN_SYNC_INTERVAL, Object, Placement, RegistryRef, RegistrySecret,
-    Repository, Retention, SelectorOperator, TagPattern, ValidationError, format_duration,
+    Repository, Retention, SelectorOperator, TagPattern, ValidationError, Verify, format_duration,
     parse_duration,
 };
 
@@ -18,6 +18,12 @@ use super::{
 // limit, so what `validate` accepts the hub can store and send. Names, label
 // keys and values, namespaces, tags and repository paths keep the Kubernetes and
 // OCI limits their format rules already carry.
+
+/// `spec.verify.keys`: a few keys (a release key, a partner's, one being
+/// rotated in).
+pub(crate) const MAX_VERIFY_KEYS: usize = 16;
+/// `spec.verify.keys[].publicKey`: a PEM P-256 key is under 200 bytes.
+pub(crate) const MAX_PUBLIC_KEY_BYTES: usize = 4 * 1024;
 
 /// `spec.username`: registry user names are short (Harbor's robot accounts, the
 /// longest in use, stay under 256 bytes); 1 KiB leaves room for any provider.
@@ -461,6 +467,57 @@ impl Errors {
         }
         if let Some(retention) = &spec.retention {
             self.retention(retention);
+        }
+        if let Some(verify) = &spec.verify {
+            self.verify(verify);
+        }
+    }
+
+    /// `spec.verify`: at least one key, each with a unique DNS-label name and
+    /// a PEM ECDSA P-256 public key.
+    fn verify(&mut self, verify: &Verify) {
+        use p256::pkcs8::DecodePublicKey;
+        if verify.keys.is_empty() {
+            self.push(
+                "spec.verify.keys",
+                "required: expected at least one key ({name, publicKey})",
+            );
+        }
+        self.at_most("spec.verify.keys", verify.keys.len(), MAX_VERIFY_KEYS, "");
+        let mut seen = BTreeSet::new();
+        for (i, key) in verify.keys.iter().enumerate() {
+            let field = format!("spec.verify.keys[{i}]");
+            if key.name.is_empty() {
+                self.push(format!("{field}.name"), "required field is missing");
+            } else if !is_dns_label(&key.name) {
+                self.push(
+                    format!("{field}.name"),
+                    format!("{}: expected a DNS-1123 label: lowercase letters, digits and '-', at most 63 characters", shown(&key.name)),
+                );
+            } else if !seen.insert(key.name.as_str()) {
+                self.push(
+                    format!("{field}.name"),
+                    format!(
+                        "{}: listed twice: expected each key name once",
+                        shown(&key.name)
+                    ),
+                );
+            }
+            let pk = format!("{field}.publicKey");
+            if key.public_key.trim().is_empty() {
+                self.push(pk, "required field is missing");
+            } else if self.within(
+                &pk,
+                &key.public_key,
+                MAX_PUBLIC_KEY_BYTES,
+                "a PEM public key",
+            ) && p256::PublicKey::from_public_key_pem(key.public_key.trim()).is_err()
+            {
+                self.push(
+                    pk,
+                    "expected an ECDSA P-256 public key in PEM (-----BEGIN PUBLIC KEY-----), as cosign.pub",
+                );
+            }
         }
     }
 
