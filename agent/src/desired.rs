@@ -49,6 +49,11 @@ pub struct DesiredImage {
     pub keep_versions: u32,
     /// Grace period before collection, in seconds; 0 means the agent default.
     pub grace_period_seconds: u64,
+    /// Public keys (name, PEM) one of which must have signed the image
+    /// (cosign) before it becomes visible; empty: no check. Sets written
+    /// before signatures were checked have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_keys: Vec<(String, String)>,
 }
 
 impl DesiredImage {
@@ -439,6 +444,7 @@ mod tests {
             platforms: Vec::new(),
             keep_versions: 0,
             grace_period_seconds: 0,
+            verify_keys: Vec::new(),
         }
     }
 

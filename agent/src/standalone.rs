@@ -41,6 +41,9 @@ pub struct Target {
     pub insecure: bool,
     /// The Repository's retention (0: the agent's default).
     pub retention: Retention,
+    /// Under `verify.mode: enforce`, the keys (name, PEM) the image must be
+    /// signed with; it is then not recorded without a valid signature.
+    pub verify_keys: Vec<(String, String)>,
 }
 
 /// Reads the YAML: every Repository that is not suspended, joined with its
@@ -109,6 +112,18 @@ pub fn targets_from_yaml(text: &str) -> Result<Vec<Target>, Vec<ValidationError>
                     .unwrap_or(0),
                 grace_period_seconds: r.spec.grace_period_duration().map_or(0, |d| d.as_secs()),
             },
+            verify_keys: r
+                .spec
+                .verify
+                .as_ref()
+                .filter(|v| v.mode() == model::VerifyMode::Enforce)
+                .map(|v| {
+                    v.keys
+                        .iter()
+                        .map(|k| (k.name.clone(), k.public_key.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
         });
     }
     if errors.is_empty() {
@@ -321,6 +336,7 @@ impl Target {
                 platforms: self.platforms.clone(),
                 keep_versions: self.retention.keep_versions,
                 grace_period_seconds: self.retention.grace_period_seconds,
+                verify_keys: self.verify_keys.clone(),
             },
             credentials: self.credentials.clone(),
             insecure: self.insecure,

@@ -52,6 +52,10 @@ impl From<pb::DesiredImage> for DesiredImage {
             platforms: i.platforms,
             keep_versions: i.keep_versions,
             grace_period_seconds: i.grace_period_seconds,
+            verify_keys: i
+                .verify
+                .map(|v| v.keys.into_iter().map(|k| (k.name, k.public_key)).collect())
+                .unwrap_or_default(),
         }
     }
 }
@@ -206,6 +210,7 @@ mod tests {
             platforms: vec!["linux/amd64".into()],
             keep_versions: 3,
             grace_period_seconds: 60,
+            verify: None,
         };
         let set = pb::DesiredSet {
             generation: 4,

@@ -163,6 +163,21 @@ pub fn repo_input(r: &model::Repository) -> (PlacementRepo, Resolution) {
         platforms: r.spec.platforms.clone(),
         keep_versions: retention.keep_versions.unwrap_or(0),
         grace_period_seconds: grace,
+        verify_keys: r
+            .spec
+            .verify
+            .as_ref()
+            .filter(|v| v.mode() == model::VerifyMode::Enforce)
+            .map(|v| {
+                v.keys
+                    .iter()
+                    .map(|k| crate::placement::VerifyKey {
+                        name: k.name.clone(),
+                        public_key: k.public_key.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
     let mut by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for t in r.status.iter().flat_map(|s| s.resolved.iter()) {

@@ -144,6 +144,9 @@ pub struct PlacementRepo {
     pub keep_versions: u32,
     /// Grace period before undesired content is collected; 0 = agent default.
     pub grace_period_seconds: u64,
+    /// Under `spec.verify.mode: enforce`, the keys the agent checks again
+    /// before an image becomes visible; empty otherwise.
+    pub verify_keys: Vec<VerifyKey>,
 }
 
 impl PlacementRepo {
@@ -221,6 +224,19 @@ pub struct DesiredImage {
     pub keep_versions: u32,
     #[serde(default)]
     pub grace_period_seconds: u64,
+    /// Keys the agent checks the image's cosign signature against before it
+    /// becomes visible (the Repository's `verify` under `enforce`). Sets
+    /// stored before signatures were checked have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_keys: Vec<VerifyKey>,
+}
+
+/// One public key of a Repository's signature policy: its name and PEM.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyKey {
+    pub name: String,
+    pub public_key: String,
 }
 
 impl DesiredImage {
@@ -441,6 +457,7 @@ pub fn place(
                     platforms: sorted_unique(&repo.platforms),
                     keep_versions: repo.keep_versions,
                     grace_period_seconds: repo.grace_period_seconds,
+                    verify_keys: repo.verify_keys.clone(),
                 });
             }
         }

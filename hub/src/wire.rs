@@ -148,6 +148,17 @@ fn image(i: &DesiredImage) -> pb::DesiredImage {
         platforms: i.platforms.clone(),
         keep_versions: i.keep_versions,
         grace_period_seconds: i.grace_period_seconds,
+        verify: (!i.verify_keys.is_empty()).then(|| pb::Verify {
+            keys: i
+                .verify_keys
+                .iter()
+                .map(|k| pb::VerifyKey {
+                    name: k.name.clone(),
+                    public_key: k.public_key.clone(),
+                })
+                .collect(),
+            mode: pb::VerifyMode::Enforce as i32,
+        }),
     }
 }
 

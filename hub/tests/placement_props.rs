@@ -115,6 +115,7 @@ fn repo() -> impl Strategy<Value = (PlacementRepo, Option<Resolution>)> {
                     platforms: platforms.into_iter().map(str::to_string).collect(),
                     keep_versions: 2,
                     grace_period_seconds: 0,
+                    verify_keys: Vec::new(),
                 };
                 let res = resolved.map(|imgs| Resolution {
                     images: imgs

@@ -69,6 +69,16 @@ pub enum TransferError {
         /// The image key.
         key: String,
     },
+    /// The image has no valid cosign signature under its Repository's keys
+    /// (`verify`, enforce); it is not recorded, so the mirror never serves
+    /// it. Not worth a blind retry: the next sync asks again.
+    #[error("image {key}: VerificationFailed: {reason}")]
+    VerificationFailed {
+        /// The image key.
+        key: String,
+        /// Which key and why, as the policy check says.
+        reason: String,
+    },
     /// The engine's blob slots were closed: it is shutting down.
     #[error("blob {digest}: engine shut down")]
     ShutDown {

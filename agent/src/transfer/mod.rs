@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
+use imgfleet_common::cosign;
 use imgfleet_common::registry::{
     Credentials, MinProgress, RegistryClient, RegistryConfig, RegistryError, sha256_hex,
     valid_repository, valid_tag,
@@ -78,6 +79,7 @@ impl Pull {
             && a.digest == b.digest
             && a.tags == b.tags
             && a.platforms == b.platforms
+            && a.verify_keys == b.verify_keys
             && self.credentials == other.credentials
             && self.insecure == other.insecure
     }
@@ -394,6 +396,9 @@ impl Engine {
             .fetch_missing(image, &plan.blobs, sizes, &client, &mut pins, tracker)
             .await?;
         stats.already_present = already;
+        if !already && !image.verify_keys.is_empty() {
+            self.verify_signature(image, &client).await?;
+        }
         let mut records = plan.records;
         // Referrers are looked for when an image is first synced, not on each
         // re-sync of one already held: a no-op re-sync sends no request.
@@ -606,6 +611,38 @@ impl Engine {
         })
         .await?;
         Ok((m.bytes.to_vec(), m.media_type))
+    }
+
+    /// The agent's own check of the image's cosign signature against the
+    /// keys its Repository names, before the image is recorded (and so
+    /// visible): the hub checked it when it resolved, and this holds even if
+    /// the upstream's content changed since, or the hub was wrong.
+    async fn verify_signature(
+        &self,
+        image: &DesiredImage,
+        client: &LazyClient<'_>,
+    ) -> Result<(), TransferError> {
+        let failed = |reason: String| TransferError::VerificationFailed {
+            key: image.key.clone(),
+            reason,
+        };
+        let mut verifiers = Vec::with_capacity(image.verify_keys.len());
+        for (name, pem) in &image.verify_keys {
+            verifiers.push(
+                cosign::Verifier::from_pem(name, pem)
+                    .map_err(|e| failed(format!("key {name}: {e}")))?,
+            );
+        }
+        let client = client.get().await?;
+        let layers = (|| async { cosign::fetch(&client, &image.repository, &image.digest).await })
+            .retry(self.backoff())
+            .when(|e: &RegistryError| e.is_retryable())
+            .adjust(|e: &RegistryError, d| adjust_delay(e.retry_after(), d))
+            .await?;
+        let accepted = cosign::verify(&verifiers, &image.digest, &layers)
+            .map_err(|e| failed(e.to_string()))?;
+        info!(key = %accepted.key, "Signature verified");
+        Ok(())
     }
 
     fn backoff(&self) -> ExponentialBuilder {
