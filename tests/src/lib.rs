@@ -33,6 +33,7 @@ pub mod images;
 pub mod policy;
 pub mod process;
 pub mod registry;
+pub mod scanner;
 pub mod skopeo;
 
 pub use etcd::Etcd;
