@@ -11,11 +11,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use crate::api::v1 as pb;
 use crate::model::{
-    Cluster, ClusterImageStatus, ClusterPhase, ClusterSpec, ClusterStatus, ConnectionPhase,
-    ImagePhase, Kind, LabelSelector, LabelSelectorRequirement, Object, Placement, PlacementReason,
-    PlacementStatus, Provider, RegistryRef, RegistrySecret, RegistrySecretSpec,
+    BlockSeverity, Cluster, ClusterImageStatus, ClusterPhase, ClusterSpec, ClusterStatus,
+    ConnectionPhase, ImagePhase, Kind, LabelSelector, LabelSelectorRequirement, Object, Placement,
+    PlacementReason, PlacementStatus, Provider, RegistryRef, RegistrySecret, RegistrySecretSpec,
     RegistrySecretStatus, Repository, RepositorySpec, RepositoryStatus, ResolveReason, ResolvedTag,
-    Retention, SelectorOperator, TagPattern, Verify, VerifyKey, VerifyMode, object_id,
+    Retention, Scan, SelectorOperator, TagPattern, Verify, VerifyKey, VerifyMode, object_id,
 };
 
 /// A wire object that does not map onto the model.
@@ -497,6 +497,13 @@ impl From<&Repository> for pb::Repository {
                     grace_period: r.grace_period.clone().unwrap_or_default(),
                 }),
                 suspend: s.suspend,
+                scan: s.scan.as_ref().map(|c| pb::Scan {
+                    adapter: c.adapter.clone(),
+                    block_severity: c
+                        .block_severity
+                        .map(|b| format!("{b:?}"))
+                        .unwrap_or_default(),
+                }),
                 verify: s.verify.as_ref().map(|v| pb::Verify {
                     keys: v
                         .keys
@@ -532,6 +539,10 @@ impl From<&Repository> for pb::Repository {
                     Some(ResolveReason::RateLimited) => pb::ResolveReason::RateLimited,
                     Some(ResolveReason::VerificationFailed) => {
                         pb::ResolveReason::VerificationFailed
+                    }
+                    Some(ResolveReason::ScanBlocked) => pb::ResolveReason::ScanBlocked,
+                    Some(ResolveReason::ScannerUnavailable) => {
+                        pb::ResolveReason::ScannerUnavailable
                     }
                 } as i32,
                 message: st.message.clone().unwrap_or_default(),
@@ -616,6 +627,10 @@ impl TryFrom<pb::Repository> for Repository {
                         pb::ResolveReason::VerificationFailed => {
                             Some(ResolveReason::VerificationFailed)
                         }
+                        pb::ResolveReason::ScanBlocked => Some(ResolveReason::ScanBlocked),
+                        pb::ResolveReason::ScannerUnavailable => {
+                            Some(ResolveReason::ScannerUnavailable)
+                        }
                     },
                     message: opt(st.message),
                     stale: st.stale,
@@ -654,6 +669,29 @@ impl TryFrom<pb::Repository> for Repository {
                     grace_period: opt(r.grace_period),
                 }),
                 suspend: s.suspend,
+                scan: match s.scan {
+                    None => None,
+                    Some(c) => Some(Scan {
+                        adapter: c.adapter,
+                        block_severity: match c.block_severity.as_str() {
+                            "" => None,
+                            "Critical" => Some(BlockSeverity::Critical),
+                            "High" => Some(BlockSeverity::High),
+                            "Medium" => Some(BlockSeverity::Medium),
+                            "Low" => Some(BlockSeverity::Low),
+                            "None" => Some(BlockSeverity::None),
+                            other => {
+                                return Err(err(
+                                    &id,
+                                    "spec.scan.blockSeverity",
+                                    format!(
+                                        "{other:?}: expected Critical, High, Medium, Low or None"
+                                    ),
+                                ));
+                            }
+                        },
+                    }),
+                },
                 verify: match s.verify {
                     None => None,
                     Some(v) => Some(Verify {

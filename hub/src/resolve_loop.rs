@@ -14,10 +14,11 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use imgfleet::model::{
-    ConnectionPhase, DEFAULT_NAMESPACE, Kind, Object, RegistrySecret, RegistrySecretStatus,
-    Repository, RepositoryStatus, ResolveReason, ResolvedTag,
+    BlockSeverity, ConnectionPhase, DEFAULT_NAMESPACE, Kind, Object, RegistrySecret,
+    RegistrySecretStatus, Repository, RepositoryStatus, ResolveReason, ResolvedTag,
 };
 use imgfleet_common::registry::{Credentials, RegistryClient, RegistryConfig, RegistryError};
+use imgfleet_common::scanner::Severity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -28,7 +29,8 @@ use crate::config::Config;
 use crate::leader::Election;
 use crate::objects::{ObjectError, Objects};
 use crate::resolver::{
-    self, Failure, FailureReason, HealthPhase, ResolveSpec, ResolveStatus, Resolved, TagChoice,
+    self, Failure, FailureReason, HealthPhase, ResolveSpec, ResolveStatus, Resolved, ScanGate,
+    TagChoice,
 };
 use crate::retry::Retry;
 use crate::store::Key;
@@ -204,6 +206,8 @@ pub fn resolve_status_of(status: Option<&RepositoryStatus>) -> ResolveStatus {
             ResolveReason::Unreachable => FailureReason::Unreachable,
             ResolveReason::RateLimited => FailureReason::RateLimited,
             ResolveReason::VerificationFailed => FailureReason::VerificationFailed,
+            ResolveReason::ScanBlocked => FailureReason::ScanBlocked,
+            ResolveReason::ScannerUnavailable => FailureReason::ScannerUnavailable,
         }),
         message: s.message.clone().unwrap_or_default(),
         stale: s.stale,
@@ -230,6 +234,8 @@ pub fn apply_resolve_status(status: &mut RepositoryStatus, r: &ResolveStatus, ge
         FailureReason::Unreachable => ResolveReason::Unreachable,
         FailureReason::RateLimited => ResolveReason::RateLimited,
         FailureReason::VerificationFailed => ResolveReason::VerificationFailed,
+        FailureReason::ScanBlocked => ResolveReason::ScanBlocked,
+        FailureReason::ScannerUnavailable => ResolveReason::ScannerUnavailable,
     });
     status.message = Some(r.message.clone()).filter(|m| !m.is_empty());
     status.stale = r.stale;
@@ -261,6 +267,21 @@ pub fn resolve_spec(repo: &Repository) -> ResolveSpec {
         digest: s.digest.clone().filter(|d| !d.is_empty()),
         platforms: s.platforms.clone(),
         verify: s.verify.clone(),
+        scan: s.scan.as_ref().map(|c| ScanGate {
+            adapter: c.adapter.clone(),
+            block: match c.block_severity() {
+                BlockSeverity::Critical => Some(Severity::Critical),
+                BlockSeverity::High => Some(Severity::High),
+                BlockSeverity::Medium => Some(Severity::Medium),
+                BlockSeverity::Low => Some(Severity::Low),
+                BlockSeverity::None => None,
+            },
+        }),
+        shipped: repo
+            .status
+            .iter()
+            .flat_map(|st| st.resolved.iter().map(|r| r.digest.clone()))
+            .collect(),
     }
 }
 
@@ -743,15 +764,16 @@ async fn resolve_and_record(
             }),
             Ok(client) => {
                 let spec = resolve_spec(repo);
-                match tokio::time::timeout(RESOLVE_TIMEOUT, resolver::resolve(&client, &spec)).await
-                {
+                // A scan may take minutes; the timeout leaves room for it.
+                let budget = match spec.scan {
+                    Some(_) => RESOLVE_TIMEOUT + resolver::SCAN_WAIT,
+                    None => RESOLVE_TIMEOUT,
+                };
+                match tokio::time::timeout(budget, resolver::resolve(&client, &spec)).await {
                     Ok(r) => r,
                     Err(_) => Err(Failure {
                         reason: FailureReason::Unreachable,
-                        message: format!(
-                            "{}: no answer within {RESOLVE_TIMEOUT:?}",
-                            rs.spec.domain
-                        ),
+                        message: format!("{}: no answer within {budget:?}", rs.spec.domain),
                         retry_after: None,
                     }),
                 }

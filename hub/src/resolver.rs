@@ -17,6 +17,7 @@ use imgfleet_common::cosign;
 use imgfleet_common::registry::{
     DOCKER_LIST, OCI_INDEX, RegistryClient, RegistryError, sha256_hex,
 };
+use imgfleet_common::scanner::{ScanError, ScanTarget, ScannerClient, Severity};
 
 /// What to resolve for one Repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +32,24 @@ pub struct ResolveSpec {
     pub platforms: Vec<String>,
     /// The signature policy each resolved digest must pass, if any.
     pub verify: Option<Verify>,
+    /// The scanner gate each new digest must pass, if any.
+    pub scan: Option<ScanGate>,
+    /// Digests already shipped (the last good resolution): never rescanned,
+    /// so a scanner outage never touches them.
+    pub shipped: Vec<String>,
 }
+
+/// The scanner gate of a Repository (`spec.scan`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanGate {
+    /// The adapter's base URL.
+    pub adapter: String,
+    /// The lowest severity that blocks; `None` blocks nothing.
+    pub block: Option<Severity>,
+}
+
+/// How long the resolver waits for one scan report.
+pub const SCAN_WAIT: Duration = Duration::from_secs(120);
 
 /// Which tags of a repository to keep.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +77,10 @@ pub enum FailureReason {
     RateLimited,
     /// A resolved digest has no valid cosign signature under the policy.
     VerificationFailed,
+    /// The scanner found a vulnerability at or above the threshold.
+    ScanBlocked,
+    /// The scanner could not scan a new digest.
+    ScannerUnavailable,
 }
 
 /// A failed resolution.
@@ -97,6 +119,8 @@ impl FailureReason {
             FailureReason::Unreachable => "Unreachable",
             FailureReason::RateLimited => "RateLimited",
             FailureReason::VerificationFailed => "VerificationFailed",
+            FailureReason::ScanBlocked => "ScanBlocked",
+            FailureReason::ScannerUnavailable => "ScannerUnavailable",
         }
     }
 }
@@ -289,7 +313,65 @@ pub async fn resolve(
             }
         }
     }
+    if let Some(gate) = &spec.scan {
+        let mut scanned: Vec<&str> = Vec::new();
+        for r in &resolved {
+            if spec.shipped.contains(&r.digest) || scanned.contains(&r.digest.as_str()) {
+                continue;
+            }
+            scanned.push(&r.digest);
+            scan_digest(client, spec, gate, r).await?;
+        }
+    }
     Ok(resolved)
+}
+
+/// Scans one new digest: a finding at or above the threshold, or a scanner
+/// that cannot answer, holds it back.
+async fn scan_digest(
+    client: &RegistryClient,
+    spec: &ResolveSpec,
+    gate: &ScanGate,
+    r: &Resolved,
+) -> Result<(), Failure> {
+    let unavailable = |e: ScanError| Failure {
+        reason: FailureReason::ScannerUnavailable,
+        message: format!("{}: held back until it is scanned: {e}", r.digest),
+        retry_after: None,
+    };
+    let scanner = ScannerClient::new(&gate.adapter).map_err(unavailable)?;
+    let target = ScanTarget {
+        registry_url: client.base_url().to_string(),
+        // The adapter pulls anonymously; registries that need credentials
+        // are not scanned yet (the adapter would answer an error, which
+        // holds the digest back).
+        authorization: String::new(),
+        repository: spec.repository.clone(),
+        digest: r.digest.clone(),
+        mime_type: r.media_type.clone(),
+    };
+    let id = scanner.request(&target).await.map_err(unavailable)?;
+    let summary = scanner.report(&id, SCAN_WAIT).await.map_err(unavailable)?;
+    match gate.block {
+        Some(threshold) if summary.blocks(threshold) => Err(Failure {
+            reason: FailureReason::ScanBlocked,
+            message: format!(
+                "{}: scan found {} (blockSeverity {threshold:?})",
+                r.digest,
+                summary.describe()
+            ),
+            retry_after: None,
+        }),
+        _ => {
+            tracing::info!(
+                repository = %spec.repository,
+                digest = %r.digest,
+                findings = %summary.describe(),
+                "Scan passed"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Checks one digest against a policy: the reason it fails, naming the key,
@@ -499,9 +581,10 @@ pub async fn check_health(client: &RegistryClient) -> Health {
             }
             // A registry error is never a verification failure; listed for
             // the match only.
-            FailureReason::Unreachable | FailureReason::VerificationFailed => {
-                (HealthPhase::Unreachable, e.to_string())
-            }
+            FailureReason::Unreachable
+            | FailureReason::VerificationFailed
+            | FailureReason::ScanBlocked
+            | FailureReason::ScannerUnavailable => (HealthPhase::Unreachable, e.to_string()),
         },
     };
     Health {
@@ -695,6 +778,8 @@ mod tests {
             digest: None,
             platforms: vec!["linux/s390x".into()],
             verify: None,
+            scan: None,
+            shipped: Vec::new(),
         };
         let err = check_platforms(&spec, OCI_INDEX, index).expect_err("s390x is not offered");
         assert_eq!(err.reason, FailureReason::NotFound);

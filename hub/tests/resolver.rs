@@ -1,15 +1,20 @@
 //! Tag resolution and registry health against the real distribution registry:
 //! fixed tags, tag patterns with keep-latest-N, platform filters, and each
 //! failure reason the status can show, and signature policies (cosign
-//! signatures made with PyPI's cryptography; see `imgfleet_tests::cosign`).
+//! signatures made with PyPI's cryptography; see `imgfleet_tests::cosign`),
+//! and the scanner gate, against the harness's adapter that speaks Harbor's
+//! pluggable scanner API v1.2 with recorded reports (no scanner or
+//! vulnerability database can be installed here).
 
 use imgfleet::model::{Verify, VerifyKey, VerifyMode};
 use imgfleet_common::registry::{Credentials, RegistryClient, RegistryConfig};
+use imgfleet_common::scanner::Severity;
 use imgfleet_hub::resolver::{
-    FailureReason, HealthPhase, ResolveSpec, TagChoice, check_health, resolve,
+    FailureReason, HealthPhase, ResolveSpec, ScanGate, TagChoice, check_health, resolve,
 };
 use imgfleet_tests::cosign::{KeyPair, payload, push_signature};
 use imgfleet_tests::images::{ImageSpec, PushTarget, push_image, push_index};
+use imgfleet_tests::scanner::{CLEAN, CRITICAL, ScannerAdapter};
 use imgfleet_tests::{Registry, RegistryOptions};
 
 fn client(registry: &Registry, credentials: Option<(&str, &str)>) -> RegistryClient {
@@ -29,6 +34,8 @@ fn fixed(repository: &str, tags: &[&str]) -> ResolveSpec {
         digest: None,
         platforms: vec![],
         verify: None,
+        scan: None,
+        shipped: vec![],
     }
 }
 
@@ -265,5 +272,96 @@ async fn a_signature_policy_lets_signed_digests_through_and_names_why_others_fai
         .await
         .map_err(|f| anyhow::anyhow!("{f:?}"))?;
     assert_eq!(got[0].digest, unsigned.manifest_digest);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_scanner_gate_holds_back_critical_findings_and_new_digests_while_it_is_down()
+-> anyhow::Result<()> {
+    let registry = Registry::start(RegistryOptions::plain()).await?;
+    let bad = push_image(
+        &registry,
+        "demo/app",
+        "bad",
+        &ImageSpec::random(&[1024], 11),
+    )
+    .await?;
+    let good = push_image(
+        &registry,
+        "demo/app",
+        "good",
+        &ImageSpec::random(&[1024], 12),
+    )
+    .await?;
+    let adapter = ScannerAdapter::start(&[
+        (&bad.manifest_digest, CRITICAL),
+        (&good.manifest_digest, CLEAN),
+    ])
+    .await?;
+    let client = client(&registry, None);
+    let gated = |tag: &str, block: Option<Severity>, adapter: &str| ResolveSpec {
+        scan: Some(ScanGate {
+            adapter: adapter.to_string(),
+            block,
+        }),
+        ..fixed("demo/app", &[tag])
+    };
+
+    // A Critical finding holds the digest back, with the report summary.
+    let failure = resolve(
+        &client,
+        &gated("bad", Some(Severity::Critical), &adapter.url),
+    )
+    .await
+    .expect_err("a Critical finding blocks");
+    assert_eq!(failure.reason, FailureReason::ScanBlocked);
+    assert!(
+        failure.message.contains(&bad.manifest_digest)
+            && failure.message.contains("Critical: 1, High: 1, Low: 1"),
+        "{}",
+        failure.message
+    );
+    // A clean report lets it through.
+    let got = resolve(
+        &client,
+        &gated("good", Some(Severity::Critical), &adapter.url),
+    )
+    .await
+    .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    assert_eq!(got[0].digest, good.manifest_digest);
+    // blockSeverity None scans without blocking.
+    resolve(&client, &gated("bad", None, &adapter.url))
+        .await
+        .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    let scans = adapter.requests();
+    assert_eq!(scans, 3);
+
+    // A digest already shipped is not scanned again, even with the scanner down.
+    let url = adapter.url.clone();
+    drop(adapter);
+    // The adapter's listener closes as it shuts down; wait for that.
+    let probe = imgfleet_common::scanner::ScannerClient::new(&url)?;
+    imgfleet_tests::wait_until(
+        "the scanner down",
+        std::time::Duration::from_secs(10),
+        || async { Ok(probe.metadata().await.is_err()) },
+    )
+    .await?;
+    let mut shipped = gated("good", Some(Severity::Critical), &url);
+    shipped.shipped = vec![good.manifest_digest.clone()];
+    let got = resolve(&client, &shipped)
+        .await
+        .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    assert_eq!(got[0].digest, good.manifest_digest);
+    // A new digest is held back while the scanner is down.
+    let failure = resolve(&client, &gated("good", Some(Severity::Critical), &url))
+        .await
+        .expect_err("a scanner that is down holds new digests back");
+    assert_eq!(failure.reason, FailureReason::ScannerUnavailable);
+    assert!(
+        failure.message.contains("held back") && failure.message.contains("unreachable"),
+        "{}",
+        failure.message
+    );
     Ok(())
 }

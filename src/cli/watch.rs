@@ -785,6 +785,7 @@ mod tests {
                 retention: None,
                 suspend: false,
                 verify: None,
+                scan: None,
             },
         );
         r.metadata.namespace = Some("default".into());

@@ -268,6 +268,46 @@ pub struct RepositorySpec {
     /// becomes visible. Unset: no check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<Verify>,
+    /// A vulnerability scan each newly resolved digest must pass before it
+    /// ships (Harbor's pluggable scanner adapter API). Unset: no scan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<Scan>,
+}
+
+/// Scanner gate: each newly resolved digest is scanned by the adapter, and
+/// held back when a finding is at or above `blockSeverity`, or when the
+/// scanner cannot answer. Digests already shipped are never rescanned.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Scan {
+    /// The adapter's base URL, e.g. `https://scanner.example:8080`.
+    pub adapter: String,
+    /// The lowest severity that holds a digest back (default `Critical`);
+    /// `None` scans without blocking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_severity: Option<BlockSeverity>,
+}
+
+/// The lowest finding severity that blocks a digest.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum BlockSeverity {
+    /// Critical findings block.
+    Critical,
+    /// High and above block.
+    High,
+    /// Medium and above block.
+    Medium,
+    /// Low and above block.
+    Low,
+    /// Nothing blocks; the scan is only reported.
+    None,
+}
+
+impl Scan {
+    /// The threshold, with its default.
+    pub fn block_severity(&self) -> BlockSeverity {
+        self.block_severity.unwrap_or(BlockSeverity::Critical)
+    }
 }
 
 impl Repository {
@@ -469,6 +509,11 @@ pub enum ResolveReason {
     /// The resolved digest carries no valid cosign signature under the
     /// policy's keys (`spec.verify`); the message names the key and the reason.
     VerificationFailed,
+    /// The scanner found a vulnerability at or above `spec.scan.blockSeverity`;
+    /// the message holds the report summary.
+    ScanBlocked,
+    /// The scanner could not scan a new digest; it is held back until it can.
+    ScannerUnavailable,
 }
 
 /// One tag resolved to a digest.

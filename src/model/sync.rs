@@ -203,6 +203,7 @@ mod tests {
                 retention: None,
                 suspend: false,
                 verify: None,
+                scan: None,
             },
         );
         r.status = Some(RepositoryStatus {

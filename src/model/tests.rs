@@ -236,6 +236,9 @@ spec:
         xpQ01hPrQC4gwaLwVjTbjphlJMUlV7GNdBL14cKe5GJtGgLm6CdrEWoIgg==
         -----END PUBLIC KEY-----
     mode: warn
+  scan:
+    adapter: https://scanner.example:8080
+    blockSeverity: High
 ";
     let objects = parse_documents(text).unwrap_or_else(|e| panic!("{e:?}"));
     let Object::Repository(r) = &objects[0] else {
@@ -267,6 +270,8 @@ spec:
         r.spec.grace_period_duration(),
         Some(std::time::Duration::from_secs(86_400))
     );
+    let scan = r.spec.scan.as_ref().expect("scan");
+    assert_eq!(scan.block_severity(), crate::model::BlockSeverity::High);
     let verify = r.spec.verify.as_ref().expect("verify");
     assert_eq!(verify.mode(), crate::model::VerifyMode::Warn);
     assert_eq!(verify.keys[0].name, "release");
@@ -337,6 +342,14 @@ const MALFORMED_REPOSITORIES: &[(&str, &str, &[&str])] = &[
         "  syncInterval: 1h",
         "  syncInterval: 1h\n  verify:\n    keys:\n    - {name: a, publicKey: x}\n    - {name: a, publicKey: x}",
         &[r#"spec.verify.keys[1].name "a": listed twice"#],
+    ),
+    (
+        "  syncInterval: 1h",
+        "  syncInterval: 1h\n  scan:\n    adapter: scanner:8080\n    blockSeverity: Severe",
+        &[
+            r#"spec.scan.adapter "scanner:8080": expected the adapter's URL"#,
+            r#"spec.scan.blockSeverity "Severe": expected one of Critical, High, Medium, Low, None"#,
+        ],
     ),
     // Unknown fields, with hints, at every level.
     (
@@ -774,6 +787,7 @@ spec:
         xpQ01hPrQC4gwaLwVjTbjphlJMUlV7GNdBL14cKe5GJtGgLm6CdrEWoIgg==
         -----END PUBLIC KEY-----
     mode: enforce
+  scan: {adapter: \"http://127.0.0.1:9\", blockSeverity: None}
 status:
   resolved:
   - {tag: v1, digest: \"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\", mediaType: application/vnd.oci.image.index.v1+json}

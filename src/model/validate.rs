@@ -8,8 +8,8 @@ use regex::Regex;
 
 use super::{
     Cluster, LabelSelector, MIN_SYNC_INTERVAL, Object, Placement, RegistryRef, RegistrySecret,
-    Repository, Retention, SelectorOperator, TagPattern, ValidationError, Verify, format_duration,
-    parse_duration,
+    Repository, Retention, Scan, SelectorOperator, TagPattern, ValidationError, Verify,
+    format_duration, parse_duration,
 };
 
 // Size limits of the fields an operator writes. Each bounds one field, so that
@@ -24,6 +24,9 @@ use super::{
 pub(crate) const MAX_VERIFY_KEYS: usize = 16;
 /// `spec.verify.keys[].publicKey`: a PEM P-256 key is under 200 bytes.
 pub(crate) const MAX_PUBLIC_KEY_BYTES: usize = 4 * 1024;
+
+/// `spec.scan.adapter`: a URL.
+pub(crate) const MAX_ADAPTER_URL_BYTES: usize = 2048;
 
 /// `spec.username`: registry user names are short (Harbor's robot accounts, the
 /// longest in use, stay under 256 bytes); 1 KiB leaves room for any provider.
@@ -470,6 +473,41 @@ impl Errors {
         }
         if let Some(verify) = &spec.verify {
             self.verify(verify);
+        }
+        if let Some(scan) = &spec.scan {
+            self.scan(scan);
+        }
+    }
+
+    /// `spec.scan.adapter`: an http(s) URL with a host.
+    fn scan(&mut self, scan: &Scan) {
+        let field = "spec.scan.adapter";
+        if scan.adapter.is_empty() {
+            self.push(field, "required field is missing");
+            return;
+        }
+        if !self.within(field, &scan.adapter, MAX_ADAPTER_URL_BYTES, "a URL") {
+            return;
+        }
+        let rest = scan
+            .adapter
+            .strip_prefix("https://")
+            .or_else(|| scan.adapter.strip_prefix("http://"));
+        let host = rest.map(|r| r.split('/').next().unwrap_or_default());
+        let ok = host.is_some_and(|h| {
+            !h.is_empty()
+                && !h.contains('@')
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        });
+        if !ok {
+            self.push(
+                field,
+                format!(
+                    "{}: expected the adapter's URL, e.g. https://scanner.example:8080",
+                    shown(&scan.adapter)
+                ),
+            );
         }
     }
 

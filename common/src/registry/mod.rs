@@ -383,6 +383,11 @@ impl RegistryClient {
         })
     }
 
+    /// The registry's base URL, `http(s)://host[:port]`.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
     /// The registry host this client talks to.
     pub fn registry(&self) -> &str {
         &self.registry
