@@ -528,6 +528,7 @@ impl From<&Repository> for pb::Repository {
                         tag: r.tag.clone(),
                         digest: r.digest.clone(),
                         media_type: r.media_type.clone(),
+                        scan: r.scan.clone().unwrap_or_default(),
                     })
                     .collect(),
                 last_resolve_time: st.last_resolve_time.as_ref().map(time_to_proto),
@@ -610,6 +611,7 @@ impl TryFrom<pb::Repository> for Repository {
                             tag: r.tag,
                             digest: r.digest,
                             media_type: r.media_type,
+                            scan: opt(r.scan),
                         })
                         .collect(),
                     last_resolve_time: time_field(

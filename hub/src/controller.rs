@@ -765,6 +765,7 @@ spec: {tenants: [default]}
                 tag: t.to_string(),
                 digest: d.to_string(),
                 media_type: String::new(),
+                scan: None,
             })
             .collect();
     }

@@ -197,6 +197,7 @@ pub fn resolve_status_of(status: Option<&RepositoryStatus>) -> ResolveStatus {
                 tag: r.tag.clone(),
                 digest: r.digest.clone(),
                 media_type: r.media_type.clone(),
+                scan: r.scan.clone(),
             })
             .collect(),
         last_resolve_time: s.last_resolve_time.as_ref().map(to_system),
@@ -225,6 +226,7 @@ pub fn apply_resolve_status(status: &mut RepositoryStatus, r: &ResolveStatus, ge
             tag: x.tag.clone(),
             digest: x.digest.clone(),
             media_type: x.media_type.clone(),
+            scan: x.scan.clone(),
         })
         .collect();
     status.last_resolve_time = r.last_resolve_time.and_then(to_time);
@@ -277,11 +279,7 @@ pub fn resolve_spec(repo: &Repository) -> ResolveSpec {
                 BlockSeverity::None => None,
             },
         }),
-        shipped: repo
-            .status
-            .iter()
-            .flat_map(|st| st.resolved.iter().map(|r| r.digest.clone()))
-            .collect(),
+        shipped: resolve_status_of(repo.status.as_ref()).resolved,
     }
 }
 
@@ -976,6 +974,7 @@ mod tests {
                 tag: "v1".into(),
                 digest: "sha256:a".into(),
                 media_type: String::new(),
+                scan: None,
             }],
             last_resolve_time: Some(at),
             ..Default::default()

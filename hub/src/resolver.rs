@@ -34,9 +34,10 @@ pub struct ResolveSpec {
     pub verify: Option<Verify>,
     /// The scanner gate each new digest must pass, if any.
     pub scan: Option<ScanGate>,
-    /// Digests already shipped (the last good resolution): never rescanned,
-    /// so a scanner outage never touches them.
-    pub shipped: Vec<String>,
+    /// What is already shipped (the last good resolution): never
+    /// rescanned, so a scanner outage never touches it; its scan summaries
+    /// are kept.
+    pub shipped: Vec<Resolved>,
 }
 
 /// The scanner gate of a Repository (`spec.scan`).
@@ -66,6 +67,8 @@ pub struct Resolved {
     pub tag: String,
     pub digest: String,
     pub media_type: String,
+    /// The scanner gate's report summary, when the digest was scanned.
+    pub scan: Option<String>,
 }
 
 /// Why a resolution failed, as shown in status.
@@ -286,7 +289,7 @@ pub async fn resolve(
     client: &RegistryClient,
     spec: &ResolveSpec,
 ) -> Result<Vec<Resolved>, Failure> {
-    let resolved = resolve_tags(client, spec).await?;
+    let mut resolved = resolve_tags(client, spec).await?;
     if let Some(policy) = &spec.verify {
         let mut checked: Vec<&str> = Vec::new();
         for r in &resolved {
@@ -314,13 +317,19 @@ pub async fn resolve(
         }
     }
     if let Some(gate) = &spec.scan {
-        let mut scanned: Vec<&str> = Vec::new();
-        for r in &resolved {
-            if spec.shipped.contains(&r.digest) || scanned.contains(&r.digest.as_str()) {
+        let mut scanned: Vec<(String, Option<String>)> = Vec::new();
+        for r in &mut resolved {
+            if let Some(s) = spec.shipped.iter().find(|s| s.digest == r.digest) {
+                r.scan = s.scan.clone();
                 continue;
             }
-            scanned.push(&r.digest);
-            scan_digest(client, spec, gate, r).await?;
+            if let Some((_, summary)) = scanned.iter().find(|(d, _)| *d == r.digest) {
+                r.scan = summary.clone();
+                continue;
+            }
+            let summary = scan_digest(client, spec, gate, r).await?;
+            r.scan = Some(summary.clone());
+            scanned.push((r.digest.clone(), Some(summary)));
         }
     }
     Ok(resolved)
@@ -333,7 +342,7 @@ async fn scan_digest(
     spec: &ResolveSpec,
     gate: &ScanGate,
     r: &Resolved,
-) -> Result<(), Failure> {
+) -> Result<String, Failure> {
     let unavailable = |e: ScanError| Failure {
         reason: FailureReason::ScannerUnavailable,
         message: format!("{}: held back until it is scanned: {e}", r.digest),
@@ -369,7 +378,7 @@ async fn scan_digest(
                 findings = %summary.describe(),
                 "Scan passed"
             );
-            Ok(())
+            Ok(summary.describe())
         }
     }
 }
@@ -457,6 +466,7 @@ async fn resolve_tags(
                 tag,
                 digest: manifest.digest.clone(),
                 media_type: manifest.media_type.clone(),
+                scan: None,
             });
         }
         return Ok(out);
@@ -471,6 +481,7 @@ async fn resolve_tags(
             tag,
             digest: manifest.digest,
             media_type: manifest.media_type,
+            scan: None,
         });
     }
     Ok(out)
@@ -655,6 +666,7 @@ mod tests {
             tag: "v1".into(),
             digest: digest.into(),
             media_type: OCI_INDEX.into(),
+            scan: None,
         }]
     }
 

@@ -322,13 +322,18 @@ async fn the_scanner_gate_holds_back_critical_findings_and_new_digests_while_it_
         failure.message
     );
     // A clean report lets it through.
-    let got = resolve(
+    let passed = resolve(
         &client,
         &gated("good", Some(Severity::Critical), &adapter.url),
     )
     .await
     .map_err(|f| anyhow::anyhow!("{f:?}"))?;
-    assert_eq!(got[0].digest, good.manifest_digest);
+    assert_eq!(passed[0].digest, good.manifest_digest);
+    assert_eq!(
+        passed[0].scan.as_deref(),
+        Some("Low: 1"),
+        "the summary is kept"
+    );
     // blockSeverity None scans without blocking.
     resolve(&client, &gated("bad", None, &adapter.url))
         .await
@@ -348,11 +353,16 @@ async fn the_scanner_gate_holds_back_critical_findings_and_new_digests_while_it_
     )
     .await?;
     let mut shipped = gated("good", Some(Severity::Critical), &url);
-    shipped.shipped = vec![good.manifest_digest.clone()];
+    shipped.shipped = passed;
     let got = resolve(&client, &shipped)
         .await
         .map_err(|f| anyhow::anyhow!("{f:?}"))?;
     assert_eq!(got[0].digest, good.manifest_digest);
+    assert_eq!(
+        got[0].scan.as_deref(),
+        Some("Low: 1"),
+        "carried over, not rescanned"
+    );
     // A new digest is held back while the scanner is down.
     let failure = resolve(&client, &gated("good", Some(Severity::Critical), &url))
         .await

@@ -551,10 +551,25 @@ fn describe_resolution(out: &mut String, st: &RepositoryStatus, now: Timestamp) 
                 },
                 t.digest.clone(),
                 t.media_type.clone(),
+                t.scan.clone().unwrap_or_else(|| "-".to_owned()),
             ]
         })
         .collect();
-    out.push_str(&indent(&table(&["TAG", "DIGEST", "MEDIA TYPE"], &rows)));
+    if st.resolved.iter().any(|t| t.scan.is_some()) {
+        out.push_str(&indent(&table(
+            &["TAG", "DIGEST", "MEDIA TYPE", "SCAN"],
+            &rows,
+        )));
+    } else {
+        let rows: Vec<Vec<String>> = rows
+            .into_iter()
+            .map(|mut r| {
+                r.pop();
+                r
+            })
+            .collect();
+        out.push_str(&indent(&table(&["TAG", "DIGEST", "MEDIA TYPE"], &rows)));
+    }
 }
 
 /// One row per cluster and image: wanted, held, phase and progress.

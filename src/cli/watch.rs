@@ -794,6 +794,7 @@ mod tests {
                 tag: "latest".into(),
                 digest: format!("sha256:{}", "ab".repeat(32)),
                 media_type: String::new(),
+                scan: None,
             }],
             clusters: images,
             synced_clusters: synced,

@@ -528,6 +528,10 @@ pub struct ResolvedTag {
     /// Media type of that manifest or index.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub media_type: String,
+    /// The scanner gate's report summary for the digest (`spec.scan`), e.g.
+    /// `High: 2, Low: 1` or `no findings`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<String>,
 }
 
 /// Phase of one image on one cluster.

@@ -214,6 +214,7 @@ mod tests {
                     tag: format!("t{i}"),
                     digest: (*d).to_owned(),
                     media_type: String::new(),
+                    scan: None,
                 })
                 .collect(),
             clusters: entries

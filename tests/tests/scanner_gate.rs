@@ -71,6 +71,11 @@ async fn a_critical_finding_holds_a_digest_back_and_a_clean_report_lets_it_throu
         },
     )
     .await?;
+    let text = cli.ok(&["describe", "repository", "clean"]).await?;
+    assert!(
+        text.contains("SCAN") && text.contains("Low: 1"),
+        "describe shows the report summary: {text}"
+    );
     for agent in &agents {
         assert_eq!(agent.manifest_status("demo/clean", "v1").await?, 200);
         assert_eq!(agent.manifest_status("demo/vulnerable", "v1").await?, 404);
