@@ -99,6 +99,11 @@ async fn only_validly_signed_images_become_visible() {
         }
     }
 
+    // The check comes before the layers: a rejected image cost no layer.
+    for layer in unsigned.layer_digests.iter().chain(&tampered.layer_digests) {
+        assert!(!engine.store().has_blob(layer), "layer {layer} fetched");
+    }
+
     // Only the signed image is recorded, so only it is served.
     let mirror = start_mirror(engine.store().clone()).await;
     for (repo, status) in [

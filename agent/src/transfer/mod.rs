@@ -392,13 +392,15 @@ impl Engine {
                 (plan, None)
             }
         };
+        // Checked before any layer is fetched: an image that fails never
+        // costs its layers' bandwidth.
+        if !already && !image.verify_keys.is_empty() {
+            self.verify_signature(image, &client).await?;
+        }
         let mut stats = self
             .fetch_missing(image, &plan.blobs, sizes, &client, &mut pins, tracker)
             .await?;
         stats.already_present = already;
-        if !already && !image.verify_keys.is_empty() {
-            self.verify_signature(image, &client).await?;
-        }
         let mut records = plan.records;
         // Referrers are looked for when an image is first synced, not on each
         // re-sync of one already held: a no-op re-sync sends no request.
