@@ -5,6 +5,7 @@ pub mod config;
 pub mod controller;
 pub mod desired;
 pub mod desired_cache;
+pub mod fleet;
 pub mod keycheck;
 pub mod leader;
 pub mod live;

@@ -350,8 +350,9 @@ pub async fn start_with(
     if parts.resolver {
         let (objects, token) = (context.objects.clone(), shutdown.clone());
         let election = crate::resolve_loop::election(&config);
+        let metrics = metrics.clone();
         tasks.spawn(async move {
-            crate::resolve_loop::serve(objects, election, token).await;
+            crate::resolve_loop::serve(objects, metrics, election, token).await;
             Ok(())
         });
     }
@@ -397,6 +398,10 @@ fn start_agent_api(
     let cache = DesiredCache::new();
     let live = LiveClusters::default();
     let (epoch_tx, epoch_rx) = watch::channel(None);
+    context.metrics.attach_fleet(crate::fleet::FleetCollector {
+        live: live.fleet(),
+        desired: cache.snapshots(),
+    });
     let service = AgentService::new(
         objects.clone(),
         epoch_rx,

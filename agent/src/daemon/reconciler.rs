@@ -18,7 +18,7 @@ use tracing::{Instrument as _, error, info, warn};
 
 use crate::desired::{DesiredImage, DesiredSet};
 use crate::gc::{self, GcPolicy};
-use crate::report::{ImageReport, ProgressBook, StorageReport};
+use crate::report::{ImageReport, ProgressBook, ReportPhase, StorageReport};
 use crate::store::Store;
 use crate::transfer::{Engine, ImageStats, Progress, Pull, TransferError};
 
@@ -305,6 +305,8 @@ impl Reconciler {
                 )
             }
         };
+        self.book
+            .count_attempt(&key, report.phase == ReportPhase::Synced);
         self.book.set(report);
         self.book
             .set_storage(storage_report(self.engine.store()).await);
