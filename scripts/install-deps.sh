@@ -20,6 +20,8 @@ needs=(
   "curl curl"
   "containerd containerd"
   "ctr containerd"
+  "prometheus prometheus"
+  "promtool prometheus"
 )
 missing=()
 for need in "${needs[@]}"; do
@@ -38,7 +40,7 @@ sudo=""
 echo "installing: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
-# The Debian packages of etcd, docker-registry and containerd try to start system
+# The Debian packages of etcd, docker-registry, containerd and prometheus try to start system
 # services; policy-rc.d keeps them from doing so, since tests start their own instances.
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null

@@ -600,6 +600,11 @@ impl AgentProcess {
         format!("127.0.0.1:{}", self.mirror_port)
     }
 
+    /// `127.0.0.1:PORT` of `/metrics`, `/healthz` and `/readyz`.
+    pub fn metrics_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.metrics_port)
+    }
+
     /// `docker://127.0.0.1:PORT/<repo_and_reference>` for skopeo.
     pub fn docker_ref(&self, repo_and_reference: &str) -> String {
         format!("docker://{}/{repo_and_reference}", self.mirror_addr())
