@@ -28,15 +28,6 @@ fn main() -> ExitCode {
         None | Some(Command::Run(_)) => "info",
         Some(_) => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: the daemon's log usually goes to a file.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .init();
     let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {
@@ -44,7 +35,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    // The trace exporter, when asked for, runs on the runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        imgfleet_common::telemetry::init(
+            "imgfleet-agent",
+            imgfleet_common::telemetry::LogOptions {
+                json: false,
+                // Colour codes only on a terminal: the daemon's log usually goes to a file.
+                ansi: std::io::stderr().is_terminal(),
+                default_filter,
+            },
+        )
+    };
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    {
+        // Export the last spans while the runtime still runs.
+        let _entered = runtime.enter();
+        telemetry.shutdown();
+    }
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

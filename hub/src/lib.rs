@@ -23,4 +23,5 @@ pub mod status;
 pub mod status_writer;
 pub mod store;
 pub mod sweeper;
+pub mod traces;
 pub mod wire;

@@ -738,8 +738,19 @@ fn schedule(
         let failures = attempts.get(&id).map_or(0, |a| a.failures);
         let (objects, repo) = (objects.clone(), repo.clone());
         work.spawn(async move {
-            let (attempt, result) =
-                resolve_and_record(&objects, &id, &repo, rs.as_ref(), secret, failures).await;
+            // Continues the trace of the Apply that changed the Repository,
+            // if any; the desired-set entries it produces continue this span.
+            let span =
+                tracing::info_span!("resolve tags", repository = %format!("{}/{}", id.0, id.1));
+            imgfleet_common::telemetry::join(&span, &objects.traces().take_applied(&id.0, &id.1));
+            // Recorded before the status write that wakes the controller.
+            let here = imgfleet_common::telemetry::traceparent(&span);
+            objects.traces().resolved(&id.0, &id.1, here);
+            let (attempt, result) = tracing::Instrument::instrument(
+                resolve_and_record(&objects, &id, &repo, rs.as_ref(), secret, failures),
+                span,
+            )
+            .await;
             Done::Resolved {
                 id,
                 attempt,

@@ -149,6 +149,7 @@ fn image(i: &DesiredImage) -> pb::DesiredImage {
         platforms: i.platforms.clone(),
         keep_versions: i.keep_versions,
         grace_period_seconds: i.grace_period_seconds,
+        trace_context: i.trace_context.clone(),
     }
 }
 

@@ -2,7 +2,7 @@
 //! upstream registry, an OCI image generator, a fault-injecting TCP proxy, skopeo helpers, a
 //! containerd on its own socket, launchers of the workspace's own hub, agent and CLI
 //! (`fleet`), the YAML of the objects tests apply (`policy`), and a Prometheus that scrapes
-//! them (`prometheus`).
+//! them (`prometheus`), and an OTLP trace receiver (`otlp`).
 //!
 //! Everything the harness starts runs on free 127.0.0.1 ports in temporary directories, logs
 //! to `target/test-logs/<test-binary>/`, waits on readiness (never a fixed sleep) and is
@@ -29,6 +29,7 @@ pub mod etcd;
 pub mod fault;
 pub mod fleet;
 pub mod images;
+pub mod otlp;
 pub mod policy;
 pub mod process;
 pub mod prometheus;

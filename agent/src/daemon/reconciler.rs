@@ -220,7 +220,10 @@ impl Reconciler {
         let progress = self.progress_tx.clone();
         let pull = work.pull.clone();
         let key = key.to_string();
-        let span = tracing::info_span!("transfer", key = %key, attempt);
+        // The image's sync: part of the trace of the change that put it in
+        // the desired set, when the hub sent one.
+        let span = tracing::info_span!("sync image", key = %key, attempt);
+        imgfleet_common::telemetry::join(&span, &pull.image.trace_context);
         let abort = self.tasks.spawn(
             async move {
                 let _slot = slots.acquire_owned().await;
