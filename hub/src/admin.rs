@@ -214,13 +214,16 @@ impl AdminService {
                 here,
             );
         }
-        let (stored, outcome) = self.inner.objects.apply(obj, req.dry_run).await?;
+        let applied = self.inner.objects.apply(obj, req.dry_run).await;
+        // Nothing was written: no resolution will continue this trace.
+        let wrote = matches!(&applied, Ok((_, o)) if *o != ApplyOutcome::Unchanged);
         if traced
-            && outcome == ApplyOutcome::Unchanged
+            && !wrote
             && let Some((ns, name)) = &repository
         {
             traces.take_applied(ns, name);
         }
+        let (stored, outcome) = applied?;
         let outcome_str = match outcome {
             ApplyOutcome::Created => "created",
             ApplyOutcome::Updated => "updated",
