@@ -307,6 +307,22 @@ impl Session {
 
     /// Applies one hub message: persist, publish, then ack.
     async fn handle(&self, msg: FromHub, tx: &Outbound) -> Result<(), SessionError> {
+        // Receiving a set is part of the trace of the change behind its first
+        // entry that carries one.
+        let traced = match &msg {
+            FromHub::Set(set) => set.images.values().find(|i| !i.trace_context.is_empty()),
+            FromHub::Delta(d) => d.upserts.iter().find(|i| !i.trace_context.is_empty()),
+            FromHub::Heartbeat => return Ok(()),
+        };
+        let span = tracing::info_span!("receive desired set");
+        if let Some(image) = traced {
+            imgfleet_common::telemetry::join(&span, &image.trace_context);
+        }
+        tracing::Instrument::instrument(self.apply(msg, tx), span).await
+    }
+
+    /// Persists, publishes and acks one set or delta.
+    async fn apply(&self, msg: FromHub, tx: &Outbound) -> Result<(), SessionError> {
         let next = match msg {
             FromHub::Heartbeat => return Ok(()),
             FromHub::Set(set) => set,

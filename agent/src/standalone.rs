@@ -321,6 +321,8 @@ impl Target {
                 platforms: self.platforms.clone(),
                 keep_versions: self.retention.keep_versions,
                 grace_period_seconds: self.retention.grace_period_seconds,
+                // No hub, no change to trace.
+                trace_context: String::new(),
             },
             credentials: self.credentials.clone(),
             insecure: self.insecure,

@@ -52,6 +52,7 @@ impl From<pb::DesiredImage> for DesiredImage {
             platforms: i.platforms,
             keep_versions: i.keep_versions,
             grace_period_seconds: i.grace_period_seconds,
+            trace_context: i.trace_context,
         }
     }
 }
@@ -206,6 +207,7 @@ mod tests {
             platforms: vec!["linux/amd64".into()],
             keep_versions: 3,
             grace_period_seconds: 60,
+            trace_context: String::new(),
         };
         let set = pb::DesiredSet {
             generation: 4,

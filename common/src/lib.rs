@@ -4,4 +4,5 @@
 //! ([`registry`]). Hub and agent depend on this crate, never on each other.
 pub mod pki;
 pub mod registry;
+pub mod telemetry;
 pub mod tls;

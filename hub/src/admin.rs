@@ -196,7 +196,34 @@ impl AdminService {
             .ok_or_else(|| AdminError::Missing("ApplyRequest.object".into()))?;
         let obj = Object::try_from(wire)?;
         let kind = obj.kind();
-        let (stored, outcome) = self.inner.objects.apply(obj, req.dry_run).await?;
+        tracing::Span::current().record("object", tracing::field::display(obj.id()));
+        // The change's trace, recorded before the write that wakes the
+        // resolver and the controller.
+        let traced = !req.dry_run && imgfleet_common::telemetry::enabled();
+        let repository = matches!(obj, Object::Repository(_)).then(|| {
+            let ns = obj
+                .namespace()
+                .unwrap_or(imgfleet::model::DEFAULT_NAMESPACE);
+            (ns.to_string(), obj.name().to_string())
+        });
+        let traces = self.inner.objects.traces().clone();
+        if traced {
+            let here = imgfleet_common::telemetry::traceparent(&tracing::Span::current());
+            traces.applied(
+                repository.as_ref().map(|(n, m)| (n.as_str(), m.as_str())),
+                here,
+            );
+        }
+        let applied = self.inner.objects.apply(obj, req.dry_run).await;
+        // Nothing was written: no resolution will continue this trace.
+        let wrote = matches!(&applied, Ok((_, o)) if *o != ApplyOutcome::Unchanged);
+        if traced
+            && !wrote
+            && let Some((ns, name)) = &repository
+        {
+            traces.take_applied(ns, name);
+        }
+        let (stored, outcome) = applied?;
         let outcome_str = match outcome {
             ApplyOutcome::Created => "created",
             ApplyOutcome::Updated => "updated",
@@ -578,7 +605,17 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let r = AdminService::apply(self, request).await;
+        // The root of a change's trace, or a child of the caller's when it
+        // sends a W3C `traceparent`.
+        let span = tracing::info_span!("Apply", object = tracing::field::Empty);
+        if let Some(parent) = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+        {
+            imgfleet_common::telemetry::join(&span, parent);
+        }
+        let r = tracing::Instrument::instrument(AdminService::apply(self, request), span).await;
         self.done("Apply", r).map(Response::new)
     }
 

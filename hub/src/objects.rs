@@ -163,6 +163,9 @@ pub fn password_aad(namespace: &str, name: &str) -> String {
 pub struct Objects {
     store: Arc<dyn PolicyStore>,
     sealer: Arc<dyn Sealer>,
+    /// Which trace each change belongs to, for the parts that handle it
+    /// after it is stored.
+    traces: crate::traces::TraceBook,
 }
 
 impl std::fmt::Debug for Objects {
@@ -180,7 +183,16 @@ const STATUS_ATTEMPTS: usize = 8;
 
 impl Objects {
     pub fn new(store: Arc<dyn PolicyStore>, sealer: Arc<dyn Sealer>) -> Self {
-        Self { store, sealer }
+        Self {
+            store,
+            sealer,
+            traces: Default::default(),
+        }
+    }
+
+    /// Which trace each change belongs to.
+    pub fn traces(&self) -> &crate::traces::TraceBook {
+        &self.traces
     }
 
     /// The underlying store.

@@ -221,6 +221,11 @@ pub struct DesiredImage {
     pub keep_versions: u32,
     #[serde(default)]
     pub grace_period_seconds: u64,
+    /// W3C `traceparent` of the change that produced this entry, so the
+    /// agent's sync joins its trace; empty when traces are not exported
+    /// (and then not stored: sets stored before it load unchanged).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_context: String,
 }
 
 impl DesiredImage {
@@ -441,6 +446,8 @@ pub fn place(
                     platforms: sorted_unique(&repo.platforms),
                     keep_versions: repo.keep_versions,
                     grace_period_seconds: repo.grace_period_seconds,
+                    // Stamped by the controller on entries a change adds.
+                    trace_context: String::new(),
                 });
             }
         }

@@ -389,8 +389,12 @@ impl Session {
         let registries = self.credentials(keys).await;
         info!(cluster = %self.id.cluster, generation = set.generation,
               images = set.content.images.len(), "Sending full desired set");
-        self.send(wire::full_set(set, &self.epoch, registries))
-            .await
+        let span = send_span(&self.id.cluster, set.generation, &set.content.images);
+        tracing::Instrument::instrument(
+            self.send(wire::full_set(set, &self.epoch, registries)),
+            span,
+        )
+        .await
     }
 
     async fn send_delta(&self, old: &StoredDesiredSet, new: &StoredDesiredSet) -> bool {
@@ -400,6 +404,7 @@ impl Session {
         // Debug, not info: a fleet-wide change would log one line per agent.
         debug!(cluster = %self.id.cluster, from = old.generation, generation = new.generation,
               upserts = d.upserts.len(), removals = d.removals.len(), "Sending desired-set delta");
+        let span = send_span(&self.id.cluster, new.generation, &d.upserts);
         let msg = wire::delta(
             old.generation,
             new.generation,
@@ -407,8 +412,23 @@ impl Session {
             d,
             registry_upserts,
         );
-        self.send(msg).await
+        tracing::Instrument::instrument(self.send(msg), span).await
     }
+}
+
+/// The span of sending a cluster its desired set: part of the trace of the
+/// change behind the first entry sent that carries one.
+fn send_span(cluster: &str, generation: u64, images: &[placement::DesiredImage]) -> tracing::Span {
+    // No span at all unless spans are exported: a fleet-wide change sends to
+    // every session at once.
+    if !imgfleet_common::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!("send desired set", cluster = %cluster, generation);
+    if let Some(i) = images.iter().find(|i| !i.trace_context.is_empty()) {
+        imgfleet_common::telemetry::join(&span, &i.trace_context);
+    }
+    span
 }
 
 /// The credential for registry key `<namespace>/<name>`, password opened.

@@ -122,6 +122,7 @@ fn image_state(p: pb::ImageProgress) -> (String, ImageState) {
         message: Some(p.message).filter(|m| !m.is_empty()),
         updated_at: p.updated_at.as_ref().and_then(time_from_proto),
         next_retry_time: p.next_retry_time.as_ref().and_then(time_from_proto),
+        attempts: p.attempts,
     };
     (p.key, state)
 }
@@ -148,6 +149,7 @@ fn image(i: &DesiredImage) -> pb::DesiredImage {
         platforms: i.platforms.clone(),
         keep_versions: i.keep_versions,
         grace_period_seconds: i.grace_period_seconds,
+        trace_context: i.trace_context.clone(),
     }
 }
 

@@ -175,6 +175,17 @@ enum Route {
     Tags { name: String },
 }
 
+/// The `handler` label of a request path in the mirror's metrics.
+pub(crate) fn handler_label(path: &str) -> &'static str {
+    match parse_path(path) {
+        Some(Route::Base) => "base",
+        Some(Route::Manifest { .. }) => "manifest",
+        Some(Route::Blob { .. }) => "blob",
+        Some(Route::Tags { .. }) => "tags",
+        None => "other",
+    }
+}
+
 /// Parses `/v2/...` by hand: repository names contain slashes, so only the
 /// last `/manifests/`, `/blobs/` or `/tags/list` splits name from the rest.
 fn parse_path(path: &str) -> Option<Route> {

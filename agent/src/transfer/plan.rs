@@ -704,6 +704,7 @@ mod tests {
             platforms: platforms.iter().map(|p| p.to_string()).collect(),
             keep_versions: 0,
             grace_period_seconds: 0,
+            trace_context: String::new(),
         }
     }
 
