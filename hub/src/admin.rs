@@ -1,8 +1,12 @@
-//! The AdminService: Apply, Get, List, Delete, Watch and EnrollCluster over
-//! mutually authenticated gRPC. Every RPC first checks that the caller's
-//! client certificate is an admin identity; errors are mapped to gRPC codes
-//! in one place (`impl From<AdminError> for Status`). Responses never carry a
-//! password (`password_set` says one is stored).
+//! The AdminService: Apply, Get, List, Delete, Watch, EnrollCluster, CanI,
+//! IssueUser and the revocations over mutually authenticated gRPC. Every RPC
+//! first goes through [`AdminService::authorize`], the one check: the
+//! caller's user (certificate CN and groups), not revoked, must hold a role
+//! that allows the verb on the kind in the namespace ([`crate::rbac`]);
+//! everything else is denied. Lists across namespaces return only what the
+//! caller may read. Errors are mapped to gRPC codes in one place
+//! (`impl From<AdminError> for Status`). Responses never carry a password
+//! (`password_set` says one is stored).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +17,8 @@ use imgfleet::api::v1::admin_service_server::AdminService as AdminApi;
 use imgfleet::convert::{ConvertError, kind_from_proto, to_response};
 use imgfleet::model::{self, Cluster, ClusterSpec, Kind, Object};
 use imgfleet_common::pki::{
-    CertificateAuthority, DEFAULT_LEAF_VALIDITY_DAYS, Identity, MAX_LEAF_VALIDITY_DAYS, PkiError,
+    self, CertificateAuthority, DEFAULT_LEAF_VALIDITY_DAYS, Identity, MAX_LEAF_VALIDITY_DAYS,
+    PkiError, User,
 };
 use imgfleet_common::tls::{TlsError, peer_identity};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +28,8 @@ use tracing::{info, warn};
 use crate::controller::{PlacementReport, PlacementReports};
 use crate::metrics::HubMetrics;
 use crate::objects::{ApplyOutcome, ObjectError, Objects};
+use crate::rbac::{Bindings, Grants, Resource, Verb, denial};
+use crate::revocation::{Revocations, Revoked};
 use crate::selector::{SelectorError, parse_selector};
 use crate::store::StoreError;
 use crate::store::watcher::{Event, WatchError, Watcher};
@@ -35,8 +42,29 @@ pub enum AdminError {
     #[error("admin API: {0}")]
     Unauthenticated(#[source] TlsError),
     /// A cluster agent's certificate: authenticated, not allowed.
-    #[error("cluster {0} may not use the admin API: it needs an admin certificate")]
+    #[error("cluster {0} may not use the admin API: it needs a user certificate")]
     NotAdmin(String),
+    /// No role of the caller allows this: "user-a may not apply
+    /// repositories in namespace team-b".
+    #[error("{0}")]
+    Denied(String),
+    /// The caller's certificate was revoked (`imgfleet user revoke`).
+    #[error("the certificate of user {0} was revoked: ask for a new one (imgfleet user issue)")]
+    Revoked(String),
+    /// A role above the caller's own, in a binding they apply or delete.
+    #[error("{user} may not grant role {role}{}: it is above their own", .namespace.as_deref().map(|n| format!(" in namespace {n}")).unwrap_or_default())]
+    Escalation {
+        user: String,
+        role: String,
+        namespace: Option<String>,
+    },
+    #[error("auth can-i: {0}")]
+    BadQuestion(String),
+    /// A cluster enrolled again without --reissue.
+    #[error(
+        "Cluster {0} is already enrolled: re-enroll with --reissue (revokes its current certificate; labels and tenants are kept unless given)"
+    )]
+    AlreadyEnrolled(String),
     /// A request field that is missing.
     #[error("{0}: missing")]
     Missing(String),
@@ -66,6 +94,13 @@ pub enum AdminError {
         .users.join(", ")
     )]
     SecretInUse { id: String, users: Vec<String> },
+    /// The user certificate could not be issued (a bad name or CSR).
+    #[error("user {user}: {source}")]
+    IssueUser {
+        user: String,
+        #[source]
+        source: PkiError,
+    },
     #[error("this hub has no signing CA: start it with --ca-cert and --ca-key to enroll clusters")]
     NoSigningCa,
     /// Reading or writing the objects failed.
@@ -82,15 +117,20 @@ impl From<StoreError> for AdminError {
 impl From<AdminError> for Status {
     fn from(e: AdminError) -> Status {
         let code = match &e {
-            AdminError::Unauthenticated(_) => Code::Unauthenticated,
-            AdminError::NotAdmin(_) => Code::PermissionDenied,
+            AdminError::Unauthenticated(_) | AdminError::Revoked(_) => Code::Unauthenticated,
+            AdminError::NotAdmin(_) | AdminError::Denied(_) | AdminError::Escalation { .. } => {
+                Code::PermissionDenied
+            }
+            AdminError::AlreadyEnrolled(_) => Code::AlreadyExists,
+            AdminError::BadQuestion(_) => Code::InvalidArgument,
             AdminError::Missing(_)
             | AdminError::BadKind(_)
             | AdminError::BadObject(_)
             | AdminError::BadSelector(_)
             | AdminError::BadWatchRevision(_)
             | AdminError::BadValidity { .. }
-            | AdminError::Issue { .. } => Code::InvalidArgument,
+            | AdminError::Issue { .. }
+            | AdminError::IssueUser { .. } => Code::InvalidArgument,
             AdminError::SecretInUse { .. } | AdminError::NoSigningCa => Code::FailedPrecondition,
             AdminError::Objects(o) => match o {
                 ObjectError::Invalid(_) | ObjectError::BadResourceVersion { .. } => {
@@ -136,7 +176,43 @@ struct Inner {
     /// The controller's placement report, shown as a Repository's
     /// `status.placement` when it is read.
     placement: PlacementReports,
+    revocations: Revocations,
     shutdown: CancellationToken,
+}
+
+/// Who is calling and what they may do, decided once per call.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: User,
+    pub grants: Grants,
+    /// The caller's address, for the audit trail.
+    pub source: Option<std::net::SocketAddr>,
+}
+
+impl Caller {
+    /// Whether the caller may `verb` `resource` in `namespace`.
+    pub fn may(&self, verb: Verb, resource: Resource, namespace: Option<&str>) -> bool {
+        self.grants.allows(verb, resource, namespace)
+    }
+
+    /// `Ok` if allowed, otherwise the denial naming user, verb, kind and namespace.
+    pub fn check(
+        &self,
+        verb: Verb,
+        resource: Resource,
+        namespace: Option<&str>,
+    ) -> Result<(), AdminError> {
+        if self.may(verb, resource, namespace) {
+            Ok(())
+        } else {
+            Err(AdminError::Denied(denial(
+                &self.user.name,
+                verb,
+                resource,
+                namespace,
+            )))
+        }
+    }
 }
 
 impl std::fmt::Debug for AdminService {
@@ -159,9 +235,10 @@ impl AdminService {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                objects,
                 ca,
                 metrics,
+                revocations: Revocations::new(objects.store().clone()),
+                objects,
                 placement,
                 shutdown,
             }),
@@ -171,6 +248,64 @@ impl AdminService {
     /// The tonic server for this service.
     pub fn into_server(self) -> pb::admin_service_server::AdminServiceServer<Self> {
         pb::admin_service_server::AdminServiceServer::new(self)
+    }
+
+    /// The one authorization check every AdminService call goes through:
+    /// who the certificate names, that it is not revoked, the roles its user
+    /// holds, and whether they allow `verb` on `resource` in `namespace`
+    /// (`None` for fleet-wide resources and for lists across namespaces,
+    /// which are filtered per object with [`Caller::may`] instead).
+    pub async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        verb: Verb,
+        resource: Resource,
+        namespace: Option<&str>,
+    ) -> Result<Caller, AdminError> {
+        let caller = self.caller(req).await?;
+        let across = namespace.is_none() && resource.namespaced() && verb.reads();
+        if !across {
+            caller.check(verb, resource, namespace)?;
+        }
+        Ok(caller)
+    }
+
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, AdminError> {
+        let user = match peer_identity(req).map_err(AdminError::Unauthenticated)? {
+            Identity::User(u) => u,
+            Identity::Cluster(name) => return Err(AdminError::NotAdmin(name)),
+        };
+        if let Some(certs) = req.peer_certs()
+            && let Some(leaf) = certs.first()
+        {
+            let facts = pki::cert_facts_der(leaf.as_ref())
+                .map_err(|e| AdminError::Unauthenticated(TlsError::Identity(e)))?;
+            if self
+                .inner
+                .revocations
+                .refuses(&Revoked::User(user.name.clone()), facts.issued_at_nanos)
+                .await?
+            {
+                return Err(AdminError::Revoked(user.name));
+            }
+        }
+        let grants = match Grants::builtin(&user) {
+            Some(g) => g,
+            None => {
+                let (rbs, _) = self.inner.objects.list(Kind::RoleBinding, None).await?;
+                let (crbs, _) = self
+                    .inner
+                    .objects
+                    .list(Kind::ClusterRoleBinding, None)
+                    .await?;
+                Grants::of(&user, &Bindings::from_objects(rbs.iter().chain(&crbs)))
+            }
+        };
+        Ok(Caller {
+            user,
+            grants,
+            source: req.remote_addr(),
+        })
     }
 
     fn done<T>(&self, method: &'static str, r: Result<T, AdminError>) -> Result<T, Status> {
@@ -188,14 +323,158 @@ impl AdminService {
         r
     }
 
-    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<pb::ApplyResponse, AdminError> {
-        let who = require_admin(&req)?;
+    /// A binding may give only a role the caller holds in its scope.
+    fn no_escalation(&self, caller: &Caller, obj: &Object) -> Result<(), AdminError> {
+        let role = match obj {
+            Object::RoleBinding(b) => &b.spec.role,
+            Object::ClusterRoleBinding(b) => &b.spec.role,
+            _ => return Ok(()),
+        };
+        // A role that does not parse is refused by validation, with the field.
+        let Some(parsed) = model::Role::parse(role) else {
+            return Ok(());
+        };
+        if caller.grants.may_grant(parsed, obj.namespace()) {
+            Ok(())
+        } else {
+            Err(AdminError::Escalation {
+                user: caller.user.name.clone(),
+                role: role.clone(),
+                namespace: obj.namespace().map(str::to_owned),
+            })
+        }
+    }
+
+    async fn issue_user(
+        &self,
+        req: Request<pb::IssueUserRequest>,
+    ) -> Result<pb::IssueUserResponse, AdminError> {
+        let caller = self
+            .authorize(&req, Verb::Issue, Resource::Users, None)
+            .await?;
         let req = req.into_inner();
+        let ca = self.inner.ca.as_ref().ok_or(AdminError::NoSigningCa)?;
+        let days = match req.validity_days {
+            0 => DEFAULT_LEAF_VALIDITY_DAYS,
+            d => d,
+        };
+        let cert_pem = ca
+            .sign_user_csr(&req.csr_pem, &req.name, &req.groups, days)
+            .map_err(|source| AdminError::IssueUser {
+                user: req.name.clone(),
+                source,
+            })?;
+        info!(admin = %caller.user.name, user = %req.name, groups = %req.groups.join(","),
+              validity_days = days, "Issued user certificate");
+        Ok(pb::IssueUserResponse {
+            ca_pem: ca.cert_pem().to_string(),
+            cert_pem,
+        })
+    }
+
+    async fn revoke_user(
+        &self,
+        req: Request<pb::RevokeUserRequest>,
+    ) -> Result<pb::RevokeResponse, AdminError> {
+        let caller = self
+            .authorize(&req, Verb::Revoke, Resource::Users, None)
+            .await?;
+        let name = req.into_inner().name;
+        pki::validate_user_name(&name).map_err(|source| AdminError::IssueUser {
+            user: name.clone(),
+            source,
+        })?;
+        let (put, record) = self
+            .inner
+            .revocations
+            .revoke_put(&Revoked::User(name.clone()))
+            .await?;
+        self.inner.objects.store().put_batch(vec![put]).await?;
+        info!(admin = %caller.user.name, user = %name, "Revoked user certificates");
+        Ok(revoke_response(record, 0))
+    }
+
+    async fn revoke_cluster(
+        &self,
+        req: Request<pb::RevokeClusterRequest>,
+    ) -> Result<pb::RevokeResponse, AdminError> {
+        let caller = self
+            .authorize(&req, Verb::Revoke, Resource::Kind(Kind::Cluster), None)
+            .await?;
+        let name = req.into_inner().name;
+        pki::validate_cluster_name(&name).map_err(|source| AdminError::Issue {
+            cluster: name.clone(),
+            source,
+        })?;
+        let (put, record) = self
+            .inner
+            .revocations
+            .revoke_put(&Revoked::Cluster(name.clone()))
+            .await?;
+        self.inner.objects.store().put_batch(vec![put]).await?;
+        info!(admin = %caller.user.name, cluster = %name, "Revoked cluster certificates");
+        Ok(revoke_response(record, 0))
+    }
+
+    async fn can_i(&self, req: Request<pb::CanIRequest>) -> Result<pb::CanIResponse, AdminError> {
+        let caller = self.caller(&req).await?;
+        let q = req.into_inner();
+        let verb = Verb::parse(&q.verb).ok_or_else(|| {
+            AdminError::BadQuestion(format!(
+                "verb {:?}: expected get, list, watch, apply, delete, rollback, enroll, revoke or issue",
+                q.verb
+            ))
+        })?;
+        let resource = Resource::parse(&q.resource).ok_or_else(|| {
+            AdminError::BadQuestion(format!(
+                "resource {:?}: expected a kind (repositories, registrysecrets, clusters, rolebindings, clusterrolebindings), audit or users",
+                q.resource
+            ))
+        })?;
+        let ns = (resource.namespaced() && !q.namespace.is_empty()).then_some(q.namespace.as_str());
+        let allowed = if resource.namespaced() && ns.is_none() {
+            // Fleet-wide for a namespaced kind: only a fleet role answers yes.
+            caller
+                .grants
+                .fleet
+                .is_some_and(|r| crate::rbac::role_allows(r, verb, resource))
+        } else {
+            caller.may(verb, resource, ns)
+        };
+        let groups = if caller.user.groups.is_empty() {
+            String::new()
+        } else {
+            format!(" (groups {})", caller.user.groups.join(", "))
+        };
+        Ok(pb::CanIResponse {
+            allowed,
+            subject: format!("{}{groups}", caller.user.name),
+        })
+    }
+
+    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<pb::ApplyResponse, AdminError> {
         let wire = req
+            .get_ref()
             .object
+            .clone()
             .ok_or_else(|| AdminError::Missing("ApplyRequest.object".into()))?;
-        let obj = Object::try_from(wire)?;
+        let mut obj = Object::try_from(wire)?;
+        if obj.kind().namespaced()
+            && obj
+                .metadata()
+                .namespace
+                .as_deref()
+                .is_none_or(str::is_empty)
+        {
+            obj.metadata_mut().namespace = Some(model::DEFAULT_NAMESPACE.to_owned());
+        }
         let kind = obj.kind();
+        let caller = self
+            .authorize(&req, Verb::Apply, Resource::Kind(kind), obj.namespace())
+            .await?;
+        self.no_escalation(&caller, &obj)?;
+        let who = caller.user.name.clone();
+        let req = req.into_inner();
         let (stored, outcome) = self.inner.objects.apply(obj, req.dry_run).await?;
         let outcome_str = match outcome {
             ApplyOutcome::Created => "created",
@@ -219,9 +498,11 @@ impl AdminService {
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<pb::Object, AdminError> {
-        require_admin(&req)?;
+        let kind = kind_arg(req.get_ref().kind)?;
+        let ns = ns_arg(kind, &req.get_ref().namespace).map(str::to_owned);
+        self.authorize(&req, Verb::Get, Resource::Kind(kind), ns.as_deref())
+            .await?;
         let req = req.into_inner();
-        let kind = kind_arg(req.kind)?;
         let name = name_arg(kind, &req.name)?;
         let obj = self
             .inner
@@ -232,20 +513,24 @@ impl AdminService {
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<pb::ListResponse, AdminError> {
-        require_admin(&req)?;
-        let req = req.into_inner();
-        let kind = kind_arg(req.kind)?;
-        let selector = parse_selector(&req.label_selector)?;
-        let ns = if req.all_namespaces {
+        let kind = kind_arg(req.get_ref().kind)?;
+        let ns = if req.get_ref().all_namespaces {
             None
         } else {
-            ns_arg(kind, &req.namespace)
+            ns_arg(kind, &req.get_ref().namespace).map(str::to_owned)
         };
-        let (items, rev) = self.inner.objects.list(kind, ns).await?;
+        let caller = self
+            .authorize(&req, Verb::List, Resource::Kind(kind), ns.as_deref())
+            .await?;
+        let req = req.into_inner();
+        let selector = parse_selector(&req.label_selector)?;
+        let (items, rev) = self.inner.objects.list(kind, ns.as_deref()).await?;
         let empty = Default::default();
         let report = self.inner.placement.latest();
         let items = items
             .iter()
+            // Across namespaces: only what the caller may read.
+            .filter(|o| caller.may(Verb::List, Resource::Kind(kind), o.namespace()))
             .filter(|o| selector.matches(o.metadata().labels.as_ref().unwrap_or(&empty)))
             .map(|o| response(o, &report))
             .collect();
@@ -259,12 +544,28 @@ impl AdminService {
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<pb::DeleteResponse, AdminError> {
-        let who = require_admin(&req)?;
+        let kind = kind_arg(req.get_ref().kind)?;
+        let namespace = ns_arg(kind, &req.get_ref().namespace).map(str::to_owned);
+        let caller = self
+            .authorize(
+                &req,
+                Verb::Delete,
+                Resource::Kind(kind),
+                namespace.as_deref(),
+            )
+            .await?;
+        let who = caller.user.name.clone();
         let req = req.into_inner();
-        let kind = kind_arg(req.kind)?;
         let name = name_arg(kind, &req.name)?;
         let rv = Some(req.resource_version.as_str()).filter(|s| !s.is_empty());
-        let ns = ns_arg(kind, &req.namespace);
+        let ns = namespace.as_deref();
+        if matches!(kind, Kind::RoleBinding | Kind::ClusterRoleBinding) {
+            match self.inner.objects.get(kind, ns, name).await {
+                Ok(existing) => self.no_escalation(&caller, &existing)?,
+                Err(ObjectError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         if kind == Kind::RegistrySecret {
             let users = self.secret_users(ns.unwrap_or_default(), name).await?;
             if !users.is_empty() && !req.force {
@@ -279,6 +580,15 @@ impl AdminService {
             }
         }
         let obj = self.inner.objects.delete(kind, ns, name, rv).await?;
+        if kind == Kind::Cluster {
+            // A deleted cluster's certificates must not come back with it.
+            let (put, _) = self
+                .inner
+                .revocations
+                .revoke_put(&Revoked::Cluster(name.to_owned()))
+                .await?;
+            self.inner.objects.store().put_batch(vec![put]).await?;
+        }
         info!(admin = %who, object = %obj.id(), "Deleted");
         Ok(pb::DeleteResponse {
             object: Some(to_response(&obj)),
@@ -307,14 +617,16 @@ impl AdminService {
     }
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<WatchStream, AdminError> {
-        require_admin(&req)?;
-        let req = req.into_inner();
-        let kind = kind_arg(req.kind)?;
-        let ns: Option<String> = if req.all_namespaces {
+        let kind = kind_arg(req.get_ref().kind)?;
+        let ns: Option<String> = if req.get_ref().all_namespaces {
             None
         } else {
-            ns_arg(kind, &req.namespace).map(str::to_string)
+            ns_arg(kind, &req.get_ref().namespace).map(str::to_string)
         };
+        let caller = self
+            .authorize(&req, Verb::Watch, Resource::Kind(kind), ns.as_deref())
+            .await?;
+        let req = req.into_inner();
         let objects = self.inner.objects.clone();
         let reports = self.inner.placement.clone();
 
@@ -325,6 +637,7 @@ impl AdminService {
             let report = reports.latest();
             let events: Vec<Result<pb::WatchEvent, Status>> = items
                 .iter()
+                .filter(|o| caller.may(Verb::Watch, Resource::Kind(kind), o.namespace()))
                 .map(|o| {
                     Ok(pb::WatchEvent {
                         r#type: pb::WatchEventType::Added as i32,
@@ -357,10 +670,15 @@ impl AdminService {
                         futures::future::ready(!matches!(ev, Err(WatchError::Ended { .. })))
                     })
                     .filter_map(move |ev| {
+                        let visible = |key_ns: &str| {
+                            let ns = kind.namespaced().then_some(key_ns);
+                            caller.may(Verb::Watch, Resource::Kind(kind), ns)
+                        };
                         futures::future::ready(convert_event(
                             &objects,
                             &reports.latest(),
                             ns.as_deref(),
+                            &visible,
                             ev,
                         ))
                     }),
@@ -397,7 +715,10 @@ impl AdminService {
         &self,
         req: Request<pb::EnrollClusterRequest>,
     ) -> Result<pb::EnrollClusterResponse, AdminError> {
-        let who = require_admin(&req)?;
+        let caller = self
+            .authorize(&req, Verb::Enroll, Resource::Kind(Kind::Cluster), None)
+            .await?;
+        let who = caller.user.name.clone();
         let req = req.into_inner();
         let ca = self.inner.ca.as_ref().ok_or(AdminError::NoSigningCa)?;
         let days = match req.validity_days {
@@ -411,26 +732,58 @@ impl AdminService {
             d => d,
         };
 
-        // Keep what enrollment does not set (the description) from an
-        // earlier enrollment or apply.
+        // An existing cluster is enrolled again only with reissue, which
+        // keeps its labels, tenants and description unless told otherwise.
         let existing = match self.inner.objects.get(Kind::Cluster, None, &req.name).await {
             Ok(Object::Cluster(c)) => Some(c),
             Ok(_) | Err(ObjectError::NotFound(_)) => None,
             Err(e) => return Err(e.into()),
         };
+        if existing.is_some() && !req.reissue {
+            return Err(AdminError::AlreadyEnrolled(req.name));
+        }
+        let reissued = existing.is_some();
+        let (old_labels, old_tenants, description) = match existing {
+            Some(c) => (
+                c.metadata.labels.unwrap_or_default(),
+                c.spec.tenants,
+                c.spec.description,
+            ),
+            None => Default::default(),
+        };
+        let tenants = if reissued && !req.replace_tenants {
+            old_tenants
+        } else {
+            req.tenants
+        };
+        let labels = if reissued && !req.replace_labels {
+            old_labels
+        } else {
+            req.labels.into_iter().collect()
+        };
         let mut cluster = Cluster::new(
             &req.name,
             ClusterSpec {
-                tenants: req.tenants,
-                description: existing.and_then(|c| c.spec.description),
+                tenants,
+                description,
             },
         );
-        cluster.metadata.labels = Some(req.labels.into_iter().collect());
+        cluster.metadata.labels = Some(labels);
         let candidate = Object::Cluster(cluster);
 
         // Validate (dry run) before issuing, so a bad name or label neither
         // leaves an object behind nor costs a certificate.
         self.inner.objects.apply(candidate.clone(), true).await?;
+        if reissued {
+            // Every certificate issued so far is refused from now on; the
+            // new one is signed after this point in time.
+            let (put, _) = self
+                .inner
+                .revocations
+                .revoke_put(&Revoked::Cluster(req.name.clone()))
+                .await?;
+            self.inner.objects.store().put_batch(vec![put]).await?;
+        }
         let leaf = ca
             .issue_cluster(&req.name, days)
             .map_err(|source| AdminError::Issue {
@@ -446,7 +799,7 @@ impl AdminService {
             .into());
         };
         self.inner.metrics.enrolled();
-        info!(admin = %who, cluster = %req.name, validity_days = days, "Enrolled cluster");
+        info!(admin = %who, cluster = %req.name, validity_days = days, reissued, "Enrolled cluster");
         Ok(pb::EnrollClusterResponse {
             cluster: Some((&stored).into()),
             ca_pem: ca.cert_pem().to_string(),
@@ -458,6 +811,17 @@ impl AdminService {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+fn revoke_response(record: crate::revocation::Record, sessions_closed: u32) -> pb::RevokeResponse {
+    let nanos = record.revoked_before_nanos;
+    pb::RevokeResponse {
+        revoked_before: Some(prost_types::Timestamp {
+            seconds: i64::try_from(nanos / 1_000_000_000).unwrap_or(i64::MAX),
+            nanos: i32::try_from(nanos % 1_000_000_000).unwrap_or(0),
+        }),
+        sessions_closed,
+    }
+}
 
 /// A watch failure as the admin API answers it: an unavailable store is
 /// `Unavailable` (retryable) with the message the CLI recognises, like every
@@ -484,6 +848,7 @@ fn convert_event(
     objects: &Objects,
     report: &PlacementReport,
     ns: Option<&str>,
+    visible: &dyn Fn(&str) -> bool,
     ev: Result<Event, WatchError>,
 ) -> Option<Result<pb::WatchEvent, Status>> {
     let (typ, v) = match ev {
@@ -513,6 +878,10 @@ fn convert_event(
     {
         return None;
     }
+    // A namespace the caller may not read.
+    if !visible(&v.key.namespace) {
+        return None;
+    }
     let rev = v.revision;
     Some(match objects.decode(&v) {
         Ok(mut obj) => {
@@ -540,14 +909,6 @@ fn response(obj: &Object, report: &PlacementReport) -> pb::Object {
         }
     }
     to_response(obj)
-}
-
-/// The caller must present an admin certificate from the hub's CA.
-fn require_admin<T>(req: &Request<T>) -> Result<String, AdminError> {
-    match peer_identity(req).map_err(AdminError::Unauthenticated)? {
-        Identity::Admin(name) => Ok(name),
-        Identity::Cluster(name) => Err(AdminError::NotAdmin(name)),
-    }
 }
 
 fn kind_arg(kind: i32) -> Result<Kind, AdminError> {
@@ -619,5 +980,37 @@ impl AdminApi for AdminService {
     ) -> Result<Response<pb::EnrollClusterResponse>, Status> {
         let r = AdminService::enroll(self, request).await;
         self.done("EnrollCluster", r).map(Response::new)
+    }
+
+    async fn can_i(
+        &self,
+        request: Request<pb::CanIRequest>,
+    ) -> Result<Response<pb::CanIResponse>, Status> {
+        let r = AdminService::can_i(self, request).await;
+        self.done("CanI", r).map(Response::new)
+    }
+
+    async fn issue_user(
+        &self,
+        request: Request<pb::IssueUserRequest>,
+    ) -> Result<Response<pb::IssueUserResponse>, Status> {
+        let r = AdminService::issue_user(self, request).await;
+        self.done("IssueUser", r).map(Response::new)
+    }
+
+    async fn revoke_user(
+        &self,
+        request: Request<pb::RevokeUserRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let r = AdminService::revoke_user(self, request).await;
+        self.done("RevokeUser", r).map(Response::new)
+    }
+
+    async fn revoke_cluster(
+        &self,
+        request: Request<pb::RevokeClusterRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let r = AdminService::revoke_cluster(self, request).await;
+        self.done("RevokeCluster", r).map(Response::new)
     }
 }

@@ -631,7 +631,7 @@ pub fn fill_defaults(obj: &mut Object) -> Result<(), ObjectError> {
                 rs.spec.username = None;
             }
         }
-        Object::Cluster(_) => {}
+        Object::Cluster(_) | Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {}
     }
     Ok(())
 }
@@ -645,6 +645,8 @@ fn clear_status(obj: &mut Object) {
         Object::RegistrySecret(o) => o.status = None,
         Object::Repository(o) => o.status = None,
         Object::Cluster(o) => o.status = None,
+        // Bindings have no status.
+        Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {}
     }
 }
 
@@ -662,6 +664,8 @@ fn same_spec(a: &Object, b: &Object) -> bool {
         (Object::RegistrySecret(a), Object::RegistrySecret(b)) => a.spec == b.spec,
         (Object::Repository(a), Object::Repository(b)) => a.spec == b.spec,
         (Object::Cluster(a), Object::Cluster(b)) => a.spec == b.spec,
+        (Object::RoleBinding(a), Object::RoleBinding(b)) => a.spec == b.spec,
+        (Object::ClusterRoleBinding(a), Object::ClusterRoleBinding(b)) => a.spec == b.spec,
         _ => false,
     }
 }

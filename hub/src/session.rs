@@ -30,6 +30,7 @@ use crate::desired_cache::{ClusterDesired, DesiredSets};
 use crate::live::{SessionBook, SessionId};
 use crate::objects::{ObjectError, Objects};
 use crate::placement;
+use crate::revocation::{Revocations, Revoked};
 use crate::status::LiveCluster;
 use crate::wire::{self, Credential, FromAgent, Hello};
 
@@ -61,6 +62,12 @@ pub enum AgentError {
     WrongCluster { cluster: String, claimed: String },
     #[error("cluster {0} is not enrolled (no Cluster object)")]
     NotEnrolled(String),
+    /// The certificate was revoked (`imgfleet cluster revoke`, a delete, or
+    /// a re-enroll); the agent keeps serving what it holds.
+    #[error(
+        "cluster {0}: this certificate was revoked; re-enroll with `imgfleet cluster enroll {0} --reissue` and give the agent the new credentials"
+    )]
+    Revoked(String),
     /// Reading the Cluster object failed.
     #[error("cluster {cluster}: {source}")]
     Lookup {
@@ -79,9 +86,9 @@ pub enum AgentError {
 impl From<AgentError> for Status {
     fn from(e: AgentError) -> Status {
         match e {
-            AgentError::NotACluster(_) | AgentError::WrongCluster { .. } => {
-                Status::permission_denied(e.to_string())
-            }
+            AgentError::NotACluster(_)
+            | AgentError::WrongCluster { .. }
+            | AgentError::Revoked(_) => Status::permission_denied(e.to_string()),
             AgentError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             AgentError::NoHello { .. } => Status::deadline_exceeded(e.to_string()),
             AgentError::NotHello { .. } => Status::invalid_argument(e.to_string()),
@@ -171,6 +178,29 @@ impl AgentService {
             Ok(other) => return Err(AgentError::NotACluster(other)),
             Err(e) => return Err(AgentError::Unauthenticated(e)),
         };
+        if let Some(certs) = request.peer_certs()
+            && let Some(leaf) = certs.first()
+        {
+            let facts = imgfleet_common::pki::cert_facts_der(leaf.as_ref())
+                .map_err(|e| AgentError::Unauthenticated(TlsError::Identity(e)))?;
+            let revocations = Revocations::new(self.objects.store().clone());
+            match revocations
+                .refuses(&Revoked::Cluster(cluster.clone()), facts.issued_at_nanos)
+                .await
+            {
+                Ok(false) => {}
+                Ok(true) => {
+                    warn!(cluster = %cluster, "A revoked certificate tried to connect");
+                    return Err(AgentError::Revoked(cluster));
+                }
+                Err(e) => {
+                    return Err(AgentError::Lookup {
+                        cluster,
+                        source: e.into(),
+                    });
+                }
+            }
+        }
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await

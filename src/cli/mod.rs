@@ -116,6 +116,54 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Issue and revoke user certificates (people and automation).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Ask the hub what you may do.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Write ca.pem, cert.pem and key.pem for a user. The key is made here and
+    /// never sent: the hub signs a certificate request.
+    Issue {
+        /// The user name (the certificate's CN).
+        name: String,
+        /// A group (one O of the certificate). May be repeated.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+        /// Folder to write the credentials to; created with mode 0700.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days; the hub's default (365) when left out.
+        #[arg(long)]
+        validity_days: Option<u32>,
+    },
+    /// Refuse every certificate issued to a user so far.
+    Revoke {
+        /// The user name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthCommand {
+    /// Whether you may do VERB on KIND: prints yes (exit 0) or no (exit 1).
+    CanI {
+        /// get, list, watch, apply, delete, rollback, enroll, revoke or issue.
+        verb: String,
+        /// A kind (repositories, rs, clusters, rolebindings, ...), audit or users.
+        resource: String,
+        /// The namespace; leave out for fleet-wide kinds.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -136,6 +184,17 @@ enum ClusterCommand {
         /// Validity of the certificate in days; the hub's default when left out.
         #[arg(long)]
         validity_days: Option<u32>,
+        /// Re-enroll a cluster that exists: issue a new certificate and revoke the
+        /// previous ones. Labels and tenants are kept unless --label or --namespace
+        /// replace them.
+        #[arg(long)]
+        reissue: bool,
+    },
+    /// Refuse every certificate issued to a cluster so far, and end its agent's
+    /// session. The agent keeps serving what it holds.
+    Revoke {
+        /// The cluster name.
+        name: String,
     },
 }
 
@@ -234,8 +293,146 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     namespaces,
                     out,
                     validity_days,
+                    reissue,
                 },
-        } => enroll(&target, &name, &labels, &namespaces, &out, validity_days).await,
+        } => {
+            enroll(
+                &target,
+                &name,
+                &labels,
+                &namespaces,
+                &out,
+                validity_days,
+                reissue,
+            )
+            .await
+        }
+        Command::Cluster {
+            command: ClusterCommand::Revoke { name },
+        } => revoke(&target, Revoke::Cluster(name)).await,
+        Command::User {
+            command:
+                UserCommand::Issue {
+                    name,
+                    groups,
+                    out,
+                    validity_days,
+                },
+        } => issue_user(&target, &name, &groups, &out, validity_days).await,
+        Command::User {
+            command: UserCommand::Revoke { name },
+        } => revoke(&target, Revoke::User(name)).await,
+        Command::Auth {
+            command:
+                AuthCommand::CanI {
+                    verb,
+                    resource,
+                    namespace,
+                },
+        } => can_i(&target, &verb, &resource, namespace.as_deref()).await,
+    }
+}
+
+async fn issue_user(
+    target: &hub::Target,
+    name: &str,
+    groups: &[String],
+    out: &Path,
+    validity_days: Option<u32>,
+) -> anyhow::Result<ExitCode> {
+    hub::prepare_credentials_dir(out)?;
+    // The key is made here and stays here; the hub sees only the request.
+    let key = rcgen::KeyPair::generate().context("generating a key pair")?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .context("making the certificate request")?;
+    let mut client = hub::connect(target).await?;
+    let what = format!("user {name}");
+    let response = client
+        .issue_user(pb::IssueUserRequest {
+            name: name.to_owned(),
+            groups: groups.to_vec(),
+            validity_days: validity_days.unwrap_or(0),
+            csr_pem: csr,
+        })
+        .await
+        .map_err(|s| hub::status_error(s, &what, target))?
+        .into_inner();
+    hub::write_credentials(
+        out,
+        &response.ca_pem,
+        &response.cert_pem,
+        &key.serialize_pem(),
+    )?;
+    println!(
+        "{what} issued; credentials in {} (ca.pem, cert.pem, key.pem): use them with --credentials {}",
+        out.display(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug)]
+enum Revoke {
+    User(String),
+    Cluster(String),
+}
+
+async fn revoke(target: &hub::Target, who: Revoke) -> anyhow::Result<ExitCode> {
+    let mut client = hub::connect(target).await?;
+    let (what, response) = match who {
+        Revoke::User(name) => {
+            let what = format!("user {name}");
+            let r = client
+                .revoke_user(pb::RevokeUserRequest { name })
+                .await
+                .map_err(|s| hub::status_error(s, &what, target))?;
+            (what, r.into_inner())
+        }
+        Revoke::Cluster(name) => {
+            let what = model::object_id(Kind::Cluster, None, &name);
+            let r = client
+                .revoke_cluster(pb::RevokeClusterRequest { name })
+                .await
+                .map_err(|s| hub::status_error(s, &what, target))?;
+            (what, r.into_inner())
+        }
+    };
+    let closed = match response.sessions_closed {
+        0 => String::new(),
+        n => format!("; {n} live session(s) closed"),
+    };
+    println!("{what}: every certificate issued so far is revoked{closed}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn can_i(
+    target: &hub::Target,
+    verb: &str,
+    resource: &str,
+    namespace: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let mut client = hub::connect(target).await?;
+    let answer = client
+        .can_i(pb::CanIRequest {
+            verb: verb.to_owned(),
+            resource: resource.to_owned(),
+            namespace: namespace.unwrap_or_default().to_owned(),
+        })
+        .await
+        .map_err(|s| hub::status_error(s, "the question", target))?
+        .into_inner();
+    if answer.allowed {
+        println!("yes");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("no");
+        Ok(ExitCode::FAILURE)
     }
 }
 
@@ -548,8 +745,10 @@ async fn enroll(
     namespaces: &[String],
     out: &Path,
     validity_days: Option<u32>,
+    reissue: bool,
 ) -> anyhow::Result<ExitCode> {
     let labels = parse_labels(labels)?;
+    let replace_labels = reissue && !labels.is_empty();
     // Check name, labels and tenants with the same rules as a Cluster file.
     let cluster = model::Cluster {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
@@ -583,6 +782,9 @@ async fn enroll(
             labels: labels.into_iter().collect(),
             tenants: namespaces.to_vec(),
             validity_days: validity_days.unwrap_or(0),
+            reissue,
+            replace_labels,
+            replace_tenants: reissue && !namespaces.is_empty(),
         })
         .await
         .map_err(|s| hub::status_error(s, &id, target))?
