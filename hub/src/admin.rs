@@ -25,14 +25,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::audit::{self, Draft};
 use crate::controller::{PlacementReport, PlacementReports};
 use crate::metrics::HubMetrics;
-use crate::objects::{ApplyOutcome, ObjectError, Objects};
+use crate::objects::{ApplyOutcome, Audit, ObjectError, Objects};
 use crate::rbac::{Bindings, Grants, Resource, Verb, denial};
 use crate::revocation::{Revocations, Revoked};
 use crate::selector::{SelectorError, parse_selector};
-use crate::store::StoreError;
 use crate::store::watcher::{Event, WatchError, Watcher};
+use crate::store::{StoreError, Write};
 
 /// Why an admin request failed; `From<AdminError> for Status` chooses the
 /// gRPC code of each in one place.
@@ -116,7 +117,14 @@ impl From<StoreError> for AdminError {
 
 impl From<AdminError> for Status {
     fn from(e: AdminError) -> Status {
-        let code = match &e {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+impl AdminError {
+    /// The gRPC code of each error, chosen here and nowhere else.
+    pub fn code(&self) -> Code {
+        match self {
             AdminError::Unauthenticated(_) | AdminError::Revoked(_) => Code::Unauthenticated,
             AdminError::NotAdmin(_) | AdminError::Denied(_) | AdminError::Escalation { .. } => {
                 Code::PermissionDenied
@@ -158,8 +166,7 @@ impl From<AdminError> for Status {
                 | ObjectError::Encode { .. }
                 | ObjectError::Store(_) => Code::Internal,
             },
-        };
-        Status::new(code, e.to_string())
+        }
     }
 }
 
@@ -308,6 +315,59 @@ impl AdminService {
         })
     }
 
+    /// Who asks for what, for the audit trail, read from the certificate
+    /// alone (the authorization check has not run yet).
+    fn draft<T>(
+        &self,
+        req: &Request<T>,
+        verb: Verb,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Draft {
+        let (user, groups) = match peer_identity(req) {
+            Ok(Identity::User(u)) => (u.name, u.groups),
+            Ok(Identity::Cluster(c)) => (format!("cluster:{c}"), Vec::new()),
+            Err(_) => ("<unauthenticated>".to_owned(), Vec::new()),
+        };
+        Draft {
+            user,
+            groups,
+            verb: verb.as_str().to_owned(),
+            resource: resource.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            source: req.remote_addr().map(|a| a.to_string()).unwrap_or_default(),
+        }
+    }
+
+    /// Records a refused or failed call: every denial, and every failure of
+    /// a call that would have changed something. A record the store cannot
+    /// take is logged instead; the caller gets the original error.
+    async fn audit_failure(&self, draft: &Draft, error: Option<&AdminError>, changes: bool) {
+        let Some(e) = error else { return };
+        let code = e.code();
+        let denied = matches!(code, Code::PermissionDenied | Code::Unauthenticated);
+        if !denied && !changes {
+            return;
+        }
+        // An unavailable store cannot take the record either.
+        if code == Code::Unavailable {
+            warn!(user = %draft.user, verb = %draft.verb, resource = %draft.resource,
+                  "Not audited: the policy store is unavailable");
+            return;
+        }
+        let outcome = if denied {
+            audit::Outcome::Denied
+        } else {
+            audit::Outcome::Failed
+        };
+        let put = draft.put(outcome, code as i32, false, &e.to_string());
+        if let Err(e) = audit::record_alone(self.inner.objects.store().as_ref(), put).await {
+            warn!(error = %e, user = %draft.user, verb = %draft.verb, "Writing an audit record failed");
+        }
+    }
+
     fn done<T>(&self, method: &'static str, r: Result<T, AdminError>) -> Result<T, Status> {
         let r = r.map_err(Status::from);
         let code = match &r {
@@ -348,6 +408,7 @@ impl AdminService {
     async fn issue_user(
         &self,
         req: Request<pb::IssueUserRequest>,
+        draft: &Draft,
     ) -> Result<pb::IssueUserResponse, AdminError> {
         let caller = self
             .authorize(&req, Verb::Issue, Resource::Users, None)
@@ -364,6 +425,16 @@ impl AdminService {
                 user: req.name.clone(),
                 source,
             })?;
+        let message = format!(
+            "certificate issued for {} days, groups [{}]",
+            days,
+            req.groups.join(", ")
+        );
+        audit::record_alone(
+            self.inner.objects.store().as_ref(),
+            draft.put(audit::Outcome::Allowed, 0, false, &message),
+        )
+        .await?;
         info!(admin = %caller.user.name, user = %req.name, groups = %req.groups.join(","),
               validity_days = days, "Issued user certificate");
         Ok(pb::IssueUserResponse {
@@ -375,6 +446,7 @@ impl AdminService {
     async fn revoke_user(
         &self,
         req: Request<pb::RevokeUserRequest>,
+        draft: &Draft,
     ) -> Result<pb::RevokeResponse, AdminError> {
         let caller = self
             .authorize(&req, Verb::Revoke, Resource::Users, None)
@@ -389,7 +461,19 @@ impl AdminService {
             .revocations
             .revoke_put(&Revoked::User(name.clone()))
             .await?;
-        self.inner.objects.store().put_batch(vec![put]).await?;
+        self.inner
+            .objects
+            .store()
+            .commit(
+                vec![Write::Put(put)],
+                draft.put(
+                    audit::Outcome::Allowed,
+                    0,
+                    true,
+                    "every certificate issued so far revoked",
+                ),
+            )
+            .await?;
         info!(admin = %caller.user.name, user = %name, "Revoked user certificates");
         Ok(revoke_response(record, 0))
     }
@@ -397,6 +481,7 @@ impl AdminService {
     async fn revoke_cluster(
         &self,
         req: Request<pb::RevokeClusterRequest>,
+        draft: &Draft,
     ) -> Result<pb::RevokeResponse, AdminError> {
         let caller = self
             .authorize(&req, Verb::Revoke, Resource::Kind(Kind::Cluster), None)
@@ -411,9 +496,58 @@ impl AdminService {
             .revocations
             .revoke_put(&Revoked::Cluster(name.clone()))
             .await?;
-        self.inner.objects.store().put_batch(vec![put]).await?;
+        self.inner
+            .objects
+            .store()
+            .commit(
+                vec![Write::Put(put)],
+                draft.put(
+                    audit::Outcome::Allowed,
+                    0,
+                    true,
+                    "every certificate issued so far revoked",
+                ),
+            )
+            .await?;
         info!(admin = %caller.user.name, cluster = %name, "Revoked cluster certificates");
         Ok(revoke_response(record, 0))
+    }
+
+    async fn query_audit(
+        &self,
+        req: Request<pb::AuditQuery>,
+    ) -> Result<pb::AuditResponse, AdminError> {
+        let q = req.get_ref();
+        let ns = (!q.all_namespaces && !q.namespace.is_empty()).then(|| q.namespace.clone());
+        let caller = self
+            .authorize(&req, Verb::List, Resource::Audit, ns.as_deref())
+            .await?;
+        let q = req.into_inner();
+        let since = q
+            .since
+            .map(|t| {
+                u64::try_from(t.seconds).unwrap_or(0) * 1_000_000_000
+                    + u64::try_from(t.nanos).unwrap_or(0)
+            })
+            .unwrap_or(0);
+        let entries =
+            audit::read(self.inner.objects.store().as_ref(), ns.as_deref(), since).await?;
+        let mut events: Vec<pb::AuditEvent> = entries
+            .into_iter()
+            .filter(|e| q.user.is_empty() || e.record.user == q.user)
+            // Across namespaces: only what the caller may read; fleet-wide
+            // records only with a fleet role.
+            .filter(|e| {
+                let ns = (!e.record.namespace.is_empty()).then_some(e.record.namespace.as_str());
+                caller.may(Verb::List, Resource::Audit, ns)
+            })
+            .map(audit_event)
+            .collect();
+        let limit = if q.limit == 0 { 1000 } else { q.limit as usize };
+        if events.len() > limit {
+            events.drain(..events.len() - limit);
+        }
+        Ok(pb::AuditResponse { events })
     }
 
     async fn can_i(&self, req: Request<pb::CanIRequest>) -> Result<pb::CanIResponse, AdminError> {
@@ -452,7 +586,11 @@ impl AdminService {
         })
     }
 
-    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<pb::ApplyResponse, AdminError> {
+    async fn apply(
+        &self,
+        req: Request<pb::ApplyRequest>,
+        draft: &Draft,
+    ) -> Result<pb::ApplyResponse, AdminError> {
         let wire = req
             .get_ref()
             .object
@@ -475,7 +613,16 @@ impl AdminService {
         self.no_escalation(&caller, &obj)?;
         let who = caller.user.name.clone();
         let req = req.into_inner();
-        let (stored, outcome) = self.inner.objects.apply(obj, req.dry_run).await?;
+        let audit = (!req.dry_run).then_some(Audit { draft, extra: &[] });
+        let (stored, outcome) = self
+            .inner
+            .objects
+            .apply_audited(obj, req.dry_run, audit)
+            .await?;
+        if outcome == ApplyOutcome::Unchanged && !req.dry_run {
+            let put = draft.put(audit::Outcome::Allowed, 0, false, "unchanged");
+            audit::record_alone(self.inner.objects.store().as_ref(), put).await?;
+        }
         let outcome_str = match outcome {
             ApplyOutcome::Created => "created",
             ApplyOutcome::Updated => "updated",
@@ -543,6 +690,7 @@ impl AdminService {
     async fn delete(
         &self,
         req: Request<pb::DeleteRequest>,
+        draft: &Draft,
     ) -> Result<pb::DeleteResponse, AdminError> {
         let kind = kind_arg(req.get_ref().kind)?;
         let namespace = ns_arg(kind, &req.get_ref().namespace).map(str::to_owned);
@@ -579,16 +727,31 @@ impl AdminService {
                       repositories = %users.join(","), "Deleting a RegistrySecret still in use (--force)");
             }
         }
-        let obj = self.inner.objects.delete(kind, ns, name, rv).await?;
+        // A deleted cluster's certificates must not come back with it: the
+        // revocation is part of the delete.
+        let mut extra = Vec::new();
         if kind == Kind::Cluster {
-            // A deleted cluster's certificates must not come back with it.
             let (put, _) = self
                 .inner
                 .revocations
                 .revoke_put(&Revoked::Cluster(name.to_owned()))
                 .await?;
-            self.inner.objects.store().put_batch(vec![put]).await?;
+            extra.push(Write::Put(put));
         }
+        let obj = self
+            .inner
+            .objects
+            .delete_audited(
+                kind,
+                ns,
+                name,
+                rv,
+                Some(Audit {
+                    draft,
+                    extra: &extra,
+                }),
+            )
+            .await?;
         info!(admin = %who, object = %obj.id(), "Deleted");
         Ok(pb::DeleteResponse {
             object: Some(to_response(&obj)),
@@ -714,6 +877,7 @@ impl AdminService {
     async fn enroll(
         &self,
         req: Request<pb::EnrollClusterRequest>,
+        draft: &Draft,
     ) -> Result<pb::EnrollClusterResponse, AdminError> {
         let caller = self
             .authorize(&req, Verb::Enroll, Resource::Kind(Kind::Cluster), None)
@@ -774,15 +938,17 @@ impl AdminService {
         // Validate (dry run) before issuing, so a bad name or label neither
         // leaves an object behind nor costs a certificate.
         self.inner.objects.apply(candidate.clone(), true).await?;
+        // Every certificate issued so far is refused from the revocation's
+        // time; the new one is signed after it, and both are committed with
+        // the Cluster and the audit record.
+        let mut extra = Vec::new();
         if reissued {
-            // Every certificate issued so far is refused from now on; the
-            // new one is signed after this point in time.
             let (put, _) = self
                 .inner
                 .revocations
                 .revoke_put(&Revoked::Cluster(req.name.clone()))
                 .await?;
-            self.inner.objects.store().put_batch(vec![put]).await?;
+            extra.push(Write::Put(put));
         }
         let leaf = ca
             .issue_cluster(&req.name, days)
@@ -790,7 +956,28 @@ impl AdminService {
                 cluster: req.name.clone(),
                 source,
             })?;
-        let (stored, _) = self.inner.objects.apply(candidate, false).await?;
+        let (stored, outcome) = self
+            .inner
+            .objects
+            .apply_audited(
+                candidate,
+                false,
+                Some(Audit {
+                    draft,
+                    extra: &extra,
+                }),
+            )
+            .await?;
+        if outcome == ApplyOutcome::Unchanged {
+            // The Cluster is as it was; the revocation still goes in.
+            let message = if reissued {
+                "certificate reissued; earlier ones revoked"
+            } else {
+                "enrolled"
+            };
+            let put = draft.put(audit::Outcome::Allowed, 0, !extra.is_empty(), message);
+            self.inner.objects.store().commit(extra, put).await?;
+        }
         let Object::Cluster(stored) = stored else {
             return Err(ObjectError::WrongKind {
                 id: model::object_id(Kind::Cluster, None, &req.name),
@@ -811,6 +998,31 @@ impl AdminService {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+fn audit_event(e: audit::Entry) -> pb::AuditEvent {
+    let r = e.record;
+    pb::AuditEvent {
+        audit_id: r.audit_id,
+        time: Some(prost_types::Timestamp {
+            seconds: i64::try_from(r.time_nanos / 1_000_000_000).unwrap_or(i64::MAX),
+            nanos: i32::try_from(r.time_nanos % 1_000_000_000).unwrap_or(0),
+        }),
+        user: r.user,
+        groups: r.groups,
+        verb: r.verb,
+        resource: r.resource,
+        namespace: r.namespace,
+        name: r.name,
+        outcome: r.outcome.as_str().to_owned(),
+        code: r.code,
+        resource_version: e
+            .resource_version
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+        source: r.source,
+        message: r.message,
+    }
+}
 
 fn revoke_response(record: crate::revocation::Record, sessions_closed: u32) -> pb::RevokeResponse {
     let nanos = record.revoked_before_nanos;
@@ -933,18 +1145,56 @@ fn name_arg(kind: Kind, name: &str) -> Result<&str, AdminError> {
     }
 }
 
+/// The resource, namespace and name an Apply names, read from the wire
+/// before anything is checked (for the audit record of a refusal).
+fn apply_target(req: &pb::ApplyRequest) -> (String, String, String) {
+    let (kind, meta) = match req.object.as_ref().and_then(|o| o.kind.as_ref()) {
+        Some(pb::object::Kind::RegistrySecret(x)) => (Kind::RegistrySecret, x.metadata.as_ref()),
+        Some(pb::object::Kind::Repository(x)) => (Kind::Repository, x.metadata.as_ref()),
+        Some(pb::object::Kind::Cluster(x)) => (Kind::Cluster, x.metadata.as_ref()),
+        Some(pb::object::Kind::RoleBinding(x)) => (Kind::RoleBinding, x.metadata.as_ref()),
+        Some(pb::object::Kind::ClusterRoleBinding(x)) => {
+            (Kind::ClusterRoleBinding, x.metadata.as_ref())
+        }
+        None => return (String::new(), String::new(), String::new()),
+    };
+    let name = meta.map(|m| m.name.clone()).unwrap_or_default();
+    let ns = meta.map(|m| m.namespace.as_str()).unwrap_or_default();
+    let ns = ns_arg(kind, ns).unwrap_or_default().to_owned();
+    (kind.plural().to_owned(), ns, name)
+}
+
+fn kind_target(kind: i32, namespace: &str, name: &str) -> (String, String, String) {
+    match kind_from_proto(kind) {
+        Some(k) => (
+            k.plural().to_owned(),
+            ns_arg(k, namespace).unwrap_or_default().to_owned(),
+            name.to_owned(),
+        ),
+        None => (String::new(), namespace.to_owned(), name.to_owned()),
+    }
+}
+
 #[tonic::async_trait]
 impl AdminApi for AdminService {
     async fn apply(
         &self,
         request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let r = AdminService::apply(self, request).await;
+        let (res, ns, name) = apply_target(request.get_ref());
+        let draft = self.draft(&request, Verb::Apply, &res, &ns, &name);
+        let dry_run = request.get_ref().dry_run;
+        let r = AdminService::apply(self, request, &draft).await;
+        self.audit_failure(&draft, r.as_ref().err(), !dry_run).await;
         self.done("Apply", r).map(Response::new)
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::Object>, Status> {
+        let g = request.get_ref();
+        let (res, ns, name) = kind_target(g.kind, &g.namespace, &g.name);
+        let draft = self.draft(&request, Verb::Get, &res, &ns, &name);
         let r = AdminService::get(self, request).await;
+        self.audit_failure(&draft, r.as_ref().err(), false).await;
         self.done("Get", r).map(Response::new)
     }
 
@@ -952,7 +1202,12 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let l = request.get_ref();
+        let (res, ns, _) = kind_target(l.kind, &l.namespace, "");
+        let ns = if l.all_namespaces { String::new() } else { ns };
+        let draft = self.draft(&request, Verb::List, &res, &ns, "");
         let r = AdminService::list(self, request).await;
+        self.audit_failure(&draft, r.as_ref().err(), false).await;
         self.done("List", r).map(Response::new)
     }
 
@@ -960,7 +1215,11 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let r = AdminService::delete(self, request).await;
+        let d = request.get_ref();
+        let (res, ns, name) = kind_target(d.kind, &d.namespace, &d.name);
+        let draft = self.draft(&request, Verb::Delete, &res, &ns, &name);
+        let r = AdminService::delete(self, request, &draft).await;
+        self.audit_failure(&draft, r.as_ref().err(), true).await;
         self.done("Delete", r).map(Response::new)
     }
 
@@ -970,7 +1229,12 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let w = request.get_ref();
+        let (res, ns, _) = kind_target(w.kind, &w.namespace, "");
+        let ns = if w.all_namespaces { String::new() } else { ns };
+        let draft = self.draft(&request, Verb::Watch, &res, &ns, "");
         let r = AdminService::watch(self, request).await;
+        self.audit_failure(&draft, r.as_ref().err(), false).await;
         self.done("Watch", r).map(Response::new)
     }
 
@@ -978,7 +1242,10 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::EnrollClusterRequest>,
     ) -> Result<Response<pb::EnrollClusterResponse>, Status> {
-        let r = AdminService::enroll(self, request).await;
+        let name = request.get_ref().name.clone();
+        let draft = self.draft(&request, Verb::Enroll, "clusters", "", &name);
+        let r = AdminService::enroll(self, request, &draft).await;
+        self.audit_failure(&draft, r.as_ref().err(), true).await;
         self.done("EnrollCluster", r).map(Response::new)
     }
 
@@ -994,7 +1261,10 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::IssueUserRequest>,
     ) -> Result<Response<pb::IssueUserResponse>, Status> {
-        let r = AdminService::issue_user(self, request).await;
+        let name = request.get_ref().name.clone();
+        let draft = self.draft(&request, Verb::Issue, "users", "", &name);
+        let r = AdminService::issue_user(self, request, &draft).await;
+        self.audit_failure(&draft, r.as_ref().err(), true).await;
         self.done("IssueUser", r).map(Response::new)
     }
 
@@ -1002,7 +1272,10 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::RevokeUserRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let r = AdminService::revoke_user(self, request).await;
+        let name = request.get_ref().name.clone();
+        let draft = self.draft(&request, Verb::Revoke, "users", "", &name);
+        let r = AdminService::revoke_user(self, request, &draft).await;
+        self.audit_failure(&draft, r.as_ref().err(), true).await;
         self.done("RevokeUser", r).map(Response::new)
     }
 
@@ -1010,7 +1283,26 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::RevokeClusterRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let r = AdminService::revoke_cluster(self, request).await;
+        let name = request.get_ref().name.clone();
+        let draft = self.draft(&request, Verb::Revoke, "clusters", "", &name);
+        let r = AdminService::revoke_cluster(self, request, &draft).await;
+        self.audit_failure(&draft, r.as_ref().err(), true).await;
         self.done("RevokeCluster", r).map(Response::new)
+    }
+
+    async fn query_audit(
+        &self,
+        request: Request<pb::AuditQuery>,
+    ) -> Result<Response<pb::AuditResponse>, Status> {
+        let q = request.get_ref();
+        let ns = if q.all_namespaces {
+            String::new()
+        } else {
+            q.namespace.clone()
+        };
+        let draft = self.draft(&request, Verb::List, "audit", &ns, "");
+        let r = AdminService::query_audit(self, request).await;
+        self.audit_failure(&draft, r.as_ref().err(), false).await;
+        self.done("QueryAudit", r).map(Response::new)
     }
 }

@@ -76,6 +76,9 @@ struct Cli {
     /// Mark a cluster Offline when nothing was heard from its agent for this long, e.g. 30s [env: IMGFLEET_OFFLINE_AFTER] [default: 30s]
     #[arg(long, value_name = "DURATION")]
     offline_after: Option<String>,
+    /// Delete audit records older than this, e.g. 90d [env: IMGFLEET_AUDIT_RETENTION] [default: 90d]
+    #[arg(long, value_name = "DURATION")]
+    audit_retention: Option<String>,
 }
 
 /// Where policy is stored.
@@ -154,6 +157,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Silence after which a cluster is shown Offline (`--offline-after`).
     pub offline_after: std::time::Duration,
+    /// How long audit records are kept (`--audit-retention`).
+    pub audit_retention: std::time::Duration,
 }
 
 /// Why the configuration was refused, or that help/version was asked for.
@@ -205,6 +210,7 @@ impl Config {
             server_names: Vec::new(),
             log_format: LogFormat::Text,
             offline_after: DEFAULT_OFFLINE_AFTER,
+            audit_retention: crate::audit::DEFAULT_RETENTION,
         }
     }
 
@@ -241,8 +247,10 @@ impl Config {
         let server_names = server_names(&env, cli.server_names)?;
         let log_format = log_format(&env, cli.log_format)?;
         let offline_after = offline_after(&env, cli.offline_after)?;
+        let audit_retention = audit_retention(&env, cli.audit_retention)?;
         Ok(Config {
             offline_after,
+            audit_retention,
             listen,
             data_dir,
             store,
@@ -465,6 +473,18 @@ fn offline_after(env: &Env, flag: Option<String>) -> Result<std::time::Duration,
             .filter(|d| !d.is_zero())
             .ok_or_else(|| {
                 ConfigError::invalid("--offline-after", raw, "a duration like 30s or 2m")
+            }),
+    }
+}
+
+fn audit_retention(env: &Env, flag: Option<String>) -> Result<std::time::Duration, ConfigError> {
+    match env.or(flag, "IMGFLEET_AUDIT_RETENTION") {
+        None => Ok(crate::audit::DEFAULT_RETENTION),
+        Some(raw) => imgfleet::model::parse_duration(&raw)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                ConfigError::invalid("--audit-retention", raw, "a duration like 90d or 720h")
             }),
     }
 }

@@ -1,5 +1,6 @@
 //! The imgfleet hub: policy store, admin and agent services, placement, tag resolution.
 pub mod admin;
+pub mod audit;
 pub mod ca;
 pub mod config;
 pub mod controller;

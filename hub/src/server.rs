@@ -355,6 +355,14 @@ pub async fn start_with(
             Ok(())
         });
     }
+    {
+        let (store, token) = (context.objects.store().clone(), shutdown.clone());
+        let retention = config.audit_retention;
+        tasks.spawn(async move {
+            crate::audit::run_retention(store, retention, token).await;
+            Ok(())
+        });
+    }
     let tls = pki.server.server_config();
     let router = tonic::transport::Server::builder()
         .tls_config(tls)

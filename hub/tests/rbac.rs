@@ -395,6 +395,8 @@ async fn scenario(hub: &TestHub) {
         "user-a may not issue users",
     );
 
+    audit_trail(hub, &mut admin, &mut l).await;
+
     // Re-enrolling needs --reissue and keeps labels and tenants.
     admin
         .enroll_cluster(pb::EnrollClusterRequest {
@@ -434,6 +436,127 @@ async fn scenario(hub: &TestHub) {
         Some("eu")
     );
     assert_eq!(cl.spec.expect("spec").tenants, vec!["team-a".to_string()]);
+}
+
+async fn query(c: &mut Client, ns: &str) -> Result<Vec<pb::AuditEvent>, tonic::Status> {
+    c.query_audit(pb::AuditQuery {
+        namespace: ns.into(),
+        all_namespaces: ns.is_empty(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().events)
+}
+
+/// The trail holds user-a's allowed and denied calls, each change with the
+/// resourceVersion it produced, and never a password; namespace admins read
+/// their namespace's records only; old records are pruned, and that is
+/// recorded too.
+async fn audit_trail(hub: &TestHub, admin: &mut Client, lead: &mut Client) {
+    const PASSWORD: &str = "S3cret-Pa55word";
+    let secret = objects(&format!(
+        r#"
+apiVersion: image.theriseunion.io/v1alpha1
+kind: RegistrySecret
+metadata: {{name: harbor-prod, namespace: team-a}}
+spec: {{domain: harbor.example.com, username: robot, password: "{PASSWORD}"}}
+"#
+    ))
+    .remove(0);
+    admin.apply(apply(secret.clone())).await.expect("secret");
+    let mut changed = secret;
+    if let Some(pb::object::Kind::RegistrySecret(rs)) = &mut changed.kind {
+        rs.spec.as_mut().expect("spec").password = format!("{PASSWORD}-2");
+    }
+    admin.apply(apply(changed)).await.expect("new password");
+
+    let all = query(admin, "").await.expect("admin reads the trail");
+    let of = |user: &str, verb: &str, outcome: &str| -> Vec<&pb::AuditEvent> {
+        all.iter()
+            .filter(|e| e.user == user && e.verb == verb && e.outcome == outcome)
+            .collect()
+    };
+    let applied = of("user-a", "apply", "allowed");
+    assert_eq!(applied.len(), 1, "{all:#?}");
+    assert_eq!(
+        (applied[0].namespace.as_str(), applied[0].name.as_str()),
+        ("team-a", "a-app")
+    );
+    assert!(!applied[0].resource_version.is_empty());
+    assert_eq!(applied[0].groups, vec!["dev".to_string()]);
+    assert!(
+        applied[0].source.starts_with("127.0.0.1:"),
+        "{:?}",
+        applied[0]
+    );
+    let denied_apply = of("user-a", "apply", "denied");
+    assert!(
+        denied_apply.iter().any(|e| e.message
+            == "user-a may not apply repositories in namespace team-b"
+            && e.code == Code::PermissionDenied as i32),
+        "{all:#?}"
+    );
+    // The get in team-b, and the one with the revoked certificate.
+    let gets = of("user-a", "get", "denied");
+    assert_eq!(gets.len(), 2, "{gets:#?}");
+    assert!(gets[1].message.contains("revoked"), "{:?}", gets[1]);
+    assert_eq!(of("user-a", "enroll", "denied").len(), 1);
+    assert_eq!(of("admin", "issue", "allowed").len(), 4);
+    assert_eq!(of("user-a", "issue", "denied").len(), 1);
+    assert_eq!(of("admin", "revoke", "allowed").len(), 1);
+    let pw: Vec<&pb::AuditEvent> = all
+        .iter()
+        .filter(|e| e.resource == "registrysecrets" && e.outcome == "allowed")
+        .collect();
+    assert_eq!(pw.len(), 2);
+    assert!(pw[1].message.contains("password changed"), "{:?}", pw[1]);
+    for e in &all {
+        assert!(!format!("{e:?}").contains(PASSWORD), "a password in {e:?}");
+    }
+    // The change and its record share the revision: the object's
+    // resourceVersion is the record's.
+    let got = admin
+        .get(pb::GetRequest {
+            kind: pb::Kind::RegistrySecret as i32,
+            namespace: "team-a".into(),
+            name: "harbor-prod".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    let Some(pb::object::Kind::RegistrySecret(rs)) = got.kind else {
+        panic!("not a secret")
+    };
+    assert_eq!(
+        rs.metadata.expect("meta").resource_version,
+        pw[1].resource_version
+    );
+
+    // A namespace admin reads that namespace only; an editor reads none.
+    let team_a = query(lead, "team-a").await.expect("lead reads team-a");
+    assert!(!team_a.is_empty());
+    assert!(team_a.iter().all(|e| e.namespace == "team-a"));
+    let across = query(lead, "").await.expect("lead reads across");
+    assert!(
+        across.iter().all(|e| e.namespace == "team-a"),
+        "{across:#?}"
+    );
+    let e = query(lead, "team-b").await.expect_err("team-b");
+    assert_eq!(e.message(), "lead may not list audit in namespace team-b");
+
+    // Retention: everything is older than a millisecond.
+    let store = hub.hub.context.objects.store().clone();
+    let removed = imgfleet_hub::audit::prune(store.as_ref(), std::time::Duration::from_millis(1))
+        .await
+        .expect("prune");
+    assert!(removed >= all.len(), "{removed} < {}", all.len());
+    let after = query(admin, "").await.expect("trail after pruning");
+    assert!(
+        after
+            .iter()
+            .any(|e| e.verb == "prune" && e.message.contains("removed")),
+        "{after:#?}"
+    );
 }
 
 #[tokio::test]

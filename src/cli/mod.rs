@@ -8,6 +8,7 @@
 // module below: a closed pipe then ends any command quietly.
 #[macro_use]
 mod output;
+mod audit;
 mod format;
 mod hub;
 mod rate;
@@ -121,6 +122,24 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Read the hub's audit trail: changes and denied calls, never a secret.
+    Audit {
+        /// Only records newer than this, e.g. 1h, 30m, 7d.
+        #[arg(long, value_parser = parse_duration_arg)]
+        since: Option<std::time::Duration>,
+        /// Only this user's records.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this namespace's records.
+        #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
+        namespace: Option<String>,
+        /// Every namespace (and the fleet-wide records) you may read; the default.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// table, or json: one Kubernetes audit.k8s.io/v1 Event per line.
+        #[arg(short = 'o', long, value_enum, default_value_t = AuditOutput::Table)]
+        output: AuditOutput,
+    },
     /// Ask the hub what you may do.
     Auth {
         #[command(subcommand)]
@@ -196,6 +215,15 @@ enum ClusterCommand {
         /// The cluster name.
         name: String,
     },
+}
+
+/// How `audit` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuditOutput {
+    /// Aligned columns.
+    Table,
+    /// JSON lines in the shape of Kubernetes audit events.
+    Json,
 }
 
 /// How `get` prints.
@@ -330,7 +358,66 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     namespace,
                 },
         } => can_i(&target, &verb, &resource, namespace.as_deref()).await,
+        Command::Audit {
+            since,
+            user,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            audit_trail(
+                &target,
+                since,
+                user,
+                namespace.filter(|_| !all_namespaces),
+                output,
+            )
+            .await
+        }
     }
+}
+
+async fn audit_trail(
+    target: &hub::Target,
+    since: Option<std::time::Duration>,
+    user: Option<String>,
+    namespace: Option<String>,
+    output: AuditOutput,
+) -> anyhow::Result<ExitCode> {
+    let since = since.map(|d| {
+        let t = std::time::SystemTime::now()
+            .checked_sub(d)
+            .unwrap_or(std::time::UNIX_EPOCH)
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        prost_types::Timestamp {
+            seconds: i64::try_from(t.as_secs()).unwrap_or(0),
+            nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+        }
+    });
+    let mut client = hub::connect(target).await?;
+    let all = namespace.is_none();
+    let events = client
+        .query_audit(pb::AuditQuery {
+            since,
+            user: user.unwrap_or_default(),
+            namespace: namespace.unwrap_or_default(),
+            all_namespaces: all,
+            limit: 0,
+        })
+        .await
+        .map_err(|s| hub::status_error(s, "the audit trail", target))?
+        .into_inner()
+        .events;
+    match output {
+        AuditOutput::Table => print!("{}", audit::audit_table(&events)),
+        AuditOutput::Json => {
+            for e in &events {
+                println!("{}", audit::to_k8s_event(e));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn issue_user(

@@ -325,6 +325,13 @@ impl AdminService for MemoryHub {
         Err(Status::unimplemented("not in the in-memory hub"))
     }
 
+    async fn query_audit(
+        &self,
+        _: Request<pb::AuditQuery>,
+    ) -> Result<Response<pb::AuditResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
     async fn enroll_cluster(
         &self,
         request: Request<pb::EnrollClusterRequest>,
