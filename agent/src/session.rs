@@ -60,6 +60,10 @@ pub struct SessionConfig {
     pub backoff_min: Duration,
     /// Largest reconnect delay.
     pub backoff_max: Duration,
+    /// Reconnect delay once the hub said this agent's certificate is revoked,
+    /// or the certificate expired: only an operator can fix that, so the
+    /// agent asks rarely and keeps serving what it holds.
+    pub revoked_backoff: Duration,
 }
 
 impl SessionConfig {
@@ -75,6 +79,7 @@ impl SessionConfig {
             progress_interval: Duration::from_millis(500),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
+            revoked_backoff: Duration::from_secs(300),
         }
     }
 }
@@ -94,6 +99,25 @@ pub enum SessionError {
     Delta(#[from] DeltaError),
     #[error(transparent)]
     Empty(#[from] EmptyMessage),
+    /// The agent's certificate is past its end; the hub would refuse it.
+    #[error(
+        "this agent's certificate expired at {0} (Unix seconds): re-enroll the cluster with `imgfleet cluster enroll {1} --reissue` and give the agent the new credentials"
+    )]
+    Expired(i64, String),
+}
+
+impl SessionError {
+    /// Whether only an operator can end this: a revoked or expired
+    /// certificate. The agent then retries slowly and keeps serving.
+    pub fn needs_operator(&self) -> bool {
+        match self {
+            SessionError::Expired(..) => true,
+            SessionError::Rpc(s) => {
+                s.code() == tonic::Code::PermissionDenied && s.message().contains("revoked")
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The session task: owns the persisted desired set and publishes it.
@@ -159,6 +183,16 @@ impl Session {
             self.status.connected.store(false, Ordering::Relaxed);
             match result {
                 Ok(Outcome::Shutdown) => return,
+                Err(e) if e.needs_operator() => {
+                    error!(hub = %url, error = %e,
+                           "The hub refuses this agent's certificate; serving what is held, retrying in {:?}",
+                           self.config.revoked_backoff);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(self.config.revoked_backoff) => {}
+                    }
+                    continue;
+                }
                 Err(e) => {
                     if established {
                         failures = 0;
@@ -207,6 +241,18 @@ impl Session {
         url: &str,
         shutdown: &CancellationToken,
     ) -> Result<Option<(Outbound, Streaming<pb::HubMessage>)>, SessionError> {
+        if let Ok(facts) = imgfleet_common::pki::cert_facts_pem(&self.config.tls.cert_pem) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            if facts.not_after <= now {
+                return Err(SessionError::Expired(
+                    facts.not_after,
+                    self.config.cluster.clone(),
+                ));
+            }
+        }
         let channel = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             // A hub that accepts TCP and then says nothing counts as silent.

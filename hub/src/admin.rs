@@ -475,7 +475,7 @@ impl AdminService {
             )
             .await?;
         info!(admin = %caller.user.name, user = %name, "Revoked user certificates");
-        Ok(revoke_response(record, 0))
+        Ok(revoke_response(record))
     }
 
     async fn revoke_cluster(
@@ -510,7 +510,7 @@ impl AdminService {
             )
             .await?;
         info!(admin = %caller.user.name, cluster = %name, "Revoked cluster certificates");
-        Ok(revoke_response(record, 0))
+        Ok(revoke_response(record))
     }
 
     async fn query_audit(
@@ -1024,14 +1024,13 @@ fn audit_event(e: audit::Entry) -> pb::AuditEvent {
     }
 }
 
-fn revoke_response(record: crate::revocation::Record, sessions_closed: u32) -> pb::RevokeResponse {
+fn revoke_response(record: crate::revocation::Record) -> pb::RevokeResponse {
     let nanos = record.revoked_before_nanos;
     pb::RevokeResponse {
         revoked_before: Some(prost_types::Timestamp {
             seconds: i64::try_from(nanos / 1_000_000_000).unwrap_or(i64::MAX),
             nanos: i32::try_from(nanos % 1_000_000_000).unwrap_or(0),
         }),
-        sessions_closed,
     }
 }
 

@@ -115,3 +115,57 @@ impl Revocations {
         ))
     }
 }
+
+/// Every cluster's revocation, as the sessions of this replica follow it.
+pub type ClusterRevocations = Arc<std::collections::BTreeMap<String, Record>>;
+
+/// Follows the cluster revocations in the store (list, then watch) and
+/// publishes the whole map on every change, so each live session can end
+/// itself when its certificate is revoked, on whichever replica the revoke
+/// was made. Returns the receiver and the task to run until shutdown.
+pub fn follow_clusters(
+    store: Arc<dyn PolicyStore>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> (
+    tokio::sync::watch::Receiver<ClusterRevocations>,
+    impl std::future::Future<Output = ()> + Send,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(ClusterRevocations::default());
+    let run = async move {
+        use crate::store::watcher::{Event, Watcher, recover};
+        let mut watcher = Watcher::new(store, CLUSTER_KIND);
+        let mut retry = crate::retry::Retry::new("Watching cluster revocations");
+        let mut map = std::collections::BTreeMap::new();
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = watcher.next() => n,
+            };
+            match next {
+                Ok(Event::Listed { items, .. }) => {
+                    map = items
+                        .iter()
+                        .filter_map(|v| Some((v.key.name.clone(), Record::decode(&v.value).ok()?)))
+                        .collect();
+                }
+                Ok(Event::Put(v)) => {
+                    if let Ok(r) = Record::decode(&v.value) {
+                        map.insert(v.key.name.clone(), r);
+                    }
+                }
+                Ok(Event::Delete(v)) => {
+                    map.remove(&v.key.name);
+                }
+                Err(e) => {
+                    if !recover(&mut watcher, e, &mut retry, &shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            retry.succeeded();
+            tx.send_replace(Arc::new(map.clone()));
+        }
+    };
+    (rx, run)
+}

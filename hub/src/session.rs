@@ -30,7 +30,7 @@ use crate::desired_cache::{ClusterDesired, DesiredSets};
 use crate::live::{SessionBook, SessionId};
 use crate::objects::{ObjectError, Objects};
 use crate::placement;
-use crate::revocation::{Revocations, Revoked};
+use crate::revocation::{ClusterRevocations, Revocations, Revoked};
 use crate::status::LiveCluster;
 use crate::wire::{self, Credential, FromAgent, Hello};
 
@@ -132,6 +132,9 @@ pub struct AgentService {
     tracker: TaskTracker,
     /// Ends every session.
     shutdown: CancellationToken,
+    /// Every cluster's revocation; a session whose certificate it refuses
+    /// ends at once.
+    revoked: watch::Receiver<ClusterRevocations>,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -148,13 +151,20 @@ impl AgentService {
         live: SessionBook,
         shutdown: CancellationToken,
     ) -> AgentService {
+        let tracker = TaskTracker::new();
+        // Every replica follows the revocations itself, so a revoke made on
+        // any of them ends the session wherever it lives.
+        let (revoked, follow) =
+            crate::revocation::follow_clusters(objects.store().clone(), shutdown.clone());
+        tracker.spawn(follow);
         AgentService {
             objects,
             epoch,
             desired,
             live,
-            tracker: TaskTracker::new(),
+            tracker,
             shutdown,
+            revoked,
         }
     }
 
@@ -178,11 +188,13 @@ impl AgentService {
             Ok(other) => return Err(AgentError::NotACluster(other)),
             Err(e) => return Err(AgentError::Unauthenticated(e)),
         };
+        let mut issued_at = i128::MAX;
         if let Some(certs) = request.peer_certs()
             && let Some(leaf) = certs.first()
         {
             let facts = imgfleet_common::pki::cert_facts_der(leaf.as_ref())
                 .map_err(|e| AgentError::Unauthenticated(TlsError::Identity(e)))?;
+            issued_at = facts.issued_at_nanos;
             let revocations = Revocations::new(self.objects.store().clone());
             match revocations
                 .refuses(&Revoked::Cluster(cluster.clone()), facts.issued_at_nanos)
@@ -191,7 +203,30 @@ impl AgentService {
                 Ok(false) => {}
                 Ok(true) => {
                     warn!(cluster = %cluster, "A revoked certificate tried to connect");
-                    return Err(AgentError::Revoked(cluster));
+                    let draft = crate::audit::Draft {
+                        user: format!("cluster:{cluster}"),
+                        verb: "connect".into(),
+                        resource: "clusters".into(),
+                        name: cluster.clone(),
+                        source: request
+                            .remote_addr()
+                            .map(|a| a.to_string())
+                            .unwrap_or_default(),
+                        ..Default::default()
+                    };
+                    let e = AgentError::Revoked(cluster);
+                    let put = draft.put(
+                        crate::audit::Outcome::Denied,
+                        tonic::Code::PermissionDenied as i32,
+                        false,
+                        &e.to_string(),
+                    );
+                    if let Err(err) =
+                        crate::audit::record_alone(self.objects.store().as_ref(), put).await
+                    {
+                        warn!(error = %err, "Writing an audit record failed");
+                    }
+                    return Err(e);
                 }
                 Err(e) => {
                     return Err(AgentError::Lookup {
@@ -256,6 +291,8 @@ impl AgentService {
             id,
             epoch,
             tx,
+            issued_at,
+            revoked: self.revoked.clone(),
         };
         let desired = self.desired.subscribe(&cluster);
         self.tracker
@@ -292,6 +329,10 @@ struct Session {
     epoch: String,
     /// Messages to the agent.
     tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
+    /// When the agent's certificate was issued (Unix nanoseconds).
+    issued_at: i128,
+    /// Every cluster's revocation.
+    revoked: watch::Receiver<ClusterRevocations>,
 }
 
 impl Session {
@@ -320,9 +361,28 @@ impl Session {
         heartbeat.tick().await;
         let mut seq = 0u64;
         let mut last_heard = Instant::now();
+        let mut revoked = self.revoked.clone();
+        revoked.mark_changed();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                changed = revoked.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let refused = revoked
+                        .borrow_and_update()
+                        .get(&cluster)
+                        .is_some_and(|r| r.refuses(self.issued_at));
+                    if refused {
+                        warn!(cluster = %cluster, "Certificate revoked; ending the agent's session");
+                        let _ = self
+                            .tx
+                            .send(Err(Status::from(AgentError::Revoked(cluster.clone()))))
+                            .await;
+                        break;
+                    }
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => {
                         last_heard = Instant::now();

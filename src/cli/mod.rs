@@ -471,8 +471,12 @@ enum Revoke {
 }
 
 async fn revoke(target: &hub::Target, who: Revoke) -> anyhow::Result<ExitCode> {
+    let who_kind = match &who {
+        Revoke::User(_) => "user",
+        Revoke::Cluster(_) => "cluster",
+    };
     let mut client = hub::connect(target).await?;
-    let (what, response) = match who {
+    let (what, _response) = match who {
         Revoke::User(name) => {
             let what = format!("user {name}");
             let r = client
@@ -490,11 +494,12 @@ async fn revoke(target: &hub::Target, who: Revoke) -> anyhow::Result<ExitCode> {
             (what, r.into_inner())
         }
     };
-    let closed = match response.sessions_closed {
-        0 => String::new(),
-        n => format!("; {n} live session(s) closed"),
+    let sessions = if matches!(who_kind, "cluster") {
+        "; its agent's live session ends within a second"
+    } else {
+        ""
     };
-    println!("{what}: every certificate issued so far is revoked{closed}");
+    println!("{what}: every certificate issued so far is revoked{sessions}");
     Ok(ExitCode::SUCCESS)
 }
 
