@@ -184,6 +184,8 @@ struct Inner {
     /// `status.placement` when it is read.
     placement: PlacementReports,
     revocations: Revocations,
+    /// Lifetime of cluster certificates enrolled without validity_days.
+    cluster_cert_lifetime: std::time::Duration,
     shutdown: CancellationToken,
 }
 
@@ -245,11 +247,21 @@ impl AdminService {
                 ca,
                 metrics,
                 revocations: Revocations::new(objects.store().clone()),
+                cluster_cert_lifetime: crate::config::DEFAULT_CLUSTER_CERT_LIFETIME,
                 objects,
                 placement,
                 shutdown,
             }),
         }
+    }
+
+    /// Cluster certificates enrolled without validity_days live this long
+    /// (`--cluster-cert-lifetime`). Call right after [`AdminService::new`].
+    pub fn with_cluster_cert_lifetime(mut self, lifetime: std::time::Duration) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.cluster_cert_lifetime = lifetime;
+        }
+        self
     }
 
     /// The tonic server for this service.
@@ -885,15 +897,15 @@ impl AdminService {
         let who = caller.user.name.clone();
         let req = req.into_inner();
         let ca = self.inner.ca.as_ref().ok_or(AdminError::NoSigningCa)?;
-        let days = match req.validity_days {
-            0 => DEFAULT_LEAF_VALIDITY_DAYS,
+        let lifetime = match req.validity_days {
+            0 => self.inner.cluster_cert_lifetime,
             d if d > MAX_LEAF_VALIDITY_DAYS => {
                 return Err(AdminError::BadValidity {
                     cluster: req.name,
                     days: d,
                 });
             }
-            d => d,
+            d => std::time::Duration::from_secs(u64::from(d) * 86_400),
         };
 
         // An existing cluster is enrolled again only with reissue, which
@@ -951,7 +963,7 @@ impl AdminService {
             extra.push(Write::Put(put));
         }
         let leaf = ca
-            .issue_cluster(&req.name, days)
+            .issue_cluster_for(&req.name, lifetime)
             .map_err(|source| AdminError::Issue {
                 cluster: req.name.clone(),
                 source,
@@ -986,7 +998,7 @@ impl AdminService {
             .into());
         };
         self.inner.metrics.enrolled();
-        info!(admin = %who, cluster = %req.name, validity_days = days, reissued, "Enrolled cluster");
+        info!(admin = %who, cluster = %req.name, lifetime = ?lifetime, reissued, "Enrolled cluster");
         Ok(pb::EnrollClusterResponse {
             cluster: Some((&stored).into()),
             ca_pem: ca.cert_pem().to_string(),

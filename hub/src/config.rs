@@ -79,6 +79,9 @@ struct Cli {
     /// Delete audit records older than this, e.g. 90d [env: IMGFLEET_AUDIT_RETENTION] [default: 90d]
     #[arg(long, value_name = "DURATION")]
     audit_retention: Option<String>,
+    /// Lifetime of cluster certificates issued by enrollment and renewal, e.g. 30d; agents renew after two thirds of it [env: IMGFLEET_CLUSTER_CERT_LIFETIME] [default: 30d]
+    #[arg(long, value_name = "DURATION")]
+    cluster_cert_lifetime: Option<String>,
 }
 
 /// Where policy is stored.
@@ -159,6 +162,8 @@ pub struct Config {
     pub offline_after: std::time::Duration,
     /// How long audit records are kept (`--audit-retention`).
     pub audit_retention: std::time::Duration,
+    /// Lifetime of cluster certificates (`--cluster-cert-lifetime`).
+    pub cluster_cert_lifetime: std::time::Duration,
 }
 
 /// Why the configuration was refused, or that help/version was asked for.
@@ -211,6 +216,7 @@ impl Config {
             log_format: LogFormat::Text,
             offline_after: DEFAULT_OFFLINE_AFTER,
             audit_retention: crate::audit::DEFAULT_RETENTION,
+            cluster_cert_lifetime: DEFAULT_CLUSTER_CERT_LIFETIME,
         }
     }
 
@@ -248,7 +254,9 @@ impl Config {
         let log_format = log_format(&env, cli.log_format)?;
         let offline_after = offline_after(&env, cli.offline_after)?;
         let audit_retention = audit_retention(&env, cli.audit_retention)?;
+        let cluster_cert_lifetime = cluster_cert_lifetime(&env, cli.cluster_cert_lifetime)?;
         Ok(Config {
+            cluster_cert_lifetime,
             offline_after,
             audit_retention,
             listen,
@@ -473,6 +481,36 @@ fn offline_after(env: &Env, flag: Option<String>) -> Result<std::time::Duration,
             .filter(|d| !d.is_zero())
             .ok_or_else(|| {
                 ConfigError::invalid("--offline-after", raw, "a duration like 30s or 2m")
+            }),
+    }
+}
+
+/// Default `--cluster-cert-lifetime`.
+pub const DEFAULT_CLUSTER_CERT_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
+/// The shortest `--cluster-cert-lifetime`: renewal at two thirds of it must
+/// leave the agent time to reach a hub.
+const MIN_CLUSTER_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn cluster_cert_lifetime(
+    env: &Env,
+    flag: Option<String>,
+) -> Result<std::time::Duration, ConfigError> {
+    match env.or(flag, "IMGFLEET_CLUSTER_CERT_LIFETIME") {
+        None => Ok(DEFAULT_CLUSTER_CERT_LIFETIME),
+        Some(raw) => imgfleet::model::parse_duration(&raw)
+            .ok()
+            .filter(|d| {
+                *d >= MIN_CLUSTER_CERT_LIFETIME
+                    && d.as_secs()
+                        <= u64::from(imgfleet_common::pki::MAX_LEAF_VALIDITY_DAYS) * 86_400
+            })
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "--cluster-cert-lifetime",
+                    raw,
+                    "a duration from 30s to 3650d, like 30d or 2m",
+                )
             }),
     }
 }

@@ -300,7 +300,8 @@ pub async fn start_with(
         metrics.clone(),
         placement,
         shutdown.clone(),
-    );
+    )
+    .with_cluster_cert_lifetime(config.cluster_cert_lifetime);
 
     let grpc_listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -411,7 +412,8 @@ fn start_agent_api(
         cache.sets(),
         live.sessions(),
         shutdown.clone(),
-    );
+    )
+    .with_renewal(context.pki.ca.clone(), config.cluster_cert_lifetime);
     routes.add_service(service.clone().into_server());
     let writer = StatusWriter {
         objects: objects.clone(),

@@ -135,6 +135,15 @@ pub struct AgentService {
     /// Every cluster's revocation; a session whose certificate it refuses
     /// ends at once.
     revoked: watch::Receiver<ClusterRevocations>,
+    /// Signs renewals, when this hub holds the CA.
+    renewal: Option<Renewal>,
+}
+
+/// What renewing a cluster certificate takes.
+#[derive(Clone)]
+struct Renewal {
+    ca: std::sync::Arc<imgfleet_common::pki::CertificateAuthority>,
+    lifetime: Duration,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -165,7 +174,20 @@ impl AgentService {
             tracker,
             shutdown,
             revoked,
+            renewal: None,
         }
+    }
+
+    /// Renew cluster certificates over the session with `ca`, each valid for
+    /// `lifetime` (`--cluster-cert-lifetime`); without a CA renewal requests
+    /// are answered with an error.
+    pub fn with_renewal(
+        mut self,
+        ca: Option<std::sync::Arc<imgfleet_common::pki::CertificateAuthority>>,
+        lifetime: Duration,
+    ) -> Self {
+        self.renewal = ca.map(|ca| Renewal { ca, lifetime });
+        self
     }
 
     /// The tonic server for this service.
@@ -293,6 +315,7 @@ impl AgentService {
             tx,
             issued_at,
             revoked: self.revoked.clone(),
+            renewal: self.renewal.clone(),
         };
         let desired = self.desired.subscribe(&cluster);
         self.tracker
@@ -333,6 +356,8 @@ struct Session {
     issued_at: i128,
     /// Every cluster's revocation.
     revoked: watch::Receiver<ClusterRevocations>,
+    /// Signs renewals.
+    renewal: Option<Renewal>,
 }
 
 impl Session {
@@ -386,7 +411,15 @@ impl Session {
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => {
                         last_heard = Instant::now();
-                        self.handle(FromAgent::from(m));
+                        match FromAgent::from(m) {
+                            FromAgent::Renew { csr_pem } => {
+                                self.live.heard(&self.id);
+                                if !self.renew(&csr_pem).await {
+                                    break;
+                                }
+                            }
+                            other => self.handle(other),
+                        }
                     }
                     Ok(None) => {
                         info!(cluster = %cluster, "Agent closed the session");
@@ -427,6 +460,54 @@ impl Session {
         self.live.end(&self.id);
     }
 
+    /// Signs the agent's CSR for its own cluster (the subject is the
+    /// hub's), records it in the audit trail, and answers.
+    async fn renew(&self, csr_pem: &str) -> bool {
+        let cluster = &self.id.cluster;
+        let result = match &self.renewal {
+            None => Err("this hub has no signing CA: renew against a hub started with --ca-cert and --ca-key".to_owned()),
+            Some(r) => r
+                .ca
+                .sign_cluster_csr(csr_pem, cluster, r.lifetime)
+                .map_err(|e| format!("cluster {cluster}: renewal refused: {e}")),
+        };
+        let draft = crate::audit::Draft {
+            user: format!("cluster:{cluster}"),
+            verb: "renew".into(),
+            resource: "clusters".into(),
+            name: cluster.clone(),
+            ..Default::default()
+        };
+        let put = match &result {
+            Ok(_) => draft.put(
+                crate::audit::Outcome::Allowed,
+                0,
+                false,
+                "certificate renewed",
+            ),
+            Err(e) => draft.put(
+                crate::audit::Outcome::Failed,
+                tonic::Code::InvalidArgument as i32,
+                false,
+                e,
+            ),
+        };
+        if let Err(e) = crate::audit::record_alone(self.objects.store().as_ref(), put).await {
+            // Unaudited, so not issued.
+            warn!(cluster = %cluster, error = %e, "Renewal not audited; refused");
+            return self
+                .send(wire::renewed(Err(format!(
+                    "the hub could not record the renewal: {e}"
+                ))))
+                .await;
+        }
+        match &result {
+            Ok(_) => info!(cluster = %cluster, "Renewed the cluster certificate"),
+            Err(e) => warn!(cluster = %cluster, error = %e, "Renewal refused"),
+        }
+        self.send(wire::renewed(result)).await
+    }
+
     async fn send(&self, msg: wire::Outbound) -> bool {
         self.tx.send(Ok(msg)).await.is_ok()
     }
@@ -456,7 +537,7 @@ impl Session {
                 self.live.progress(&self.id, storage, images);
             }
             FromAgent::Heartbeat => self.live.heartbeat(&self.id),
-            FromAgent::Other => self.live.heard(&self.id),
+            FromAgent::Renew { .. } | FromAgent::Other => self.live.heard(&self.id),
         }
     }
 

@@ -75,6 +75,8 @@ pub struct Config {
     pub tls: TlsMaterial,
     /// The cluster name its certificate carries.
     pub cluster: String,
+    /// Where the credentials live; renewed ones are written back there.
+    pub credentials_dir: Option<PathBuf>,
     /// Content store, desired set and local key.
     pub data_dir: PathBuf,
     /// Where the mirror listens.
@@ -125,6 +127,7 @@ impl DaemonArgs {
             hubs,
             tls,
             cluster,
+            credentials_dir: self.credentials.clone(),
             data_dir: self.data_dir,
             mirror_listen,
             metrics_listen,
@@ -161,6 +164,8 @@ impl DaemonArgs {
             ));
         };
         let setting = || format!("--credentials {}", dir.display());
+        // A renewal a crash cut short is finished (or dropped) first.
+        crate::credentials::recover(dir).map_err(|e| ConfigError::new(setting(), e.to_string()))?;
         let tls =
             TlsMaterial::from_dir(dir).map_err(|e| ConfigError::new(setting(), e.to_string()))?;
         for h in hubs {

@@ -119,11 +119,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         };
         tasks.spawn(serve_metrics(listener, state, shutdown.clone()));
     }
-    let session_config = SessionConfig::new(
+    let mut session_config = SessionConfig::new(
         config.hubs.clone(),
         config.tls.clone(),
         config.cluster.clone(),
     );
+    session_config.credentials_dir = config.credentials_dir.clone();
     let session = Session::new(session_config, file, desired_tx, book.clone(), status);
     tasks.spawn(session.run(shutdown.clone()));
     let reconciler = Reconciler::new(
