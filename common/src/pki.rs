@@ -30,6 +30,10 @@ pub const CA_COMMON_NAME: &str = "imgfleet hub CA";
 pub const ADMIN_ORGANIZATION: &str = "imgfleet-admin";
 /// Prefix of the URI SAN that binds a user name into a user certificate.
 pub const USER_URI_PREFIX: &str = "imgfleet://user/";
+/// Prefix of the URI SANs that name a user's groups, beside the O values:
+/// the certificate library this hub signs with writes at most two O
+/// attributes, so every group is also written as `imgfleet://group/<g>`.
+pub const GROUP_URI_PREFIX: &str = "imgfleet://group/";
 /// Most groups (O attributes) one user certificate may carry.
 pub const MAX_USER_GROUPS: usize = 32;
 /// Organization of cluster agent client certificates.
@@ -463,19 +467,34 @@ fn user_params(name: &str, groups: &[String]) -> Result<CertificateParams, PkiEr
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
-    for g in groups {
-        validate_group_name(g)?;
-        dn.push(DnType::OrganizationName, g.as_str());
+    // rcgen keeps one value per attribute type, and O can be written under
+    // two (its name and its OID): the first two groups go into O, for other
+    // tools to read, and every group into a URI SAN.
+    let o_types = [
+        DnType::OrganizationName,
+        DnType::CustomDnType(vec![2, 5, 4, 10]),
+    ];
+    for (g, ty) in groups.iter().zip(o_types) {
+        dn.push(ty, g.as_str());
     }
     params.distinguished_name = dn;
+    let bad_uri = |field: &'static str, value: &str| PkiError::InvalidName {
+        field,
+        value: value.into(),
+        expected: "ASCII letters, digits, '-', '_', '.', '@'",
+    };
     let uri = format!("{USER_URI_PREFIX}{name}");
-    params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(|_| {
-        PkiError::InvalidName {
-            field: "user name",
-            value: name.into(),
-            expected: "ASCII letters, digits, '-', '_', '.', '@'",
-        }
-    })?)];
+    let mut sans = vec![SanType::URI(
+        uri.try_into().map_err(|_| bad_uri("user name", name))?,
+    )];
+    for g in groups {
+        validate_group_name(g)?;
+        let uri = format!("{GROUP_URI_PREFIX}{g}");
+        sans.push(SanType::URI(
+            uri.try_into().map_err(|_| bad_uri("group", g))?,
+        ));
+    }
+    params.subject_alt_names = sans;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     Ok(params)
 }
@@ -689,6 +708,12 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
         return Ok(Identity::Cluster(cn));
     }
     validate_user_name(&cn).map_err(no_identity_name)?;
+    let mut orgs = orgs;
+    for g in uris.iter().filter_map(|u| u.strip_prefix(GROUP_URI_PREFIX)) {
+        if !orgs.iter().any(|o| o == g) {
+            orgs.push(g.to_string());
+        }
+    }
     for g in &orgs {
         validate_group_name(g).map_err(no_identity_name)?;
     }
@@ -883,6 +908,66 @@ mod tests {
             Err(PkiError::CaKeyMismatch)
         ));
         assert!(!format!("{again:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn users_come_from_cn_groups_and_uri() {
+        let ca = CertificateAuthority::generate().expect("ca");
+        let csr = generate_csr("whatever").expect("csr");
+        let groups = vec!["dev".to_string(), "ops".to_string(), "sre".to_string()];
+        let cert = ca
+            .sign_user_csr(&csr.cert_pem, "user-a", &groups, 1)
+            .expect("signed");
+        assert_eq!(
+            identity_from_pem(&cert).expect("identity"),
+            Identity::User(User {
+                name: "user-a".into(),
+                groups: groups.clone(),
+            })
+        );
+        // The certificate is for the CSR's key, not a key the CA made.
+        let der = der_of(&cert);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).expect("parse");
+        let key = KeyPair::from_pem(&csr.key_pem).expect("key");
+        assert_eq!(
+            parsed.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        // Users may not pose as agents, nor carry bad names.
+        for bad in [
+            ca.sign_user_csr(&csr.cert_pem, "user a", &[], 1),
+            ca.sign_user_csr(&csr.cert_pem, "u", &[CLUSTER_ORGANIZATION.into()], 1),
+            ca.sign_user_csr("not a csr", "u", &[], 1),
+        ] {
+            assert!(bad.is_err());
+        }
+    }
+
+    #[test]
+    fn the_issue_time_is_in_the_serial() {
+        let ca = CertificateAuthority::generate().expect("ca");
+        let before =
+            i128::from(u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap());
+        let a = ca
+            .issue_cluster_for("edge-1", std::time::Duration::from_secs(120))
+            .expect("issue");
+        let b = ca.issue_cluster("edge-1", 1).expect("issue");
+        let (fa, fb) = (
+            cert_facts_pem(&a.cert_pem).expect("facts"),
+            cert_facts_pem(&b.cert_pem).expect("facts"),
+        );
+        assert!(fa.issued_at_nanos >= before && fb.issued_at_nanos > fa.issued_at_nanos);
+        assert_ne!(fa.serial, fb.serial);
+        assert_eq!(fa.not_after - fa.not_before, 120 + BACKDATE_SECS);
+        // A renewal CSR gets a certificate for the same cluster.
+        let csr = generate_csr("edge-1").expect("csr");
+        let renewed = ca
+            .sign_cluster_csr(&csr.cert_pem, "edge-1", std::time::Duration::from_secs(60))
+            .expect("renewed");
+        assert_eq!(
+            identity_from_pem(&renewed).expect("identity"),
+            Identity::Cluster("edge-1".into())
+        );
     }
 
     #[test]

@@ -625,6 +625,18 @@ mod tests {
             SecretKeySource::File(PathBuf::from("./hub-data/secret.key"))
         );
         assert_eq!(c.tls, TlsFiles::default());
+        assert_eq!(c.cluster_cert_lifetime, DEFAULT_CLUSTER_CERT_LIFETIME);
+        assert_eq!(c.audit_retention, crate::audit::DEFAULT_RETENTION);
+        let c = parse(
+            &["--cluster-cert-lifetime", "2m"],
+            &[("IMGFLEET_AUDIT_RETENTION", "7d")],
+        )
+        .expect("lifetimes");
+        assert_eq!(c.cluster_cert_lifetime, std::time::Duration::from_secs(120));
+        assert_eq!(
+            c.audit_retention,
+            std::time::Duration::from_secs(7 * 24 * 3600)
+        );
     }
 
     #[test]
@@ -693,6 +705,17 @@ mod tests {
             (&["--server-name", "a b"], &[], "--server-name"),
             (&["--log-format", "xml"], &[], "--log-format"),
             (&["--no-such-flag"], &[], "--no-such-flag"),
+            (
+                &["--cluster-cert-lifetime", "10s"],
+                &[],
+                "--cluster-cert-lifetime \"10s\": a duration from 30s",
+            ),
+            (
+                &[],
+                &[("IMGFLEET_CLUSTER_CERT_LIFETIME", "soon")],
+                "--cluster-cert-lifetime",
+            ),
+            (&["--audit-retention", "0s"], &[], "--audit-retention"),
         ];
         for (args, env, want) in cases {
             let err = parse(args, env).expect_err(&format!("{args:?} must fail"));
