@@ -37,6 +37,10 @@ pub struct SessionStatus {
     pub reconnects: AtomicU64,
     /// Desired sets and deltas applied.
     pub sets_applied: AtomicU64,
+    /// Pull tokens issued before this time (Unix seconds) are refused: set
+    /// when the hub says this cluster's certificate was revoked, since
+    /// revoking a cluster invalidates its tokens.
+    pub tokens_not_before: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// How the session behaves; defaults are the contract's.
@@ -190,6 +194,17 @@ impl Session {
                 .once(&url, &shutdown, &mut established)
                 .instrument(span)
                 .await;
+            // A revoked cluster's pull tokens stop working before anything
+            // else says the session ended.
+            if let Err(e @ SessionError::Rpc(_)) = &result
+                && e.needs_operator()
+            {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                    .unwrap_or(0);
+                self.status.tokens_not_before.store(now, Ordering::Relaxed);
+            }
             self.status.connected.store(false, Ordering::Relaxed);
             match result {
                 Ok(Outcome::Shutdown) => return,

@@ -61,6 +61,9 @@ pub enum AdminError {
     },
     #[error("auth can-i: {0}")]
     BadQuestion(String),
+    /// A pull token that cannot be minted.
+    #[error("{0}")]
+    PullToken(String),
     /// A cluster enrolled again without --reissue.
     #[error(
         "Cluster {0} is already enrolled: re-enroll with --reissue (revokes its current certificate; labels and tenants are kept unless given)"
@@ -130,6 +133,7 @@ impl AdminError {
                 Code::PermissionDenied
             }
             AdminError::AlreadyEnrolled(_) => Code::AlreadyExists,
+            AdminError::PullToken(_) => Code::FailedPrecondition,
             AdminError::BadQuestion(_) => Code::InvalidArgument,
             AdminError::Missing(_)
             | AdminError::BadKind(_)
@@ -560,6 +564,69 @@ impl AdminService {
             events.drain(..events.len() - limit);
         }
         Ok(pb::AuditResponse { events })
+    }
+
+    async fn issue_pull_token(
+        &self,
+        req: Request<pb::PullTokenRequest>,
+        draft: &Draft,
+    ) -> Result<pb::PullTokenResponse, AdminError> {
+        let ns = req.get_ref().namespace.clone();
+        let caller = self
+            .authorize(&req, Verb::Issue, Resource::PullTokens, Some(&ns))
+            .await?;
+        let q = req.into_inner();
+        let ca = self.inner.ca.as_ref().ok_or(AdminError::NoSigningCa)?;
+        // Only for a cluster that admits the namespace: any other token
+        // would read nothing.
+        let Object::Cluster(cluster) = self
+            .inner
+            .objects
+            .get(Kind::Cluster, None, &q.cluster)
+            .await?
+        else {
+            return Err(AdminError::BadQuestion(format!(
+                "{} is not a cluster",
+                q.cluster
+            )));
+        };
+        if !cluster.spec.tenants.contains(&ns) {
+            return Err(AdminError::PullToken(format!(
+                "Cluster {} does not admit namespace {ns} (spec.tenants): a token for it would read nothing",
+                q.cluster
+            )));
+        }
+        let ttl = if q.ttl_seconds == 0 {
+            720 * 3600
+        } else {
+            q.ttl_seconds
+        };
+        let now = i64::try_from(crate::revocation::now_nanos() / 1_000_000_000).unwrap_or(0);
+        let exp = now.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX / 2));
+        let claims = imgfleet_common::pull_token::Claims {
+            cluster: q.cluster.clone(),
+            namespace: ns.clone(),
+            iat: now,
+            exp,
+        };
+        let token = imgfleet_common::pull_token::mint(ca.key_pem(), &claims)
+            .map_err(|e| AdminError::PullToken(e.to_string()))?;
+        // The record names the token's scope and lifetime, never the token.
+        let message = format!("pull token for cluster {} issued, valid {ttl}s", q.cluster);
+        audit::record_alone(
+            self.inner.objects.store().as_ref(),
+            draft.put(audit::Outcome::Allowed, 0, false, &message),
+        )
+        .await?;
+        info!(admin = %caller.user.name, cluster = %q.cluster, namespace = %ns, ttl_seconds = ttl,
+              "Issued pull token");
+        Ok(pb::PullTokenResponse {
+            token,
+            expires: Some(prost_types::Timestamp {
+                seconds: exp,
+                nanos: 0,
+            }),
+        })
     }
 
     async fn can_i(&self, req: Request<pb::CanIRequest>) -> Result<pb::CanIResponse, AdminError> {
@@ -1299,6 +1366,20 @@ impl AdminApi for AdminService {
         let r = AdminService::revoke_cluster(self, request, &draft).await;
         self.audit_failure(&draft, r.as_ref().err(), true).await;
         self.done("RevokeCluster", r).map(Response::new)
+    }
+
+    async fn issue_pull_token(
+        &self,
+        request: Request<pb::PullTokenRequest>,
+    ) -> Result<Response<pb::PullTokenResponse>, Status> {
+        let (ns, name) = (
+            request.get_ref().namespace.clone(),
+            request.get_ref().cluster.clone(),
+        );
+        let draft = self.draft(&request, Verb::Issue, "pulltokens", &ns, &name);
+        let r = AdminService::issue_pull_token(self, request, &draft).await;
+        self.audit_failure(&draft, r.as_ref().err(), true).await;
+        self.done("IssuePullToken", r).map(Response::new)
     }
 
     async fn query_audit(

@@ -83,6 +83,8 @@ pub enum Resource {
     Kind(Kind),
     Audit,
     Users,
+    /// Pull tokens for a namespace's repositories on a cluster's mirror.
+    PullTokens,
 }
 
 impl Resource {
@@ -92,6 +94,7 @@ impl Resource {
             Resource::Kind(k) => k.plural(),
             Resource::Audit => "audit",
             Resource::Users => "users",
+            Resource::PullTokens => "pulltokens",
         }
     }
 
@@ -100,6 +103,7 @@ impl Resource {
         match text.to_ascii_lowercase().as_str() {
             "audit" | "auditevents" | "events" => Some(Resource::Audit),
             "user" | "users" => Some(Resource::Users),
+            "pulltoken" | "pulltokens" => Some(Resource::PullTokens),
             other => Kind::parse(other).ok().map(Resource::Kind),
         }
     }
@@ -109,7 +113,7 @@ impl Resource {
     pub fn namespaced(self) -> bool {
         match self {
             Resource::Kind(k) => k.namespaced(),
-            Resource::Audit => true,
+            Resource::Audit | Resource::PullTokens => true,
             Resource::Users => false,
         }
     }
@@ -138,6 +142,7 @@ pub fn role_allows(role: Role, verb: Verb, resource: Resource) -> bool {
                 || (resource == Resource::Kind(Kind::RoleBinding)
                     && (verb.reads() || matches!(verb, Verb::Apply | Verb::Delete)))
                 || (resource == Resource::Audit && matches!(verb, Verb::Get | Verb::List))
+                || (resource == Resource::PullTokens && verb == Verb::Issue)
         }
         Role::ClusterViewer => verb.reads(),
         Role::ClusterAdmin => true,
@@ -341,6 +346,21 @@ mod tests {
         check(&lead, Verb::List, Resource::Audit, Some("team-a"), true);
         check(&lead, Verb::List, Resource::Audit, None, false);
         check(&lead, Verb::Apply, crb, None, false);
+        check(
+            &lead,
+            Verb::Issue,
+            Resource::PullTokens,
+            Some("team-a"),
+            true,
+        );
+        check(
+            &lead,
+            Verb::Issue,
+            Resource::PullTokens,
+            Some("team-b"),
+            false,
+        );
+        check(&a, Verb::Issue, Resource::PullTokens, Some("team-a"), false);
         let auditor = user("auditor", &[]);
         check(&auditor, Verb::List, clusters, None, true);
         check(&auditor, Verb::Get, repos, Some("anything"), true);

@@ -215,6 +215,21 @@ enum ClusterCommand {
         /// The cluster name.
         name: String,
     },
+    /// Mint a token with which nodes pull one namespace's repositories from the
+    /// cluster's mirror (agent started with --mirror-auth token).
+    PullToken {
+        /// The cluster name.
+        name: String,
+        /// The namespace (tenant) whose repositories the token reads.
+        #[arg(long, value_name = "NS")]
+        namespace: String,
+        /// How long the token is valid, e.g. 720h or 30d.
+        #[arg(long, value_parser = parse_duration_arg, default_value = "720h")]
+        ttl: std::time::Duration,
+        /// File to write the token to (mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 /// How `audit` prints.
@@ -338,6 +353,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cluster {
             command: ClusterCommand::Revoke { name },
         } => revoke(&target, Revoke::Cluster(name)).await,
+        Command::Cluster {
+            command:
+                ClusterCommand::PullToken {
+                    name,
+                    namespace,
+                    ttl,
+                    out,
+                },
+        } => pull_token(&target, &name, &namespace, ttl, &out).await,
         Command::User {
             command:
                 UserCommand::Issue {
@@ -460,6 +484,33 @@ async fn issue_user(
         "{what} issued; credentials in {} (ca.pem, cert.pem, key.pem): use them with --credentials {}",
         out.display(),
         out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn pull_token(
+    target: &hub::Target,
+    cluster: &str,
+    namespace: &str,
+    ttl: std::time::Duration,
+    out: &Path,
+) -> anyhow::Result<ExitCode> {
+    let mut client = hub::connect(target).await?;
+    let what = format!("a pull token for {namespace} on Cluster {cluster}");
+    let response = client
+        .issue_pull_token(pb::PullTokenRequest {
+            cluster: cluster.to_owned(),
+            namespace: namespace.to_owned(),
+            ttl_seconds: ttl.as_secs(),
+        })
+        .await
+        .map_err(|s| hub::status_error(s, &what, target))?
+        .into_inner();
+    hub::write_secret_file(out, &response.token)?;
+    println!(
+        "{what} written to {} (valid {}); give it to the nodes with imgfleet-agent hosts-toml --token-file",
+        out.display(),
+        model::format_duration(ttl)
     );
     Ok(ExitCode::SUCCESS)
 }

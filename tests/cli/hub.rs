@@ -332,6 +332,13 @@ impl AdminService for MemoryHub {
         Err(Status::unimplemented("not in the in-memory hub"))
     }
 
+    async fn issue_pull_token(
+        &self,
+        _: Request<pb::PullTokenRequest>,
+    ) -> Result<Response<pb::PullTokenResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
     async fn enroll_cluster(
         &self,
         request: Request<pb::EnrollClusterRequest>,

@@ -81,6 +81,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Where the mirror listens.
     pub mirror_listen: SocketAddr,
+    /// Whether the mirror asks for pull tokens (`--mirror-auth token`).
+    pub mirror_token_auth: bool,
     /// Where `/metrics` and `/healthz` listen, unless off.
     pub metrics_listen: Option<SocketAddr>,
     /// Transfer engine settings.
@@ -121,6 +123,7 @@ impl DaemonArgs {
                     "expected a duration like 30s or 2m",
                 )
             })?;
+        let mirror_token_auth = self.mirror.token_auth()?;
         let mirror = self.mirror.limits()?;
         let engine = self.engine(stall_timeout)?;
         Ok(Config {
@@ -130,6 +133,7 @@ impl DaemonArgs {
             credentials_dir: self.credentials.clone(),
             data_dir: self.data_dir,
             mirror_listen,
+            mirror_token_auth,
             metrics_listen,
             engine,
             gc,
