@@ -436,6 +436,31 @@ async fn scenario(hub: &TestHub) {
         Some("eu")
     );
     assert_eq!(cl.spec.expect("spec").tenants, vec!["team-a".to_string()]);
+
+    // Deleting the cluster revokes the certificate just issued, in the same
+    // transaction as the delete.
+    let issued = pki::cert_facts_pem(&r.cert_pem)
+        .expect("facts")
+        .issued_at_nanos;
+    admin
+        .delete(pb::DeleteRequest {
+            kind: pb::Kind::Cluster as i32,
+            name: "edge-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete cluster");
+    let revocations =
+        imgfleet_hub::revocation::Revocations::new(hub.hub.context.objects.store().clone());
+    assert!(
+        revocations
+            .refuses(
+                &imgfleet_hub::revocation::Revoked::Cluster("edge-1".into()),
+                issued
+            )
+            .await
+            .expect("read revocations")
+    );
 }
 
 async fn query(c: &mut Client, ns: &str) -> Result<Vec<pb::AuditEvent>, tonic::Status> {
