@@ -585,8 +585,8 @@ impl AdminService {
             .get(Kind::Cluster, None, &q.cluster)
             .await?
         else {
-            return Err(AdminError::BadQuestion(format!(
-                "{} is not a cluster",
+            return Err(AdminError::PullToken(format!(
+                "Cluster {}: the stored object is not a Cluster",
                 q.cluster
             )));
         };
