@@ -51,6 +51,11 @@ pub enum Command {
         /// config_path layout) instead of printing them.
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
+        /// A pull token (`imgfleet cluster pull-token --out FILE`) for a mirror
+        /// started with --mirror-auth token: containerd then sends it as the
+        /// Authorization header. The files are written mode 0600.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
 }
 

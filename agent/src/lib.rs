@@ -22,6 +22,7 @@
 //! records a manifest only after every blob it needs was verified by digest.
 
 pub mod cli;
+pub mod credentials;
 pub mod daemon;
 pub mod desired;
 pub mod edge;

@@ -156,7 +156,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             mirror_listen,
             limits,
-        } => match limits.limits() {
+        } => match limits.token_auth().and_then(|token| {
+            if token {
+                Err(imgfleet_agent::settings::ConfigError::new(
+                    "--mirror-auth token",
+                    "needs the daemon, which holds the hub's CA and the cluster's desired set: run imgfleet-agent --credentials DIR",
+                ))
+            } else {
+                limits.limits()
+            }
+        }) {
             Ok(limits) => serve(data_dir, mirror_listen, limits)
                 .await
                 .map(|()| ExitCode::SUCCESS),
@@ -166,7 +175,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mirror,
             upstream,
             out_dir,
-        } => hosts_toml(&mirror, &upstream, out_dir.as_deref()),
+            token_file,
+        } => hosts_toml(&mirror, &upstream, out_dir.as_deref(), token_file.as_deref()),
     }
 }
 
@@ -183,7 +193,31 @@ fn hosts_toml(
     mirror: &str,
     upstreams: &[String],
     out_dir: Option<&std::path::Path>,
+    token_file: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
+    let token_text = match token_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                return Ok(usage_error(format!("--token-file {}: {e}", path.display())));
+            }
+        },
+    };
+    let token = match &token_text {
+        None => None,
+        Some(t) => match standalone::parse_token(t) {
+            Some(t) => Some(t),
+            None => {
+                return Ok(usage_error(format!(
+                    "--token-file {}: expected a pull token from imgfleet cluster pull-token",
+                    token_file
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                )));
+            }
+        },
+    };
     let checked = standalone::parse_mirror_url(mirror).and_then(|m| {
         let ups = upstreams
             .iter()
@@ -195,7 +229,7 @@ fn hosts_toml(
         Ok(c) => c,
         Err(e) => return Ok(usage_error(e)),
     };
-    let files = standalone::hosts_toml(&mirror, &ups);
+    let files = standalone::hosts_toml(&mirror, &ups, token);
     match out_dir {
         None => {
             for (_, text) in files {
@@ -208,7 +242,9 @@ fn hosts_toml(
                 std::fs::create_dir_all(&sub)
                     .with_context(|| format!("creating {}", sub.display()))?;
                 let path = sub.join("hosts.toml");
-                std::fs::write(&path, text)
+                // With a token the file holds a secret.
+                let mode = if token.is_some() { 0o600 } else { 0o644 };
+                imgfleet_common::pki::write_atomic(&path, text.as_bytes(), mode)
                     .with_context(|| format!("writing {}", path.display()))?;
                 println!("{}", path.display());
             }

@@ -19,6 +19,8 @@ pub enum FromHub {
     Delta(Delta),
     /// Liveness only.
     Heartbeat,
+    /// The answer to a renewal: the new certificate, or why there is none.
+    Renewed(Result<String, String>),
 }
 
 /// A hub message with nothing in it.
@@ -34,6 +36,11 @@ impl TryFrom<pb::HubMessage> for FromHub {
             pb::hub_message::Msg::DesiredSet(set) => FromHub::Set(set.into()),
             pb::hub_message::Msg::Delta(delta) => FromHub::Delta(delta.into()),
             pb::hub_message::Msg::Heartbeat(_) => FromHub::Heartbeat,
+            pb::hub_message::Msg::Renewed(r) => FromHub::Renewed(if r.error.is_empty() {
+                Ok(r.cert_pem)
+            } else {
+                Err(r.error)
+            }),
         })
     }
 }
@@ -177,6 +184,11 @@ pub fn progress(images: Vec<ImageReport>, storage: StorageReport) -> pb::AgentMe
         images: images.into_iter().map(Into::into).collect(),
         storage: Some(storage.into()),
     }))
+}
+
+/// Asks for the cluster's next certificate for the key of `csr_pem`.
+pub fn renew(csr_pem: String) -> pb::AgentMessage {
+    agent(pb::agent_message::Msg::Renew(pb::RenewRequest { csr_pem }))
 }
 
 /// Liveness; `seq` grows by one per heartbeat within a session.

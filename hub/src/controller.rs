@@ -346,6 +346,8 @@ impl Policy {
             Object::Repository(r) => self.repos.push(r),
             Object::Cluster(c) => self.clusters.push(c),
             Object::RegistrySecret(s) => self.secrets.push(s),
+            // Bindings say who may change policy, not where images go.
+            Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {}
         }
     }
 }
@@ -795,6 +797,7 @@ spec: {tenants: [default]}
                 Object::Repository(x) => r.push(x),
                 Object::Cluster(x) => c.push(x),
                 Object::RegistrySecret(x) => s.push(x),
+                Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {}
             }
         }
         (r, c, s)

@@ -1,5 +1,6 @@
 //! The imgfleet hub: policy store, admin and agent services, placement, tag resolution.
 pub mod admin;
+pub mod audit;
 pub mod ca;
 pub mod config;
 pub mod controller;
@@ -12,9 +13,11 @@ pub mod live;
 pub mod metrics;
 pub mod objects;
 pub mod placement;
+pub mod rbac;
 pub mod resolve_loop;
 pub mod resolver;
 pub mod retry;
+pub mod revocation;
 pub mod secrets;
 pub mod selector;
 pub mod server;

@@ -330,7 +330,9 @@ impl Cache {
                     Changed::Secret(id)
                 }
             }
-            Object::Cluster(_) => Changed::Nothing,
+            Object::Cluster(_) | Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {
+                Changed::Nothing
+            }
         }
     }
 

@@ -304,7 +304,8 @@ pub async fn start_with(
         metrics.clone(),
         placement,
         shutdown.clone(),
-    );
+    )
+    .with_cluster_cert_lifetime(config.cluster_cert_lifetime);
 
     let grpc_listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -361,6 +362,14 @@ pub async fn start_with(
         let metrics = metrics.clone();
         tasks.spawn(async move {
             crate::resolve_loop::serve(objects, metrics, election, token).await;
+            Ok(())
+        });
+    }
+    {
+        let (store, token) = (context.objects.store().clone(), shutdown.clone());
+        let retention = config.audit_retention;
+        tasks.spawn(async move {
+            crate::audit::run_retention(store, retention, token).await;
             Ok(())
         });
     }
@@ -466,7 +475,8 @@ fn start_agent_api(
         cache.sets(),
         live.sessions(),
         shutdown.clone(),
-    );
+    )
+    .with_renewal(context.pki.ca.clone(), config.cluster_cert_lifetime);
     routes.add_service(service.clone().into_server());
     let writer = StatusWriter {
         objects: objects.clone(),

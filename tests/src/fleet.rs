@@ -494,6 +494,16 @@ impl Cli {
         self.ok(&refs).await?;
         Ok(out.to_owned())
     }
+
+    /// `imgfleet cluster enroll NAME --reissue --out OUT`: new credentials for a
+    /// cluster that is enrolled already (its labels and tenants kept, its
+    /// earlier certificates revoked); returns `out`.
+    pub async fn reissue(&self, name: &str, out: &Path) -> Result<PathBuf> {
+        let out_text = out.to_string_lossy().into_owned();
+        self.ok(&["cluster", "enroll", name, "--reissue", "--out", &out_text])
+            .await?;
+        Ok(out.to_owned())
+    }
 }
 
 /// How to run one agent.

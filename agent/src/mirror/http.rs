@@ -177,8 +177,9 @@ impl Stats {
     }
 }
 
-/// A request as the handler sees it: parsed once, here.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A request as the handler sees it: parsed once, here. `Debug` never shows
+/// the Authorization header.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Request {
     /// The method, as sent.
     pub method: String,
@@ -188,6 +189,23 @@ pub struct Request {
     pub query: Option<String>,
     /// The `Range` header, if any.
     pub range: Option<String>,
+    /// The `Authorization` header, if any (a pull token). Never logged.
+    pub authorization: Option<String>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &self.query)
+            .field("range", &self.range)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// A response body.
@@ -590,6 +608,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, bool, usize)>, HeadEnd> {
     let version = req.version.unwrap_or(1);
     let mut keep_alive = version >= 1;
     let mut range = None;
+    let mut authorization = None;
     let mut has_body = false;
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value).unwrap_or_default().trim();
@@ -603,6 +622,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, bool, usize)>, HeadEnd> {
             }
         } else if h.name.eq_ignore_ascii_case("range") {
             range = Some(value.to_string());
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(value.to_string());
         } else if h.name.eq_ignore_ascii_case("transfer-encoding")
             || (h.name.eq_ignore_ascii_case("content-length") && value != "0")
         {
@@ -617,6 +638,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, bool, usize)>, HeadEnd> {
                 path: String::new(),
                 query: None,
                 range: None,
+                authorization: None,
             },
             false,
             used,
@@ -653,6 +675,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, bool, usize)>, HeadEnd> {
             path,
             query,
             range,
+            authorization,
         },
         keep_alive,
         used,
