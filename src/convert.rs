@@ -11,11 +11,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use crate::api::v1 as pb;
 use crate::model::{
-    BlockSeverity, Cluster, ClusterImageStatus, ClusterPhase, ClusterSpec, ClusterStatus,
-    ConnectionPhase, ImagePhase, Kind, LabelSelector, LabelSelectorRequirement, Object, Placement,
-    PlacementReason, PlacementStatus, Provider, RegistryRef, RegistrySecret, RegistrySecretSpec,
-    RegistrySecretStatus, Repository, RepositorySpec, RepositoryStatus, ResolveReason, ResolvedTag,
-    Retention, Scan, SelectorOperator, TagPattern, Verify, VerifyKey, VerifyMode, object_id,
+    BlockSeverity, Cluster, ClusterImageStatus, ClusterPhase, ClusterRoleBinding,
+    ClusterRoleBindingSpec, ClusterSpec, ClusterStatus, ConnectionPhase, ImagePhase, Kind,
+    LabelSelector, LabelSelectorRequirement, Object, Placement, PlacementReason, PlacementStatus,
+    Provider, RegistryRef, RegistrySecret, RegistrySecretSpec, RegistrySecretStatus, Repository,
+    RepositorySpec, RepositoryStatus, ResolveReason, ResolvedTag, Retention, RoleBinding,
+    RoleBindingSpec, Scan, SelectorOperator, Subject, TagPattern, Verify, VerifyKey, VerifyMode,
+    object_id,
 };
 
 /// A wire object that does not map onto the model.
@@ -88,6 +90,8 @@ impl From<Kind> for pb::Kind {
             Kind::RegistrySecret => pb::Kind::RegistrySecret,
             Kind::Repository => pb::Kind::Repository,
             Kind::Cluster => pb::Kind::Cluster,
+            Kind::RoleBinding => pb::Kind::RoleBinding,
+            Kind::ClusterRoleBinding => pb::Kind::ClusterRoleBinding,
         }
     }
 }
@@ -98,6 +102,8 @@ pub fn kind_from_proto(kind: i32) -> Option<Kind> {
         pb::Kind::RegistrySecret => Some(Kind::RegistrySecret),
         pb::Kind::Repository => Some(Kind::Repository),
         pb::Kind::Cluster => Some(Kind::Cluster),
+        pb::Kind::RoleBinding => Some(Kind::RoleBinding),
+        pb::Kind::ClusterRoleBinding => Some(Kind::ClusterRoleBinding),
         pb::Kind::Unspecified => None,
     }
 }
@@ -180,6 +186,16 @@ impl From<&Object> for pb::Object {
             Object::RegistrySecret(x) => pb::object::Kind::RegistrySecret(x.into()),
             Object::Repository(x) => pb::object::Kind::Repository(x.into()),
             Object::Cluster(x) => pb::object::Kind::Cluster(x.into()),
+            Object::RoleBinding(x) => pb::object::Kind::RoleBinding(pb::RoleBinding {
+                metadata: Some(meta_to_proto(&x.metadata)),
+                spec: Some(binding_spec_to_proto(&x.spec.role, &x.spec.subjects)),
+            }),
+            Object::ClusterRoleBinding(x) => {
+                pb::object::Kind::ClusterRoleBinding(pb::ClusterRoleBinding {
+                    metadata: Some(meta_to_proto(&x.metadata)),
+                    spec: Some(binding_spec_to_proto(&x.spec.role, &x.spec.subjects)),
+                })
+            }
         };
         pb::Object { kind: Some(kind) }
     }
@@ -192,13 +208,59 @@ impl TryFrom<pb::Object> for Object {
             Some(pb::object::Kind::RegistrySecret(x)) => Ok(Object::RegistrySecret(x.try_into()?)),
             Some(pb::object::Kind::Repository(x)) => Ok(Object::Repository(x.try_into()?)),
             Some(pb::object::Kind::Cluster(x)) => Ok(Object::Cluster(x.try_into()?)),
+            Some(pb::object::Kind::RoleBinding(x)) => {
+                let (id, metadata) = meta_from_proto(Kind::RoleBinding, x.metadata)?;
+                let (role, subjects) = binding_spec_from_proto(&id, x.spec)?;
+                Ok(Object::RoleBinding(RoleBinding {
+                    metadata,
+                    spec: RoleBindingSpec { role, subjects },
+                }))
+            }
+            Some(pb::object::Kind::ClusterRoleBinding(x)) => {
+                let (id, metadata) = meta_from_proto(Kind::ClusterRoleBinding, x.metadata)?;
+                let (role, subjects) = binding_spec_from_proto(&id, x.spec)?;
+                Ok(Object::ClusterRoleBinding(ClusterRoleBinding {
+                    metadata,
+                    spec: ClusterRoleBindingSpec { role, subjects },
+                }))
+            }
             None => Err(err(
                 "object",
                 "kind",
-                "missing: expected a RegistrySecret, Repository or Cluster",
+                "missing: expected a RegistrySecret, Repository, Cluster, RoleBinding or ClusterRoleBinding",
             )),
         }
     }
+}
+
+fn binding_spec_to_proto(role: &str, subjects: &[Subject]) -> pb::RoleBindingSpec {
+    pb::RoleBindingSpec {
+        role: role.to_owned(),
+        subjects: subjects
+            .iter()
+            .map(|s| pb::Subject {
+                kind: s.kind.clone(),
+                name: s.name.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn binding_spec_from_proto(
+    id: &str,
+    spec: Option<pb::RoleBindingSpec>,
+) -> Result<(String, Vec<Subject>), ConvertError> {
+    let s = spec.ok_or_else(|| err(id, "spec", "missing"))?;
+    Ok((
+        s.role,
+        s.subjects
+            .into_iter()
+            .map(|x| Subject {
+                kind: x.kind,
+                name: x.name,
+            })
+            .collect(),
+    ))
 }
 
 /// The object as an API *response* carries it: the password removed and

@@ -3,7 +3,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::model::{Cluster, Kind, RegistrySecret, Repository};
+use crate::model::{Cluster, ClusterRoleBinding, Kind, RegistrySecret, Repository, RoleBinding};
 
 /// The CRD of one kind.
 pub fn crd(kind: Kind) -> CustomResourceDefinition {
@@ -11,10 +11,12 @@ pub fn crd(kind: Kind) -> CustomResourceDefinition {
         Kind::RegistrySecret => RegistrySecret::crd(),
         Kind::Repository => Repository::crd(),
         Kind::Cluster => Cluster::crd(),
+        Kind::RoleBinding => RoleBinding::crd(),
+        Kind::ClusterRoleBinding => ClusterRoleBinding::crd(),
     }
 }
 
-/// The three CRDs, in dependency order.
+/// The CRDs, in dependency order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     Kind::ALL.into_iter().map(crd).collect()
 }
@@ -33,7 +35,7 @@ pub fn crd_yaml(kind: Kind) -> Result<String, serde_saphyr::SerializeError> {
     ))
 }
 
-/// The three CRDs as YAML: `(file name, contents)`.
+/// The CRDs as YAML: `(file name, contents)`.
 pub fn crds_yaml() -> Result<Vec<(String, String)>, serde_saphyr::SerializeError> {
     Kind::ALL
         .into_iter()

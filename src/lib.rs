@@ -22,6 +22,11 @@ pub mod api {
     /// apart from a hub they cannot reach.
     pub const STORE_UNAVAILABLE: &str = "policy store unavailable";
 
+    /// The encoded `FileDescriptorSet` of `proto/imgfleet/v1` and its imports,
+    /// served by the hub's gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/imgfleet_descriptor.bin"));
+
     #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
     pub mod v1 {
         tonic::include_proto!("imgfleet.v1");

@@ -16,9 +16,13 @@ pub fn block_on_main<E: Display>(
         Ok(runtime) => runtime,
         Err(e) => return fail(format_args!("starting the async runtime: {e}")),
     };
-    runtime
-        .block_on(main)
-        .unwrap_or_else(|e| fail(format_args!("{e:#}")))
+    exit_code(runtime.block_on(main))
+}
+
+/// The exit code of a finished `main`: its own, or 1 after printing its
+/// error as `error: …` with the whole cause chain.
+pub fn exit_code<E: Display>(result: Result<ExitCode, E>) -> ExitCode {
+    result.unwrap_or_else(|e| fail(format_args!("{e:#}")))
 }
 
 fn fail(message: std::fmt::Arguments<'_>) -> ExitCode {

@@ -49,6 +49,11 @@ pub struct DesiredImage {
     pub keep_versions: u32,
     /// Grace period before collection, in seconds; 0 means the agent default.
     pub grace_period_seconds: u64,
+    /// W3C `traceparent` of the change that produced the entry, which the
+    /// image's sync span joins; empty when the hub exports no traces (and then
+    /// not written: held sets of earlier versions load unchanged).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_context: String,
     /// Public keys (name, PEM) one of which must have signed the image
     /// (cosign) before it becomes visible; empty: no check. Sets written
     /// before signatures were checked have none.
@@ -444,6 +449,7 @@ mod tests {
             platforms: Vec::new(),
             keep_versions: 0,
             grace_period_seconds: 0,
+            trace_context: String::new(),
             verify_keys: Vec::new(),
         }
     }

@@ -21,6 +21,8 @@
 //! Invariant: the mirror serves only what the store records, and the store
 //! records a manifest only after every blob it needs was verified by digest.
 
+pub mod cli;
+pub mod credentials;
 pub mod daemon;
 pub mod desired;
 pub mod edge;

@@ -9,104 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use imgfleet_agent::cli::{Cli, Command, SyncArgs};
 use imgfleet_agent::gc::{self, GcPolicy};
-use imgfleet_agent::settings::{ConfigError, parse_duration};
 use imgfleet_agent::standalone::{self, ResolveFailure};
 use imgfleet_agent::store::Store;
 use imgfleet_agent::transfer::{Engine, EngineConfig, Phase, Progress, SyncReport};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
-
-/// imgfleet edge agent: image sync and registry mirror
-#[derive(Debug, Parser)]
-#[command(name = "imgfleet-agent", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-    /// Without a subcommand: run the daemon with these flags.
-    #[command(flatten)]
-    daemon: imgfleet_agent::daemon::DaemonArgs,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the daemon: hub session, sync, mirror (the same as giving --hub without a subcommand).
-    Run(imgfleet_agent::daemon::DaemonArgs),
-    /// Sync the images named by RegistrySecret and Repository YAML once, then exit.
-    Sync(SyncArgs),
-    /// Serve the content store as a read-only registry mirror (no hub).
-    Serve {
-        /// The content store directory.
-        #[arg(long, env = "IMGFLEET_DATA_DIR", default_value = "./agent-data")]
-        data_dir: PathBuf,
-        /// Address to listen on.
-        #[arg(long, env = "IMGFLEET_MIRROR_LISTEN", default_value = "127.0.0.1:5050")]
-        mirror_listen: String,
-        /// The mirror's limits against hostile or broken clients.
-        #[command(flatten)]
-        limits: imgfleet_agent::mirror::MirrorArgs,
-    },
-    /// Print (or write) the containerd hosts.toml that points nodes at the mirror.
-    HostsToml {
-        /// The mirror's URL as nodes reach it, e.g. http://10.0.0.5:5050.
-        #[arg(long)]
-        mirror: String,
-        /// Upstream registry to mirror, HOST[:PORT] (HTTPS) or http://HOST[:PORT]
-        /// (plain HTTP); repeatable. None: every registry.
-        #[arg(long)]
-        upstream: Vec<String>,
-        /// Write each file to DIR/<upstream>/hosts.toml (containerd's
-        /// config_path layout) instead of printing them.
-        #[arg(long, value_name = "DIR")]
-        out_dir: Option<PathBuf>,
-    },
-}
-
-/// `imgfleet-agent sync`'s flags.
-#[derive(Debug, clap::Args)]
-struct SyncArgs {
-    /// The YAML file (the same the hub takes).
-    #[arg(long = "from", value_name = "FILE")]
-    from: PathBuf,
-    /// The content store directory.
-    #[arg(long, env = "IMGFLEET_DATA_DIR", default_value = "./agent-data")]
-    data_dir: PathBuf,
-    /// Images transferred at once.
-    #[arg(long, default_value_t = 4)]
-    concurrency_images: usize,
-    /// Blobs transferred at once, across all images.
-    #[arg(long, default_value_t = 8)]
-    concurrency_blobs: usize,
-    /// Combined bandwidth limit in bytes per second.
-    #[arg(long, value_name = "BYTES")]
-    bandwidth_limit: Option<u64>,
-    /// Extra CA certificate (PEM) to trust for registries; repeatable.
-    #[arg(long, value_name = "PEM")]
-    ca_file: Vec<PathBuf>,
-    /// Retries of a failing request before the image fails.
-    #[arg(long, default_value_t = 6)]
-    retries: usize,
-    /// How long content no longer in the file stays, e.g. 30m, 24h, 0s (a
-    /// Repository's retention.gracePeriod overrides it for its own content).
-    #[arg(long, default_value = "24h", value_parser = parse_duration_arg)]
-    grace_period: Duration,
-    /// Versions kept per repository still in the file, the desired one
-    /// included: 1 keeps only it, 2 one older version for rollback (a
-    /// Repository's retention.keepVersions overrides it).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
-    keep_versions: u32,
-    /// A transfer that receives less than 16 KiB in this much time spent
-    /// waiting is cut and resumed by Range, e.g. 30s.
-    #[arg(long, default_value = "30s", value_parser = parse_nonzero_duration_arg)]
-    stall_timeout: Duration,
-    /// Do not collect content that is no longer desired.
-    #[arg(long)]
-    no_gc: bool,
-    /// The edge-registry target (--push-to ...).
-    #[command(flatten)]
-    push: imgfleet_agent::edge::PushArgs,
-}
 
 fn main() -> ExitCode {
     tune_malloc();
@@ -118,16 +28,40 @@ fn main() -> ExitCode {
         None | Some(Command::Run(_)) => "info",
         Some(_) => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: the daemon's log usually goes to a file.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The trace exporter, when asked for, runs on the runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        imgfleet_common::telemetry::init(
+            "imgfleet-agent",
+            imgfleet_common::telemetry::LogOptions {
+                json: false,
+                // Colour codes only on a terminal: the daemon's log usually goes to a file.
+                ansi: std::io::stderr().is_terminal(),
+                default_filter,
+            },
         )
-        .init();
-    imgfleet::process::block_on_main(runtime(), run(cli))
+    };
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    {
+        // Export the last spans while the runtime still runs.
+        let _entered = runtime.enter();
+        telemetry.shutdown();
+    }
+    imgfleet::process::exit_code(result)
 }
 
 /// The malloc tunable the agent runs with, and its value: glibc's default
@@ -222,7 +156,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             mirror_listen,
             limits,
-        } => match limits.limits() {
+        } => match limits.token_auth().and_then(|token| {
+            if token {
+                Err(imgfleet_agent::settings::ConfigError::new(
+                    "--mirror-auth token",
+                    "needs the daemon, which holds the hub's CA and the cluster's desired set: run imgfleet-agent --credentials DIR",
+                ))
+            } else {
+                limits.limits()
+            }
+        }) {
             Ok(limits) => serve(data_dir, mirror_listen, limits)
                 .await
                 .map(|()| ExitCode::SUCCESS),
@@ -232,7 +175,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mirror,
             upstream,
             out_dir,
-        } => hosts_toml(&mirror, &upstream, out_dir.as_deref()),
+            token_file,
+        } => hosts_toml(&mirror, &upstream, out_dir.as_deref(), token_file.as_deref()),
     }
 }
 
@@ -249,7 +193,31 @@ fn hosts_toml(
     mirror: &str,
     upstreams: &[String],
     out_dir: Option<&std::path::Path>,
+    token_file: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
+    let token_text = match token_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                return Ok(usage_error(format!("--token-file {}: {e}", path.display())));
+            }
+        },
+    };
+    let token = match &token_text {
+        None => None,
+        Some(t) => match standalone::parse_token(t) {
+            Some(t) => Some(t),
+            None => {
+                return Ok(usage_error(format!(
+                    "--token-file {}: expected a pull token from imgfleet cluster pull-token",
+                    token_file
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                )));
+            }
+        },
+    };
     let checked = standalone::parse_mirror_url(mirror).and_then(|m| {
         let ups = upstreams
             .iter()
@@ -261,7 +229,7 @@ fn hosts_toml(
         Ok(c) => c,
         Err(e) => return Ok(usage_error(e)),
     };
-    let files = standalone::hosts_toml(&mirror, &ups);
+    let files = standalone::hosts_toml(&mirror, &ups, token);
     match out_dir {
         None => {
             for (_, text) in files {
@@ -274,7 +242,9 @@ fn hosts_toml(
                 std::fs::create_dir_all(&sub)
                     .with_context(|| format!("creating {}", sub.display()))?;
                 let path = sub.join("hosts.toml");
-                std::fs::write(&path, text)
+                // With a token the file holds a secret.
+                let mode = if token.is_some() { 0o600 } else { 0o644 };
+                imgfleet_common::pki::write_atomic(&path, text.as_bytes(), mode)
                     .with_context(|| format!("writing {}", path.display()))?;
                 println!("{}", path.display());
             }
@@ -302,39 +272,25 @@ async fn run_daemon(args: imgfleet_agent::daemon::DaemonArgs) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-fn parse_nonzero_duration_arg(s: &str) -> Result<Duration, ConfigError> {
-    parse_duration(s)
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| ConfigError::new(format!("{s:?}"), "expected a duration like 30s or 2m"))
-}
-
-fn parse_duration_arg(s: &str) -> Result<Duration, ConfigError> {
-    parse_duration(s).ok_or_else(|| {
-        ConfigError::new(format!("{s:?}"), "expected a duration like 30m, 24h or 0s")
-    })
-}
-
-impl SyncArgs {
-    /// The engine's settings, with the extra CA roots read.
-    fn engine_config(&self) -> anyhow::Result<EngineConfig> {
-        let mut config = EngineConfig {
-            concurrency_images: self.concurrency_images,
-            concurrency_blobs: self.concurrency_blobs,
-            bandwidth_limit: self.bandwidth_limit,
-            min_progress: Some(imgfleet_common::registry::MinProgress {
-                window: self.stall_timeout,
-                ..Default::default()
-            }),
-            ..EngineConfig::default()
-        };
-        config.retry.max_retries = self.retries;
-        for f in &self.ca_file {
-            config.extra_roots_pem.push(
-                std::fs::read(f).with_context(|| format!("reading --ca-file {}", f.display()))?,
-            );
-        }
-        Ok(config)
+/// The engine's settings of `sync`, with the extra CA roots read.
+fn engine_config(args: &SyncArgs) -> anyhow::Result<EngineConfig> {
+    let mut config = EngineConfig {
+        concurrency_images: args.concurrency_images,
+        concurrency_blobs: args.concurrency_blobs,
+        bandwidth_limit: args.bandwidth_limit,
+        min_progress: Some(imgfleet_common::registry::MinProgress {
+            window: args.stall_timeout,
+            ..Default::default()
+        }),
+        ..EngineConfig::default()
+    };
+    config.retry.max_retries = args.retries;
+    for f in &args.ca_file {
+        config
+            .extra_roots_pem
+            .push(std::fs::read(f).with_context(|| format!("reading --ca-file {}", f.display()))?);
     }
+    Ok(config)
 }
 
 /// `sync --from FILE`: read the YAML, resolve its tags, sync the images,
@@ -343,7 +299,7 @@ impl SyncArgs {
 /// image failed.
 async fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let config = args.engine_config()?;
+    let config = engine_config(&args)?;
     let push = args.push.config(
         config.extra_roots_pem.clone(),
         args.concurrency_images,

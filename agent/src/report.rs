@@ -167,6 +167,29 @@ struct BookInner {
     /// Grows with every change.
     seq: u64,
     storage: StorageReport,
+    /// Finished sync attempts per Repository (namespace, name): (successes,
+    /// failures). Kept while the desired set holds an image of it, so the
+    /// series stay as many as the Repositories placed here.
+    outcomes: BTreeMap<(String, String), (u64, u64)>,
+}
+
+/// The Repository (namespace, name) of an image key
+/// (`<namespace>/<name>@<digest>`); `None` for a key of another shape.
+pub fn repository_of(key: &str) -> Option<(&str, &str)> {
+    let (source, _digest) = key.split_once('@')?;
+    source.split_once('/')
+}
+
+/// What the metrics read of one Repository held here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepositorySyncState {
+    /// Failed attempts in a row of its worst image; 0 once every image of
+    /// it synced.
+    pub consecutive_failures: u32,
+    /// Finished attempts that synced.
+    pub successes: u64,
+    /// Finished attempts that failed.
+    pub failures: u64,
 }
 
 impl ProgressBook {
@@ -198,9 +221,60 @@ impl ProgressBook {
         self.changed.send_replace(seq);
     }
 
-    /// Forgets an image that is no longer desired.
+    /// Forgets an image that is no longer desired, and its Repository's
+    /// attempt counts once no image of it is left.
     pub fn remove(&self, key: &str) {
-        self.lock().entries.remove(key);
+        let mut inner = self.lock();
+        inner.entries.remove(key);
+        if let Some((ns, name)) = repository_of(key) {
+            let prefix = format!("{ns}/{name}@");
+            let still_held = inner
+                .entries
+                .range(prefix.clone()..)
+                .next()
+                .is_some_and(|(k, _)| k.starts_with(&prefix));
+            if !still_held {
+                inner.outcomes.remove(&(ns.to_string(), name.to_string()));
+            }
+        }
+    }
+
+    /// Counts one finished sync attempt of the image `key`.
+    pub fn count_attempt(&self, key: &str, synced: bool) {
+        let Some((ns, name)) = repository_of(key) else {
+            return;
+        };
+        let mut inner = self.lock();
+        let counts = inner
+            .outcomes
+            .entry((ns.to_string(), name.to_string()))
+            .or_default();
+        if synced {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
+    }
+
+    /// Per Repository held here: consecutive failures and attempt counts.
+    pub fn repositories(&self) -> BTreeMap<(String, String), RepositorySyncState> {
+        let inner = self.lock();
+        let mut out: BTreeMap<(String, String), RepositorySyncState> = BTreeMap::new();
+        for (key, (_, report)) in &inner.entries {
+            let Some((ns, name)) = repository_of(key) else {
+                continue;
+            };
+            let state = out.entry((ns.to_string(), name.to_string())).or_default();
+            if report.phase != ReportPhase::Synced {
+                state.consecutive_failures = state.consecutive_failures.max(report.attempts);
+            }
+        }
+        for (repo, (ok, failed)) in &inner.outcomes {
+            let state = out.entry(repo.clone()).or_default();
+            state.successes = *ok;
+            state.failures = *failed;
+        }
+        out
     }
 
     /// The state of one image.
@@ -305,5 +379,60 @@ mod tests {
         book.set(report("a", ReportPhase::Synced, 9));
         assert!(book.changes_since(seq2).1.is_empty());
         assert_eq!(book.counts(), (2, 1, 0));
+    }
+
+    #[test]
+    fn repositories_count_failures_in_a_row_and_attempts() {
+        let book = ProgressBook::new();
+        let failing = |key: &str, attempts| ImageReport {
+            attempts,
+            ..report(key, ReportPhase::Failed, 0)
+        };
+        book.set(failing("ns/app@sha256:1", 4));
+        book.set(failing("ns/app@sha256:2", 2));
+        book.set(report("ns/web@sha256:3", ReportPhase::Synced, 1));
+        for _ in 0..4 {
+            book.count_attempt("ns/app@sha256:1", false);
+        }
+        book.count_attempt("ns/web@sha256:3", true);
+        let repos = book.repositories();
+        let app = repos[&("ns".to_string(), "app".to_string())];
+        assert_eq!(
+            (app.consecutive_failures, app.successes, app.failures),
+            (4, 0, 4)
+        );
+        let web = repos[&("ns".to_string(), "web".to_string())];
+        assert_eq!(
+            (web.consecutive_failures, web.successes, web.failures),
+            (0, 1, 0)
+        );
+        // A pending retry keeps the count; a success resets it.
+        book.set(ImageReport {
+            attempts: 4,
+            ..report("ns/app@sha256:1", ReportPhase::Pending, 0)
+        });
+        assert_eq!(
+            book.repositories()[&("ns".into(), "app".into())].consecutive_failures,
+            4
+        );
+        book.set(report("ns/app@sha256:1", ReportPhase::Synced, 1));
+        book.set(report("ns/app@sha256:2", ReportPhase::Synced, 1));
+        assert_eq!(
+            book.repositories()[&("ns".into(), "app".into())].consecutive_failures,
+            0
+        );
+        // The counts go with the last image of the Repository.
+        book.remove("ns/app@sha256:1");
+        assert!(
+            book.repositories()
+                .contains_key(&("ns".into(), "app".into()))
+        );
+        book.remove("ns/app@sha256:2");
+        assert!(
+            !book
+                .repositories()
+                .contains_key(&("ns".into(), "app".into()))
+        );
+        assert_eq!(repository_of("no-digest"), None);
     }
 }

@@ -37,6 +37,10 @@ pub struct SessionStatus {
     pub reconnects: AtomicU64,
     /// Desired sets and deltas applied.
     pub sets_applied: AtomicU64,
+    /// Pull tokens issued before this time (Unix seconds) are refused: set
+    /// when the hub says this cluster's certificate was revoked, since
+    /// revoking a cluster invalidates its tokens.
+    pub tokens_not_before: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// How the session behaves; defaults are the contract's.
@@ -60,6 +64,13 @@ pub struct SessionConfig {
     pub backoff_min: Duration,
     /// Largest reconnect delay.
     pub backoff_max: Duration,
+    /// Reconnect delay once the hub said this agent's certificate is revoked,
+    /// or the certificate expired: only an operator can fix that, so the
+    /// agent asks rarely and keeps serving what it holds.
+    pub revoked_backoff: Duration,
+    /// The credentials directory; renewed certificates are written back to
+    /// it. Without one a renewal lives in memory only.
+    pub credentials_dir: Option<std::path::PathBuf>,
 }
 
 impl SessionConfig {
@@ -75,9 +86,14 @@ impl SessionConfig {
             progress_interval: Duration::from_millis(500),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
+            revoked_backoff: Duration::from_secs(300),
+            credentials_dir: None,
         }
     }
 }
+
+/// How long after a failed renewal the agent asks again.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
 
 /// Why one session ended.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +110,33 @@ pub enum SessionError {
     Delta(#[from] DeltaError),
     #[error(transparent)]
     Empty(#[from] EmptyMessage),
+    /// The agent's certificate is past its end; the hub would refuse it.
+    #[error(
+        "this agent's certificate expired at {0} (Unix seconds): re-enroll the cluster with `imgfleet cluster enroll {1} --reissue` and give the agent the new credentials"
+    )]
+    Expired(i64, String),
+}
+
+impl SessionError {
+    /// Whether only an operator can end this: a revoked or expired
+    /// certificate. The agent then retries slowly and keeps serving.
+    pub fn needs_operator(&self) -> bool {
+        match self {
+            SessionError::Expired(..) => true,
+            SessionError::Rpc(s) => {
+                s.code() == tonic::Code::PermissionDenied && s.message().contains("revoked")
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The session task: owns the persisted desired set and publishes it.
 #[derive(Debug)]
 pub struct Session {
     config: SessionConfig,
+    /// The mTLS material in use: the configured one until a renewal.
+    tls: std::sync::Mutex<TlsMaterial>,
     file: Arc<DesiredFile>,
     desired: watch::Sender<Arc<DesiredSet>>,
     book: Arc<ProgressBook>,
@@ -122,6 +159,7 @@ impl Session {
         status: Arc<SessionStatus>,
     ) -> Session {
         Session {
+            tls: std::sync::Mutex::new(config.tls.clone()),
             config,
             file,
             desired,
@@ -156,9 +194,30 @@ impl Session {
                 .once(&url, &shutdown, &mut established)
                 .instrument(span)
                 .await;
+            // A revoked cluster's pull tokens stop working before anything
+            // else says the session ended.
+            if let Err(e @ SessionError::Rpc(_)) = &result
+                && e.needs_operator()
+            {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                    .unwrap_or(0);
+                self.status.tokens_not_before.store(now, Ordering::Relaxed);
+            }
             self.status.connected.store(false, Ordering::Relaxed);
             match result {
                 Ok(Outcome::Shutdown) => return,
+                Err(e) if e.needs_operator() => {
+                    error!(hub = %url, error = %e,
+                           "The hub refuses this agent's certificate; serving what is held, retrying in {:?}",
+                           self.config.revoked_backoff);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(self.config.revoked_backoff) => {}
+                    }
+                    continue;
+                }
                 Err(e) => {
                     if established {
                         failures = 0;
@@ -201,16 +260,76 @@ impl Session {
         self.serve(tx, inbound, shutdown, established).await
     }
 
+    /// The mTLS material in use now.
+    fn tls(&self) -> TlsMaterial {
+        match self.tls.lock() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// When to ask for the next certificate: once two thirds of the current
+    /// one's lifetime (from its signing) have passed.
+    fn renew_at(&self) -> Option<Instant> {
+        let facts = imgfleet_common::pki::cert_facts_pem(&self.tls().cert_pem).ok()?;
+        let issued = i64::try_from(facts.issued_at_nanos / 1_000_000_000).ok()?;
+        let due = issued + (facts.not_after - issued).max(0) * 2 / 3;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        let wait = u64::try_from(due).ok()?.saturating_sub(now);
+        Some(Instant::now() + Duration::from_secs(wait))
+    }
+
+    /// Takes a renewed certificate for `key_pem`: written back to the
+    /// credentials directory (crash-safe), then used for every connection
+    /// from now on. The session itself goes on.
+    fn renewed(&self, cert_pem: String, key_pem: String) -> Result<(), String> {
+        match imgfleet_common::pki::identity_from_pem(&cert_pem) {
+            Ok(imgfleet_common::pki::Identity::Cluster(c)) if c == self.config.cluster => {}
+            other => {
+                return Err(format!(
+                    "the renewed certificate is not for this cluster: {other:?}"
+                ));
+            }
+        }
+        if let Some(dir) = &self.config.credentials_dir {
+            crate::credentials::store_renewed(dir, &cert_pem, &key_pem)
+                .map_err(|e| e.to_string())?;
+        }
+        let mut tls = match self.tls.lock() {
+            Ok(t) => t,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        tls.cert_pem = cert_pem;
+        tls.key_pem = key_pem;
+        Ok(())
+    }
+
     /// Connects to `url` and sends the Hello; `None` on shutdown.
     async fn open(
         &self,
         url: &str,
         shutdown: &CancellationToken,
     ) -> Result<Option<(Outbound, Streaming<pb::HubMessage>)>, SessionError> {
+        let tls = self.tls();
+        if let Ok(facts) = imgfleet_common::pki::cert_facts_pem(&tls.cert_pem) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            if facts.not_after <= now {
+                return Err(SessionError::Expired(
+                    facts.not_after,
+                    self.config.cluster.clone(),
+                ));
+            }
+        }
         let channel = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             // A hub that accepts TCP and then says nothing counts as silent.
-            c = tokio::time::timeout(self.config.silence, self.config.tls.connect(url)) => {
+            c = tokio::time::timeout(self.config.silence, tls.connect(url)) => {
                 c.map_err(|_| SessionError::Silent(self.config.silence))??
             }
         };
@@ -269,6 +388,9 @@ impl Session {
         );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
+        // The renewal: when to ask, and the new key while the hub answers.
+        let mut renew_at = self.renew_at();
+        let mut pending_key: Option<String> = None;
         loop {
             let progress_due = last_progress + self.config.progress_interval;
             tokio::select! {
@@ -279,7 +401,41 @@ impl Session {
                     // Only a hub that talks resets the backoff: one that
                     // accepts and then refuses must not be hammered.
                     *established = true;
-                    self.handle(FromHub::try_from(msg)?, &tx).await?;
+                    match FromHub::try_from(msg)? {
+                        FromHub::Renewed(answer) => {
+                            let result = match (answer, pending_key.take()) {
+                                (Ok(cert), Some(key)) => self.renewed(cert, key),
+                                (Ok(_), None) => Err("a certificate nobody asked for".to_owned()),
+                                (Err(e), _) => Err(e),
+                            };
+                            match result {
+                                Ok(()) => {
+                                    info!("Renewed this agent's certificate");
+                                    renew_at = self.renew_at();
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, "Certificate renewal failed; asking again in a minute");
+                                    renew_at = Some(Instant::now() + RENEW_RETRY);
+                                }
+                            }
+                        }
+                        other => self.handle(other, &tx).await?,
+                    }
+                }
+                _ = tokio::time::sleep_until(renew_at.unwrap_or_else(Instant::now)),
+                    if renew_at.is_some() && pending_key.is_none() =>
+                {
+                    // The key is made here and never leaves the agent.
+                    match imgfleet_common::pki::generate_csr(&self.config.cluster) {
+                        Ok(csr) => {
+                            send(&tx, wire::renew(csr.cert_pem))?;
+                            pending_key = Some(csr.key_pem);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "Cannot make a certificate request; asking again in a minute");
+                            renew_at = Some(Instant::now() + RENEW_RETRY);
+                        }
+                    }
                 }
                 _ = heartbeat.tick() => {
                     seq += 1;
@@ -307,8 +463,24 @@ impl Session {
 
     /// Applies one hub message: persist, publish, then ack.
     async fn handle(&self, msg: FromHub, tx: &Outbound) -> Result<(), SessionError> {
+        // Receiving a set is part of the trace of the change behind its first
+        // entry that carries one.
+        let traced = match &msg {
+            FromHub::Set(set) => set.images.values().find(|i| !i.trace_context.is_empty()),
+            FromHub::Delta(d) => d.upserts.iter().find(|i| !i.trace_context.is_empty()),
+            FromHub::Heartbeat | FromHub::Renewed(_) => return Ok(()),
+        };
+        let span = tracing::info_span!("receive desired set");
+        if let Some(image) = traced {
+            imgfleet_common::telemetry::join(&span, &image.trace_context);
+        }
+        tracing::Instrument::instrument(self.apply(msg, tx), span).await
+    }
+
+    /// Persists, publishes and acks one set or delta.
+    async fn apply(&self, msg: FromHub, tx: &Outbound) -> Result<(), SessionError> {
         let next = match msg {
-            FromHub::Heartbeat => return Ok(()),
+            FromHub::Heartbeat | FromHub::Renewed(_) => return Ok(()),
             FromHub::Set(set) => set,
             FromHub::Delta(delta) => {
                 let held = self.desired.borrow().clone();

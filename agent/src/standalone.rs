@@ -336,6 +336,8 @@ impl Target {
                 platforms: self.platforms.clone(),
                 keep_versions: self.retention.keep_versions,
                 grace_period_seconds: self.retention.grace_period_seconds,
+                // No hub, no change to trace.
+                trace_context: String::new(),
                 verify_keys: self.verify_keys.clone(),
             },
             credentials: self.credentials.clone(),
@@ -435,12 +437,26 @@ pub fn parse_mirror_url(s: &str) -> Result<String, ConfigError> {
     }
 }
 
+/// A pull token as read from a file: trimmed, and only the characters a
+/// token has (so that it cannot break out of the TOML string).
+pub fn parse_token(text: &str) -> Option<&str> {
+    let t = text.trim();
+    (t.starts_with("imgfleet1.")
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    .then_some(t)
+}
+
 /// The containerd `hosts.toml` files that point nodes at the mirror: one per
 /// upstream (its directory name and content), or `_default` (every registry)
 /// when none is named. containerd asks the mirror first (adding
 /// `?ns=<upstream>`) and falls back to `server`, over plain HTTP for an
 /// `http://` upstream.
-pub fn hosts_toml(mirror: &str, upstreams: &[Upstream]) -> Vec<(String, String)> {
+pub fn hosts_toml(
+    mirror: &str,
+    upstreams: &[Upstream],
+    token: Option<&str>,
+) -> Vec<(String, String)> {
     let mut files = Vec::new();
     let list: Vec<Option<&Upstream>> = if upstreams.is_empty() {
         vec![None]
@@ -455,6 +471,13 @@ pub fn hosts_toml(mirror: &str, upstreams: &[Upstream]) -> Vec<(String, String)>
         }
         out.push_str(&format!("[host.\"{mirror}\"]\n"));
         out.push_str("  capabilities = [\"pull\", \"resolve\"]\n");
+        if let Some(t) = token {
+            // containerd sends this header with every request to the mirror
+            // (--mirror-auth token).
+            out.push_str(&format!(
+                "\n  [host.\"{mirror}\".header]\n    Authorization = \"Bearer {t}\"\n"
+            ));
+        }
         files.push((dir, out));
     }
     files
@@ -511,12 +534,29 @@ spec: {repository: demo/app, tag: v1, registryRef: {name: lab}}
     }
 
     #[test]
+    fn hosts_toml_with_a_pull_token() {
+        let mirror = parse_mirror_url("http://10.0.0.5:5050/").unwrap();
+        let token = parse_token(" imgfleet1.abc-_.def\n").expect("token");
+        let files = hosts_toml(&mirror, &[], Some(token));
+        assert!(
+            files[0].1.contains(
+                "[host.\"http://10.0.0.5:5050\".header]\n    Authorization = \"Bearer imgfleet1.abc-_.def\"\n"
+            ),
+            "{}",
+            files[0].1
+        );
+        for bad in ["", "abc", "imgfleet1.a\"b", "imgfleet1.a b"] {
+            assert_eq!(parse_token(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn hosts_toml_per_upstream() {
         let mirror = parse_mirror_url("http://10.0.0.5:5050/").unwrap();
         let ups = |list: &[&str]| -> Vec<Upstream> {
             list.iter().map(|u| Upstream::parse(u).unwrap()).collect()
         };
-        let files = hosts_toml(&mirror, &ups(&["docker.io"]));
+        let files = hosts_toml(&mirror, &ups(&["docker.io"]), None);
         assert_eq!(files[0].0, "docker.io");
         assert!(
             files[0]
@@ -527,6 +567,7 @@ spec: {repository: demo/app, tag: v1, registryRef: {name: lab}}
         let files = hosts_toml(
             &mirror,
             &ups(&["http://127.0.0.1:5000", "https://h.example:8443/"]),
+            None,
         );
         assert_eq!(files[0].0, "127.0.0.1:5000");
         assert!(
@@ -537,7 +578,7 @@ spec: {repository: demo/app, tag: v1, registryRef: {name: lab}}
         assert_eq!(files[1].0, "h.example:8443");
         assert!(files[1].1.contains("server = \"https://h.example:8443\"\n"));
         assert!(
-            hosts_toml(&mirror, &[])[0]
+            hosts_toml(&mirror, &[], None)[0]
                 .1
                 .contains("_default/hosts.toml")
         );

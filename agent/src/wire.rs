@@ -19,6 +19,8 @@ pub enum FromHub {
     Delta(Delta),
     /// Liveness only.
     Heartbeat,
+    /// The answer to a renewal: the new certificate, or why there is none.
+    Renewed(Result<String, String>),
 }
 
 /// A hub message with nothing in it.
@@ -34,6 +36,11 @@ impl TryFrom<pb::HubMessage> for FromHub {
             pb::hub_message::Msg::DesiredSet(set) => FromHub::Set(set.into()),
             pb::hub_message::Msg::Delta(delta) => FromHub::Delta(delta.into()),
             pb::hub_message::Msg::Heartbeat(_) => FromHub::Heartbeat,
+            pb::hub_message::Msg::Renewed(r) => FromHub::Renewed(if r.error.is_empty() {
+                Ok(r.cert_pem)
+            } else {
+                Err(r.error)
+            }),
         })
     }
 }
@@ -52,6 +59,7 @@ impl From<pb::DesiredImage> for DesiredImage {
             platforms: i.platforms,
             keep_versions: i.keep_versions,
             grace_period_seconds: i.grace_period_seconds,
+            trace_context: i.trace_context,
             verify_keys: i
                 .verify
                 .map(|v| v.keys.into_iter().map(|k| (k.name, k.public_key)).collect())
@@ -182,6 +190,11 @@ pub fn progress(images: Vec<ImageReport>, storage: StorageReport) -> pb::AgentMe
     }))
 }
 
+/// Asks for the cluster's next certificate for the key of `csr_pem`.
+pub fn renew(csr_pem: String) -> pb::AgentMessage {
+    agent(pb::agent_message::Msg::Renew(pb::RenewRequest { csr_pem }))
+}
+
 /// Liveness; `seq` grows by one per heartbeat within a session.
 pub fn heartbeat(seq: u64) -> pb::AgentMessage {
     agent(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
@@ -210,6 +223,7 @@ mod tests {
             platforms: vec!["linux/amd64".into()],
             keep_versions: 3,
             grace_period_seconds: 60,
+            trace_context: String::new(),
             verify: None,
         };
         let set = pb::DesiredSet {

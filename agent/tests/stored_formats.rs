@@ -67,6 +67,7 @@ fn expected_set() -> DesiredSet {
         platforms: vec!["linux/amd64".into()],
         keep_versions: 3,
         grace_period_seconds: 600,
+        trace_context: String::new(),
         verify_keys: Vec::new(),
     };
     let app = DesiredImage {
@@ -80,6 +81,7 @@ fn expected_set() -> DesiredSet {
         platforms: Vec::new(),
         keep_versions: 0,
         grace_period_seconds: 0,
+        trace_context: String::new(),
         verify_keys: Vec::new(),
     };
     let lab = RegistryCredential {

@@ -206,7 +206,10 @@ mod tests {
         let admin = TlsMaterial::from_dir(&dir.path().join("admin")).expect("admin bundle");
         assert_eq!(
             pki::identity_from_pem(&admin.cert_pem).expect("id"),
-            Identity::Admin("admin".into())
+            Identity::User(pki::User {
+                name: "admin".into(),
+                groups: vec![pki::ADMIN_ORGANIZATION.into()],
+            })
         );
         #[cfg(unix)]
         for f in ["pki/ca-key.pem", "pki/server-key.pem", "admin/key.pem"] {

@@ -76,6 +76,12 @@ struct Cli {
     /// Mark a cluster Offline when nothing was heard from its agent for this long, e.g. 30s [env: IMGFLEET_OFFLINE_AFTER] [default: 30s]
     #[arg(long, value_name = "DURATION")]
     offline_after: Option<String>,
+    /// Delete audit records older than this, e.g. 90d [env: IMGFLEET_AUDIT_RETENTION] [default: 90d]
+    #[arg(long, value_name = "DURATION")]
+    audit_retention: Option<String>,
+    /// Lifetime of cluster certificates issued by enrollment and renewal, e.g. 30d; agents renew after two thirds of it [env: IMGFLEET_CLUSTER_CERT_LIFETIME] [default: 30d]
+    #[arg(long, value_name = "DURATION")]
+    cluster_cert_lifetime: Option<String>,
 }
 
 /// Where policy is stored.
@@ -154,6 +160,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Silence after which a cluster is shown Offline (`--offline-after`).
     pub offline_after: std::time::Duration,
+    /// How long audit records are kept (`--audit-retention`).
+    pub audit_retention: std::time::Duration,
+    /// Lifetime of cluster certificates (`--cluster-cert-lifetime`).
+    pub cluster_cert_lifetime: std::time::Duration,
 }
 
 /// Why the configuration was refused, or that help/version was asked for.
@@ -205,6 +215,8 @@ impl Config {
             server_names: Vec::new(),
             log_format: LogFormat::Text,
             offline_after: DEFAULT_OFFLINE_AFTER,
+            audit_retention: crate::audit::DEFAULT_RETENTION,
+            cluster_cert_lifetime: DEFAULT_CLUSTER_CERT_LIFETIME,
         }
     }
 
@@ -241,8 +253,12 @@ impl Config {
         let server_names = server_names(&env, cli.server_names)?;
         let log_format = log_format(&env, cli.log_format)?;
         let offline_after = offline_after(&env, cli.offline_after)?;
+        let audit_retention = audit_retention(&env, cli.audit_retention)?;
+        let cluster_cert_lifetime = cluster_cert_lifetime(&env, cli.cluster_cert_lifetime)?;
         Ok(Config {
+            cluster_cert_lifetime,
             offline_after,
+            audit_retention,
             listen,
             data_dir,
             store,
@@ -469,6 +485,48 @@ fn offline_after(env: &Env, flag: Option<String>) -> Result<std::time::Duration,
     }
 }
 
+/// Default `--cluster-cert-lifetime`.
+pub const DEFAULT_CLUSTER_CERT_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
+/// The shortest `--cluster-cert-lifetime`: renewal at two thirds of it must
+/// leave the agent time to reach a hub.
+const MIN_CLUSTER_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn cluster_cert_lifetime(
+    env: &Env,
+    flag: Option<String>,
+) -> Result<std::time::Duration, ConfigError> {
+    match env.or(flag, "IMGFLEET_CLUSTER_CERT_LIFETIME") {
+        None => Ok(DEFAULT_CLUSTER_CERT_LIFETIME),
+        Some(raw) => imgfleet::model::parse_duration(&raw)
+            .ok()
+            .filter(|d| {
+                *d >= MIN_CLUSTER_CERT_LIFETIME
+                    && d.as_secs()
+                        <= u64::from(imgfleet_common::pki::MAX_LEAF_VALIDITY_DAYS) * 86_400
+            })
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "--cluster-cert-lifetime",
+                    raw,
+                    "a duration from 30s to 3650d, like 30d or 2m",
+                )
+            }),
+    }
+}
+
+fn audit_retention(env: &Env, flag: Option<String>) -> Result<std::time::Duration, ConfigError> {
+    match env.or(flag, "IMGFLEET_AUDIT_RETENTION") {
+        None => Ok(crate::audit::DEFAULT_RETENTION),
+        Some(raw) => imgfleet::model::parse_duration(&raw)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                ConfigError::invalid("--audit-retention", raw, "a duration like 90d or 720h")
+            }),
+    }
+}
+
 /// HOST:PORT where HOST is an IP address, `[v6]` or `localhost`. Names other
 /// than localhost are refused so that parsing needs no DNS.
 fn parse_addr(setting: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
@@ -567,6 +625,18 @@ mod tests {
             SecretKeySource::File(PathBuf::from("./hub-data/secret.key"))
         );
         assert_eq!(c.tls, TlsFiles::default());
+        assert_eq!(c.cluster_cert_lifetime, DEFAULT_CLUSTER_CERT_LIFETIME);
+        assert_eq!(c.audit_retention, crate::audit::DEFAULT_RETENTION);
+        let c = parse(
+            &["--cluster-cert-lifetime", "2m"],
+            &[("IMGFLEET_AUDIT_RETENTION", "7d")],
+        )
+        .expect("lifetimes");
+        assert_eq!(c.cluster_cert_lifetime, std::time::Duration::from_secs(120));
+        assert_eq!(
+            c.audit_retention,
+            std::time::Duration::from_secs(7 * 24 * 3600)
+        );
     }
 
     #[test]
@@ -635,6 +705,17 @@ mod tests {
             (&["--server-name", "a b"], &[], "--server-name"),
             (&["--log-format", "xml"], &[], "--log-format"),
             (&["--no-such-flag"], &[], "--no-such-flag"),
+            (
+                &["--cluster-cert-lifetime", "10s"],
+                &[],
+                "--cluster-cert-lifetime \"10s\": a duration from 30s",
+            ),
+            (
+                &[],
+                &[("IMGFLEET_CLUSTER_CERT_LIFETIME", "soon")],
+                "--cluster-cert-lifetime",
+            ),
+            (&["--audit-retention", "0s"], &[], "--audit-retention"),
         ];
         for (args, env, want) in cases {
             let err = parse(args, env).expect_err(&format!("{args:?} must fail"));

@@ -30,6 +30,7 @@ use crate::placement::{
 use crate::retry::Retry;
 use crate::store::watcher::{Event, Watcher, recover};
 use crate::store::{Key, PolicyStore, Put, StoreError, Versioned};
+use crate::traces::TraceBook;
 
 /// How many changed desired sets a recompute logs one by one; a change to a
 /// whole fleet logs one summary line beyond that.
@@ -360,6 +361,8 @@ impl Policy {
             Object::Repository(r) => self.repos.push(r),
             Object::Cluster(c) => self.clusters.push(c),
             Object::RegistrySecret(s) => self.secrets.push(s),
+            // Bindings say who may change policy, not where images go.
+            Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {}
         }
     }
 }
@@ -428,6 +431,7 @@ struct Writes {
 fn plan_writes(
     mut sets: BTreeMap<String, DesiredSetContent>,
     mut stored: BTreeMap<String, Versioned>,
+    traces: Option<&TraceBook>,
 ) -> Result<(Writes, BTreeMap<String, DesiredSetContent>), DesiredSetError> {
     for name in stored.keys() {
         if !sets.contains_key(name) {
@@ -435,7 +439,7 @@ fn plan_writes(
         }
     }
     let mut writes = Writes::default();
-    for (cluster, content) in &sets {
+    for (cluster, content) in sets.iter_mut() {
         let (generation, expected) = match stored.remove(cluster) {
             Some(v) => {
                 // Compare encodings rather than decode every stored set: a
@@ -450,9 +454,23 @@ fn plan_writes(
                 if same {
                     continue;
                 }
+                // With traces exported, stored entries carry trace contexts
+                // that placement does not compute: decode (only then) and
+                // compare without them, keeping each entry's own.
+                if let Some(book) = traces {
+                    let old = desired::decode(cluster, &v.value)?;
+                    if stamp(content, Some(&old.content), book) {
+                        continue;
+                    }
+                }
                 (old_generation + 1, Some(v.revision))
             }
-            None => (1, None),
+            None => {
+                if let Some(book) = traces {
+                    stamp(content, None, book);
+                }
+                (1, None)
+            }
         };
         let set = Arc::new(StoredDesiredSet {
             generation,
@@ -466,6 +484,32 @@ fn plan_writes(
         writes.changed.push((cluster.clone(), set));
     }
     Ok((writes, sets))
+}
+
+/// Gives each entry of `content` (computed by placement, without trace
+/// contexts) the trace context it has in `old`, or, for an entry the change
+/// adds, the trace of its Repository's latest resolution. True when the
+/// result equals `old`: only trace contexts differed.
+fn stamp(
+    content: &mut DesiredSetContent,
+    old: Option<&DesiredSetContent>,
+    book: &TraceBook,
+) -> bool {
+    let held: std::collections::HashMap<&str, &str> = old
+        .map(|o| {
+            o.images
+                .iter()
+                .map(|i| (i.key.as_str(), i.trace_context.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for image in &mut content.images {
+        image.trace_context = match held.get(image.key.as_str()) {
+            Some(tc) => tc.to_string(),
+            None => book.resolution(&image.source_namespace, &image.source_name),
+        };
+    }
+    old.is_some_and(|o| o == &*content)
 }
 
 /// Writes `writes` in batches (a hundred clusters per etcd transaction,
@@ -546,12 +590,28 @@ pub async fn recompute(
     reports: &PlacementReports,
     handoff: &Handoff,
 ) -> Result<Vec<(String, Arc<StoredDesiredSet>)>, ControllerError> {
+    // Part of the trace of the change that woke this pass, when one is known.
+    let span = tracing::info_span!("compute desired sets", written = tracing::field::Empty);
+    imgfleet_common::telemetry::join(&span, &objects.traces().take_latest());
+    let written =
+        tracing::Instrument::instrument(compute_and_write(objects, reports, handoff), span.clone())
+            .await?;
+    span.record("written", written.len());
+    Ok(written)
+}
+
+async fn compute_and_write(
+    objects: &Objects,
+    reports: &PlacementReports,
+    handoff: &Handoff,
+) -> Result<Vec<(String, Arc<StoredDesiredSet>)>, ControllerError> {
     let started = Instant::now();
     let Read { inputs, stored } = read(objects).await?;
     let read_ms = started.elapsed().as_millis();
     let Placed { sets, report } = desired_sets(&inputs);
     reports.publish(report);
-    let (writes, sets) = plan_writes(sets, stored)?;
+    let traces = imgfleet_common::telemetry::enabled().then(|| objects.traces());
+    let (writes, sets) = plan_writes(sets, stored, traces)?;
     let compute_ms = started.elapsed().as_millis() - read_ms;
     let written = write(objects.store().as_ref(), writes, &sets, handoff).await?;
     let timings = Timings {
@@ -752,6 +812,7 @@ spec: {tenants: [default]}
                 Object::Repository(x) => r.push(x),
                 Object::Cluster(x) => c.push(x),
                 Object::RegistrySecret(x) => s.push(x),
+                Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {}
             }
         }
         (r, c, s)
@@ -882,5 +943,41 @@ spec: {tenants: [default]}
         let before = credential_fingerprint(&s);
         s.spec.password = Some("sealed-other".into());
         assert_ne!(before, credential_fingerprint(&s));
+    }
+
+    #[test]
+    fn trace_contexts_stay_with_the_entries_a_change_added() {
+        let image = |key: &str, source: &str, tc: &str| crate::placement::DesiredImage {
+            key: key.into(),
+            source_namespace: "default".into(),
+            source_name: source.into(),
+            trace_context: tc.into(),
+            ..Default::default()
+        };
+        let book = TraceBook::default();
+        book.resolved("default", "new", "00-aa-bb-01".into());
+        let old = DesiredSetContent {
+            images: vec![image("default/old@sha256:1", "old", "00-old-01")],
+            registries: vec![],
+        };
+        // Placement computes no trace contexts.
+        let mut same = DesiredSetContent {
+            images: vec![image("default/old@sha256:1", "old", "")],
+            registries: vec![],
+        };
+        assert!(
+            stamp(&mut same, Some(&old), &book),
+            "only the context differed"
+        );
+        let mut changed = DesiredSetContent {
+            images: vec![
+                image("default/new@sha256:2", "new", ""),
+                image("default/old@sha256:1", "old", ""),
+            ],
+            registries: vec![],
+        };
+        assert!(!stamp(&mut changed, Some(&old), &book));
+        assert_eq!(changed.images[0].trace_context, "00-aa-bb-01");
+        assert_eq!(changed.images[1].trace_context, "00-old-01");
     }
 }

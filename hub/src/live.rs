@@ -5,7 +5,8 @@
 //!
 //! One [`LiveClusters`] table hands out a handle per task, each with the few
 //! methods that task needs: [`SessionBook`] for sessions, [`StatusFeed`] for
-//! the status writer, [`LastHeard`] for the sweeper.
+//! the status writer, [`LastHeard`] for the sweeper, [`FleetView`] for the
+//! fleet metrics.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,6 +90,11 @@ impl LiveClusters {
     /// The sweeper's handle.
     pub fn last_heard(&self) -> LastHeard {
         LastHeard(self.shared.clone())
+    }
+
+    /// The fleet metrics' handle.
+    pub fn fleet(&self) -> FleetView {
+        FleetView(self.shared.clone())
     }
 }
 
@@ -256,6 +262,23 @@ impl LastHeard {
             .iter()
             .filter(|(_, e)| !e.ended)
             .map(|(k, e)| (k.clone(), e.last_heard.elapsed()))
+            .collect()
+    }
+}
+
+/// What the fleet metrics read.
+#[derive(Debug, Clone)]
+pub struct FleetView(Arc<Shared>);
+
+impl FleetView {
+    /// A summary of each cluster with a live session here, made under the
+    /// lock so that no image table is copied.
+    pub fn summaries(&self) -> BTreeMap<String, crate::fleet::ClusterSummary> {
+        self.0
+            .entries()
+            .iter()
+            .filter(|(_, e)| !e.ended)
+            .map(|(k, e)| (k.clone(), crate::fleet::summarize(&e.state)))
             .collect()
     }
 }

@@ -28,7 +28,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing(config.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -42,7 +41,32 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    // The trace exporter, when asked for, runs on the runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        imgfleet_common::telemetry::init(
+            "imgfleet-hub",
+            imgfleet_common::telemetry::LogOptions {
+                json: config.log_format == LogFormat::Json,
+                ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                default_filter: "info",
+            },
+        )
+    };
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("imgfleet-hub: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = runtime.block_on(run(config));
+    {
+        // Export the last spans while the runtime still runs.
+        let _entered = runtime.enter();
+        telemetry.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(e)) => {
             error!(error = %e, "Bad configuration");
@@ -124,18 +148,5 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }

@@ -1,12 +1,18 @@
 //! The hub's Prometheus metrics and the small HTTP server that exposes them:
-//! `/metrics` in Prometheus text format, `/healthz` (liveness: the process
+//! `/metrics` in OpenMetrics text format, `/healthz` (liveness: the process
 //! answers) and `/readyz` (readiness: the policy store answers too).
+//!
+//! Three groups: the hub's own `imgfleet_hub_*` counters, the resolver's
+//! registry checks and resolution failures (`image_registry_checks_total`,
+//! `imgfleet_hub_resolve_failures_total`, `imgfleet_hub_registry_status`),
+//! written by the leading replica, and the fleet metrics from what agents
+//! report (`crate::fleet`), attached once the agent API runs.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -25,7 +31,20 @@ pub struct HubMetrics {
     applies: Family<Labels, Counter>,
     enrollments: Counter,
     watches: Gauge,
+    registry_checks: Family<Labels, Counter>,
+    registry_status: Family<Labels, Gauge>,
+    resolutions: Family<Labels, Counter>,
+    /// The fleet metrics, once the agent API runs in this process.
+    fleet: Arc<OnceLock<Registry>>,
 }
+
+/// A registry health check's outcome, as `result` and `phase` labels show it.
+pub const REGISTRY_PHASES: [&str; 4] = [
+    "Connected",
+    "AuthFailed",
+    "Unreachable",
+    "CredentialUnusable",
+];
 
 impl std::fmt::Debug for HubMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,7 +60,14 @@ impl Default for HubMetrics {
 
 impl HubMetrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("imgfleet_hub");
+        let mut root = Registry::default();
+        let registry_checks = Family::<Labels, Counter>::default();
+        root.register(
+            "image_registry_checks",
+            "Registry health checks by the RegistrySecret's namespace, the registry and the result (Connected, AuthFailed, Unreachable, CredentialUnusable).",
+            registry_checks.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("imgfleet_hub");
         let admin_requests = Family::<Labels, Counter>::default();
         registry.register(
             "admin_requests",
@@ -67,13 +93,69 @@ impl HubMetrics {
         build
             .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
             .set(1);
+        let registry_status = Family::<Labels, Gauge>::default();
+        registry.register(
+            "registry_status",
+            "1 for the phase of each RegistrySecret's last health check on the leading replica, 0 for the other phases.",
+            registry_status.clone(),
+        );
+        let resolutions = Family::<Labels, Counter>::default();
+        registry.register(
+            "resolutions",
+            "Tag resolutions of Repositories by result: success, or the failure reason (NotFound, AuthFailed, Unreachable, ...).",
+            resolutions.clone(),
+        );
         Self {
-            registry: Arc::new(registry),
+            registry: Arc::new(root),
             admin_requests,
             applies,
             enrollments,
             watches,
+            registry_checks,
+            registry_status,
+            resolutions,
+            fleet: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Counts one registry health check of RegistrySecret `namespace/name`
+    /// on `registry` with its outcome `phase` (one of [`REGISTRY_PHASES`]).
+    pub fn registry_checked(&self, namespace: &str, name: &str, registry: &str, phase: &str) {
+        self.registry_checks
+            .get_or_create(&vec![
+                ("namespace", namespace.to_string()),
+                ("registry", registry.to_string()),
+                ("result", phase.to_string()),
+            ])
+            .inc();
+        for p in REGISTRY_PHASES {
+            self.registry_status
+                .get_or_create(&status_labels(namespace, name, registry, p))
+                .set(i64::from(p == phase));
+        }
+    }
+
+    /// Forgets the health of a RegistrySecret that was deleted (or changed
+    /// its registry).
+    pub fn registry_forgotten(&self, namespace: &str, name: &str, registry: &str) {
+        for p in REGISTRY_PHASES {
+            self.registry_status
+                .remove(&status_labels(namespace, name, registry, p));
+        }
+    }
+
+    /// Counts one tag resolution: `"success"` or the failure reason.
+    pub fn resolved(&self, result: &str) {
+        self.resolutions
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
+    }
+
+    /// Adds the fleet metrics; the first call wins (one agent API a process).
+    pub fn attach_fleet(&self, collector: crate::fleet::FleetCollector) {
+        let mut fleet = Registry::default();
+        fleet.register_collector(Box::new(collector));
+        let _ = self.fleet.set(fleet);
     }
 
     /// Count one admin request with its outcome.
@@ -105,13 +187,26 @@ impl HubMetrics {
         WatchGuard(self.watches.clone())
     }
 
-    /// The metrics in Prometheus text format.
+    /// The metrics in OpenMetrics text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        if let Some(fleet) = self.fleet.get() {
+            let _ = encode_registry(&mut out, fleet);
+        }
+        let _ = encode_eof(&mut out);
         out
     }
+}
+
+fn status_labels(namespace: &str, name: &str, registry: &str, phase: &str) -> Labels {
+    vec![
+        ("namespace", namespace.to_string()),
+        ("registry_secret", name.to_string()),
+        ("registry", registry.to_string()),
+        ("phase", phase.to_string()),
+    ]
 }
 
 /// Decrements the open-watch gauge when dropped.

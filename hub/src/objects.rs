@@ -23,8 +23,17 @@ use imgfleet::model::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use zeroize::Zeroizing;
 
+use crate::audit::{Draft, Outcome};
 use crate::secrets::SecretsError;
-use crate::store::{Key, PolicyStore, Put, StoreError, Versioned};
+use crate::store::{Key, PolicyStore, Put, StoreError, Versioned, Write};
+
+/// The audit record an operator's change is committed with, and any other
+/// writes that belong to the same change (a revocation with a delete).
+#[derive(Debug, Clone, Copy)]
+pub struct Audit<'a> {
+    pub draft: &'a Draft,
+    pub extra: &'a [Write],
+}
 
 /// Seals and opens secret fields. Implemented by the hub's keyring; narrow so
 /// that the storage format does not depend on the key management.
@@ -163,6 +172,9 @@ pub fn password_aad(namespace: &str, name: &str) -> String {
 pub struct Objects {
     store: Arc<dyn PolicyStore>,
     sealer: Arc<dyn Sealer>,
+    /// Which trace each change belongs to, for the parts that handle it
+    /// after it is stored.
+    traces: crate::traces::TraceBook,
 }
 
 impl std::fmt::Debug for Objects {
@@ -180,7 +192,16 @@ const STATUS_ATTEMPTS: usize = 8;
 
 impl Objects {
     pub fn new(store: Arc<dyn PolicyStore>, sealer: Arc<dyn Sealer>) -> Self {
-        Self { store, sealer }
+        Self {
+            store,
+            sealer,
+            traces: Default::default(),
+        }
+    }
+
+    /// Which trace each change belongs to.
+    pub fn traces(&self) -> &crate::traces::TraceBook {
+        &self.traces
     }
 
     /// The underlying store.
@@ -265,6 +286,20 @@ impl Objects {
         name: &str,
         resource_version: Option<&str>,
     ) -> Result<Object, ObjectError> {
+        self.delete_audited(kind, namespace, name, resource_version, None)
+            .await
+    }
+
+    /// [`Objects::delete`], committed with its audit record (and the
+    /// audit's extra writes) in one transaction.
+    pub async fn delete_audited(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+        resource_version: Option<&str>,
+        audit: Option<Audit<'_>>,
+    ) -> Result<Object, ObjectError> {
         let key = key_of(kind, namespace, name);
         let id = model::object_id(
             kind,
@@ -272,7 +307,27 @@ impl Objects {
             name,
         );
         let expected = parse_rv(&id, resource_version)?;
-        match self.store.delete(&key, expected).await {
+        let result = match audit {
+            None => self.store.delete(&key, expected).await,
+            Some(a) => {
+                let mut writes = vec![Write::Delete {
+                    key: key.clone(),
+                    expected,
+                }];
+                writes.extend(a.extra.iter().cloned());
+                self.store
+                    .commit(writes, a.draft.put(Outcome::Allowed, 0, true, "deleted"))
+                    .await
+                    .and_then(|(mut written, _)| {
+                        if written.is_empty() {
+                            Err(StoreError::NotFound(key.clone()))
+                        } else {
+                            Ok(written.swap_remove(0))
+                        }
+                    })
+            }
+        };
+        match result {
             Ok(v) => self.decode(&v),
             Err(StoreError::NotFound(_)) => Err(ObjectError::NotFound(id)),
             Err(StoreError::Conflict { actual, .. }) => Err(ObjectError::Stale {
@@ -291,6 +346,18 @@ impl Objects {
         &self,
         obj: Object,
         dry_run: bool,
+    ) -> Result<(Object, ApplyOutcome), ObjectError> {
+        self.apply_audited(obj, dry_run, None).await
+    }
+
+    /// [`Objects::apply`], with a change committed together with its audit
+    /// record (and the audit's extra writes) in one transaction. An apply
+    /// that changes nothing writes nothing here.
+    pub async fn apply_audited(
+        &self,
+        obj: Object,
+        dry_run: bool,
+        audit: Option<Audit<'_>>,
     ) -> Result<(Object, ApplyOutcome), ObjectError> {
         let mut obj = obj;
         fill_defaults(&mut obj)?;
@@ -329,7 +396,7 @@ impl Objects {
                     if keeps_password {
                         obj.validate().map_err(ObjectError::Invalid)?;
                     }
-                    self.create(&key, obj.clone(), dry_run).await
+                    self.create(&key, obj.clone(), dry_run, audit).await
                 }
                 Some(stored) => {
                     if let Some(exp) = expected
@@ -344,7 +411,8 @@ impl Objects {
                     if keeps_password && !self.decode(&stored).is_ok_and(|o| has_password(&o)) {
                         obj.validate().map_err(ObjectError::Invalid)?;
                     }
-                    self.update(&key, obj.clone(), &stored, dry_run).await
+                    self.update(&key, obj.clone(), &stored, dry_run, audit)
+                        .await
                 }
             };
             match result {
@@ -381,6 +449,7 @@ impl Objects {
         key: &Key,
         mut obj: Object,
         dry_run: bool,
+        audit: Option<Audit<'_>>,
     ) -> Result<(Object, ApplyOutcome), ObjectError> {
         let meta = obj.metadata_mut();
         meta.uid = Some(uuid::Uuid::new_v4().to_string());
@@ -389,13 +458,24 @@ impl Objects {
         meta.resource_version = None;
         clear_status(&mut obj);
         self.seal_password(&mut obj)?;
+        let message = if has_password(&obj) {
+            "created; password set"
+        } else {
+            "created"
+        };
         let rev = if dry_run {
             0
         } else {
-            self.store
-                .create(key, encode(&obj)?)
-                .await
-                .map_err(ObjectError::Store)?
+            self.write(
+                Put {
+                    key: key.clone(),
+                    value: encode(&obj)?,
+                    expected: None,
+                },
+                audit,
+                message,
+            )
+            .await?
         };
         if !dry_run {
             obj.metadata_mut().resource_version = Some(rev.to_string());
@@ -409,6 +489,7 @@ impl Objects {
         mut obj: Object,
         stored: &Versioned,
         dry_run: bool,
+        audit: Option<Audit<'_>>,
     ) -> Result<(Object, ApplyOutcome), ObjectError> {
         let current = self.decode(stored)?;
         // Hub-owned metadata and the status come from the stored object.
@@ -435,6 +516,14 @@ impl Objects {
         }
         let spec_changed = !same_spec(&obj, &current_plain);
         let meta_changed = !same_meta(&obj, &current_plain);
+        // What changed, for the audit trail: never the password itself.
+        let password_changed = matches!((&obj, &current_plain),
+            (Object::RegistrySecret(n), Object::RegistrySecret(c)) if n.spec.password != c.spec.password);
+        let message = match (spec_changed, meta_changed, password_changed) {
+            (_, _, true) => "updated; password changed",
+            (true, _, false) => "updated: spec changed",
+            _ => "updated: labels or annotations changed",
+        };
         if !spec_changed && !meta_changed {
             return Ok((current, ApplyOutcome::Unchanged));
         }
@@ -446,13 +535,43 @@ impl Objects {
         let rev = if dry_run {
             stored.revision
         } else {
-            self.store
-                .update(key, encode(&obj)?, Some(stored.revision))
-                .await
-                .map_err(ObjectError::Store)?
+            self.write(
+                Put {
+                    key: key.clone(),
+                    value: encode(&obj)?,
+                    expected: Some(stored.revision),
+                },
+                audit,
+                message,
+            )
+            .await?
         };
         obj.metadata_mut().resource_version = Some(rev.to_string());
         Ok((obj, ApplyOutcome::Updated))
+    }
+
+    /// One conditional put, with its audit record when there is one.
+    async fn write(
+        &self,
+        put: Put,
+        audit: Option<Audit<'_>>,
+        message: &str,
+    ) -> Result<u64, ObjectError> {
+        match audit {
+            None => match put.expected {
+                None => self.store.create(&put.key, put.value).await,
+                Some(r) => self.store.update(&put.key, put.value, Some(r)).await,
+            },
+            Some(a) => {
+                let mut writes = vec![Write::Put(put)];
+                writes.extend(a.extra.iter().cloned());
+                self.store
+                    .commit(writes, a.draft.put(Outcome::Allowed, 0, true, message))
+                    .await
+                    .map(|(written, _)| written.first().map_or(0, |v| v.revision))
+            }
+        }
+        .map_err(ObjectError::Store)
     }
 
     fn seal_password(&self, obj: &mut Object) -> Result<(), ObjectError> {
@@ -631,7 +750,7 @@ pub fn fill_defaults(obj: &mut Object) -> Result<(), ObjectError> {
                 rs.spec.username = None;
             }
         }
-        Object::Cluster(_) => {}
+        Object::Cluster(_) | Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {}
     }
     Ok(())
 }
@@ -645,6 +764,8 @@ fn clear_status(obj: &mut Object) {
         Object::RegistrySecret(o) => o.status = None,
         Object::Repository(o) => o.status = None,
         Object::Cluster(o) => o.status = None,
+        // Bindings have no status.
+        Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {}
     }
 }
 
@@ -662,6 +783,8 @@ fn same_spec(a: &Object, b: &Object) -> bool {
         (Object::RegistrySecret(a), Object::RegistrySecret(b)) => a.spec == b.spec,
         (Object::Repository(a), Object::Repository(b)) => a.spec == b.spec,
         (Object::Cluster(a), Object::Cluster(b)) => a.spec == b.spec,
+        (Object::RoleBinding(a), Object::RoleBinding(b)) => a.spec == b.spec,
+        (Object::ClusterRoleBinding(a), Object::ClusterRoleBinding(b)) => a.spec == b.spec,
         _ => false,
     }
 }

@@ -224,6 +224,11 @@ pub struct DesiredImage {
     pub keep_versions: u32,
     #[serde(default)]
     pub grace_period_seconds: u64,
+    /// W3C `traceparent` of the change that produced this entry, so the
+    /// agent's sync joins its trace; empty when traces are not exported
+    /// (and then not stored: sets stored before it load unchanged).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_context: String,
     /// Keys the agent checks the image's cosign signature against before it
     /// becomes visible (the Repository's `verify` under `enforce`). Sets
     /// stored before signatures were checked have none.
@@ -457,6 +462,8 @@ pub fn place(
                     platforms: sorted_unique(&repo.platforms),
                     keep_versions: repo.keep_versions,
                     grace_period_seconds: repo.grace_period_seconds,
+                    // Stamped by the controller on entries a change adds.
+                    trace_context: String::new(),
                     verify_keys: repo.verify_keys.clone(),
                 });
             }

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::leader::Election;
+use crate::metrics::HubMetrics;
 use crate::objects::{ObjectError, Objects};
 use crate::resolver::{
     self, Failure, FailureReason, HealthPhase, ResolveSpec, ResolveStatus, Resolved, ScanGate,
@@ -60,11 +61,16 @@ pub fn election(config: &Config) -> Election {
 
 /// Campaigns in `election` and does the work while this replica leads,
 /// until `shutdown`.
-pub async fn serve(objects: Objects, election: Election, shutdown: CancellationToken) {
+pub async fn serve(
+    objects: Objects,
+    metrics: HubMetrics,
+    election: Election,
+    shutdown: CancellationToken,
+) {
     let (tx, rx) = watch::channel(false);
     tokio::join!(
         election.run(tx, shutdown.clone()),
-        run(objects, rx, shutdown.clone())
+        run(objects, metrics, rx, shutdown.clone())
     );
 }
 
@@ -346,7 +352,9 @@ impl Cache {
                     Changed::Secret(id)
                 }
             }
-            Object::Cluster(_) => Changed::Nothing,
+            Object::Cluster(_) | Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {
+                Changed::Nothing
+            }
         }
     }
 
@@ -424,17 +432,60 @@ enum Done {
     Resolved {
         id: Id,
         attempt: Attempt,
+        /// `"success"` or the failure reason, for the metrics.
+        result: &'static str,
     },
     Checked {
         id: Id,
         version: SecretVersion,
         at: SystemTime,
+        /// The registry checked and the outcome, for the metrics.
+        registry: String,
+        phase: ConnectionPhase,
     },
+}
+
+impl Done {
+    /// Counts the outcome; remembers which registry each RegistrySecret's
+    /// health series is about, so a deleted one's series can go.
+    fn count(&self, metrics: &HubMetrics, reported: &mut HashMap<Id, String>) {
+        match self {
+            Done::Resolved { result, .. } => metrics.resolved(result),
+            Done::Checked {
+                id,
+                registry,
+                phase,
+                ..
+            } => {
+                if let Some(old) = reported.insert(id.clone(), registry.clone())
+                    && old != *registry
+                {
+                    metrics.registry_forgotten(&id.0, &id.1, &old);
+                }
+                metrics.registry_checked(&id.0, &id.1, registry, phase_label(*phase));
+            }
+        }
+    }
+}
+
+/// A connection phase as the metrics' labels write it.
+fn phase_label(phase: ConnectionPhase) -> &'static str {
+    match phase {
+        ConnectionPhase::Connected => "Connected",
+        ConnectionPhase::AuthFailed => "AuthFailed",
+        ConnectionPhase::Unreachable => "Unreachable",
+        ConnectionPhase::CredentialUnusable => "CredentialUnusable",
+    }
 }
 
 /// Runs while the hub runs: does the work whenever `leader` says this
 /// replica leads, and stops doing it as soon as it does not.
-pub async fn run(objects: Objects, mut leader: watch::Receiver<bool>, shutdown: CancellationToken) {
+pub async fn run(
+    objects: Objects,
+    metrics: HubMetrics,
+    mut leader: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             r = leader.wait_for(|l| *l) => if r.is_err() { return },
@@ -445,7 +496,7 @@ pub async fn run(objects: Objects, mut leader: watch::Receiver<bool>, shutdown: 
             let _ = leader.wait_for(|l| !*l).await;
         };
         tokio::select! {
-            _ = lead(&objects) => {}
+            _ = lead(&objects, &metrics) => {}
             _ = lost => info!("Tag resolver paused: this replica no longer leads"),
             _ = shutdown.cancelled() => return,
         }
@@ -457,7 +508,7 @@ pub async fn run(objects: Objects, mut leader: watch::Receiver<bool>, shutdown: 
 /// RegistrySecrets through two watchers; nothing is scheduled before both
 /// were listed, since a Repository whose RegistrySecret is not read yet
 /// would fail as if the secret were missing.
-async fn lead(objects: &Objects) {
+async fn lead(objects: &Objects, metrics: &HubMetrics) {
     let store = objects.store().clone();
     let mut secret_events = Watcher::new(store.clone(), Kind::RegistrySecret.plural());
     let mut repo_events = Watcher::new(store, Kind::Repository.plural());
@@ -472,6 +523,8 @@ async fn lead(objects: &Objects) {
     let mut summary = tokio::time::interval(FAILURE_SUMMARY);
     summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_logged = 0usize;
+    // The registry of each RegistrySecret whose health this leader exported.
+    let mut reported: HashMap<Id, String> = HashMap::new();
     loop {
         if listed == (true, true) {
             leader.schedule(objects, &mut work);
@@ -481,7 +534,10 @@ async fn lead(objects: &Objects) {
             ev = repo_events.next() => Some((Kind::Repository, ev)),
             Some(done) = work.join_next(), if !work.is_empty() => {
                 match done {
-                    Ok(done) => leader.finished(done),
+                    Ok(done) => {
+                        done.count(metrics, &mut reported);
+                        leader.finished(done);
+                    }
                     Err(e) => {
                         // Which task failed is unknown: start the work
                         // over, as after a new list.
@@ -515,6 +571,15 @@ async fn lead(objects: &Objects) {
                     }
                 }
                 let changed = leader.cache.apply(objects, kind, ev);
+                if matches!(changed, Changed::All | Changed::Secret(_)) {
+                    reported.retain(|id, registry| {
+                        let kept = leader.cache.secrets.contains_key(id);
+                        if !kept {
+                            metrics.registry_forgotten(&id.0, &id.1, registry);
+                        }
+                        kept
+                    });
+                }
                 leader.changed(changed);
             }
             Some((kind, Err(e))) => {
@@ -548,12 +613,14 @@ struct Leader {
 impl Leader {
     fn finished(&mut self, done: Done) {
         match done {
-            Done::Resolved { id, attempt } => {
+            Done::Resolved { id, attempt, .. } => {
                 self.in_flight.remove(&(Kind::Repository, id.clone()));
                 self.attempts.insert(id.clone(), attempt);
                 self.changed(Changed::Repository(id));
             }
-            Done::Checked { id, version, at } => {
+            Done::Checked {
+                id, version, at, ..
+            } => {
                 self.in_flight.remove(&(Kind::RegistrySecret, id.clone()));
                 self.checks.insert(id, (at, version));
             }
@@ -650,8 +717,14 @@ fn schedule(
         let (objects, id, rs) = (objects.clone(), id.clone(), rs.clone());
         work.spawn(async move {
             let at = SystemTime::now();
-            check_and_record(&objects, &id, &rs).await;
-            Done::Checked { id, version, at }
+            let phase = check_and_record(&objects, &id, &rs).await;
+            Done::Checked {
+                id,
+                version,
+                at,
+                registry: rs.spec.domain.clone(),
+                phase,
+            }
         });
     }
     for id in std::mem::take(&mut queue.dirty) {
@@ -689,9 +762,24 @@ fn schedule(
         let failures = attempts.get(&id).map_or(0, |a| a.failures);
         let (objects, repo) = (objects.clone(), repo.clone());
         work.spawn(async move {
-            let attempt =
-                resolve_and_record(&objects, &id, &repo, rs.as_ref(), secret, failures).await;
-            Done::Resolved { id, attempt }
+            // Continues the trace of the Apply that changed the Repository,
+            // if any; the desired-set entries it produces continue this span.
+            let span =
+                tracing::info_span!("resolve tags", repository = %format!("{}/{}", id.0, id.1));
+            imgfleet_common::telemetry::join(&span, &objects.traces().take_applied(&id.0, &id.1));
+            // Recorded before the status write that wakes the controller.
+            let here = imgfleet_common::telemetry::traceparent(&span);
+            objects.traces().resolved(&id.0, &id.1, here);
+            let (attempt, result) = tracing::Instrument::instrument(
+                resolve_and_record(&objects, &id, &repo, rs.as_ref(), secret, failures),
+                span,
+            )
+            .await;
+            Done::Resolved {
+                id,
+                attempt,
+                result,
+            }
         });
     }
 }
@@ -734,7 +822,7 @@ async fn resolve_and_record(
     rs: Option<&RegistrySecret>,
     secret: Option<SecretVersion>,
     failures_before: u32,
-) -> Attempt {
+) -> (Attempt, &'static str) {
     let generation = repo.metadata.generation.unwrap_or(0);
     let interval = repo.spec.sync_interval_duration();
     let started = std::time::Instant::now();
@@ -779,6 +867,10 @@ async fn resolve_and_record(
         },
     };
     let at = SystemTime::now();
+    let result = match &outcome {
+        Ok(_) => "success",
+        Err(f) => f.reason.as_str(),
+    };
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let repository = format!("{}/{}", id.0, id.1);
     match &outcome {
@@ -831,13 +923,14 @@ async fn resolve_and_record(
     } else {
         0
     };
-    Attempt {
+    let attempt = Attempt {
         at,
         generation,
         secret,
         next: next_after(&status, interval, at, failures, rand::random::<f64>()),
         failures,
-    }
+    };
+    (attempt, result)
 }
 
 fn next_status_failed(e: &ObjectError) -> ResolveStatus {
@@ -891,7 +984,9 @@ async fn write_repo_status(
     })
 }
 
-async fn check_and_record(objects: &Objects, id: &Id, rs: &RegistrySecret) {
+/// Checks a registry's health and records it in the RegistrySecret's status;
+/// returns the phase found.
+async fn check_and_record(objects: &Objects, id: &Id, rs: &RegistrySecret) -> ConnectionPhase {
     let client = client_for(objects, rs);
     let health = match &client {
         Ok(client) => {
@@ -947,6 +1042,7 @@ async fn check_and_record(objects: &Objects, id: &Id, rs: &RegistrySecret) {
             warn!(registry_secret = %name, error = %e, "Could not record registry health");
         }
     }
+    phase
 }
 
 #[cfg(test)]
@@ -1337,7 +1433,7 @@ mod tests {
         );
         let keyring = crate::secrets::Keyring::from_key("test", &[7u8; 32]).expect("key");
         let objects = Objects::new(store, Arc::new(keyring));
-        let run = tokio::spawn(run(objects, rx, token.clone()));
+        let run = tokio::spawn(run(objects, HubMetrics::new(), rx, token.clone()));
         tx.send(true).expect("send");
         tokio::time::sleep(Duration::from_secs(1)).await;
         tx.send(false).expect("send");

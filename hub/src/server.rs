@@ -85,6 +85,10 @@ pub enum StartError {
     /// be read to tell).
     #[error(transparent)]
     KeyCheck(crate::keycheck::KeyCheckError),
+    /// The built-in descriptors of the wire contract do not load (a build
+    /// defect).
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[source] tonic_reflection::server::Error),
 }
 
 impl StartError {
@@ -300,7 +304,8 @@ pub async fn start_with(
         metrics.clone(),
         placement,
         shutdown.clone(),
-    );
+    )
+    .with_cluster_cert_lifetime(config.cluster_cert_lifetime);
 
     let grpc_listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -316,6 +321,7 @@ pub async fn start_with(
             source,
         })?;
     let mut tasks = JoinSet::new();
+    let readiness = crate::metrics::Readiness::new(context.objects.store().clone());
     let metrics_addr = match config.metrics_listen {
         Some(addr) => {
             let l = crate::metrics::bind(addr)
@@ -330,7 +336,7 @@ pub async fn start_with(
                 source,
             })?;
             let m = metrics.clone();
-            let ready = crate::metrics::Readiness::new(context.objects.store().clone());
+            let ready = readiness.clone();
             let token = shutdown.clone();
             tasks.spawn(async move {
                 crate::metrics::serve(l, m, ready, token)
@@ -344,14 +350,26 @@ pub async fn start_with(
 
     let mut routes = RoutesBuilder::default();
     routes.add_service(admin.into_server());
+    let mut served = vec![ADMIN_SERVICE];
     if parts.agent_api {
         start_agent_api(&context, &config, &mut routes, &mut tasks);
+        served.push(AGENT_SERVICE);
     }
+    add_grpc_conventions(&mut routes, &mut tasks, readiness, served, shutdown.clone())?;
     if parts.resolver {
         let (objects, token) = (context.objects.clone(), shutdown.clone());
         let election = crate::resolve_loop::election(&config);
+        let metrics = metrics.clone();
         tasks.spawn(async move {
-            crate::resolve_loop::serve(objects, election, token).await;
+            crate::resolve_loop::serve(objects, metrics, election, token).await;
+            Ok(())
+        });
+    }
+    {
+        let (store, token) = (context.objects.store().clone(), shutdown.clone());
+        let retention = config.audit_retention;
+        tasks.spawn(async move {
+            crate::audit::run_retention(store, retention, token).await;
             Ok(())
         });
     }
@@ -383,6 +401,56 @@ pub async fn start_with(
     })
 }
 
+/// The gRPC names of the hub's own services, as health checks name them.
+const ADMIN_SERVICE: &str = "imgfleet.v1.AdminService";
+const AGENT_SERVICE: &str = "imgfleet.v1.AgentService";
+/// How often the health service's status follows readiness.
+const HEALTH_PERIOD: Duration = Duration::from_secs(2);
+
+/// The standard services generic tooling expects on a gRPC port, behind the
+/// same mTLS as the rest (an unauthenticated caller does not get past the
+/// handshake): `grpc.health.v1.Health`, whose status follows readiness (the
+/// policy store answers), and server reflection (`grpc.reflection.v1`, and
+/// `v1alpha` for older clients) of the wire contract.
+fn add_grpc_conventions(
+    routes: &mut RoutesBuilder,
+    tasks: &mut JoinSet<Result<(), ServeError>>,
+    readiness: crate::metrics::Readiness,
+    served: Vec<&'static str>,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    use tonic_health::ServingStatus;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    routes.add_service(health);
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(imgfleet::api::FILE_DESCRIPTOR_SET)
+    };
+    routes.add_service(builder().build_v1().map_err(StartError::Reflection)?);
+    routes.add_service(builder().build_v1alpha().map_err(StartError::Reflection)?);
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let status = tokio::select! {
+                _ = tick.tick() => match readiness.check().await {
+                    Ok(()) => ServingStatus::Serving,
+                    Err(_) => ServingStatus::NotServing,
+                },
+                _ = shutdown.cancelled() => ServingStatus::NotServing,
+            };
+            // "" is the server as a whole.
+            for name in std::iter::once("").chain(served.iter().copied()) {
+                reporter.set_service_status(name, status).await;
+            }
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+        }
+    });
+    Ok(())
+}
+
 /// The agent API and what serves it: each task gets the handles it needs
 /// of the desired-set cache and the live-session table, no more.
 fn start_agent_api(
@@ -397,13 +465,18 @@ fn start_agent_api(
     let cache = DesiredCache::new();
     let live = LiveClusters::default();
     let (epoch_tx, epoch_rx) = watch::channel(None);
+    context.metrics.attach_fleet(crate::fleet::FleetCollector {
+        live: live.fleet(),
+        desired: cache.snapshots(),
+    });
     let service = AgentService::new(
         objects.clone(),
         epoch_rx,
         cache.sets(),
         live.sessions(),
         shutdown.clone(),
-    );
+    )
+    .with_renewal(context.pki.ca.clone(), config.cluster_cert_lifetime);
     routes.add_service(service.clone().into_server());
     let writer = StatusWriter {
         objects: objects.clone(),

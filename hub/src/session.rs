@@ -30,6 +30,7 @@ use crate::desired_cache::{ClusterDesired, DesiredSets};
 use crate::live::{SessionBook, SessionId};
 use crate::objects::{ObjectError, Objects};
 use crate::placement;
+use crate::revocation::{ClusterRevocations, Revocations, Revoked};
 use crate::status::LiveCluster;
 use crate::wire::{self, Credential, FromAgent, Hello};
 
@@ -61,6 +62,12 @@ pub enum AgentError {
     WrongCluster { cluster: String, claimed: String },
     #[error("cluster {0} is not enrolled (no Cluster object)")]
     NotEnrolled(String),
+    /// The certificate was revoked (`imgfleet cluster revoke`, a delete, or
+    /// a re-enroll); the agent keeps serving what it holds.
+    #[error(
+        "cluster {0}: this certificate was revoked; re-enroll with `imgfleet cluster enroll {0} --reissue` and give the agent the new credentials"
+    )]
+    Revoked(String),
     /// Reading the Cluster object failed.
     #[error("cluster {cluster}: {source}")]
     Lookup {
@@ -79,9 +86,9 @@ pub enum AgentError {
 impl From<AgentError> for Status {
     fn from(e: AgentError) -> Status {
         match e {
-            AgentError::NotACluster(_) | AgentError::WrongCluster { .. } => {
-                Status::permission_denied(e.to_string())
-            }
+            AgentError::NotACluster(_)
+            | AgentError::WrongCluster { .. }
+            | AgentError::Revoked(_) => Status::permission_denied(e.to_string()),
             AgentError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             AgentError::NoHello { .. } => Status::deadline_exceeded(e.to_string()),
             AgentError::NotHello { .. } => Status::invalid_argument(e.to_string()),
@@ -125,6 +132,18 @@ pub struct AgentService {
     tracker: TaskTracker,
     /// Ends every session.
     shutdown: CancellationToken,
+    /// Every cluster's revocation; a session whose certificate it refuses
+    /// ends at once.
+    revoked: watch::Receiver<ClusterRevocations>,
+    /// Signs renewals, when this hub holds the CA.
+    renewal: Option<Renewal>,
+}
+
+/// What renewing a cluster certificate takes.
+#[derive(Clone)]
+struct Renewal {
+    ca: std::sync::Arc<imgfleet_common::pki::CertificateAuthority>,
+    lifetime: Duration,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -141,14 +160,34 @@ impl AgentService {
         live: SessionBook,
         shutdown: CancellationToken,
     ) -> AgentService {
+        let tracker = TaskTracker::new();
+        // Every replica follows the revocations itself, so a revoke made on
+        // any of them ends the session wherever it lives.
+        let (revoked, follow) =
+            crate::revocation::follow_clusters(objects.store().clone(), shutdown.clone());
+        tracker.spawn(follow);
         AgentService {
             objects,
             epoch,
             desired,
             live,
-            tracker: TaskTracker::new(),
+            tracker,
             shutdown,
+            revoked,
+            renewal: None,
         }
+    }
+
+    /// Renew cluster certificates over the session with `ca`, each valid for
+    /// `lifetime` (`--cluster-cert-lifetime`); without a CA renewal requests
+    /// are answered with an error.
+    pub fn with_renewal(
+        mut self,
+        ca: Option<std::sync::Arc<imgfleet_common::pki::CertificateAuthority>>,
+        lifetime: Duration,
+    ) -> Self {
+        self.renewal = ca.map(|ca| Renewal { ca, lifetime });
+        self
     }
 
     /// The tonic server for this service.
@@ -171,6 +210,54 @@ impl AgentService {
             Ok(other) => return Err(AgentError::NotACluster(other)),
             Err(e) => return Err(AgentError::Unauthenticated(e)),
         };
+        let mut issued_at = i128::MAX;
+        if let Some(certs) = request.peer_certs()
+            && let Some(leaf) = certs.first()
+        {
+            let facts = imgfleet_common::pki::cert_facts_der(leaf.as_ref())
+                .map_err(|e| AgentError::Unauthenticated(TlsError::Identity(e)))?;
+            issued_at = facts.issued_at_nanos;
+            let revocations = Revocations::new(self.objects.store().clone());
+            match revocations
+                .refuses(&Revoked::Cluster(cluster.clone()), facts.issued_at_nanos)
+                .await
+            {
+                Ok(false) => {}
+                Ok(true) => {
+                    warn!(cluster = %cluster, "A revoked certificate tried to connect");
+                    let draft = crate::audit::Draft {
+                        user: format!("cluster:{cluster}"),
+                        verb: "connect".into(),
+                        resource: "clusters".into(),
+                        name: cluster.clone(),
+                        source: request
+                            .remote_addr()
+                            .map(|a| a.to_string())
+                            .unwrap_or_default(),
+                        ..Default::default()
+                    };
+                    let e = AgentError::Revoked(cluster);
+                    let put = draft.put(
+                        crate::audit::Outcome::Denied,
+                        tonic::Code::PermissionDenied as i32,
+                        false,
+                        &e.to_string(),
+                    );
+                    if let Err(err) =
+                        crate::audit::record_alone(self.objects.store().as_ref(), put).await
+                    {
+                        warn!(error = %err, "Writing an audit record failed");
+                    }
+                    return Err(e);
+                }
+                Err(e) => {
+                    return Err(AgentError::Lookup {
+                        cluster,
+                        source: e.into(),
+                    });
+                }
+            }
+        }
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -226,6 +313,9 @@ impl AgentService {
             id,
             epoch,
             tx,
+            issued_at,
+            revoked: self.revoked.clone(),
+            renewal: self.renewal.clone(),
         };
         let desired = self.desired.subscribe(&cluster);
         self.tracker
@@ -262,6 +352,12 @@ struct Session {
     epoch: String,
     /// Messages to the agent.
     tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
+    /// When the agent's certificate was issued (Unix nanoseconds).
+    issued_at: i128,
+    /// Every cluster's revocation.
+    revoked: watch::Receiver<ClusterRevocations>,
+    /// Signs renewals.
+    renewal: Option<Renewal>,
 }
 
 impl Session {
@@ -290,13 +386,40 @@ impl Session {
         heartbeat.tick().await;
         let mut seq = 0u64;
         let mut last_heard = Instant::now();
+        let mut revoked = self.revoked.clone();
+        revoked.mark_changed();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                changed = revoked.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let refused = revoked
+                        .borrow_and_update()
+                        .get(&cluster)
+                        .is_some_and(|r| r.refuses(self.issued_at));
+                    if refused {
+                        warn!(cluster = %cluster, "Certificate revoked; ending the agent's session");
+                        let _ = self
+                            .tx
+                            .send(Err(Status::from(AgentError::Revoked(cluster.clone()))))
+                            .await;
+                        break;
+                    }
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => {
                         last_heard = Instant::now();
-                        self.handle(FromAgent::from(m));
+                        match FromAgent::from(m) {
+                            FromAgent::Renew { csr_pem } => {
+                                self.live.heard(&self.id);
+                                if !self.renew(&csr_pem).await {
+                                    break;
+                                }
+                            }
+                            other => self.handle(other),
+                        }
                     }
                     Ok(None) => {
                         info!(cluster = %cluster, "Agent closed the session");
@@ -337,6 +460,54 @@ impl Session {
         self.live.end(&self.id);
     }
 
+    /// Signs the agent's CSR for its own cluster (the subject is the
+    /// hub's), records it in the audit trail, and answers.
+    async fn renew(&self, csr_pem: &str) -> bool {
+        let cluster = &self.id.cluster;
+        let result = match &self.renewal {
+            None => Err("this hub has no signing CA: renew against a hub started with --ca-cert and --ca-key".to_owned()),
+            Some(r) => r
+                .ca
+                .sign_cluster_csr(csr_pem, cluster, r.lifetime)
+                .map_err(|e| format!("cluster {cluster}: renewal refused: {e}")),
+        };
+        let draft = crate::audit::Draft {
+            user: format!("cluster:{cluster}"),
+            verb: "renew".into(),
+            resource: "clusters".into(),
+            name: cluster.clone(),
+            ..Default::default()
+        };
+        let put = match &result {
+            Ok(_) => draft.put(
+                crate::audit::Outcome::Allowed,
+                0,
+                false,
+                "certificate renewed",
+            ),
+            Err(e) => draft.put(
+                crate::audit::Outcome::Failed,
+                tonic::Code::InvalidArgument as i32,
+                false,
+                e,
+            ),
+        };
+        if let Err(e) = crate::audit::record_alone(self.objects.store().as_ref(), put).await {
+            // Unaudited, so not issued.
+            warn!(cluster = %cluster, error = %e, "Renewal not audited; refused");
+            return self
+                .send(wire::renewed(Err(format!(
+                    "the hub could not record the renewal: {e}"
+                ))))
+                .await;
+        }
+        match &result {
+            Ok(_) => info!(cluster = %cluster, "Renewed the cluster certificate"),
+            Err(e) => warn!(cluster = %cluster, error = %e, "Renewal refused"),
+        }
+        self.send(wire::renewed(result)).await
+    }
+
     async fn send(&self, msg: wire::Outbound) -> bool {
         self.tx.send(Ok(msg)).await.is_ok()
     }
@@ -366,7 +537,7 @@ impl Session {
                 self.live.progress(&self.id, storage, images);
             }
             FromAgent::Heartbeat => self.live.heartbeat(&self.id),
-            FromAgent::Other => self.live.heard(&self.id),
+            FromAgent::Renew { .. } | FromAgent::Other => self.live.heard(&self.id),
         }
     }
 
@@ -389,8 +560,12 @@ impl Session {
         let registries = self.credentials(keys).await;
         info!(cluster = %self.id.cluster, generation = set.generation,
               images = set.content.images.len(), "Sending full desired set");
-        self.send(wire::full_set(set, &self.epoch, registries))
-            .await
+        let span = send_span(&self.id.cluster, set.generation, &set.content.images);
+        tracing::Instrument::instrument(
+            self.send(wire::full_set(set, &self.epoch, registries)),
+            span,
+        )
+        .await
     }
 
     async fn send_delta(&self, old: &StoredDesiredSet, new: &StoredDesiredSet) -> bool {
@@ -400,6 +575,7 @@ impl Session {
         // Debug, not info: a fleet-wide change would log one line per agent.
         debug!(cluster = %self.id.cluster, from = old.generation, generation = new.generation,
               upserts = d.upserts.len(), removals = d.removals.len(), "Sending desired-set delta");
+        let span = send_span(&self.id.cluster, new.generation, &d.upserts);
         let msg = wire::delta(
             old.generation,
             new.generation,
@@ -407,8 +583,23 @@ impl Session {
             d,
             registry_upserts,
         );
-        self.send(msg).await
+        tracing::Instrument::instrument(self.send(msg), span).await
     }
+}
+
+/// The span of sending a cluster its desired set: part of the trace of the
+/// change behind the first entry sent that carries one.
+fn send_span(cluster: &str, generation: u64, images: &[placement::DesiredImage]) -> tracing::Span {
+    // No span at all unless spans are exported: a fleet-wide change sends to
+    // every session at once.
+    if !imgfleet_common::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!("send desired set", cluster = %cluster, generation);
+    if let Some(i) = images.iter().find(|i| !i.trace_context.is_empty()) {
+        imgfleet_common::telemetry::join(&span, &i.trace_context);
+    }
+    span
 }
 
 /// The credential for registry key `<namespace>/<name>`, password opened.

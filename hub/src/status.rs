@@ -22,6 +22,8 @@ pub struct ImageState {
     pub message: Option<String>,
     pub updated_at: Option<Time>,
     pub next_retry_time: Option<Time>,
+    /// Failed attempts in a row the agent reported; 0 after a success.
+    pub attempts: u32,
 }
 
 /// What a live session knows about its cluster.

@@ -60,6 +60,10 @@ pub enum FromAgent {
     /// Image progress and storage.
     Progress(Progress),
     Heartbeat,
+    /// A CSR for the cluster's next certificate.
+    Renew {
+        csr_pem: String,
+    },
     /// Anything else (a second Hello, an empty message): only proof of life.
     Other,
 }
@@ -98,6 +102,7 @@ impl From<pb::AgentMessage> for FromAgent {
                 images: p.images,
             }),
             Some(AgentMsg::Heartbeat(_)) => FromAgent::Heartbeat,
+            Some(AgentMsg::Renew(r)) => FromAgent::Renew { csr_pem: r.csr_pem },
             Some(AgentMsg::Hello(_)) | None => FromAgent::Other,
         }
     }
@@ -122,6 +127,7 @@ fn image_state(p: pb::ImageProgress) -> (String, ImageState) {
         message: Some(p.message).filter(|m| !m.is_empty()),
         updated_at: p.updated_at.as_ref().and_then(time_from_proto),
         next_retry_time: p.next_retry_time.as_ref().and_then(time_from_proto),
+        attempts: p.attempts,
     };
     (p.key, state)
 }
@@ -148,6 +154,7 @@ fn image(i: &DesiredImage) -> pb::DesiredImage {
         platforms: i.platforms.clone(),
         keep_versions: i.keep_versions,
         grace_period_seconds: i.grace_period_seconds,
+        trace_context: i.trace_context.clone(),
         verify: (!i.verify_keys.is_empty()).then(|| pb::Verify {
             keys: i
                 .verify_keys
@@ -220,6 +227,15 @@ pub fn delta(
         registry_upserts: registry_upserts.into_iter().map(|c| c.0).collect(),
         registry_removals: delta.registry_removals,
     }))
+}
+
+/// The answer to a renewal: the certificate, or why there is none.
+pub fn renewed(result: Result<String, String>) -> Outbound {
+    let (cert_pem, error) = match result {
+        Ok(c) => (c, String::new()),
+        Err(e) => (String::new(), e),
+    };
+    message(HubMsg::Renewed(pb::Renewed { cert_pem, error }))
 }
 
 /// The hub's heartbeat number `seq` of a session.

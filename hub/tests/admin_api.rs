@@ -125,6 +125,8 @@ fn meta(o: &pb::Object) -> &pb::ObjectMeta {
         Some(pb::object::Kind::RegistrySecret(x)) => x.metadata.as_ref(),
         Some(pb::object::Kind::Repository(x)) => x.metadata.as_ref(),
         Some(pb::object::Kind::Cluster(x)) => x.metadata.as_ref(),
+        Some(pb::object::Kind::RoleBinding(x)) => x.metadata.as_ref(),
+        Some(pb::object::Kind::ClusterRoleBinding(x)) => x.metadata.as_ref(),
         None => None,
     }
     .expect("metadata")
@@ -135,6 +137,8 @@ fn meta_mut(o: &mut pb::Object) -> &mut pb::ObjectMeta {
         Some(pb::object::Kind::RegistrySecret(x)) => x.metadata.as_mut(),
         Some(pb::object::Kind::Repository(x)) => x.metadata.as_mut(),
         Some(pb::object::Kind::Cluster(x)) => x.metadata.as_mut(),
+        Some(pb::object::Kind::RoleBinding(x)) => x.metadata.as_mut(),
+        Some(pb::object::Kind::ClusterRoleBinding(x)) => x.metadata.as_mut(),
         None => None,
     }
     .expect("metadata")
@@ -769,6 +773,7 @@ async fn enrollment_binds_the_cluster_name() {
             labels: HashMap::from([("region".to_string(), "eu".to_string())]),
             tenants: vec!["default".into()],
             validity_days: 30,
+            ..Default::default()
         })
         .await
         .expect("enroll")

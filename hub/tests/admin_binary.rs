@@ -89,12 +89,20 @@ async fn first_start_prints_once_and_sigterm_drains_to_exit_0() {
     let log1 = dir.path().join("hub1.log");
     let mut hub = start(&data, &log1).await;
 
-    let text = std::fs::read_to_string(&log1).expect("log");
     let want = format!(
         "export IMGFLEET_HUB={} IMGFLEET_CREDENTIALS={}",
         hub.url,
         data.join("admin").display()
     );
+    // The metrics port answers a moment before the setup line is printed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&log1).expect("log");
+        if text.contains(&want) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         text.contains(&want),
         "first start must print {want:?}:\n{text}"

@@ -481,6 +481,7 @@ fn entries_carry_everything_the_agent_needs() {
         platforms: vec!["linux/amd64".into(), "linux/arm64".into()],
         keep_versions: 3,
         grace_period_seconds: 600,
+        trace_context: String::new(),
         verify_keys: Vec::new(),
     };
     assert_eq!(

@@ -96,6 +96,7 @@ async fn enroll(hub: &RunningHub, name: &str, tier: &str) -> TlsMaterial {
             labels: HashMap::from([("tier".to_string(), tier.to_string())]),
             tenants: vec!["default".into()],
             validity_days: 1,
+            ..Default::default()
         })
         .await
         .expect("enroll")

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use imgfleet_hub::store::watcher::{Event, State, Watcher};
 use imgfleet_hub::store::{
     self, EtcdStore, Key, MAX_BATCH_PUTS, PolicyStore, Put, RedbStore, StoreError, WatchEvent,
-    WatchStream,
+    WatchStream, Write,
 };
 use imgfleet_tests::Etcd;
 
@@ -109,6 +109,9 @@ conformance!(
     list_pages_through_a_large_kind,
     watcher_lists_then_follows,
     watcher_relists_when_the_history_is_gone,
+    commit_stores_the_change_and_its_record_together,
+    commit_with_a_failed_precondition_stores_neither,
+    commit_without_writes_stores_the_record,
 );
 
 fn key(ns: &str, name: &str) -> Key {
@@ -915,5 +918,126 @@ async fn list_pages_through_a_large_kind(b: &Backend) -> Result<()> {
     assert_eq!(listed[0].key.name, "edge-00000");
     assert_eq!(listed[n - 1].key.name, format!("edge-{:05}", n - 1));
     ensure!(rev >= listed.iter().map(|v| v.revision).max().unwrap_or(0));
+    Ok(())
+}
+
+fn audit_key(name: &str) -> Key {
+    Key::new("auditevents", "team-a", name)
+}
+
+async fn commit_stores_the_change_and_its_record_together(b: &Backend) -> Result<()> {
+    let s = &b.store;
+    let a = key("team-a", "a");
+    let gone = key("team-a", "gone");
+    let a_rev = s.create(&a, b"v1".to_vec()).await?;
+    let gone_rev = s.create(&gone, b"bye".to_vec()).await?;
+    let mut w = s.watch("repositories", gone_rev).await?;
+    let (written, record_rev) = s
+        .commit(
+            vec![
+                Write::Put(put(&a, b"v2", Some(a_rev))),
+                Write::Delete {
+                    key: gone.clone(),
+                    expected: Some(gone_rev),
+                },
+            ],
+            put(&audit_key("r1"), b"record", None),
+        )
+        .await?;
+    assert_eq!(written.len(), 2);
+    assert_eq!(written[0].value, b"v2");
+    assert_eq!(written[0].create_revision, a_rev);
+    assert_eq!(written[1].value, b"bye");
+    ensure!(written[1].revision > gone_rev);
+    // The record's revision is that of the change's last write.
+    assert_eq!(record_rev, written[1].revision);
+    let got = s.get(&a).await?.context("a")?;
+    assert_eq!(
+        (got.value.as_slice(), got.revision),
+        (&b"v2"[..], written[0].revision)
+    );
+    ensure!(s.get(&gone).await?.is_none(), "deleted");
+    let rec = s.get(&audit_key("r1")).await?.context("record")?;
+    assert_eq!(
+        (rec.value.as_slice(), rec.revision),
+        (&b"record"[..], record_rev)
+    );
+    let (records, _) = s.list("auditevents", Some("team-a")).await?;
+    assert_eq!(records.len(), 1);
+    // Watchers of the changed kind see the change.
+    match next_event(&mut w).await? {
+        WatchEvent::Put(v) => assert_eq!(v.key, a),
+        other => bail!("expected the put, got {other:?}"),
+    }
+    match next_event(&mut w).await? {
+        WatchEvent::Delete(v) => assert_eq!(v.key, gone),
+        other => bail!("expected the delete, got {other:?}"),
+    }
+    // A record key is used once.
+    let e = s
+        .commit(Vec::new(), put(&audit_key("r1"), b"again", None))
+        .await
+        .expect_err("record twice");
+    ensure!(matches!(e, StoreError::AlreadyExists(_)), "{e:?}");
+    Ok(())
+}
+
+async fn commit_with_a_failed_precondition_stores_neither(b: &Backend) -> Result<()> {
+    let s = &b.store;
+    let a = key("team-a", "a");
+    let a_rev = s.create(&a, b"v1".to_vec()).await?;
+    let before = s.revision().await?;
+    let e = s
+        .commit(
+            vec![Write::Put(put(&a, b"v2", Some(a_rev + 100)))],
+            put(&audit_key("r2"), b"record", None),
+        )
+        .await
+        .expect_err("stale");
+    ensure!(matches!(e, StoreError::Conflict { .. }), "{e:?}");
+    let e = s
+        .commit(
+            vec![Write::Delete {
+                key: key("team-a", "missing"),
+                expected: None,
+            }],
+            put(&audit_key("r3"), b"record", None),
+        )
+        .await
+        .expect_err("missing");
+    ensure!(matches!(e, StoreError::NotFound(_)), "{e:?}");
+    let e = s
+        .commit(
+            vec![Write::Put(put(&a, b"v2", None))],
+            put(&audit_key("r4"), b"record", None),
+        )
+        .await
+        .expect_err("exists");
+    ensure!(matches!(e, StoreError::AlreadyExists(_)), "{e:?}");
+    assert_eq!(s.get(&a).await?.context("a")?.value, b"v1");
+    let (records, _) = s.list("auditevents", None).await?;
+    ensure!(
+        records.is_empty(),
+        "no record without its change: {records:?}"
+    );
+    assert_eq!(s.revision().await?, before);
+    Ok(())
+}
+
+async fn commit_without_writes_stores_the_record(b: &Backend) -> Result<()> {
+    let s = &b.store;
+    let before = s.revision().await?;
+    let (written, rev) = s
+        .commit(Vec::new(), put(&audit_key("denied"), b"record", None))
+        .await?;
+    ensure!(written.is_empty());
+    ensure!(rev > before, "a record alone takes a new revision");
+    assert_eq!(
+        s.get(&audit_key("denied"))
+            .await?
+            .context("record")?
+            .revision,
+        rev
+    );
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use imgfleet::api::v1 as pb;
 use imgfleet::model::{
     Cluster, ClusterImageStatus, ImagePhase, Kind, LabelSelector, Object, Placement,
-    RegistrySecret, Repository, RepositoryStatus, SelectorOperator,
+    RegistrySecret, Repository, RepositoryStatus, SelectorOperator, Subject,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -292,7 +292,51 @@ pub fn table_for(kind: Kind, objects: &[Object], wide: bool, now: Timestamp) -> 
             }
             table(&headers, &rows)
         }
+        Kind::RoleBinding | Kind::ClusterRoleBinding => {
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .filter(|o| o.kind() == kind)
+                .filter_map(|o| {
+                    let (role, subjects) = binding_parts(o)?;
+                    let mut row = Vec::new();
+                    if kind.namespaced() {
+                        row.push(o.namespace().unwrap_or_default().to_owned());
+                    }
+                    row.extend([
+                        o.name().to_owned(),
+                        role.to_owned(),
+                        subjects_cell(subjects),
+                        age(o.metadata().creation_timestamp.as_ref(), now),
+                    ]);
+                    Some(row)
+                })
+                .collect();
+            let mut headers = Vec::new();
+            if kind.namespaced() {
+                headers.push("NAMESPACE");
+            }
+            headers.extend(["NAME", "ROLE", "SUBJECTS", "AGE"]);
+            table(&headers, &rows)
+        }
     }
+}
+
+/// The role and subjects of a binding; `None` for other kinds.
+fn binding_parts(o: &Object) -> Option<(&str, &[Subject])> {
+    match o {
+        Object::RoleBinding(b) => Some((&b.spec.role, &b.spec.subjects)),
+        Object::ClusterRoleBinding(b) => Some((&b.spec.role, &b.spec.subjects)),
+        _ => None,
+    }
+}
+
+/// `Group/dev,User/user-a`.
+fn subjects_cell(subjects: &[Subject]) -> String {
+    let all: Vec<String> = subjects
+        .iter()
+        .map(|s| format!("{}/{}", s.kind, s.name))
+        .collect();
+    list_or_none(&all)
 }
 
 /// Bytes for people: `1.5 GiB`.
@@ -375,6 +419,12 @@ pub fn describe(object: &Object, now: Timestamp) -> String {
             }
         }
         Object::Repository(r) => describe_repository(&mut out, r, object, now),
+        Object::RoleBinding(_) | Object::ClusterRoleBinding(_) => {
+            if let Some((role, subjects)) = binding_parts(object) {
+                field(&mut out, "Role", role);
+                field(&mut out, "Subjects", subjects_cell(subjects));
+            }
+        }
         Object::Cluster(c) => {
             field(&mut out, "Tenants", list_or_none(&c.spec.tenants));
             if let Some(d) = &c.spec.description {

@@ -8,6 +8,7 @@
 // module below: a closed pipe then ends any command quietly.
 #[macro_use]
 mod output;
+mod audit;
 mod format;
 mod hub;
 mod rate;
@@ -116,6 +117,72 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Issue and revoke user certificates (people and automation).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Read the hub's audit trail: changes and denied calls, never a secret.
+    Audit {
+        /// Only records newer than this, e.g. 1h, 30m, 7d.
+        #[arg(long, value_parser = parse_duration_arg)]
+        since: Option<std::time::Duration>,
+        /// Only this user's records.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this namespace's records.
+        #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
+        namespace: Option<String>,
+        /// Every namespace (and the fleet-wide records) you may read; the default.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// table, or json: one Kubernetes audit.k8s.io/v1 Event per line.
+        #[arg(short = 'o', long, value_enum, default_value_t = AuditOutput::Table)]
+        output: AuditOutput,
+    },
+    /// Ask the hub what you may do.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Write ca.pem, cert.pem and key.pem for a user. The key is made here and
+    /// never sent: the hub signs a certificate request.
+    Issue {
+        /// The user name (the certificate's CN).
+        name: String,
+        /// A group (one O of the certificate). May be repeated.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+        /// Folder to write the credentials to; created with mode 0700.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days; the hub's default (365) when left out.
+        #[arg(long)]
+        validity_days: Option<u32>,
+    },
+    /// Refuse every certificate issued to a user so far.
+    Revoke {
+        /// The user name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthCommand {
+    /// Whether you may do VERB on KIND: prints yes (exit 0) or no (exit 1).
+    CanI {
+        /// get, list, watch, apply, delete, rollback, enroll, revoke or issue.
+        verb: String,
+        /// A kind (repositories, rs, clusters, rolebindings, ...), audit or users.
+        resource: String,
+        /// The namespace; leave out for fleet-wide kinds.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -136,7 +203,42 @@ enum ClusterCommand {
         /// Validity of the certificate in days; the hub's default when left out.
         #[arg(long)]
         validity_days: Option<u32>,
+        /// Re-enroll a cluster that exists: issue a new certificate and revoke the
+        /// previous ones. Labels and tenants are kept unless --label or --namespace
+        /// replace them.
+        #[arg(long)]
+        reissue: bool,
     },
+    /// Refuse every certificate issued to a cluster so far, and end its agent's
+    /// session. The agent keeps serving what it holds.
+    Revoke {
+        /// The cluster name.
+        name: String,
+    },
+    /// Mint a token with which nodes pull one namespace's repositories from the
+    /// cluster's mirror (agent started with --mirror-auth token).
+    PullToken {
+        /// The cluster name.
+        name: String,
+        /// The namespace (tenant) whose repositories the token reads.
+        #[arg(long, value_name = "NS")]
+        namespace: String,
+        /// How long the token is valid, e.g. 720h or 30d.
+        #[arg(long, value_parser = parse_duration_arg, default_value = "720h")]
+        ttl: std::time::Duration,
+        /// File to write the token to (mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+/// How `audit` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuditOutput {
+    /// Aligned columns.
+    Table,
+    /// JSON lines in the shape of Kubernetes audit events.
+    Json,
 }
 
 /// How `get` prints.
@@ -221,8 +323,246 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     namespaces,
                     out,
                     validity_days,
+                    reissue,
                 },
-        } => enroll(&target, &name, &labels, &namespaces, &out, validity_days).await,
+        } => {
+            enroll(
+                &target,
+                &name,
+                &labels,
+                &namespaces,
+                &out,
+                validity_days,
+                reissue,
+            )
+            .await
+        }
+        Command::Cluster {
+            command: ClusterCommand::Revoke { name },
+        } => revoke(&target, Revoke::Cluster(name)).await,
+        Command::Cluster {
+            command:
+                ClusterCommand::PullToken {
+                    name,
+                    namespace,
+                    ttl,
+                    out,
+                },
+        } => pull_token(&target, &name, &namespace, ttl, &out).await,
+        Command::User {
+            command:
+                UserCommand::Issue {
+                    name,
+                    groups,
+                    out,
+                    validity_days,
+                },
+        } => issue_user(&target, &name, &groups, &out, validity_days).await,
+        Command::User {
+            command: UserCommand::Revoke { name },
+        } => revoke(&target, Revoke::User(name)).await,
+        Command::Auth {
+            command:
+                AuthCommand::CanI {
+                    verb,
+                    resource,
+                    namespace,
+                },
+        } => can_i(&target, &verb, &resource, namespace.as_deref()).await,
+        Command::Audit {
+            since,
+            user,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            audit_trail(
+                &target,
+                since,
+                user,
+                namespace.filter(|_| !all_namespaces),
+                output,
+            )
+            .await
+        }
+    }
+}
+
+async fn audit_trail(
+    target: &hub::Target,
+    since: Option<std::time::Duration>,
+    user: Option<String>,
+    namespace: Option<String>,
+    output: AuditOutput,
+) -> anyhow::Result<ExitCode> {
+    let since = since.map(|d| {
+        let t = std::time::SystemTime::now()
+            .checked_sub(d)
+            .unwrap_or(std::time::UNIX_EPOCH)
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        prost_types::Timestamp {
+            seconds: i64::try_from(t.as_secs()).unwrap_or(0),
+            nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+        }
+    });
+    let mut client = hub::connect(target).await?;
+    let all = namespace.is_none();
+    let events = client
+        .query_audit(pb::AuditQuery {
+            since,
+            user: user.unwrap_or_default(),
+            namespace: namespace.unwrap_or_default(),
+            all_namespaces: all,
+            limit: 0,
+        })
+        .await
+        .map_err(|s| hub::status_error(s, "the audit trail", target))?
+        .into_inner()
+        .events;
+    match output {
+        AuditOutput::Table => print!("{}", audit::audit_table(&events)),
+        AuditOutput::Json => {
+            for e in &events {
+                println!("{}", audit::to_k8s_event(e));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn issue_user(
+    target: &hub::Target,
+    name: &str,
+    groups: &[String],
+    out: &Path,
+    validity_days: Option<u32>,
+) -> anyhow::Result<ExitCode> {
+    hub::prepare_credentials_dir(out)?;
+    // The key is made here and stays here; the hub sees only the request.
+    let key = rcgen::KeyPair::generate().context("generating a key pair")?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .context("making the certificate request")?;
+    let mut client = hub::connect(target).await?;
+    let what = format!("user {name}");
+    let response = client
+        .issue_user(pb::IssueUserRequest {
+            name: name.to_owned(),
+            groups: groups.to_vec(),
+            validity_days: validity_days.unwrap_or(0),
+            csr_pem: csr,
+        })
+        .await
+        .map_err(|s| hub::status_error(s, &what, target))?
+        .into_inner();
+    hub::write_credentials(
+        out,
+        &response.ca_pem,
+        &response.cert_pem,
+        &key.serialize_pem(),
+    )?;
+    println!(
+        "{what} issued; credentials in {} (ca.pem, cert.pem, key.pem): use them with --credentials {}",
+        out.display(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn pull_token(
+    target: &hub::Target,
+    cluster: &str,
+    namespace: &str,
+    ttl: std::time::Duration,
+    out: &Path,
+) -> anyhow::Result<ExitCode> {
+    let mut client = hub::connect(target).await?;
+    let what = format!("a pull token for {namespace} on Cluster {cluster}");
+    let response = client
+        .issue_pull_token(pb::PullTokenRequest {
+            cluster: cluster.to_owned(),
+            namespace: namespace.to_owned(),
+            ttl_seconds: ttl.as_secs(),
+        })
+        .await
+        .map_err(|s| hub::status_error(s, &what, target))?
+        .into_inner();
+    hub::write_secret_file(out, &response.token)?;
+    println!(
+        "{what} written to {} (valid {}); give it to the nodes with imgfleet-agent hosts-toml --token-file",
+        out.display(),
+        model::format_duration(ttl)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug)]
+enum Revoke {
+    User(String),
+    Cluster(String),
+}
+
+async fn revoke(target: &hub::Target, who: Revoke) -> anyhow::Result<ExitCode> {
+    let who_kind = match &who {
+        Revoke::User(_) => "user",
+        Revoke::Cluster(_) => "cluster",
+    };
+    let mut client = hub::connect(target).await?;
+    let (what, _response) = match who {
+        Revoke::User(name) => {
+            let what = format!("user {name}");
+            let r = client
+                .revoke_user(pb::RevokeUserRequest { name })
+                .await
+                .map_err(|s| hub::status_error(s, &what, target))?;
+            (what, r.into_inner())
+        }
+        Revoke::Cluster(name) => {
+            let what = model::object_id(Kind::Cluster, None, &name);
+            let r = client
+                .revoke_cluster(pb::RevokeClusterRequest { name })
+                .await
+                .map_err(|s| hub::status_error(s, &what, target))?;
+            (what, r.into_inner())
+        }
+    };
+    let sessions = if matches!(who_kind, "cluster") {
+        "; its agent's live session ends within a second"
+    } else {
+        ""
+    };
+    println!("{what}: every certificate issued so far is revoked{sessions}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn can_i(
+    target: &hub::Target,
+    verb: &str,
+    resource: &str,
+    namespace: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let mut client = hub::connect(target).await?;
+    let answer = client
+        .can_i(pb::CanIRequest {
+            verb: verb.to_owned(),
+            resource: resource.to_owned(),
+            namespace: namespace.unwrap_or_default().to_owned(),
+        })
+        .await
+        .map_err(|s| hub::status_error(s, "the question", target))?
+        .into_inner();
+    if answer.allowed {
+        println!("yes");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("no");
+        Ok(ExitCode::FAILURE)
     }
 }
 
@@ -535,8 +875,10 @@ async fn enroll(
     namespaces: &[String],
     out: &Path,
     validity_days: Option<u32>,
+    reissue: bool,
 ) -> anyhow::Result<ExitCode> {
     let labels = parse_labels(labels)?;
+    let replace_labels = reissue && !labels.is_empty();
     // Check name, labels and tenants with the same rules as a Cluster file.
     let cluster = model::Cluster {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
@@ -570,6 +912,9 @@ async fn enroll(
             labels: labels.into_iter().collect(),
             tenants: namespaces.to_vec(),
             validity_days: validity_days.unwrap_or(0),
+            reissue,
+            replace_labels,
+            replace_tenants: reissue && !namespaces.is_empty(),
         })
         .await
         .map_err(|s| hub::status_error(s, &id, target))?

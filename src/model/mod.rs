@@ -742,10 +742,129 @@ pub struct ClusterStatus {
 }
 
 // ---------------------------------------------------------------------------
+// RoleBinding, ClusterRoleBinding
+// ---------------------------------------------------------------------------
+
+/// Whom a binding gives its role: a user (a client certificate's CN) or a
+/// group (one of its O values).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Subject {
+    /// `User` or `Group`.
+    pub kind: String,
+    /// The user's or group's name.
+    pub name: String,
+}
+
+/// Gives users and groups a role in the binding's namespace.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "image.theriseunion.io",
+    version = "v1alpha1",
+    kind = "RoleBinding",
+    doc = "Gives users and groups a role (viewer, editor, admin) in one namespace (imgfleet).",
+    plural = "rolebindings",
+    namespaced,
+    shortname = "rb",
+    derive = "PartialEq",
+    printcolumn(name = "Role", type_ = "string", json_path = ".spec.role"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleBindingSpec {
+    /// The role given: viewer, editor or admin.
+    pub role: String,
+    /// The users and groups it is given to.
+    pub subjects: Vec<Subject>,
+}
+
+/// Gives users and groups a fleet-wide role.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "image.theriseunion.io",
+    version = "v1alpha1",
+    kind = "ClusterRoleBinding",
+    doc = "Gives users and groups a fleet-wide role (cluster-viewer, cluster-admin) (imgfleet).",
+    plural = "clusterrolebindings",
+    shortname = "crb",
+    derive = "PartialEq",
+    printcolumn(name = "Role", type_ = "string", json_path = ".spec.role"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRoleBindingSpec {
+    /// The role given: cluster-viewer or cluster-admin.
+    pub role: String,
+    /// The users and groups it is given to.
+    pub subjects: Vec<Subject>,
+}
+
+/// The built-in roles, a ladder: each holds the rights of those below it in
+/// its scope, and the fleet-wide ones hold the namespace ones everywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Read RegistrySecrets, Repositories and their status in a namespace.
+    Viewer,
+    /// Viewer, plus apply, delete and roll back in a namespace.
+    Editor,
+    /// Editor, plus the namespace's RoleBindings and audit events.
+    Admin,
+    /// Read everything, including Clusters and the audit trail.
+    ClusterViewer,
+    /// Everything.
+    ClusterAdmin,
+}
+
+impl Role {
+    /// Every role, lowest first.
+    pub const ALL: [Role; 5] = [
+        Role::Viewer,
+        Role::Editor,
+        Role::Admin,
+        Role::ClusterViewer,
+        Role::ClusterAdmin,
+    ];
+
+    /// The name as written in a binding.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Editor => "editor",
+            Role::Admin => "admin",
+            Role::ClusterViewer => "cluster-viewer",
+            Role::ClusterAdmin => "cluster-admin",
+        }
+    }
+
+    /// The role of a name, if it is one.
+    pub fn parse(text: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+
+    /// Whether the role is fleet-wide (for ClusterRoleBindings).
+    pub fn fleet_wide(self) -> bool {
+        matches!(self, Role::ClusterViewer | Role::ClusterAdmin)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Kind, Object, ValidationError
 // ---------------------------------------------------------------------------
 
-/// One of the three kinds.
+/// One of the kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     /// RegistrySecret (namespaced).
@@ -754,16 +873,28 @@ pub enum Kind {
     Repository,
     /// Cluster (cluster-scoped).
     Cluster,
+    /// RoleBinding (namespaced).
+    RoleBinding,
+    /// ClusterRoleBinding (cluster-scoped).
+    ClusterRoleBinding,
 }
 
 /// A kind name that is none of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown kind {0:?}: expected one of registrysecret (rs), repository (repo), cluster")]
+#[error(
+    "unknown kind {0:?}: expected one of registrysecret (rs), repository (repo), cluster, rolebinding (rb), clusterrolebinding (crb)"
+)]
 pub struct UnknownKind(pub String);
 
 impl Kind {
     /// All kinds, in dependency order (a Repository refers to a RegistrySecret).
-    pub const ALL: [Kind; 3] = [Kind::RegistrySecret, Kind::Repository, Kind::Cluster];
+    pub const ALL: [Kind; 5] = [
+        Kind::RegistrySecret,
+        Kind::Repository,
+        Kind::Cluster,
+        Kind::RoleBinding,
+        Kind::ClusterRoleBinding,
+    ];
 
     /// Parses a kind as typed on a command line: singular, plural or short
     /// form, any case (`rs`, `Repositories`, `cluster`).
@@ -772,6 +903,8 @@ impl Kind {
             "registrysecret" | "registrysecrets" | "rs" => Ok(Kind::RegistrySecret),
             "repository" | "repositories" | "repo" | "repos" => Ok(Kind::Repository),
             "cluster" | "clusters" => Ok(Kind::Cluster),
+            "rolebinding" | "rolebindings" | "rb" => Ok(Kind::RoleBinding),
+            "clusterrolebinding" | "clusterrolebindings" | "crb" => Ok(Kind::ClusterRoleBinding),
             _ => Err(UnknownKind(text.to_owned())),
         }
     }
@@ -782,6 +915,8 @@ impl Kind {
             Kind::RegistrySecret => "RegistrySecret",
             Kind::Repository => "Repository",
             Kind::Cluster => "Cluster",
+            Kind::RoleBinding => "RoleBinding",
+            Kind::ClusterRoleBinding => "ClusterRoleBinding",
         }
     }
 
@@ -791,12 +926,14 @@ impl Kind {
             Kind::RegistrySecret => "registrysecrets",
             Kind::Repository => "repositories",
             Kind::Cluster => "clusters",
+            Kind::RoleBinding => "rolebindings",
+            Kind::ClusterRoleBinding => "clusterrolebindings",
         }
     }
 
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Cluster)
+        !matches!(self, Kind::Cluster | Kind::ClusterRoleBinding)
     }
 
     /// The kind from the exact `kind` field of a document.
@@ -831,6 +968,10 @@ pub enum Object {
     Repository(Repository),
     /// A Cluster.
     Cluster(Cluster),
+    /// A RoleBinding.
+    RoleBinding(RoleBinding),
+    /// A ClusterRoleBinding.
+    ClusterRoleBinding(ClusterRoleBinding),
 }
 
 impl<'de> Deserialize<'de> for Object {
@@ -844,15 +985,21 @@ impl<'de> Deserialize<'de> for Object {
             .get("kind")
             .and_then(serde_json::Value::as_str)
             .ok_or_else(|| {
-                D::Error::custom("kind: missing; expected RegistrySecret, Repository or Cluster")
+                D::Error::custom(
+                    "kind: missing; expected RegistrySecret, Repository, Cluster, RoleBinding or ClusterRoleBinding",
+                )
             })?;
         match Kind::from_kind_field(kind) {
             Some(Kind::RegistrySecret) => serde_json::from_value(value).map(Object::RegistrySecret),
             Some(Kind::Repository) => serde_json::from_value(value).map(Object::Repository),
             Some(Kind::Cluster) => serde_json::from_value(value).map(Object::Cluster),
+            Some(Kind::RoleBinding) => serde_json::from_value(value).map(Object::RoleBinding),
+            Some(Kind::ClusterRoleBinding) => {
+                serde_json::from_value(value).map(Object::ClusterRoleBinding)
+            }
             None => {
                 return Err(D::Error::custom(format!(
-                    "kind {kind:?}: expected RegistrySecret, Repository or Cluster"
+                    "kind {kind:?}: expected RegistrySecret, Repository, Cluster, RoleBinding or ClusterRoleBinding"
                 )));
             }
         }
@@ -867,6 +1014,8 @@ impl Object {
             Object::RegistrySecret(_) => Kind::RegistrySecret,
             Object::Repository(_) => Kind::Repository,
             Object::Cluster(_) => Kind::Cluster,
+            Object::RoleBinding(_) => Kind::RoleBinding,
+            Object::ClusterRoleBinding(_) => Kind::ClusterRoleBinding,
         }
     }
 
@@ -876,6 +1025,8 @@ impl Object {
             Object::RegistrySecret(o) => &o.metadata,
             Object::Repository(o) => &o.metadata,
             Object::Cluster(o) => &o.metadata,
+            Object::RoleBinding(o) => &o.metadata,
+            Object::ClusterRoleBinding(o) => &o.metadata,
         }
     }
 
@@ -885,6 +1036,8 @@ impl Object {
             Object::RegistrySecret(o) => &mut o.metadata,
             Object::Repository(o) => &mut o.metadata,
             Object::Cluster(o) => &mut o.metadata,
+            Object::RoleBinding(o) => &mut o.metadata,
+            Object::ClusterRoleBinding(o) => &mut o.metadata,
         }
     }
 

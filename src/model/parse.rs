@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Map, Value};
 
 use super::{
-    API_VERSION, Cluster, DEFAULT_NAMESPACE, Kind, Object, RegistrySecret, Repository,
-    ValidationError, object_id, validate,
+    API_VERSION, Cluster, ClusterRoleBinding, DEFAULT_NAMESPACE, Kind, Object, RegistrySecret,
+    Repository, RoleBinding, ValidationError, object_id, validate,
 };
 
 /// The outcome of reading a text: the objects that passed every check and the
@@ -203,6 +203,10 @@ fn check_document(number: usize, mut doc: Value) -> Result<Object, Vec<Validatio
         }
         Kind::Repository => serde_json::from_value::<Repository>(doc).map(Object::Repository),
         Kind::Cluster => serde_json::from_value::<Cluster>(doc).map(Object::Cluster),
+        Kind::RoleBinding => serde_json::from_value::<RoleBinding>(doc).map(Object::RoleBinding),
+        Kind::ClusterRoleBinding => {
+            serde_json::from_value::<ClusterRoleBinding>(doc).map(Object::ClusterRoleBinding)
+        }
     };
     let object = match typed {
         Ok(object) => object,
@@ -302,12 +306,14 @@ fn check_header(label: &str, map: &Map<String, Value>) -> Result<Kind, Vec<Valid
 /// imgfleet accepts.
 fn document_schema(kind: Kind) -> &'static Value {
     use std::sync::OnceLock;
-    static SCHEMAS: OnceLock<[Value; 3]> = OnceLock::new();
+    static SCHEMAS: OnceLock<[Value; 5]> = OnceLock::new();
     let all = SCHEMAS.get_or_init(|| Kind::ALL.map(build_document_schema));
     match kind {
         Kind::RegistrySecret => &all[0],
         Kind::Repository => &all[1],
         Kind::Cluster => &all[2],
+        Kind::RoleBinding => &all[3],
+        Kind::ClusterRoleBinding => &all[4],
     }
 }
 

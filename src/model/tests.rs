@@ -738,12 +738,86 @@ fn kinds_parse_in_every_form() {
         ("REPO", Kind::Repository),
         ("cluster", Kind::Cluster),
         ("clusters", Kind::Cluster),
+        ("rolebindings", Kind::RoleBinding),
+        ("rb", Kind::RoleBinding),
+        ("ClusterRoleBinding", Kind::ClusterRoleBinding),
+        ("crb", Kind::ClusterRoleBinding),
     ] {
         assert_eq!(Kind::parse(text), Ok(kind), "{text}");
     }
     assert_eq!(
         Kind::parse("foo").map_err(|e| e.to_string()),
-        Err(r#"unknown kind "foo": expected one of registrysecret (rs), repository (repo), cluster"#.to_owned())
+        Err(r#"unknown kind "foo": expected one of registrysecret (rs), repository (repo), cluster, rolebinding (rb), clusterrolebinding (crb)"#.to_owned())
+    );
+}
+
+const BINDINGS: &str = r#"
+apiVersion: image.theriseunion.io/v1alpha1
+kind: RoleBinding
+metadata: {name: team-a-devs, namespace: team-a}
+spec:
+  role: editor
+  subjects: [{kind: Group, name: dev}, {kind: User, name: user-a}]
+---
+apiVersion: image.theriseunion.io/v1alpha1
+kind: ClusterRoleBinding
+metadata: {name: auditors}
+spec:
+  role: cluster-viewer
+  subjects: [{kind: User, name: auditor}]
+"#;
+
+#[test]
+fn bindings_parse_and_round_trip_the_wire() {
+    let objects = parse_documents(BINDINGS).expect("valid");
+    assert_eq!(objects.len(), 2);
+    assert_eq!(objects[0].id(), "RoleBinding team-a/team-a-devs");
+    assert_eq!(objects[1].id(), "ClusterRoleBinding auditors");
+    for o in &objects {
+        assert_eq!(&wire_round_trip(o), o);
+    }
+}
+
+#[test]
+fn bad_bindings_name_the_field() {
+    let check = |yaml: &str, want: &[&str]| {
+        let errors: Vec<String> = parse_documents(yaml)
+            .expect_err(yaml)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for w in want {
+            assert!(
+                errors.iter().any(|e| e.contains(w)),
+                "{w} not in {errors:#?}"
+            );
+        }
+    };
+    check(
+        &BINDINGS.replace("role: editor", "role: owner"),
+        &[r#"RoleBinding team-a/team-a-devs: spec.role "owner": expected viewer, editor or admin"#],
+    );
+    check(
+        &BINDINGS.replace("role: editor", "role: cluster-admin"),
+        &[r#"spec.role "cluster-admin": expected viewer, editor or admin"#],
+    );
+    check(
+        &BINDINGS.replace("role: cluster-viewer", "role: admin"),
+        &[
+            r#"ClusterRoleBinding auditors: spec.role "admin": expected cluster-viewer or cluster-admin"#,
+        ],
+    );
+    check(
+        &BINDINGS.replace("kind: Group", "kind: Team"),
+        &[r#"spec.subjects[0].kind "Team": expected User or Group"#],
+    );
+    check(
+        &BINDINGS.replace("name: user-a}", "name: \"user a\"}"),
+        &[r#"spec.subjects[1].name "user a": expected a user or group name"#],
+    );
+    check(
+        &BINDINGS.replace("subjects: [{kind: User, name: auditor}]", "subjects: []"),
+        &["ClusterRoleBinding auditors: spec.subjects: empty"],
     );
 }
 

@@ -62,6 +62,8 @@ pub(crate) const MAX_SELECTOR_EXPRESSIONS: usize = 32;
 pub(crate) const MAX_SELECTOR_VALUES: usize = 64;
 /// A Cluster's `spec.tenants` entries.
 pub(crate) const MAX_TENANTS: usize = 1000;
+/// Most subjects one binding may name (select more through a group).
+pub(crate) const MAX_SUBJECTS: usize = 1000;
 /// A Cluster's `spec.description`.
 pub(crate) const MAX_DESCRIPTION_BYTES: usize = 4096;
 /// Durations such as `syncInterval` (`24h`, `1h30m`): the longest the grammar
@@ -112,6 +114,8 @@ pub(crate) fn validate_object(object: &Object) -> Vec<ValidationError> {
         Object::RegistrySecret(o) => v.registry_secret(o),
         Object::Repository(o) => v.repository(o, object.namespace().unwrap_or_default()),
         Object::Cluster(o) => v.cluster(o),
+        Object::RoleBinding(o) => v.binding(&o.spec.role, &o.spec.subjects, false),
+        Object::ClusterRoleBinding(o) => v.binding(&o.spec.role, &o.spec.subjects, true),
     }
     v.errors
 }
@@ -819,6 +823,52 @@ impl Errors {
                         format!("{}: expected a label value", shown(v)),
                     );
                 }
+            }
+        }
+    }
+
+    fn binding(&mut self, role: &str, subjects: &[super::Subject], fleet_wide: bool) {
+        let expected = if fleet_wide {
+            "expected cluster-viewer or cluster-admin"
+        } else {
+            "expected viewer, editor or admin"
+        };
+        match super::Role::parse(role) {
+            Some(r) if r.fleet_wide() == fleet_wide => {}
+            _ => self.push("spec.role", format!("{}: {expected}", shown(role))),
+        }
+        if subjects.is_empty() {
+            self.push(
+                "spec.subjects",
+                "empty: expected at least one {kind: User|Group, name}",
+            );
+        }
+        self.at_most(
+            "spec.subjects",
+            subjects.len(),
+            MAX_SUBJECTS,
+            ": bind a Group instead",
+        );
+        for (i, s) in subjects.iter().enumerate() {
+            if s.kind != "User" && s.kind != "Group" {
+                self.push(
+                    format!("spec.subjects[{i}].kind"),
+                    format!("{}: expected User or Group", shown(&s.kind)),
+                );
+            }
+            let ok = !s.name.is_empty()
+                && s.name.len() <= 64
+                && s.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+            if !ok {
+                self.push(
+                    format!("spec.subjects[{i}].name"),
+                    format!(
+                        "{}: expected a user or group name: 1-64 letters, digits, '-', '_', '.', '@'",
+                        shown(&s.name)
+                    ),
+                );
             }
         }
     }

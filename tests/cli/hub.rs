@@ -295,6 +295,50 @@ impl AdminService for MemoryHub {
         Err(Status::unimplemented("watch"))
     }
 
+    // The RBAC and revocation calls are exercised against the real hub
+    // (hub/tests/rbac.rs); this double does not take part in them.
+    async fn can_i(
+        &self,
+        _: Request<pb::CanIRequest>,
+    ) -> Result<Response<pb::CanIResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
+    async fn issue_user(
+        &self,
+        _: Request<pb::IssueUserRequest>,
+    ) -> Result<Response<pb::IssueUserResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
+    async fn revoke_user(
+        &self,
+        _: Request<pb::RevokeUserRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
+    async fn revoke_cluster(
+        &self,
+        _: Request<pb::RevokeClusterRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
+    async fn query_audit(
+        &self,
+        _: Request<pb::AuditQuery>,
+    ) -> Result<Response<pb::AuditResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
+    async fn issue_pull_token(
+        &self,
+        _: Request<pb::PullTokenRequest>,
+    ) -> Result<Response<pb::PullTokenResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
     async fn enroll_cluster(
         &self,
         request: Request<pb::EnrollClusterRequest>,

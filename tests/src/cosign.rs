@@ -13,7 +13,8 @@ use serde_json::json;
 use crate::images::{PushTarget, sha256_digest};
 
 const SCRIPT: &str = include_str!("cosign_sign.py");
-const INSTALL: &str = "python3 -m pip install cryptography (or: bash scripts/install-deps.sh)";
+const INSTALL: &str = "bash scripts/install-deps.sh (or: python3 -m venv /opt/imgfleet-py && \
+     /opt/imgfleet-py/bin/pip install cryptography)";
 
 /// The layer media type and annotation cosign uses.
 pub const SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
@@ -30,11 +31,11 @@ pub struct KeyPair {
 }
 
 async fn python(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
-    let out = tokio::process::Command::new("python3")
+    let out = tokio::process::Command::new(crate::otlp::VENV_PYTHON)
         .args(args)
         .output()
         .await
-        .with_context(|| format!("running python3 (install it, then {INSTALL})"))?;
+        .with_context(|| format!("running {} ({INSTALL})", crate::otlp::VENV_PYTHON))?;
     if !out.status.success() {
         bail!(
             "cosign_sign.py failed: {} (needs PyPI's cryptography: {INSTALL})",

@@ -59,6 +59,8 @@ pub struct HubOptions {
     pub share_secret_key: bool,
     /// Further flags passed as given.
     pub extra_args: Vec<String>,
+    /// Environment variables set for the hub (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub env: Vec<(String, String)>,
     /// The `imgfleet-hub` binary to run instead of `<target>/debug/imgfleet-hub` (benchmarks
     /// run the release build).
     pub binary: Option<PathBuf>,
@@ -77,6 +79,7 @@ impl HubOptions {
             replica_of: None,
             share_secret_key: true,
             extra_args: Vec::new(),
+            env: Vec::new(),
             binary: None,
             cli_binary: None,
         }
@@ -199,7 +202,8 @@ impl HubProcess {
             cmd.arg("--offline-after")
                 .arg(format!("{}s", after.as_secs().max(1)));
         }
-        cmd.args(&self.options.extra_args);
+        cmd.args(&self.options.extra_args)
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -490,6 +494,16 @@ impl Cli {
         self.ok(&refs).await?;
         Ok(out.to_owned())
     }
+
+    /// `imgfleet cluster enroll NAME --reissue --out OUT`: new credentials for a
+    /// cluster that is enrolled already (its labels and tenants kept, its
+    /// earlier certificates revoked); returns `out`.
+    pub async fn reissue(&self, name: &str, out: &Path) -> Result<PathBuf> {
+        let out_text = out.to_string_lossy().into_owned();
+        self.ok(&["cluster", "enroll", name, "--reissue", "--out", &out_text])
+            .await?;
+        Ok(out.to_owned())
+    }
 }
 
 /// How to run one agent.
@@ -505,6 +519,8 @@ pub struct AgentOptions {
     pub mirror_port: Option<u16>,
     /// Further flags passed as given.
     pub extra_args: Vec<String>,
+    /// Environment variables set for the agent (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub env: Vec<(String, String)>,
     /// The `imgfleet-agent` binary to run instead of `<target>/debug/imgfleet-agent`
     /// (benchmarks run the release build).
     pub binary: Option<PathBuf>,
@@ -523,6 +539,7 @@ impl AgentOptions {
             data_dir: data_dir.into(),
             mirror_port: None,
             extra_args: Vec::new(),
+            env: Vec::new(),
             binary: None,
         }
     }
@@ -585,7 +602,8 @@ impl AgentProcess {
             .arg("--metrics-listen")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .args(&self.options.extra_args)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)));
         let mut child = ChildGuard::spawn_with_log("agent", cmd, self.log.clone())?;
         let base_url = format!("http://{}", self.mirror_addr());
         child
@@ -598,6 +616,11 @@ impl AgentProcess {
     /// `127.0.0.1:PORT` of the mirror, as used in image references.
     pub fn mirror_addr(&self) -> String {
         format!("127.0.0.1:{}", self.mirror_port)
+    }
+
+    /// `127.0.0.1:PORT` of `/metrics`, `/healthz` and `/readyz`.
+    pub fn metrics_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.metrics_port)
     }
 
     /// `docker://127.0.0.1:PORT/<repo_and_reference>` for skopeo.

@@ -1,7 +1,8 @@
 //! The real-component test harness shared by every end-to-end test: real etcd, a real
 //! upstream registry, an OCI image generator, a fault-injecting TCP proxy, skopeo helpers, a
 //! containerd on its own socket, launchers of the workspace's own hub, agent and CLI
-//! (`fleet`), and the YAML of the objects tests apply (`policy`).
+//! (`fleet`), the YAML of the objects tests apply (`policy`), and a Prometheus that scrapes
+//! them (`prometheus`), and an OTLP trace receiver (`otlp`).
 //!
 //! Everything the harness starts runs on free 127.0.0.1 ports in temporary directories, logs
 //! to `target/test-logs/<test-binary>/`, waits on readiness (never a fixed sleep) and is
@@ -30,8 +31,10 @@ pub mod etcd;
 pub mod fault;
 pub mod fleet;
 pub mod images;
+pub mod otlp;
 pub mod policy;
 pub mod process;
+pub mod prometheus;
 pub mod registry;
 pub mod scanner;
 pub mod skopeo;

@@ -300,9 +300,9 @@ async fn password_opens(cli: &Cli) -> Result<()> {
 /// at all, then connected to the upgraded hub, which counts it synced.
 async fn agent_serves(hub: &HubProcess, fixture: &Fixture, root: &Path) -> Result<()> {
     let cli = hub.cli();
-    let creds = cli
-        .enroll(CLUSTER, CLUSTER_LABELS, TENANTS, &root.join("credentials"))
-        .await?;
+    // The cluster is enrolled in the stored data: new credentials need
+    // --reissue, which keeps its labels and tenants.
+    let creds = cli.reissue(CLUSTER, &root.join("credentials")).await?;
     let data_dir = root.join("agent");
     copy_data_dir(&fixture.dir.join("agent"), &data_dir)?;
 

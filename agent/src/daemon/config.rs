@@ -75,10 +75,14 @@ pub struct Config {
     pub tls: TlsMaterial,
     /// The cluster name its certificate carries.
     pub cluster: String,
+    /// Where the credentials live; renewed ones are written back there.
+    pub credentials_dir: Option<PathBuf>,
     /// Content store, desired set and local key.
     pub data_dir: PathBuf,
     /// Where the mirror listens.
     pub mirror_listen: SocketAddr,
+    /// Whether the mirror asks for pull tokens (`--mirror-auth token`).
+    pub mirror_token_auth: bool,
     /// Where `/metrics` and `/healthz` listen, unless off.
     pub metrics_listen: Option<SocketAddr>,
     /// Transfer engine settings.
@@ -119,14 +123,17 @@ impl DaemonArgs {
                     "expected a duration like 30s or 2m",
                 )
             })?;
+        let mirror_token_auth = self.mirror.token_auth()?;
         let mirror = self.mirror.limits()?;
         let engine = self.engine(stall_timeout)?;
         Ok(Config {
             hubs,
             tls,
             cluster,
+            credentials_dir: self.credentials.clone(),
             data_dir: self.data_dir,
             mirror_listen,
+            mirror_token_auth,
             metrics_listen,
             engine,
             gc,
@@ -161,6 +168,8 @@ impl DaemonArgs {
             ));
         };
         let setting = || format!("--credentials {}", dir.display());
+        // A renewal a crash cut short is finished (or dropped) first.
+        crate::credentials::recover(dir).map_err(|e| ConfigError::new(setting(), e.to_string()))?;
         let tls =
             TlsMaterial::from_dir(dir).map_err(|e| ConfigError::new(setting(), e.to_string()))?;
         for h in hubs {

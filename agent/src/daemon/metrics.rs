@@ -1,11 +1,26 @@
-//! The daemon's `/metrics` (Prometheus text) and `/healthz`: what the
-//! reconciler, the session, the engine and the mirror count, read when
-//! scraped.
+//! The daemon's `/metrics` (Prometheus text), `/healthz` and `/readyz`:
+//! what the reconciler, the session, the engine and the mirror count, read
+//! when scraped.
+//!
+//! Two parts: the `imgfleet_agent_*` table below, and the seed's and the
+//! operator's metrics (`image_*`) encoded by `prometheus-client`. The
+//! exposition is Prometheus text 0.0.4, not OpenMetrics: the long-standing
+//! gauge `imgfleet_agent_mirror_connections` and counter
+//! `imgfleet_agent_mirror_connections_total` would be one family name twice
+//! in OpenMetrics, and dashboards already read both.
+//!
+//! Cardinality: `image_sync_failures` and `image_sync_total` have one series
+//! per Repository in the held desired set (no digest, no tag label), and
+//! `image_pull_duration_seconds` one per handler and status code.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet, prometheus_text};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::desired::DesiredSet;
@@ -25,17 +40,123 @@ pub(super) struct MetricsState {
 
 pub(super) fn router(state: MetricsState) -> axum::Router {
     use axum::routing::get;
+    let mut registry = Registry::default();
+    registry.register(
+        "image_pull_duration_seconds",
+        "How long the mirror took to answer a node, from request head to last byte, by handler (manifest, blob, tags) and status code.",
+        state.mirror.pulls.0.clone(),
+    );
+    registry.register_collector(Box::new(ImageCollector(state.clone())));
+    let scrape = Scrape {
+        state,
+        registry: Arc::new(registry),
+    };
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        // The mirror is bound and the held desired set loaded before this
+        // listener serves: ready as soon as it answers.
+        .route("/readyz", get(|| async { "ok\n" }))
         .route(
             "/metrics",
             get(
-                |axum::extract::State(s): axum::extract::State<MetricsState>| async move {
-                    ([("content-type", "text/plain; version=0.0.4")], render(&s))
+                |axum::extract::State(s): axum::extract::State<Scrape>| async move {
+                    ([("content-type", "text/plain; version=0.0.4")], s.render())
                 },
             ),
         )
-        .with_state(state)
+        .with_state(scrape)
+}
+
+/// What `/metrics` renders: the table and the registry.
+#[derive(Clone)]
+struct Scrape {
+    state: MetricsState,
+    registry: Arc<Registry>,
+}
+
+impl Scrape {
+    fn render(&self) -> String {
+        let mut out = render(&self.state);
+        // Writing into a String cannot fail.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The per-Repository and storage metrics, read from the progress book at
+/// each scrape.
+#[derive(Clone)]
+struct ImageCollector(MetricsState);
+
+impl std::fmt::Debug for ImageCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for ImageCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let book = &self.0.book;
+        let repos = book.repositories();
+        let mut failures = encoder.encode_descriptor(
+            "image_sync_failures",
+            "Failed sync attempts in a row of the Repository's images (its worst image); 0 once they synced.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((ns, name), state) in &repos {
+            let labels = [("namespace", ns.as_str()), ("repository", name.as_str())];
+            failures
+                .encode_family(&labels)?
+                .encode_gauge(&i64::from(state.consecutive_failures))?;
+        }
+        let mut total = encoder.encode_descriptor(
+            "image_sync",
+            "Finished sync attempts of the Repository's images, by result.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((ns, name), state) in &repos {
+            for (result, value) in [("success", state.successes), ("failure", state.failures)] {
+                let labels = [
+                    ("namespace", ns.as_str()),
+                    ("repository", name.as_str()),
+                    ("result", result),
+                ];
+                total
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+            }
+        }
+        let storage = book.storage();
+        encoder
+            .encode_descriptor(
+                "image_storage_usage_percent",
+                "Used share of the content store's filesystem, 0 to 100.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&usage_percent(storage.used_bytes, storage.capacity_bytes))?;
+        let (images, synced, failed) = book.counts();
+        encoder
+            .encode_descriptor(
+                "imgfleet_agent_transfer_queue_depth",
+                "Desired images neither synced nor failed: waiting for a transfer slot or transferring.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&(images.saturating_sub(synced + failed) as i64))?;
+        Ok(())
+    }
+}
+
+/// `used / capacity` in percent; 0 while the capacity is unknown.
+pub fn usage_percent(used: u64, capacity: u64) -> f64 {
+    if capacity == 0 {
+        0.0
+    } else {
+        (used as f64 * 100.0 / capacity as f64).min(100.0)
+    }
 }
 
 /// One metric: its name after `imgfleet_agent_`, its type, help and value.

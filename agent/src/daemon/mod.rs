@@ -43,6 +43,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// `--mirror-auth token` with a CA certificate that cannot check tokens.
+    #[error("--mirror-auth token: {0}")]
+    PullTokens(#[source] imgfleet_common::pull_token::TokenError),
     /// The content store would not open (locked by another agent, say).
     #[error("opening the content store {path}: {source}")]
     Store {
@@ -102,11 +105,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let mirror_stats = Arc::new(crate::mirror::Stats::default());
 
     let tasks = TaskTracker::new();
+    let token_auth = if config.mirror_token_auth {
+        Some(crate::mirror::TokenAuth {
+            verifier: imgfleet_common::pull_token::Verifier::new(
+                &config.tls.ca_pem,
+                &config.cluster,
+            )
+            .map_err(DaemonError::PullTokens)?,
+            desired: desired_rx.clone(),
+            not_before: status.tokens_not_before.clone(),
+        })
+    } else {
+        None
+    };
     tasks.spawn(serve_mirror(
         mirror,
         store,
         config.mirror.clone(),
         mirror_stats.clone(),
+        token_auth,
         shutdown.clone(),
     ));
     if let Some(listener) = metrics {
@@ -119,11 +136,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         };
         tasks.spawn(serve_metrics(listener, state, shutdown.clone()));
     }
-    let session_config = SessionConfig::new(
+    let mut session_config = SessionConfig::new(
         config.hubs.clone(),
         config.tls.clone(),
         config.cluster.clone(),
     );
+    session_config.credentials_dir = config.credentials_dir.clone();
     let session = Session::new(session_config, file, desired_tx, book.clone(), status);
     tasks.spawn(session.run(shutdown.clone()));
     let reconciler = Reconciler::new(
@@ -186,9 +204,11 @@ async fn serve_mirror(
     store: Arc<Store>,
     limits: crate::mirror::Limits,
     stats: Arc<crate::mirror::Stats>,
+    auth: Option<crate::mirror::TokenAuth>,
     shutdown: CancellationToken,
 ) {
-    let served = crate::mirror::serve_with_stats(listener, store, limits, stats, shutdown).await;
+    let served =
+        crate::mirror::serve_with_auth(listener, store, limits, stats, auth, shutdown).await;
     if let Err(e) = served {
         error!(error = %e, "Mirror stopped");
     }

@@ -18,7 +18,7 @@ use tracing::{Instrument as _, error, info, warn};
 
 use crate::desired::{DesiredImage, DesiredSet};
 use crate::gc::{self, GcPolicy};
-use crate::report::{ImageReport, ProgressBook, StorageReport};
+use crate::report::{ImageReport, ProgressBook, ReportPhase, StorageReport};
 use crate::store::Store;
 use crate::transfer::{Engine, ImageStats, Progress, Pull, TransferError};
 
@@ -220,7 +220,10 @@ impl Reconciler {
         let progress = self.progress_tx.clone();
         let pull = work.pull.clone();
         let key = key.to_string();
-        let span = tracing::info_span!("transfer", key = %key, attempt);
+        // The image's sync: part of the trace of the change that put it in
+        // the desired set, when the hub sent one.
+        let span = tracing::info_span!("sync image", key = %key, attempt);
+        imgfleet_common::telemetry::join(&span, &pull.image.trace_context);
         let abort = self.tasks.spawn(
             async move {
                 let _slot = slots.acquire_owned().await;
@@ -305,6 +308,8 @@ impl Reconciler {
                 )
             }
         };
+        self.book
+            .count_attempt(&key, report.phase == ReportPhase::Synced);
         self.book.set(report);
         self.book
             .set_storage(storage_report(self.engine.store()).await);

@@ -23,6 +23,7 @@ pub mod http;
 
 pub use http::{Limits, Stats};
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +35,7 @@ use crate::settings::{ConfigError, parse_duration};
 use crate::store::Store;
 use catalog::{Catalog, Held};
 use http::{Body, Request, Response};
+use imgfleet_common::pull_token::Verifier;
 
 /// How long responses in progress may go on after shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -65,6 +67,67 @@ pub struct MirrorArgs {
     /// Socket send buffer per connection in bytes (0: the kernel's autotuning).
     #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES")]
     pub mirror_send_buffer: usize,
+    /// none: any client reads what the mirror holds. token: a request needs a
+    /// pull token (`imgfleet cluster pull-token`) and reads only its namespace's
+    /// repositories; checked offline against the hub's CA (daemon only).
+    #[arg(long, default_value = "none", value_name = "none|token")]
+    pub mirror_auth: String,
+}
+
+impl MirrorArgs {
+    /// Whether `--mirror-auth token` is asked for, or the flag that is wrong.
+    pub fn token_auth(&self) -> Result<bool, ConfigError> {
+        match self.mirror_auth.as_str() {
+            "none" => Ok(false),
+            "token" => Ok(true),
+            other => Err(ConfigError::new(
+                format!("--mirror-auth {other}"),
+                "expected none or token",
+            )),
+        }
+    }
+}
+
+/// What `--mirror-auth token` checks a request against: the token's
+/// signature and cluster ([`Verifier`]), and which repositories the
+/// namespace it names has synced here (the held desired set).
+#[derive(Debug)]
+pub struct TokenAuth {
+    pub verifier: Verifier,
+    pub desired: tokio::sync::watch::Receiver<Arc<crate::desired::DesiredSet>>,
+    /// Tokens issued at or before this time (Unix seconds) are refused: set when
+    /// the hub says this cluster was revoked, which invalidates its tokens.
+    pub not_before: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl TokenAuth {
+    /// The namespace a request's token grants, or `None` (answered 401).
+    fn namespace(&self, req: &Request) -> Option<String> {
+        let token = req
+            .authorization
+            .as_deref()?
+            .strip_prefix("Bearer ")
+            .or_else(|| req.authorization.as_deref()?.strip_prefix("bearer "))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_secs()).ok())?;
+        let claims = self.verifier.verify(token, now).ok()?;
+        let floor = self.not_before.load(std::sync::atomic::Ordering::Relaxed);
+        // Issued in the second of the revocation or before: refused.
+        (claims.iat > floor).then_some(claims.namespace)
+    }
+
+    /// The (upstream, repository) pairs synced for `namespace`.
+    fn scope(&self, namespace: &str) -> HashSet<(String, String)> {
+        self.desired
+            .borrow()
+            .images
+            .values()
+            .filter(|i| i.source.0 == namespace)
+            .map(|i| (i.registry.clone(), i.repository.clone()))
+            .collect()
+    }
 }
 
 impl MirrorArgs {
@@ -99,6 +162,7 @@ impl MirrorArgs {
 struct Mirror {
     store: Arc<Store>,
     catalog: Mutex<Option<(u64, Arc<Catalog>)>>,
+    auth: Option<TokenAuth>,
 }
 
 impl Mirror {
@@ -141,8 +205,21 @@ pub async fn serve(
 pub async fn serve_with_stats(
     listener: tokio::net::TcpListener,
     store: Arc<Store>,
+    limits: Limits,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve_with_auth(listener, store, limits, stats, None, shutdown).await
+}
+
+/// [`serve_with_stats`], asking every request for a pull token when `auth`
+/// is given (`--mirror-auth token`).
+pub async fn serve_with_auth(
+    listener: tokio::net::TcpListener,
+    store: Arc<Store>,
     mut limits: Limits,
     stats: Arc<Stats>,
+    auth: Option<TokenAuth>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let budget = http::connection_budget();
@@ -162,6 +239,7 @@ pub async fn serve_with_stats(
     let mirror = Arc::new(Mirror {
         store,
         catalog: Mutex::new(None),
+        auth,
     });
     let handler: Arc<http::Handler> = Arc::new(move |req: &Request| handle(&mirror, req));
     http::serve(listener, limits, handler, stats, shutdown, SHUTDOWN_GRACE).await
@@ -175,6 +253,18 @@ enum Route {
     Blob { name: String, digest: String },
     Tags { name: String },
     Referrers { name: String, digest: String },
+}
+
+/// The `handler` label of a request path in the mirror's metrics.
+pub(crate) fn handler_label(path: &str) -> &'static str {
+    match parse_path(path) {
+        Some(Route::Base) => "base",
+        Some(Route::Manifest { .. }) => "manifest",
+        Some(Route::Blob { .. }) => "blob",
+        Some(Route::Tags { .. }) => "tags",
+        Some(Route::Referrers { .. }) => "referrers",
+        None => "other",
+    }
 }
 
 /// Parses `/v2/...` by hand: repository names contain slashes, so only the
@@ -289,13 +379,19 @@ fn candidates<'c>(catalog: &'c Catalog, name: &str, ns: Option<&str>) -> Vec<&'c
 /// Answers with `f` over the upstreams that may answer for `name`, or
 /// NAME_UNKNOWN when none holds it.
 fn with_holders(
-    mirror: &Mirror,
+    mirror: &Scoped<'_>,
     name: &str,
     ns: Option<&str>,
     f: impl FnOnce(&[&Held]) -> Response,
 ) -> Response {
-    let catalog = mirror.catalog();
-    match candidates(&catalog, name, ns).as_slice() {
+    let catalog = mirror.mirror.catalog();
+    let mut holders = candidates(&catalog, name, ns);
+    // A token's namespace sees only its own repositories; the rest answer
+    // exactly as if they did not exist.
+    if let Some(scope) = mirror.scope {
+        holders.retain(|h| scope.contains(&(h.registry.clone(), name.to_owned())));
+    }
+    match holders.as_slice() {
         [] => name_unknown(name),
         holders => f(holders),
     }
@@ -330,6 +426,13 @@ fn several_upstreams(name: &str, holders: &[&Held]) -> Response {
     )
 }
 
+/// The mirror as one request may see it: with a pull token, only the
+/// (upstream, repository) pairs its namespace synced.
+struct Scoped<'a> {
+    mirror: &'a Mirror,
+    scope: Option<&'a HashSet<(String, String)>>,
+}
+
 /// Answers one request. Runs on the blocking pool.
 fn handle(mirror: &Mirror, req: &Request) -> Response {
     if req.method != "GET" && req.method != "HEAD" {
@@ -341,11 +444,36 @@ fn handle(mirror: &Mirror, req: &Request) -> Response {
         r.headers.push(("Allow", "GET, HEAD".into()));
         return r;
     }
+    // With tokens, a request without a valid one learns nothing, not even
+    // whether a path exists.
+    let scope = match &mirror.auth {
+        None => None,
+        Some(auth) => match auth.namespace(req) {
+            Some(namespace) => Some(auth.scope(&namespace)),
+            None => {
+                let mut r = error_response(
+                    (401, "Unauthorized"),
+                    "UNAUTHORIZED",
+                    "a pull token is required",
+                );
+                r.headers.push((
+                    "WWW-Authenticate",
+                    "Bearer realm=\"imgfleet-mirror\"".into(),
+                ));
+                return r;
+            }
+        },
+    };
     let Some(route) = parse_path(&req.path) else {
         return error_response(NOT_FOUND, "NOT_FOUND", "unknown path");
     };
     let query = req.query.as_deref();
     let ns = query_param(query, "ns");
+    let scoped = Scoped {
+        mirror,
+        scope: scope.as_ref(),
+    };
+    let mirror = &scoped;
     match route {
         Route::Base => json("{}".into()),
         Route::Tags { name } => tags(mirror, &name, ns.as_deref(), query),
@@ -369,7 +497,7 @@ fn handle(mirror: &Mirror, req: &Request) -> Response {
 /// has no referrers here (an empty index, as the spec wants for an unknown
 /// subject), whatever other repositories hold.
 fn referrers(
-    mirror: &Mirror,
+    mirror: &Scoped<'_>,
     name: &str,
     digest: &str,
     ns: Option<&str>,
@@ -424,7 +552,7 @@ fn digest_form(digest: &str) -> Result<(), Response> {
     }
 }
 
-fn tags(mirror: &Mirror, name: &str, ns: Option<&str>, query: Option<&str>) -> Response {
+fn tags(mirror: &Scoped<'_>, name: &str, ns: Option<&str>, query: Option<&str>) -> Response {
     let n = match query_param(query, "n") {
         None => None,
         Some(v) => match v.parse::<usize>() {
@@ -478,7 +606,7 @@ fn tags_page<'t>(
     (page, more)
 }
 
-fn manifest(mirror: &Mirror, name: &str, reference: &str, ns: Option<&str>) -> Response {
+fn manifest(mirror: &Scoped<'_>, name: &str, reference: &str, ns: Option<&str>) -> Response {
     let by_digest = reference.contains(':');
     if by_digest && let Err(e) = digest_form(reference) {
         return e;
@@ -509,7 +637,7 @@ fn manifest(mirror: &Mirror, name: &str, reference: &str, ns: Option<&str>) -> R
             // A tag held from several upstreams may name different images.
             _ => return several_upstreams(name, holders),
         };
-        let Some(body) = open(&mirror.store, digest, 0, info.size) else {
+        let Some(body) = open(&mirror.mirror.store, digest, 0, info.size) else {
             return unknown();
         };
         Response {
@@ -526,7 +654,7 @@ fn manifest(mirror: &Mirror, name: &str, reference: &str, ns: Option<&str>) -> R
 }
 
 fn blob(
-    mirror: &Mirror,
+    mirror: &Scoped<'_>,
     name: &str,
     digest: &str,
     ns: Option<&str>,
@@ -541,7 +669,7 @@ fn blob(
         if !holders.iter().any(|h| h.references(digest)) {
             return unknown();
         }
-        let Some(size) = mirror.store.blob_size(digest) else {
+        let Some(size) = mirror.mirror.store.blob_size(digest) else {
             return unknown();
         };
         let (status, first, len) = match range.map(|r| parse_range(r, size)) {
@@ -559,7 +687,7 @@ fn blob(
                 return r;
             }
         };
-        let Some(body) = open(&mirror.store, digest, first, len) else {
+        let Some(body) = open(&mirror.mirror.store, digest, first, len) else {
             return unknown();
         };
         let mut headers = vec![

@@ -439,6 +439,7 @@ impl Engine {
             Some(root) => root,
             None => {
                 self.manifest(image, &image.digest, None, existing, client)
+                    .instrument(tracing::info_span!("manifest", digest = %image.digest))
                     .await?
             }
         };
@@ -453,6 +454,7 @@ impl Engine {
                 pins.add(&child.digest);
                 let document = self
                     .manifest(image, &child.digest, Some(child.size), existing, client)
+                    .instrument(tracing::info_span!("manifest", digest = %child.digest))
                     .await?;
                 held.insert(child.digest, document);
             }
@@ -506,8 +508,10 @@ impl Engine {
             .map(|b| {
                 let client = client.clone();
                 async move {
+                    let span = tracing::info_span!("fetch blob", digest = %b.digest, size = b.size);
                     let fetched = self
                         .fetch_blob(&client, &image.repository, &b, tracker)
+                        .instrument(span)
                         .await?;
                     tracker.layers_done.fetch_add(1, Ordering::Relaxed);
                     tracker.emit(Phase::Blobs, None, true);

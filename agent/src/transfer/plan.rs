@@ -705,6 +705,7 @@ mod tests {
             platforms: platforms.iter().map(|p| p.to_string()).collect(),
             keep_versions: 0,
             grace_period_seconds: 0,
+            trace_context: String::new(),
             verify_keys: Vec::new(),
         }
     }

@@ -44,6 +44,7 @@ pub fn desired(addr: &str, repo: &str, digest: &str, tags: &[&str]) -> Pull {
             platforms: Vec::new(),
             keep_versions: 0,
             grace_period_seconds: 0,
+            trace_context: String::new(),
             verify_keys: Vec::new(),
         },
         credentials: None,

@@ -232,7 +232,7 @@ async fn session(agent: &Agent, fleet: &Fleet) -> bool {
                         agent.received(id);
                         true
                     }
-                    Some(HubMsg::Heartbeat(_)) | None => false,
+                    Some(HubMsg::Heartbeat(_) | HubMsg::Renewed(_)) | None => false,
                 };
                 if ack {
                     let msg = AgentMsg::Ack(pb::Ack { generation, epoch: epoch.clone(), error: String::new() });

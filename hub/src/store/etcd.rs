@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue,
-    Txn, TxnOp, TxnOpResponse, WatchOptions,
+    PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use futures::StreamExt;
 
 use super::{
-    CLUSTER_SCOPE, Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream,
+    CLUSTER_SCOPE, Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream, Write,
     check_batch, check_key,
 };
 
@@ -350,6 +350,122 @@ impl PolicyStore for EtcdStore {
             expected: expected.unwrap_or(0),
             actual: 0,
         })
+    }
+
+    /// One etcd transaction: every write and the audit record share its
+    /// revision, which is the record's own.
+    async fn commit(
+        &self,
+        writes: Vec<Write>,
+        audit: Put,
+    ) -> Result<(Vec<Versioned>, u64), StoreError> {
+        let n = writes.len() + 1;
+        let mut compares = Vec::with_capacity(n);
+        let mut ops = Vec::with_capacity(n);
+        let mut reads = Vec::with_capacity(n);
+        // (key, expected revision, must exist, value put) per write.
+        let mut wanted: Vec<(Key, Option<u64>, bool, Option<Vec<u8>>)> = Vec::with_capacity(n);
+        let audit_write = Write::Put(Put {
+            expected: None,
+            ..audit
+        });
+        for w in writes.into_iter().chain(std::iter::once(audit_write)) {
+            let ek = self.etcd_key(w.key())?;
+            match w {
+                Write::Put(p) => {
+                    compares.push(match p.expected {
+                        None => Compare::create_revision(ek.as_str(), CompareOp::Equal, 0),
+                        Some(r) => Compare::mod_revision(ek.as_str(), CompareOp::Equal, to_i64(r)?),
+                    });
+                    ops.push(TxnOp::put(
+                        ek.as_str(),
+                        p.value.clone(),
+                        Some(PutOptions::new().with_prev_key()),
+                    ));
+                    wanted.push((p.key, p.expected, p.expected.is_some(), Some(p.value)));
+                }
+                Write::Delete { key, expected } => {
+                    compares.extend(Self::preconditions(&ek, expected)?);
+                    ops.push(TxnOp::delete(
+                        ek.as_str(),
+                        Some(DeleteOptions::new().with_prev_key()),
+                    ));
+                    wanted.push((key, expected, true, None));
+                }
+            }
+            reads.push(TxnOp::get(
+                ek.as_str(),
+                Some(GetOptions::new().with_keys_only()),
+            ));
+        }
+        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+        let mut c = self.client.clone();
+        let resp = self.call("commit", c.txn(txn)).await?;
+        let revision = resp.header().map_or(0, |h| to_u64(h.revision()));
+        if !resp.succeeded() {
+            let actual = resp.op_responses().into_iter().map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| to_u64(kv.mod_revision())),
+                _ => None,
+            });
+            for ((key, expected, must_exist, _), actual) in wanted.iter().zip(actual) {
+                match (expected, actual) {
+                    (None, None) if !must_exist => {}
+                    (None, Some(_)) if !must_exist => {
+                        return Err(StoreError::AlreadyExists(key.clone()));
+                    }
+                    (None, Some(_)) => {}
+                    (_, None) => return Err(StoreError::NotFound(key.clone())),
+                    (Some(e), Some(a)) if *e == a => {}
+                    (Some(e), Some(a)) => {
+                        return Err(StoreError::Conflict {
+                            key: key.clone(),
+                            expected: *e,
+                            actual: a,
+                        });
+                    }
+                }
+            }
+            return Err(StoreError::Conflict {
+                key: wanted[0].0.clone(),
+                expected: wanted[0].1.unwrap_or(0),
+                actual: 0,
+            });
+        }
+        let mut out = Vec::with_capacity(wanted.len());
+        let responses = resp.op_responses();
+        // The audit record's response is the last; it is not returned.
+        for ((key, _, _, value), r) in wanted.into_iter().zip(responses) {
+            if out.len() + 1 == n {
+                break;
+            }
+            let v = match (r, value) {
+                (TxnOpResponse::Put(p), Some(value)) => Versioned {
+                    create_revision: p
+                        .prev_key()
+                        .map_or(revision, |kv| to_u64(kv.create_revision())),
+                    key,
+                    value,
+                    revision,
+                },
+                (TxnOpResponse::Delete(d), None) => {
+                    let prev = d
+                        .prev_kvs()
+                        .first()
+                        .cloned()
+                        .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+                    let mut v = self.versioned(&prev)?;
+                    v.revision = revision;
+                    v
+                }
+                _ => {
+                    return Err(StoreError::Internal(
+                        "etcd answered a transaction with other operations than sent".into(),
+                    ));
+                }
+            };
+            out.push(v);
+        }
+        Ok((out, revision))
     }
 
     async fn delete(

@@ -93,6 +93,25 @@ pub struct Put {
     pub expected: Option<u64>,
 }
 
+/// One write of a [`PolicyStore::commit`].
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A conditional put, as in a batch.
+    Put(Put),
+    /// A delete; with `expected`, only at that revision. Fails with NotFound
+    /// if absent.
+    Delete { key: Key, expected: Option<u64> },
+}
+
+impl Write {
+    pub fn key(&self) -> &Key {
+        match self {
+            Write::Put(p) => &p.key,
+            Write::Delete { key, .. } => key,
+        }
+    }
+}
+
 /// Most puts one batch may hold by default (etcd refuses transactions of
 /// more than 128 operations unless configured otherwise).
 pub const MAX_BATCH_PUTS: usize = 100;
@@ -259,6 +278,21 @@ pub trait PolicyStore: Send + Sync + 'static {
     /// put, in order; etcd gives them all one revision, the embedded store one
     /// each.
     async fn put_batch(&self, puts: Vec<Put>) -> Result<Vec<u64>, StoreError>;
+    /// Writes `writes` and then the audit record `audit` (a create: its key
+    /// must be new) in one transaction, all or nothing, so that no change is
+    /// stored without its record. The record is stored at the revision of the
+    /// last write (a new one when there are none): its own revision is the
+    /// resourceVersion the change produced. Watchers of the record's kind may
+    /// not see it (the embedded store logs no event for it); it is read with
+    /// get and list. Fails like [`PolicyStore::put_batch`] on a precondition,
+    /// NotFound for a delete of a missing key. Returns each write's result
+    /// (a put's value as written; a delete's last value with the revision of
+    /// the deletion) and the record's revision.
+    async fn commit(
+        &self,
+        writes: Vec<Write>,
+        audit: Put,
+    ) -> Result<(Vec<Versioned>, u64), StoreError>;
     /// Changes to one kind with revision > `after_revision`, in order, then live.
     /// Fails with Compacted when `after_revision` is too old to replay.
     async fn watch(&self, kind: &str, after_revision: u64) -> Result<WatchStream, StoreError>;

@@ -22,7 +22,7 @@ use ::redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, T
 use tokio::sync::broadcast;
 
 use super::{
-    BatchLimits, Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream,
+    BatchLimits, Key, PolicyStore, Put, StoreError, Versioned, WatchEvent, WatchStream, Write,
     check_batch, check_key,
 };
 
@@ -172,9 +172,20 @@ impl Inner {
             .ok_or_else(|| StoreError::Internal("redb write returned nothing".into()))
     }
 
-    /// Applies writes in one transaction, all or none, each with its own
-    /// revision in order, then publishes their events.
     fn apply(&self, ops: Vec<(Key, Op)>) -> Result<Vec<Versioned>, StoreError> {
+        self.apply_audited(ops, None).map(|(v, _)| v)
+    }
+
+    /// Applies writes in one transaction, all or none, each with its own
+    /// revision in order, then publishes their events. An audit record is
+    /// created in the same transaction at the revision of the last write (a
+    /// new one without writes) and logs no event: its revision must be the
+    /// change's, and the log holds one event per revision.
+    fn apply_audited(
+        &self,
+        ops: Vec<(Key, Op)>,
+        audit: Option<(Key, Vec<u8>)>,
+    ) -> Result<(Vec<Versioned>, u64), StoreError> {
         let p = &self.path;
         let _guard = self
             .write_lock
@@ -182,6 +193,7 @@ impl Inner {
             .map_err(|_| StoreError::Internal("redb write lock poisoned".into()))?;
         let txn = self.db.begin_write().map_err(|e| internal(p, e))?;
         let mut events = Vec::with_capacity(ops.len());
+        let mut audit_revision = 0;
         {
             let mut objects = txn.open_table(OBJECTS).map_err(|e| internal(p, e))?;
             let mut meta = txn.open_table(META).map_err(|e| internal(p, e))?;
@@ -239,6 +251,23 @@ impl Inner {
                     .map_err(|e| internal(p, e))?;
                 events.push(event);
             }
+            if let Some((key, value)) = &audit {
+                if events.is_empty() {
+                    revision += 1;
+                }
+                let skey = storage_key(key);
+                if objects
+                    .get(skey.as_str())
+                    .map_err(|e| internal(p, e))?
+                    .is_some()
+                {
+                    return Err(StoreError::AlreadyExists(key.clone()));
+                }
+                objects
+                    .insert(skey.as_str(), (value.as_slice(), revision, revision))
+                    .map_err(|e| internal(p, e))?;
+                audit_revision = revision;
+            }
             // Keep the log bounded; remember how far it was cut so a watch
             // from before that point answers Compacted instead of missing events.
             let mut compacted = read_meta(&meta, META_COMPACTED, p)?;
@@ -271,7 +300,7 @@ impl Inner {
                 WatchEvent::Put(v) | WatchEvent::Delete(v) => v,
             });
         }
-        Ok(out)
+        Ok((out, audit_revision))
     }
 
     /// Events of `kind` with revision > `after`, from the change log, and the
@@ -430,6 +459,32 @@ impl PolicyStore for RedbStore {
             .collect();
         let written = blocking(move || inner.apply(ops)).await?;
         Ok(written.iter().map(|v| v.revision).collect())
+    }
+
+    async fn commit(
+        &self,
+        writes: Vec<Write>,
+        audit: Put,
+    ) -> Result<(Vec<Versioned>, u64), StoreError> {
+        check_key(&audit.key)?;
+        for w in &writes {
+            check_key(w.key())?;
+        }
+        let inner = self.inner.clone();
+        let ops = writes
+            .into_iter()
+            .map(|w| match w {
+                Write::Put(p) => {
+                    let op = match p.expected {
+                        None => Op::Create(p.value),
+                        Some(r) => Op::Update(p.value, Some(r)),
+                    };
+                    (p.key, op)
+                }
+                Write::Delete { key, expected } => (key, Op::Delete(expected)),
+            })
+            .collect();
+        blocking(move || inner.apply_audited(ops, Some((audit.key, audit.value)))).await
     }
 
     async fn watch(&self, kind: &str, after_revision: u64) -> Result<WatchStream, StoreError> {
