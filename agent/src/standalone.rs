@@ -114,16 +114,10 @@ pub fn targets_from_yaml(text: &str) -> Result<Vec<Target>, Vec<ValidationError>
             },
             verify_keys: r
                 .spec
-                .verify
-                .as_ref()
-                .filter(|v| v.mode() == model::VerifyMode::Enforce)
-                .map(|v| {
-                    v.keys
-                        .iter()
-                        .map(|k| (k.name.clone(), k.public_key.clone()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+                .enforced_keys()
+                .iter()
+                .map(|k| (k.name.clone(), k.public_key.clone()))
+                .collect(),
         });
     }
     if errors.is_empty() {

@@ -459,6 +459,28 @@ impl AdminService {
         })
     }
 
+    /// Revokes every certificate issued so far to `who`, in one store
+    /// transaction with its audit record.
+    async fn revoke(
+        &self,
+        who: Revoked,
+        draft: &Draft,
+    ) -> Result<crate::revocation::Record, AdminError> {
+        let (put, record) = self.inner.revocations.revoke_put(&who).await?;
+        let audit = draft.put(
+            audit::Outcome::Allowed,
+            0,
+            true,
+            "every certificate issued so far revoked",
+        );
+        self.inner
+            .objects
+            .store()
+            .commit(vec![Write::Put(put)], audit)
+            .await?;
+        Ok(record)
+    }
+
     async fn revoke_user(
         &self,
         req: Request<pb::RevokeUserRequest>,
@@ -472,24 +494,7 @@ impl AdminService {
             user: name.clone(),
             source,
         })?;
-        let (put, record) = self
-            .inner
-            .revocations
-            .revoke_put(&Revoked::User(name.clone()))
-            .await?;
-        self.inner
-            .objects
-            .store()
-            .commit(
-                vec![Write::Put(put)],
-                draft.put(
-                    audit::Outcome::Allowed,
-                    0,
-                    true,
-                    "every certificate issued so far revoked",
-                ),
-            )
-            .await?;
+        let record = self.revoke(Revoked::User(name.clone()), draft).await?;
         info!(admin = %caller.user.name, user = %name, "Revoked user certificates");
         Ok(revoke_response(record))
     }
@@ -507,24 +512,7 @@ impl AdminService {
             cluster: name.clone(),
             source,
         })?;
-        let (put, record) = self
-            .inner
-            .revocations
-            .revoke_put(&Revoked::Cluster(name.clone()))
-            .await?;
-        self.inner
-            .objects
-            .store()
-            .commit(
-                vec![Write::Put(put)],
-                draft.put(
-                    audit::Outcome::Allowed,
-                    0,
-                    true,
-                    "every certificate issued so far revoked",
-                ),
-            )
-            .await?;
+        let record = self.revoke(Revoked::Cluster(name.clone()), draft).await?;
         info!(admin = %caller.user.name, cluster = %name, "Revoked cluster certificates");
         Ok(revoke_response(record))
     }

@@ -166,19 +166,13 @@ pub fn repo_input(r: &model::Repository) -> (PlacementRepo, Resolution) {
         grace_period_seconds: grace,
         verify_keys: r
             .spec
-            .verify
-            .as_ref()
-            .filter(|v| v.mode() == model::VerifyMode::Enforce)
-            .map(|v| {
-                v.keys
-                    .iter()
-                    .map(|k| crate::placement::VerifyKey {
-                        name: k.name.clone(),
-                        public_key: k.public_key.clone(),
-                    })
-                    .collect()
+            .enforced_keys()
+            .iter()
+            .map(|k| crate::placement::VerifyKey {
+                name: k.name.clone(),
+                public_key: k.public_key.clone(),
             })
-            .unwrap_or_default(),
+            .collect(),
     };
     let mut by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for t in r.status.iter().flat_map(|s| s.resolved.iter()) {

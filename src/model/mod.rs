@@ -365,6 +365,18 @@ pub struct Verify {
     pub mode: Option<VerifyMode>,
 }
 
+impl RepositorySpec {
+    /// The keys one of which must have signed an image before it ships: the
+    /// policy's keys under `enforce`, none without a policy or under `warn`
+    /// (which only the hub checks, to log).
+    pub fn enforced_keys(&self) -> &[VerifyKey] {
+        match &self.verify {
+            Some(v) if v.mode() == VerifyMode::Enforce => &v.keys,
+            _ => &[],
+        }
+    }
+}
+
 impl Verify {
     /// The mode, with its default.
     pub fn mode(&self) -> VerifyMode {

@@ -438,6 +438,29 @@ impl RegistryClient {
         Ok(self.get_manifest(repository, tag).await?.digest)
     }
 
+    /// Reads a manifest or index body of at most [`MAX_MANIFEST_BYTES`],
+    /// with the minimum-progress check on every wait.
+    pub(crate) async fn read_manifest_body(
+        &self,
+        resp: &mut reqwest::Response,
+        what: String,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let mut body = Vec::new();
+        let mut progress = self.min_progress.map(ProgressCheck::new);
+        while let Some(chunk) = next_chunk(resp, &mut progress, &self.registry, &what).await? {
+            let size = body.len() as u64 + chunk.len() as u64;
+            if size > MAX_MANIFEST_BYTES {
+                return Err(RegistryError::TooLarge {
+                    what,
+                    size,
+                    limit: MAX_MANIFEST_BYTES,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
     /// `GET` of a manifest by tag or digest, capped at [`MAX_MANIFEST_BYTES`]
     /// and, when asked for by digest, verified against it.
     pub async fn get_manifest(
@@ -462,18 +485,7 @@ impl RegistryClient {
             });
         }
         let content_type = header_str(resp.headers(), "content-type").map(strip_params);
-        let mut body = Vec::new();
-        let mut progress = self.min_progress.map(ProgressCheck::new);
-        while let Some(chunk) = next_chunk(&mut resp, &mut progress, &self.registry, &what).await? {
-            if body.len() as u64 + chunk.len() as u64 > MAX_MANIFEST_BYTES {
-                return Err(RegistryError::TooLarge {
-                    what,
-                    size: body.len() as u64 + chunk.len() as u64,
-                    limit: MAX_MANIFEST_BYTES,
-                });
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = self.read_manifest_body(&mut resp, what.clone()).await?;
         let digest = sha256_digest(&body);
         if is_digest(reference) && digest != reference {
             return Err(RegistryError::DigestMismatch {

@@ -9,8 +9,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 
 use super::{
-    MAX_MANIFEST_BYTES, OCI_INDEX, RegistryClient, RegistryError, header_str, next_chunk,
-    parse_next_link, sha256_hex, strip_params,
+    OCI_INDEX, RegistryClient, RegistryError, header_str, parse_next_link, sha256_hex, strip_params,
 };
 
 /// The most referrers one subject may list; more is treated as a malformed
@@ -119,20 +118,7 @@ impl RegistryClient {
                 return Ok(None);
             }
             let next = header_str(resp.headers(), "link").and_then(parse_next_link);
-            let mut body = Vec::new();
-            let mut progress = self.min_progress.map(super::ProgressCheck::new);
-            while let Some(chunk) =
-                next_chunk(&mut resp, &mut progress, &self.registry, &what).await?
-            {
-                if body.len() as u64 + chunk.len() as u64 > MAX_MANIFEST_BYTES {
-                    return Err(RegistryError::TooLarge {
-                        what,
-                        size: body.len() as u64 + chunk.len() as u64,
-                        limit: MAX_MANIFEST_BYTES,
-                    });
-                }
-                body.extend_from_slice(&chunk);
-            }
+            let body = self.read_manifest_body(&mut resp, what.clone()).await?;
             out.extend(self.parse_index(&body, &what)?);
             if out.len() > MAX_REFERRERS {
                 return Err(self.malformed(format!("{what}: more than {MAX_REFERRERS} referrers")));
