@@ -12,12 +12,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use crate::api::v1 as pb;
 use crate::model::{
     BlockSeverity, Cluster, ClusterImageStatus, ClusterPhase, ClusterRoleBinding,
-    ClusterRoleBindingSpec, ClusterSpec, ClusterStatus, ConnectionPhase, ImagePhase, Kind,
-    LabelSelector, LabelSelectorRequirement, Object, Placement, PlacementReason, PlacementStatus,
-    Provider, RegistryRef, RegistrySecret, RegistrySecretSpec, RegistrySecretStatus, Repository,
-    RepositorySpec, RepositoryStatus, ResolveReason, ResolvedTag, Retention, RoleBinding,
-    RoleBindingSpec, Scan, SelectorOperator, Subject, TagPattern, Verify, VerifyKey, VerifyMode,
-    object_id,
+    ClusterRoleBindingSpec, ClusterSpec, ClusterStatus, ConnectionPhase, HeldRepository,
+    ImagePhase, Kind, LabelSelector, LabelSelectorRequirement, Object, Placement, PlacementReason,
+    PlacementStatus, Provider, RegistryRef, RegistrySecret, RegistrySecretSpec,
+    RegistrySecretStatus, Repository, RepositorySpec, RepositoryStatus, ResolveReason, ResolvedTag,
+    Retention, RoleBinding, RoleBindingSpec, Scan, SelectorOperator, Subject, TagPattern, Verify,
+    VerifyKey, VerifyMode, object_id,
 };
 
 /// A wire object that does not map onto the model.
@@ -784,6 +784,25 @@ impl TryFrom<pb::Repository> for Repository {
 // Cluster
 // ---------------------------------------------------------------------------
 
+/// One repository of a Cluster's `status.held` on the wire.
+pub fn held_to_proto(h: &HeldRepository) -> pb::HeldRepository {
+    pb::HeldRepository {
+        registry: h.registry.clone(),
+        repository: h.repository.clone(),
+        digests: h.digests.clone(),
+    }
+}
+
+/// One repository of a Cluster's `status.held` from the wire. Nothing to
+/// check: the hub wrote it from an agent's inventory, and readers only compare it.
+pub fn held_from_proto(h: pb::HeldRepository) -> HeldRepository {
+    HeldRepository {
+        registry: h.registry,
+        repository: h.repository,
+        digests: h.digests,
+    }
+}
+
 impl From<&Cluster> for pb::Cluster {
     fn from(o: &Cluster) -> Self {
         pb::Cluster {
@@ -807,6 +826,8 @@ impl From<&Cluster> for pb::Cluster {
                 hub_replica: st.hub_replica.clone().unwrap_or_default(),
                 images_desired: st.images_desired,
                 images_synced: st.images_synced,
+                held: st.held.iter().map(held_to_proto).collect(),
+                held_truncated: st.held_truncated,
             }),
         }
     }
@@ -835,6 +856,8 @@ impl TryFrom<pb::Cluster> for Cluster {
                 hub_replica: opt(st.hub_replica),
                 images_desired: st.images_desired,
                 images_synced: st.images_synced,
+                held: st.held.into_iter().map(held_from_proto).collect(),
+                held_truncated: st.held_truncated,
             }),
         };
         Ok(Cluster {

@@ -1,16 +1,19 @@
 //! What the agent tells the hub about its images and its storage: one
 //! [`ImageReport`] per desired image, built only here from the reconciler's
-//! events, and the [`ProgressBook`] that keeps the latest of each for the
+//! events, the store's [`HeldInventory`] (every image it holds, desired or
+//! not), and the [`ProgressBook`] that keeps the latest of each for the
 //! session to send. The session turns them into wire messages
 //! ([`crate::wire`]); nothing here knows the wire.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use imgfleet::model::{HeldRepository, MAX_HELD};
 use tokio::sync::watch;
 
 use crate::desired::DesiredImage;
+use crate::store::ManifestRecord;
 use crate::transfer::{ImageStats, Phase, Progress, TransferError};
 
 /// Where an image is, as the hub sees it.
@@ -151,6 +154,56 @@ pub struct StorageReport {
     pub capacity_bytes: u64,
 }
 
+/// Every image the store holds, desired or kept by retention: what the hub
+/// writes into `Cluster.status.held` so that any replica can say which
+/// clusters still hold a revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldInventory {
+    /// Per (registry, repository), sorted; digests sorted, no duplicates.
+    pub repositories: Vec<HeldRepository>,
+    /// More than [`MAX_HELD`] digests were held; the rest are left out.
+    pub truncated: bool,
+}
+
+/// The inventory of the store's `records`: image roots only (a child
+/// manifest of an index, or a referrer, is part of an image, not a revision
+/// of its own), grouped by (registry, repository), at most [`MAX_HELD`]
+/// digests in all so that the Cluster object stays small. Repositories and
+/// digests are in order, so the same store gives the same inventory and a
+/// comparison tells whether it changed.
+pub fn inventory(records: &[ManifestRecord]) -> HeldInventory {
+    let mut by_repo: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
+    for r in records {
+        if r.parent.is_none() && r.subject.is_none() {
+            by_repo
+                .entry((&r.registry, &r.repository))
+                .or_default()
+                .insert(&r.digest);
+        }
+    }
+    let mut left = MAX_HELD;
+    let mut truncated = false;
+    let mut repositories = Vec::with_capacity(by_repo.len());
+    for ((registry, repository), digests) in by_repo {
+        if left == 0 {
+            truncated = true;
+            break;
+        }
+        truncated |= digests.len() > left;
+        let digests: Vec<String> = digests.into_iter().take(left).map(str::to_owned).collect();
+        left -= digests.len();
+        repositories.push(HeldRepository {
+            registry: registry.to_owned(),
+            repository: repository.to_owned(),
+            digests,
+        });
+    }
+    HeldInventory {
+        repositories,
+        truncated,
+    }
+}
+
 /// The latest state of every desired image, as the hub should see it. The
 /// reconciler writes it; the session sends what changed, coalesced.
 #[derive(Debug)]
@@ -167,6 +220,9 @@ struct BookInner {
     /// Grows with every change.
     seq: u64,
     storage: StorageReport,
+    /// The store's inventory and the sequence number of its last change;
+    /// `None` until the reconciler first read the store.
+    held: Option<(u64, Arc<HeldInventory>)>,
     /// Finished sync attempts per Repository (namespace, name): (successes,
     /// failures). Kept while the desired set holds an image of it, so the
     /// series stay as many as the Repositories placed here.
@@ -300,6 +356,30 @@ impl ProgressBook {
         self.lock().storage
     }
 
+    /// Records the store's inventory; sent with the next progress message
+    /// when it differs from the one held.
+    pub fn set_held(&self, held: HeldInventory) {
+        let mut inner = self.lock();
+        if inner.held.as_ref().is_some_and(|(_, h)| **h == held) {
+            return;
+        }
+        inner.seq += 1;
+        let seq = inner.seq;
+        inner.held = Some((seq, Arc::new(held)));
+        drop(inner);
+        self.changed.send_replace(seq);
+    }
+
+    /// The inventory if it changed after `seq` (0: if there is one at all).
+    /// Read after [`ProgressBook::changes_since`] with the same `seq`, so a
+    /// change between the two reads is sent twice rather than never.
+    pub fn held_since(&self, seq: u64) -> Option<Arc<HeldInventory>> {
+        match &self.lock().held {
+            Some((s, h)) if *s > seq => Some(h.clone()),
+            _ => None,
+        }
+    }
+
     /// Every image's state and the sequence number it is current to.
     pub fn snapshot(&self) -> (u64, Vec<ImageReport>) {
         self.changes_since(0)
@@ -345,6 +425,132 @@ impl ProgressBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(
+        repo: &str,
+        digest: &str,
+        parent: Option<&str>,
+        subject: Option<&str>,
+    ) -> ManifestRecord {
+        ManifestRecord {
+            registry: "r.example".into(),
+            repository: repo.into(),
+            tag: None,
+            digest: digest.into(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: 1,
+            parent: parent.map(Into::into),
+            subject: subject.map(Into::into),
+            recorded_at: 0,
+        }
+    }
+
+    #[test]
+    fn inventory_lists_image_roots_by_repository_in_order() {
+        let records = vec![
+            record("web", "sha256:b", None, None),
+            // The same root recorded twice (under two tags) is one revision.
+            ManifestRecord {
+                tag: Some("v2".into()),
+                ..record("web", "sha256:b", None, None)
+            },
+            record("web", "sha256:a", None, None),
+            // A child of an index and a referrer are not revisions.
+            record("web", "sha256:child", Some("sha256:a"), None),
+            record("web", "sha256:sig", Some("sha256:a"), Some("sha256:a")),
+            record("web", "sha256:sbom", None, Some("sha256:b")),
+            record("app", "sha256:c", None, None),
+            ManifestRecord {
+                registry: "a.example".into(),
+                ..record("web", "sha256:d", None, None)
+            },
+        ];
+        let held = inventory(&records);
+        assert!(!held.truncated);
+        let flat: Vec<(&str, &str, Vec<&str>)> = held
+            .repositories
+            .iter()
+            .map(|h| {
+                (
+                    h.registry.as_str(),
+                    h.repository.as_str(),
+                    h.digests.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            flat,
+            [
+                ("a.example", "web", vec!["sha256:d"]),
+                ("r.example", "app", vec!["sha256:c"]),
+                ("r.example", "web", vec!["sha256:a", "sha256:b"]),
+            ]
+        );
+        assert_eq!(inventory(&[]), HeldInventory::default());
+    }
+
+    #[test]
+    fn inventory_stops_at_max_held_digests() {
+        let digest = |i: usize| format!("sha256:{i:06}");
+        // Exactly MAX_HELD over two repositories: all listed.
+        let mut records: Vec<ManifestRecord> = (0..MAX_HELD)
+            .map(|i| record(if i % 2 == 0 { "a" } else { "b" }, &digest(i), None, None))
+            .collect();
+        let held = inventory(&records);
+        assert!(!held.truncated);
+        assert_eq!(
+            held.repositories
+                .iter()
+                .map(|h| h.digests.len())
+                .sum::<usize>(),
+            MAX_HELD
+        );
+        // One more, in a repository sorted last: left out, and said so.
+        records.push(record("c", &digest(MAX_HELD), None, None));
+        let held = inventory(&records);
+        assert!(held.truncated);
+        assert_eq!(held.repositories.len(), 2, "no empty entry for c");
+        assert_eq!(
+            held.repositories
+                .iter()
+                .map(|h| h.digests.len())
+                .sum::<usize>(),
+            MAX_HELD
+        );
+        // Cut inside a repository: its first digests in order are kept.
+        let records: Vec<ManifestRecord> = (0..MAX_HELD + 5)
+            .rev()
+            .map(|i| record("a", &digest(i), None, None))
+            .collect();
+        let held = inventory(&records);
+        assert!(held.truncated);
+        assert_eq!(held.repositories[0].digests.len(), MAX_HELD);
+        assert_eq!(held.repositories[0].digests[0], digest(0));
+        assert_eq!(
+            held.repositories[0].digests[MAX_HELD - 1],
+            digest(MAX_HELD - 1)
+        );
+    }
+
+    #[test]
+    fn the_book_sends_the_inventory_once_per_change() {
+        let book = ProgressBook::new();
+        assert_eq!(book.held_since(0), None, "nothing read yet");
+        let one = inventory(&[record("web", "sha256:a", None, None)]);
+        book.set_held(one.clone());
+        let (seq, _) = book.changes_since(0);
+        assert_eq!(book.held_since(0).as_deref(), Some(&one));
+        assert_eq!(book.held_since(seq), None);
+        // The same inventory again is no change.
+        book.set_held(one.clone());
+        assert_eq!(book.changes_since(seq).0, seq);
+        let two = inventory(&[
+            record("web", "sha256:a", None, None),
+            record("web", "sha256:b", None, None),
+        ]);
+        book.set_held(two.clone());
+        assert_eq!(book.held_since(seq).as_deref(), Some(&two));
+    }
 
     fn report(key: &str, phase: ReportPhase, done: u64) -> ImageReport {
         ImageReport {

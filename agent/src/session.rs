@@ -377,8 +377,15 @@ impl Session {
         // The hub learns the true current state of every image first.
         let mut changes = self.book.subscribe();
         changes.borrow_and_update();
+        // And what its store holds, whether or not it changed since the last
+        // session: a hub that never heard it (another replica, a restart)
+        // has nothing to keep.
         let (mut sent_seq, all) = self.book.snapshot();
-        send(&tx, wire::progress(all, self.book.storage()))?;
+        let held = self.book.held_since(0);
+        send(
+            &tx,
+            wire::progress(all, self.book.storage(), held.as_deref()),
+        )?;
         let mut last_progress = Instant::now();
         let mut pending = false;
         let mut last_heard = Instant::now();
@@ -452,8 +459,12 @@ impl Session {
                 _ = tokio::time::sleep_until(progress_due), if pending => {
                     changes.borrow_and_update();
                     let (seq_now, images) = self.book.changes_since(sent_seq);
+                    let held = self.book.held_since(sent_seq);
                     sent_seq = seq_now;
-                    send(&tx, wire::progress(images, self.book.storage()))?;
+                    send(
+                        &tx,
+                        wire::progress(images, self.book.storage(), held.as_deref()),
+                    )?;
                     pending = false;
                     last_progress = Instant::now();
                 }

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use imgfleet::api::v1 as pb;
 
 use crate::desired::{Delta, DesiredImage, DesiredSet, RegistryCredential};
-use crate::report::{ImageReport, ReportPhase, StorageReport};
+use crate::report::{HeldInventory, ImageReport, ReportPhase, StorageReport};
 
 /// What one hub message asks of the agent.
 #[derive(Debug)]
@@ -182,11 +182,30 @@ pub fn ack(generation: u64, epoch: String, error: Option<String>) -> pb::AgentMe
     }))
 }
 
-/// The latest state of some images, and the storage.
-pub fn progress(images: Vec<ImageReport>, storage: StorageReport) -> pb::AgentMessage {
+impl From<&HeldInventory> for pb::HeldInventory {
+    fn from(h: &HeldInventory) -> Self {
+        pb::HeldInventory {
+            repositories: h
+                .repositories
+                .iter()
+                .map(imgfleet::convert::held_to_proto)
+                .collect(),
+            truncated: h.truncated,
+        }
+    }
+}
+
+/// The latest state of some images, the storage, and the store's whole
+/// inventory when it changed (`None`: the hub keeps the one it has).
+pub fn progress(
+    images: Vec<ImageReport>,
+    storage: StorageReport,
+    held: Option<&HeldInventory>,
+) -> pb::AgentMessage {
     agent(pb::agent_message::Msg::Progress(pb::Progress {
         images: images.into_iter().map(Into::into).collect(),
         storage: Some(storage.into()),
+        held: held.map(Into::into),
     }))
 }
 
@@ -282,5 +301,34 @@ mod tests {
         assert_eq!(p.message, "boom");
         assert_eq!(p.next_retry_time, Some(at.into()));
         assert_eq!(p.attempts, 5);
+    }
+
+    #[test]
+    fn the_inventory_goes_out_only_when_given() {
+        let held = HeldInventory {
+            repositories: vec![imgfleet::model::HeldRepository {
+                registry: "r.example".into(),
+                repository: "demo/app".into(),
+                digests: vec!["sha256:a".into(), "sha256:b".into()],
+            }],
+            truncated: true,
+        };
+        let progress = |m: pb::AgentMessage| match m.msg {
+            Some(pb::agent_message::Msg::Progress(p)) => p,
+            other => panic!("not progress: {other:?}"),
+        };
+        let p = progress(super::progress(
+            vec![],
+            StorageReport::default(),
+            Some(&held),
+        ));
+        let sent = p.held.expect("held set");
+        assert!(sent.truncated);
+        assert_eq!(sent.repositories.len(), 1);
+        assert_eq!(sent.repositories[0].registry, "r.example");
+        assert_eq!(sent.repositories[0].repository, "demo/app");
+        assert_eq!(sent.repositories[0].digests, ["sha256:a", "sha256:b"]);
+        let p = progress(super::progress(vec![], StorageReport::default(), None));
+        assert_eq!(p.held, None, "unset means unchanged");
     }
 }

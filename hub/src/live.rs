@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::status::{ImageState, LiveCluster};
+use crate::status::{Held, ImageState, LiveCluster};
 
 /// Most image states kept per session; an agent reporting more is misbehaving.
 const MAX_IMAGES: usize = 100_000;
@@ -164,18 +164,23 @@ impl SessionBook {
         });
     }
 
-    /// The agent reported storage (`(used, capacity)` bytes) and image
-    /// progress, each image by key.
+    /// The agent reported storage (`(used, capacity)` bytes), its store's
+    /// whole inventory (`None`: unchanged) and image progress, each image
+    /// by key.
     pub fn progress(
         &self,
         s: &SessionId,
         storage: Option<(u64, u64)>,
+        held: Option<Held>,
         images: impl IntoIterator<Item = (String, ImageState)>,
     ) {
         self.update(s, |e| {
             if let Some((used, capacity)) = storage {
                 e.state.storage_used_bytes = used;
                 e.state.storage_capacity_bytes = capacity;
+            }
+            if let Some(held) = held {
+                e.state.held = Some(Arc::new(held));
             }
             for (key, state) in images {
                 if e.state.images.len() >= MAX_IMAGES && !e.state.images.contains_key(&key) {

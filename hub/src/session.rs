@@ -302,6 +302,7 @@ impl AgentService {
                     0
                 },
                 images: Default::default(),
+                held: None,
             },
         );
         info!(cluster = %cluster, agent_version = %hello.agent_version,
@@ -532,9 +533,10 @@ impl Session {
                     self.live.acked(&self.id, generation);
                 }
             }
-            FromAgent::Progress(p) => {
+            FromAgent::Progress(mut p) => {
+                let held = p.take_held();
                 let (storage, images) = p.into_parts();
-                self.live.progress(&self.id, storage, images);
+                self.live.progress(&self.id, storage, held, images);
             }
             FromAgent::Heartbeat => self.live.heartbeat(&self.id),
             FromAgent::Renew { .. } | FromAgent::Other => self.live.heard(&self.id),

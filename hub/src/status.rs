@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use imgfleet::model::{ClusterImageStatus, ClusterPhase, ClusterStatus, ImagePhase, holds_all};
+use imgfleet::model::{
+    ClusterImageStatus, ClusterPhase, ClusterStatus, HeldRepository, ImagePhase, holds_all,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::desired::StoredDesiredSet;
@@ -26,6 +28,16 @@ pub struct ImageState {
     pub attempts: u32,
 }
 
+/// The images an agent's store holds, as it last reported them: what
+/// `Cluster.status.held` says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Held {
+    /// Per (registry, repository), at most `MAX_HELD` digests in all.
+    pub repositories: Vec<HeldRepository>,
+    /// The agent (or the hub, at `MAX_HELD`) left some digests out.
+    pub truncated: bool,
+}
+
 /// What a live session knows about its cluster.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct LiveCluster {
@@ -36,6 +48,10 @@ pub struct LiveCluster {
     pub applied_generation: u64,
     /// Latest state per image key (`<namespace>/<name>@<digest>`).
     pub images: BTreeMap<String, ImageState>,
+    /// The store's inventory, once the agent sent one in this session;
+    /// `None` keeps what the Cluster's status says. Shared, since the status
+    /// writer copies live entries on every pass.
+    pub held: Option<std::sync::Arc<Held>>,
 }
 
 /// The (cluster -> digests with image keys) of one repository, from all desired sets.
@@ -221,6 +237,12 @@ pub fn cluster_status(
         s.storage_capacity_bytes = l.storage_capacity_bytes;
         s.applied_generation = l.applied_generation;
         s.hub_replica = Some(replica.to_string());
+        // Until the agent reports its inventory, the last one stored stands:
+        // it is still the best knowledge of what the cluster holds.
+        if let Some(held) = &l.held {
+            s.held.clone_from(&held.repositories);
+            s.held_truncated = held.truncated;
+        }
         s.images_synced = match desired {
             Some(d) => d
                 .content
@@ -606,6 +628,37 @@ mod tests {
         assert_eq!(s2.phase, Some(ClusterPhase::Offline));
         assert_eq!((s2.desired_generation, s2.images_desired), (5, 0));
         assert_eq!(s2.hub_replica.as_deref(), Some("hub-1"));
+    }
+
+    #[test]
+    fn the_inventory_is_kept_until_the_agent_sends_another() {
+        let held = |digests: &[&str], truncated| Held {
+            repositories: vec![HeldRepository {
+                registry: "r.example".into(),
+                repository: "app".into(),
+                digests: digests.iter().map(|d| d.to_string()).collect(),
+            }],
+            truncated,
+        };
+        let mut l = live(&[]);
+        l.held = Some(std::sync::Arc::new(held(&["sha256:1", "sha256:2"], true)));
+        let s = cluster_status(&ClusterStatus::default(), None, Some(&l), "hub-1");
+        assert!(s.holds("r.example", "app", "sha256:2"));
+        assert!(!s.holds("r.example", "app", "sha256:3"));
+        assert!(!s.holds("other.example", "app", "sha256:2"));
+        assert!(s.held_truncated);
+        // A session that has not reported one yet keeps the stored one.
+        let s2 = cluster_status(&s, None, Some(&live(&[])), "hub-2");
+        assert_eq!(s2.held, s.held);
+        assert!(s2.held_truncated);
+        // Offline, and then read without a session: still there.
+        let off = offline_status(&s2);
+        assert_eq!(cluster_status(&off, None, None, "hub-3").held, s.held);
+        // A new report replaces it whole.
+        l.held = Some(std::sync::Arc::new(held(&["sha256:3"], false)));
+        let s3 = cluster_status(&off, None, Some(&l), "hub-1");
+        assert_eq!(s3.held, held(&["sha256:3"], false).repositories);
+        assert!(!s3.held_truncated);
     }
 
     #[test]

@@ -9,11 +9,11 @@ use imgfleet::api::v1 as pb;
 use imgfleet::api::v1::agent_message::Msg as AgentMsg;
 use imgfleet::api::v1::hub_message::Msg as HubMsg;
 use imgfleet::convert::{time_from_proto, time_to_proto};
-use imgfleet::model::{self, ImagePhase};
+use imgfleet::model::{self, ImagePhase, MAX_HELD};
 
 use crate::desired::StoredDesiredSet;
 use crate::placement::{Delta, DesiredImage};
-use crate::status::ImageState;
+use crate::status::{Held, ImageState};
 
 /// What an agent says about itself when it connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,10 +73,17 @@ pub enum FromAgent {
 #[derive(Debug)]
 pub struct Progress {
     storage: Option<(u64, u64)>,
+    held: Option<pb::HeldInventory>,
     images: Vec<pb::ImageProgress>,
 }
 
 impl Progress {
+    /// The store's whole inventory, if the agent sent one (`None`: the one
+    /// the hub has stands); taken once.
+    pub fn take_held(&mut self) -> Option<Held> {
+        self.held.take().map(held)
+    }
+
     /// Storage (`(used, capacity)` bytes) if reported, and each image's
     /// state by key.
     pub fn into_parts(
@@ -86,6 +93,30 @@ impl Progress {
         impl Iterator<Item = (String, ImageState)>,
     ) {
         (self.storage, self.images.into_iter().map(image_state))
+    }
+}
+
+/// An agent's inventory, at most [`MAX_HELD`] digests whatever the agent
+/// sent: it goes into the Cluster object, which must stay small. Empty
+/// repository entries are dropped.
+fn held(h: pb::HeldInventory) -> Held {
+    let mut left = MAX_HELD;
+    let mut truncated = h.truncated;
+    let mut repositories = Vec::with_capacity(h.repositories.len());
+    for r in h.repositories {
+        let mut r = imgfleet::convert::held_from_proto(r);
+        if r.digests.len() > left {
+            r.digests.truncate(left);
+            truncated = true;
+        }
+        left -= r.digests.len();
+        if !r.digests.is_empty() {
+            repositories.push(r);
+        }
+    }
+    Held {
+        repositories,
+        truncated,
     }
 }
 
@@ -99,6 +130,7 @@ impl From<pb::AgentMessage> for FromAgent {
             },
             Some(AgentMsg::Progress(p)) => FromAgent::Progress(Progress {
                 storage: p.storage.map(|s| (s.used_bytes, s.capacity_bytes)),
+                held: p.held,
                 images: p.images,
             }),
             Some(AgentMsg::Heartbeat(_)) => FromAgent::Heartbeat,
@@ -267,11 +299,17 @@ mod tests {
                     used_bytes: 5,
                     capacity_bytes: 9,
                 }),
+                held: None,
             })),
         };
-        let FromAgent::Progress(p) = FromAgent::from(m) else {
+        let FromAgent::Progress(mut p) = FromAgent::from(m) else {
             panic!("not progress");
         };
+        assert_eq!(
+            p.take_held(),
+            None,
+            "no inventory: the hub keeps the last one"
+        );
         let (storage, images) = p.into_parts();
         assert_eq!(storage, Some((5, 9)));
         let images: Vec<_> = images.collect();
@@ -279,6 +317,55 @@ mod tests {
         assert_eq!(images[0].0, "default/app@sha256:1");
         assert_eq!(images[0].1.phase, Some(ImagePhase::Synced));
         assert_eq!(images[0].1.message, None, "an empty message is none");
+    }
+
+    #[test]
+    fn progress_carries_the_inventory_capped() {
+        let repo = |name: &str, n: usize| pb::HeldRepository {
+            registry: "r.example:5000".into(),
+            repository: name.into(),
+            digests: (0..n).map(|i| format!("sha256:{name}{i}")).collect(),
+        };
+        let held_of = |held: pb::HeldInventory| {
+            let m = pb::AgentMessage {
+                msg: Some(AgentMsg::Progress(pb::Progress {
+                    held: Some(held),
+                    ..Default::default()
+                })),
+            };
+            let FromAgent::Progress(mut p) = FromAgent::from(m) else {
+                panic!("not progress");
+            };
+            p.take_held().expect("an inventory")
+        };
+        let h = held_of(pb::HeldInventory {
+            repositories: vec![repo("app", 2), repo("web", 1)],
+            truncated: false,
+        });
+        assert!(!h.truncated);
+        assert_eq!(h.repositories.len(), 2);
+        assert_eq!(h.repositories[0].registry, "r.example:5000");
+        assert_eq!(h.repositories[0].repository, "app");
+        assert_eq!(h.repositories[0].digests, ["sha256:app0", "sha256:app1"]);
+        assert_eq!(h.repositories[1].digests, ["sha256:web0"]);
+        // The agent's own truncation is kept.
+        assert!(
+            held_of(pb::HeldInventory {
+                repositories: vec![repo("app", 1)],
+                truncated: true,
+            })
+            .truncated
+        );
+        // An empty inventory is one: the store holds nothing.
+        assert_eq!(held_of(pb::HeldInventory::default()), Held::default());
+        // More than MAX_HELD from a misbehaving agent: cut, and said so.
+        let h = held_of(pb::HeldInventory {
+            repositories: vec![repo("app", MAX_HELD - 1), repo("web", 5), repo("zzz", 1)],
+            truncated: false,
+        });
+        assert!(h.truncated);
+        assert_eq!(h.repositories.len(), 2, "no empty entry");
+        assert_eq!(h.repositories[1].digests, ["sha256:web0"]);
     }
 
     #[test]

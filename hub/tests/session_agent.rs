@@ -363,6 +363,23 @@ fn progress(phase: pb::ImagePhase, done: u64) -> AgentMsg {
             used_bytes: 5000,
             capacity_bytes: 100_000,
         }),
+        held: None,
+    })
+}
+
+/// An inventory: the store holds both digests of `app` (the old one kept
+/// by retention).
+fn held_both() -> AgentMsg {
+    AgentMsg::Progress(pb::Progress {
+        held: Some(pb::HeldInventory {
+            repositories: vec![pb::HeldRepository {
+                registry: "r.example".into(),
+                repository: "library/app".into(),
+                digests: vec![DIGEST.into(), DIGEST2.into()],
+            }],
+            truncated: false,
+        }),
+        ..Default::default()
     })
 }
 
@@ -601,6 +618,16 @@ async fn progress_reaches_the_status(f: &Fleet, a: &Agent, b: &Agent) {
     .expect("imagesSynced recorded");
     assert_eq!(st.images_desired, 1);
     assert_eq!(st.storage_used_bytes, 5000);
+    // The inventory, sent on its own, lands in the Cluster's status.
+    a.send(held_both()).await;
+    let st = poll(Duration::from_secs(4), async || {
+        let s = cluster_status(&f.objects, "a").await;
+        s.holds("r.example", "library/app", DIGEST).then_some(s)
+    })
+    .await
+    .expect("status.held recorded");
+    assert!(st.holds("r.example", "library/app", DIGEST2));
+    assert!(!st.held_truncated);
 }
 
 /// What an operator sees (the `imgfleet` binary: cargo build -p imgfleet --bin imgfleet).
@@ -657,6 +684,12 @@ async fn a_silent_cluster_goes_offline(f: &Fleet, a: Agent, b: &Agent, generatio
     .expect("a goes Offline");
     println!("session dropped -> Offline: {:?}", t0.elapsed());
     assert_eq!(st.applied_generation, generation, "last known state kept");
+    assert!(
+        st.holds("r.example", "library/app", DIGEST)
+            && st.holds("r.example", "library/app", DIGEST2),
+        "the last inventory is kept: {:?}",
+        st.held
+    );
     let rs = poll(Duration::from_secs(3), async || {
         let s = repo_status(&f.objects).await;
         s.clusters
@@ -704,6 +737,9 @@ async fn a_returning_cluster_is_current_again(f: &Fleet, epoch: &str, generation
     })
     .await
     .expect("a current again");
+    // A progress without an inventory leaves the stored one as it was.
+    let c = cluster_status(&f.objects, "a").await;
+    assert!(c.holds("r.example", "library/app", DIGEST2), "{:?}", c.held);
 }
 
 async fn scenario(etcd: Option<&Etcd>) {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use imgfleet::api::v1 as pb;
 use imgfleet::model::{
-    Cluster, ClusterImageStatus, ImagePhase, Kind, LabelSelector, Object, Placement,
+    Cluster, ClusterImageStatus, ClusterStatus, ImagePhase, Kind, LabelSelector, Object, Placement,
     RegistrySecret, Repository, RepositoryStatus, SelectorOperator, Subject,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -463,9 +463,53 @@ pub fn describe(object: &Object, now: Timestamp) -> String {
             if let Some(h) = &st.hub_replica {
                 field(&mut out, "Hub replica", h);
             }
+            describe_held(&mut out, &st);
         }
     }
     out
+}
+
+/// Repositories the Held section lists before it only counts the rest.
+const HELD_REPOSITORIES_SHOWN: usize = 20;
+/// Digests shown per repository; more are only counted.
+const HELD_DIGESTS_SHOWN: usize = 3;
+
+/// What the cluster's store holds, per upstream repository: its few digests
+/// short, or how many. `rollout history` has the detail.
+fn describe_held(out: &mut String, st: &ClusterStatus) {
+    if st.held.is_empty() {
+        field(out, "Held", "<none reported>");
+        return;
+    }
+    out.push_str("Held:\n");
+    let rows: Vec<Vec<String>> = st
+        .held
+        .iter()
+        .take(HELD_REPOSITORIES_SHOWN)
+        .map(|h| {
+            let digests = if h.digests.len() <= HELD_DIGESTS_SHOWN {
+                h.digests
+                    .iter()
+                    .map(|d| short_digest(d))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            } else {
+                format!("{} digests", h.digests.len())
+            };
+            vec![format!("{}/{}", h.registry, h.repository), digests]
+        })
+        .collect();
+    out.push_str(&indent(&table(&["REPOSITORY", "DIGESTS"], &rows)));
+    if st.held.len() > HELD_REPOSITORIES_SHOWN {
+        let _ = writeln!(
+            out,
+            "  ({} more repositories)",
+            st.held.len() - HELD_REPOSITORIES_SHOWN
+        );
+    }
+    if st.held_truncated {
+        out.push_str("  (the agent holds more than it reported)\n");
+    }
 }
 
 fn describe_repository(out: &mut String, r: &Repository, object: &Object, now: Timestamp) {
@@ -944,6 +988,44 @@ status: {phase: Connected, lastSeen: 2026-01-08T11:59:30Z}
             text.contains("Not placed:     NoClusterAdmitsNamespace: no cluster admits"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn describe_cluster_lists_what_it_holds() {
+        let d = |c: char| format!("\"sha256:{}\"", c.to_string().repeat(64));
+        let yaml = format!(
+            "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata: {{name: edge-1}}\n\
+             status:\n  phase: Connected\n  held:\n\
+             \x20 - {{registry: r.example, repository: team/app, digests: [{}, {}]}}\n\
+             \x20 - {{registry: r.example, repository: team/web, digests: [{}, {}, {}, {}]}}\n",
+            d('a'),
+            d('b'),
+            d('c'),
+            d('d'),
+            d('e'),
+            d('f')
+        );
+        let text = describe(&parse(&yaml)[0], now());
+        assert!(text.contains("Held:\n  REPOSITORY"), "{text}");
+        assert!(
+            text.contains("r.example/team/app   sha256:aaaaaaaaaaaa, sha256:bbbbbbbbbbbb\n"),
+            "{text}"
+        );
+        assert!(text.contains("r.example/team/web   4 digests\n"), "{text}");
+        assert!(!text.contains("holds more"), "{text}");
+        let truncated = yaml.replace(
+            "  phase: Connected\n",
+            "  phase: Connected\n  heldTruncated: true\n",
+        );
+        let text = describe(&parse(&truncated)[0], now());
+        assert!(
+            text.contains("(the agent holds more than it reported)"),
+            "{text}"
+        );
+        // An agent that never reported (or an older hub) says so.
+        let objects = parse(OBJECTS);
+        let text = describe(&objects[2], now());
+        assert!(text.contains("Held:           <none reported>"), "{text}");
     }
 
     #[test]

@@ -751,6 +751,44 @@ pub struct ClusterStatus {
     /// Number of desired images Synced on the cluster.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub images_synced: u32,
+    /// The images the agent's store holds (complete and servable), desired or
+    /// kept by retention, per upstream repository: what `rollout history`
+    /// shows as the clusters still holding a revision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldRepository>,
+    /// True when the agent held more than MAX_HELD digests and `held` lists only some.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub held_truncated: bool,
+}
+
+/// At most this many digests in a Cluster's `status.held`, over all its
+/// repositories: 2000 digests of ~71 bytes plus the names keep a Cluster
+/// object far under etcd's 1.5 MiB request limit.
+pub const MAX_HELD: usize = 2000;
+
+/// The image digests an agent's store holds of one upstream repository.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldRepository {
+    /// Registry host and optional port, e.g. `harbor.example.com`.
+    pub registry: String,
+    /// Repository path inside the registry, e.g. `library/nginx`.
+    pub repository: String,
+    /// Image (root manifest or index) digests, sorted, without duplicates.
+    pub digests: Vec<String>,
+}
+
+impl ClusterStatus {
+    /// Whether the agent reported `digest` of (`registry`, `repository`) in
+    /// its store. False when the inventory was truncated before it: a caller
+    /// that must tell "not held" from "not listed" checks `held_truncated`.
+    pub fn holds(&self, registry: &str, repository: &str, digest: &str) -> bool {
+        self.held.iter().any(|h| {
+            h.registry == registry
+                && h.repository == repository
+                && h.digests.iter().any(|d| d == digest)
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------

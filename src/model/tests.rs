@@ -906,6 +906,21 @@ status:
   imagesDesired: 2
   imagesSynced: 1
 ";
+    // The agent's inventory: written by the hub, read by `rollout history`.
+    let holding = "\
+apiVersion: image.theriseunion.io/v1alpha1
+kind: Cluster
+metadata: {name: edge-2}
+status:
+  phase: Offline
+  held:
+  - registry: harbor.example.com
+    repository: team-b/web
+    digests:
+    - \"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"
+    - \"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"
+  heldTruncated: true
+";
     let secret_with_status = format!(
         "{SECRET}  insecure: true\nstatus:\n  phase: AuthFailed\n  lastCheckTime: 2026-01-08T10:00:00Z\n  latencyMs: 12\n  message: unauthorized\n"
     );
@@ -917,6 +932,7 @@ status:
         SEED_DEVELOPMENT,
         with_status,
         cluster,
+        holding,
         &secret_with_status,
     ] {
         all.extend(parse_documents(text).unwrap_or_else(|e| panic!("{e:?}")));
@@ -928,6 +944,34 @@ status:
         let again = parse_documents(&yaml).unwrap_or_else(|e| panic!("{yaml}\n{e:?}"));
         assert_eq!(&again[0], object, "{yaml}");
     }
+}
+
+#[test]
+fn cluster_status_says_what_the_cluster_holds() {
+    let objects = parse_documents(
+        "apiVersion: image.theriseunion.io/v1alpha1\nkind: Cluster\nmetadata: {name: edge-1}\n\
+         status:\n  held:\n  - {registry: r.example, repository: team/app, digests: [\"sha256:1\", \"sha256:2\"]}\n",
+    )
+    .expect("valid");
+    let Object::Cluster(c) = &objects[0] else {
+        panic!("a Cluster")
+    };
+    let st = c.status.as_ref().expect("status");
+    assert!(st.holds("r.example", "team/app", "sha256:2"));
+    assert!(!st.holds("r.example", "team/app", "sha256:3"));
+    assert!(!st.holds("r.example", "team/web", "sha256:1"));
+    assert!(!st.holds("s.example", "team/app", "sha256:1"));
+    assert!(!st.held_truncated);
+    // A Cluster stored before `held` existed loads, holding nothing known.
+    let old: Cluster = serde_json::from_str(
+        r#"{"apiVersion":"image.theriseunion.io/v1alpha1","kind":"Cluster","metadata":{"name":"edge-1"},"spec":{},"status":{"phase":"Connected","imagesSynced":1}}"#,
+    )
+    .expect("an older Cluster loads");
+    let st = old.status.expect("status");
+    assert!(st.held.is_empty() && !st.held_truncated);
+    // And an empty inventory is not written at all.
+    let json = serde_json::to_string(&st).expect("serializes");
+    assert!(!json.contains("held"), "{json}");
 }
 
 #[test]

@@ -18,7 +18,7 @@ use tracing::{Instrument as _, error, info, warn};
 
 use crate::desired::{DesiredImage, DesiredSet};
 use crate::gc::{self, GcPolicy};
-use crate::report::{ImageReport, ProgressBook, ReportPhase, StorageReport};
+use crate::report::{self, ImageReport, ProgressBook, ReportPhase, StorageReport};
 use crate::store::Store;
 use crate::transfer::{Engine, ImageStats, Progress, Pull, TransferError};
 
@@ -89,6 +89,9 @@ pub struct Reconciler {
     /// When GC runs next: soon after a new set, when a grace period ends,
     /// and at least every [`GC_EVERY`].
     gc_at: Instant,
+    /// The store generation the book's inventory was read at; `None`
+    /// before the first read.
+    held_generation: Option<u64>,
 }
 
 impl Reconciler {
@@ -113,6 +116,7 @@ impl Reconciler {
             progress_rx,
             next_attempt: 0,
             gc_at: Instant::now(),
+            held_generation: None,
         }
     }
 
@@ -313,6 +317,32 @@ impl Reconciler {
         self.book.set(report);
         self.book
             .set_storage(storage_report(self.engine.store()).await);
+        self.refresh_held().await;
+    }
+
+    /// Puts the store's inventory in the book if the store's records changed
+    /// since it was last read (a transfer recorded an image, GC removed one,
+    /// or another process wrote the store). Reading the generation is
+    /// cheap; the records are read and grouped only when it moved.
+    async fn refresh_held(&mut self) {
+        let store = self.engine.store().clone();
+        let last = self.held_generation;
+        let read = tokio::task::spawn_blocking(move || {
+            if Some(store.generation()) == last {
+                return None;
+            }
+            let (generation, records) = store.records_at();
+            Some((generation, report::inventory(&records)))
+        })
+        .await;
+        match read {
+            Ok(Some((generation, held))) => {
+                self.held_generation = Some(generation);
+                self.book.set_held(held);
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "Reading the store's inventory failed"),
+        }
     }
 
     /// Whether the store records `image` as complete, read on the blocking
@@ -336,6 +366,7 @@ impl Reconciler {
     async fn housekeeping(&mut self) {
         self.book
             .set_storage(storage_report(self.engine.store()).await);
+        self.refresh_held().await;
         let generation = self.desired.borrow().generation;
         // Generation 0: no set was ever received; nothing is known to be unwanted.
         if generation == 0 || Instant::now() < self.gc_at {
@@ -358,6 +389,8 @@ impl Reconciler {
             .collect();
         let next_gc = self.collect(wanted).await;
         self.gc_at = Instant::now() + next_gc.min(GC_EVERY);
+        // What GC removed is no longer held.
+        self.refresh_held().await;
     }
 
     /// One GC pass on the blocking pool; returns when the next is due.
