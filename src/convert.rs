@@ -16,8 +16,8 @@ use crate::model::{
     ImagePhase, Kind, LabelSelector, LabelSelectorRequirement, Object, Placement, PlacementReason,
     PlacementStatus, Provider, RegistryRef, RegistrySecret, RegistrySecretSpec,
     RegistrySecretStatus, Repository, RepositorySpec, RepositoryStatus, ResolveReason, ResolvedTag,
-    Retention, RoleBinding, RoleBindingSpec, Scan, SelectorOperator, Subject, TagPattern, Verify,
-    VerifyKey, VerifyMode, object_id,
+    Retention, Revision, RevisionCause, RoleBinding, RoleBindingSpec, Scan, SelectorOperator,
+    Subject, TagPattern, Verify, VerifyKey, VerifyMode, object_id,
 };
 
 /// A wire object that does not map onto the model.
@@ -583,16 +583,7 @@ impl From<&Repository> for pb::Repository {
                 }),
             }),
             status: o.status.as_ref().map(|st| pb::RepositoryStatus {
-                resolved: st
-                    .resolved
-                    .iter()
-                    .map(|r| pb::ResolvedTag {
-                        tag: r.tag.clone(),
-                        digest: r.digest.clone(),
-                        media_type: r.media_type.clone(),
-                        scan: r.scan.clone().unwrap_or_default(),
-                    })
-                    .collect(),
+                resolved: st.resolved.iter().map(resolved_tag_to_proto).collect(),
                 last_resolve_time: st.last_resolve_time.as_ref().map(time_to_proto),
                 reason: match st.reason {
                     None => pb::ResolveReason::Unspecified,
@@ -623,6 +614,8 @@ impl From<&Repository> for pb::Repository {
                     reason: placement_reason_to_proto(p.reason) as i32,
                     message: p.message.clone(),
                 }),
+                revisions: st.revisions.iter().map(revision_to_proto).collect(),
+                pinned_revision: st.pinned_revision.unwrap_or_default(),
             }),
         }
     }
@@ -669,12 +662,7 @@ impl TryFrom<pb::Repository> for Repository {
                     resolved: st
                         .resolved
                         .into_iter()
-                        .map(|r| ResolvedTag {
-                            tag: r.tag,
-                            digest: r.digest,
-                            media_type: r.media_type,
-                            scan: opt(r.scan),
-                        })
+                        .map(resolved_tag_from_proto)
                         .collect(),
                     last_resolve_time: time_field(
                         &id,
@@ -707,6 +695,13 @@ impl TryFrom<pb::Repository> for Repository {
                         Some(p) => placement_status_from_proto(&id, p)?,
                         None => None,
                     },
+                    revisions: st
+                        .revisions
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, r)| revision_from_proto(&id, i, r))
+                        .collect::<Result<_, _>>()?,
+                    pinned_revision: (st.pinned_revision != 0).then_some(st.pinned_revision),
                 })
             }
         };
@@ -869,4 +864,65 @@ impl TryFrom<pb::Cluster> for Cluster {
             status,
         })
     }
+}
+
+fn resolved_tag_to_proto(r: &ResolvedTag) -> pb::ResolvedTag {
+    pb::ResolvedTag {
+        tag: r.tag.clone(),
+        digest: r.digest.clone(),
+        media_type: r.media_type.clone(),
+        scan: r.scan.clone().unwrap_or_default(),
+    }
+}
+
+fn resolved_tag_from_proto(r: pb::ResolvedTag) -> ResolvedTag {
+    ResolvedTag {
+        tag: r.tag,
+        digest: r.digest,
+        media_type: r.media_type,
+        scan: opt(r.scan),
+    }
+}
+
+/// A Repository's revision on the wire.
+pub fn revision_to_proto(r: &Revision) -> pb::Revision {
+    pb::Revision {
+        revision: r.revision,
+        resolved: r.resolved.iter().map(resolved_tag_to_proto).collect(),
+        first_resolved: r.first_resolved.as_ref().map(time_to_proto),
+        cause: match r.cause {
+            RevisionCause::Created => pb::RevisionCause::Created,
+            RevisionCause::TagMove => pb::RevisionCause::TagMove,
+            RevisionCause::Edit => pb::RevisionCause::Edit,
+            RevisionCause::Rollback => pb::RevisionCause::Rollback,
+        } as i32,
+        user: r.user.clone().unwrap_or_default(),
+        generation: r.generation,
+        rollback_to: r.rollback_to.unwrap_or_default(),
+        held_back: r.held_back,
+    }
+}
+
+/// A revision from the wire; `i` is its place in `status.revisions`.
+pub fn revision_from_proto(id: &str, i: usize, r: pb::Revision) -> Result<Revision, ConvertError> {
+    let field = format!("status.revisions[{i}]");
+    Ok(Revision {
+        revision: r.revision,
+        resolved: r
+            .resolved
+            .into_iter()
+            .map(resolved_tag_from_proto)
+            .collect(),
+        first_resolved: time_field(id, &format!("{field}.firstResolved"), r.first_resolved)?,
+        cause: match enum_field::<pb::RevisionCause>(id, &format!("{field}.cause"), r.cause)? {
+            pb::RevisionCause::Created => RevisionCause::Created,
+            pb::RevisionCause::TagMove => RevisionCause::TagMove,
+            pb::RevisionCause::Edit => RevisionCause::Edit,
+            pb::RevisionCause::Rollback => RevisionCause::Rollback,
+        },
+        user: opt(r.user),
+        generation: r.generation,
+        rollback_to: (r.rollback_to != 0).then_some(r.rollback_to),
+        held_back: r.held_back,
+    })
 }

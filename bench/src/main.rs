@@ -1,4 +1,4 @@
-//! `imgfleet-bench`: the benchmarks behind BENCHMARKS.md. Four suites, each
+//! `imgfleet-bench`: the benchmarks behind BENCHMARKS.md. Six suites, each
 //! run side by side with what it is compared against, repeated `--runs` times
 //! and reported as medians:
 //!
@@ -10,7 +10,9 @@
 //! - `mirror`: the agent's mirror against docker-registry serving the same
 //!   image to 1 and 8 nodes, and both under clients that never read;
 //! - `control`: bulk-apply cost as the hub's store grows, and the hub's CPU
-//!   while thousands of Repositories keep failing to resolve.
+//!   while thousands of Repositories keep failing to resolve;
+//! - `rollout`: `imgfleet rollout undo` until every cluster's mirror serves
+//!   the older digest, with the upstream registry stopped.
 //!
 //! Run the release build (`bash scripts/bench.sh`); it finds the other
 //! binaries next to itself.
@@ -21,6 +23,7 @@ mod footprint;
 mod image;
 mod mirror;
 mod report;
+mod rollout;
 mod transfer;
 
 use std::path::PathBuf;
@@ -62,6 +65,8 @@ enum Suite {
     Mirror(mirror::Options),
     /// Bulk apply as the store grows; hub CPU with every resolution failing.
     Control(control::Options),
+    /// Rollout undo to every mirror serving the older digest, upstream down.
+    Rollout(rollout::Options),
     /// Every suite with its defaults.
     All,
 }
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
             Suite::Footprint(o) => footprint::run(&cli.common, &o, &mut report).await,
             Suite::Mirror(o) => mirror::run(&cli.common, &o, &mut report).await,
             Suite::Control(o) => control::run(&cli.common, &o, &mut report).await,
+            Suite::Rollout(o) => rollout::run(&cli.common, &o, &mut report).await,
             Suite::All => {
                 // A failing suite does not keep the others from reporting.
                 let c = &cli.common;
@@ -100,6 +106,7 @@ fn main() -> ExitCode {
                     mirror::run(c, &mirror::Options::default(), &mut report).await,
                     fanout::run(c, &fanout::Options::default(), &mut report).await,
                     control::run(c, &control::Options::default(), &mut report).await,
+                    rollout::run(c, &rollout::Options::default(), &mut report).await,
                 ];
                 results
                     .into_iter()

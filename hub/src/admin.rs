@@ -21,6 +21,7 @@ use imgfleet_common::pki::{
     PkiError, User,
 };
 use imgfleet_common::tls::{TlsError, peer_identity};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
@@ -31,6 +32,7 @@ use crate::metrics::HubMetrics;
 use crate::objects::{ApplyOutcome, Audit, ObjectError, Objects};
 use crate::rbac::{Bindings, Grants, Resource, Verb, denial};
 use crate::revocation::{Revocations, Revoked};
+use crate::rollout::{self, RolloutError};
 use crate::selector::{SelectorError, parse_selector};
 use crate::store::watcher::{Event, WatchError, Watcher};
 use crate::store::{StoreError, Write};
@@ -107,6 +109,9 @@ pub enum AdminError {
     },
     #[error("this hub has no signing CA: start it with --ca-cert and --ca-key to enroll clusters")]
     NoSigningCa,
+    /// An undo or resume that cannot be done.
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
     /// Reading or writing the objects failed.
     #[error(transparent)]
     Objects(#[from] ObjectError),
@@ -144,6 +149,12 @@ impl AdminError {
             | AdminError::Issue { .. }
             | AdminError::IssueUser { .. } => Code::InvalidArgument,
             AdminError::SecretInUse { .. } | AdminError::NoSigningCa => Code::FailedPrecondition,
+            AdminError::Rollout(r) => match r {
+                RolloutError::NoSuchRevision { .. } => Code::NotFound,
+                RolloutError::NoHistory { .. }
+                | RolloutError::NoEarlier { .. }
+                | RolloutError::NotPinned { .. } => Code::FailedPrecondition,
+            },
             AdminError::Objects(o) => match o {
                 ObjectError::Invalid(_) | ObjectError::BadResourceVersion { .. } => {
                     Code::InvalidArgument
@@ -515,6 +526,199 @@ impl AdminService {
         let record = self.revoke(Revoked::Cluster(name.clone()), draft).await?;
         info!(admin = %caller.user.name, cluster = %name, "Revoked cluster certificates");
         Ok(revoke_response(record))
+    }
+
+    /// A Repository's revisions, each with the clusters that reported
+    /// holding all its digests.
+    async fn rollout_history(
+        &self,
+        req: Request<pb::RolloutRequest>,
+    ) -> Result<pb::RolloutHistoryResponse, AdminError> {
+        let (ns, name) = rollout_target(&req.get_ref().namespace, &req.get_ref().name)?;
+        self.authorize(&req, Verb::Get, Resource::Kind(Kind::Repository), Some(&ns))
+            .await?;
+        let objects = &self.inner.objects;
+        let Object::Repository(repo) = objects.get(Kind::Repository, Some(&ns), &name).await?
+        else {
+            return Err(ObjectError::WrongKind {
+                id: format!("{ns}/{name}"),
+                expected: Kind::Repository,
+            }
+            .into());
+        };
+        let (secret_ns, secret_name) = repo.registry_secret();
+        // A missing RegistrySecret leaves the registry unknown: no cluster
+        // can be said to hold the revisions.
+        let domain = match objects
+            .get(Kind::RegistrySecret, Some(secret_ns), secret_name)
+            .await
+        {
+            Ok(Object::RegistrySecret(rs)) => Some(rs.spec.domain),
+            Ok(_) | Err(ObjectError::NotFound(_)) => None,
+            Err(ObjectError::Store(StoreError::NotFound(_))) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let (clusters, _) = objects.list(Kind::Cluster, None).await?;
+        let status = repo.status.clone().unwrap_or_default();
+        let revisions = status
+            .revisions
+            .iter()
+            .map(|r| pb::RevisionHistory {
+                revision: Some(imgfleet::convert::revision_to_proto(r)),
+                held_by: match &domain {
+                    None => Vec::new(),
+                    Some(domain) => {
+                        let mut names: Vec<String> = clusters
+                            .iter()
+                            .filter_map(|c| match c {
+                                Object::Cluster(c) => Some(c),
+                                _ => None,
+                            })
+                            .filter(|c| {
+                                c.status.as_ref().is_some_and(|st| {
+                                    !r.resolved.is_empty()
+                                        && r.resolved.iter().all(|t| {
+                                            st.holds(domain, &repo.spec.repository, &t.digest)
+                                        })
+                                })
+                            })
+                            .map(|c| c.metadata.name.clone().unwrap_or_default())
+                            .collect();
+                        names.sort();
+                        names
+                    }
+                },
+            })
+            .collect();
+        Ok(pb::RolloutHistoryResponse {
+            revisions,
+            current_revision: rollout::current(&status).unwrap_or_default(),
+            pinned_revision: status.pinned_revision.unwrap_or_default(),
+            image: match &domain {
+                Some(d) => format!("{d}/{}", repo.spec.repository),
+                None => repo.spec.repository.clone(),
+            },
+        })
+    }
+
+    /// `rollout undo`: ships an earlier revision's digests, pinned.
+    async fn rollout_undo(
+        &self,
+        req: Request<pb::RolloutUndoRequest>,
+        draft: &Draft,
+    ) -> Result<pb::RolloutResponse, AdminError> {
+        let r = req.get_ref();
+        let (ns, name) = (r.namespace.clone(), r.name.clone());
+        let to = Some(r.to_revision).filter(|n| *n != 0);
+        self.change_rollout(&req, &ns, &name, draft, |user, id, status, generation| {
+            let at = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+            rollout::undo(id, status, to, user, generation, at)
+        })
+        .await
+    }
+
+    /// `rollout resume`: unpins; the newest upstream revision ships.
+    async fn rollout_resume(
+        &self,
+        req: Request<pb::RolloutRequest>,
+        draft: &Draft,
+    ) -> Result<pb::RolloutResponse, AdminError> {
+        let (ns, name) = (req.get_ref().namespace.clone(), req.get_ref().name.clone());
+        self.change_rollout(&req, &ns, &name, draft, |_, id, status, _| {
+            rollout::resume(id, status)
+        })
+        .await
+    }
+
+    /// An undo or resume of Repository `namespace`/`name` by `change`,
+    /// once the caller may roll it back: read-modify-write of its status,
+    /// in one transaction with the audit record; redone when another writer
+    /// (the resolver, the status writer) got there first. The synced count
+    /// is redone in the same write, so no reader sees the digests that ship
+    /// now next to a count about the old ones.
+    async fn change_rollout<T>(
+        &self,
+        req: &Request<T>,
+        namespace: &str,
+        name: &str,
+        draft: &Draft,
+        mut change: impl FnMut(
+            &str,
+            &str,
+            &mut model::RepositoryStatus,
+            i64,
+        ) -> Result<rollout::Outcome, RolloutError>,
+    ) -> Result<pb::RolloutResponse, AdminError> {
+        let (ns, name) = rollout_target(namespace, name)?;
+        let caller = self
+            .authorize(
+                req,
+                Verb::Rollback,
+                Resource::Kind(Kind::Repository),
+                Some(&ns),
+            )
+            .await?;
+        let user = caller.user.name.as_str();
+        let outcome = self
+            .write_rollout(&ns, &name, draft, |id, status, generation| {
+                change(user, id, status, generation)
+            })
+            .await?;
+        info!(admin = %user, repository = %format!("{ns}/{name}"), verb = %draft.verb,
+              revision = outcome.revision, changed = outcome.changed, "Rollout: {}", outcome.message);
+        Ok(pb::RolloutResponse {
+            revision: outcome.revision,
+            changed: outcome.changed,
+            message: outcome.message,
+        })
+    }
+
+    /// The store half of [`Self::change_rollout`].
+    async fn write_rollout(
+        &self,
+        ns: &str,
+        name: &str,
+        draft: &Draft,
+        mut change: impl FnMut(
+            &str,
+            &mut model::RepositoryStatus,
+            i64,
+        ) -> Result<rollout::Outcome, RolloutError>,
+    ) -> Result<rollout::Outcome, AdminError> {
+        let objects = &self.inner.objects;
+        let id = format!("{ns}/{name}");
+        for _ in 0..ROLLOUT_ATTEMPTS {
+            let mut obj = objects.get(Kind::Repository, Some(ns), name).await?;
+            let rev = crate::objects::revision_of(&obj).unwrap_or_default();
+            let Object::Repository(repo) = &mut obj else {
+                return Err(ObjectError::WrongKind {
+                    id,
+                    expected: Kind::Repository,
+                }
+                .into());
+            };
+            let mut status = repo.status.take().unwrap_or_default();
+            let generation = repo.metadata.generation.unwrap_or(0);
+            let outcome = change(&id, &mut status, generation)?;
+            if !outcome.changed {
+                let put = draft.put(audit::Outcome::Allowed, 0, false, &outcome.message);
+                audit::record_alone(objects.store().as_ref(), put).await?;
+                return Ok(outcome);
+            }
+            repo.status = Some(status);
+            let wanted = model::wanted_digests(repo);
+            if let Some(st) = repo.status.as_mut() {
+                st.synced_clusters = crate::status::count_synced(&st.clusters, &wanted);
+            }
+            let put = objects.status_put(&obj, rev)?;
+            let record = draft.put(audit::Outcome::Allowed, 0, true, &outcome.message);
+            match objects.store().commit(vec![Write::Put(put)], record).await {
+                Ok(_) => return Ok(outcome),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ObjectError::Contended(id).into())
     }
 
     async fn query_audit(
@@ -1093,6 +1297,18 @@ impl AdminService {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
+/// How often a rollout change is tried against concurrent status writers.
+const ROLLOUT_ATTEMPTS: usize = 16;
+
+/// The namespace (default `default`) and name a rollout call names.
+fn rollout_target(namespace: &str, name: &str) -> Result<(String, String), AdminError> {
+    let name = name_arg(Kind::Repository, name)?.to_owned();
+    let ns = ns_arg(Kind::Repository, namespace)
+        .unwrap_or(model::DEFAULT_NAMESPACE)
+        .to_owned();
+    Ok((ns, name))
+}
+
 fn audit_event(e: audit::Entry) -> pb::AuditEvent {
     let r = e.record;
     pb::AuditEvent {
@@ -1406,6 +1622,56 @@ impl AdminApi for AdminService {
         let r = AdminService::issue_pull_token(self, request, &draft).await;
         self.audit_failure(&draft, r.as_ref().err(), true).await;
         self.done("IssuePullToken", r).map(Response::new)
+    }
+
+    async fn rollout_history(
+        &self,
+        request: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::RolloutHistoryResponse>, Status> {
+        let (ns, name) = (
+            ns_arg(Kind::Repository, &request.get_ref().namespace)
+                .unwrap_or_default()
+                .to_owned(),
+            request.get_ref().name.clone(),
+        );
+        let draft = self.draft(&request, Verb::Get, "repositories", &ns, &name);
+        let r = AdminService::rollout_history(self, request).await;
+        self.audit_failure(&draft, r.as_ref().err(), false).await;
+        self.done("RolloutHistory", r).map(Response::new)
+    }
+
+    async fn rollout_undo(
+        &self,
+        request: Request<pb::RolloutUndoRequest>,
+    ) -> Result<Response<pb::RolloutResponse>, Status> {
+        let (ns, name) = (
+            ns_arg(Kind::Repository, &request.get_ref().namespace)
+                .unwrap_or_default()
+                .to_owned(),
+            request.get_ref().name.clone(),
+        );
+        let draft = self.draft(&request, Verb::Rollback, "repositories", &ns, &name);
+        let r = AdminService::rollout_undo(self, request, &draft).await;
+        self.audit_failure(&draft, r.as_ref().err(), true).await;
+        self.done("RolloutUndo", r).map(Response::new)
+    }
+
+    async fn rollout_resume(
+        &self,
+        request: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::RolloutResponse>, Status> {
+        let (ns, name) = (
+            ns_arg(Kind::Repository, &request.get_ref().namespace)
+                .unwrap_or_default()
+                .to_owned(),
+            request.get_ref().name.clone(),
+        );
+        let mut draft = self.draft(&request, Verb::Rollback, "repositories", &ns, &name);
+        // The permission is rollback's; the record says what was done.
+        draft.verb = "resume".to_owned();
+        let r = AdminService::rollout_resume(self, request, &draft).await;
+        self.audit_failure(&draft, r.as_ref().err(), true).await;
+        self.done("RolloutResume", r).map(Response::new)
     }
 
     async fn query_audit(

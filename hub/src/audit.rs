@@ -149,6 +149,31 @@ pub async fn read(
     Ok(out)
 }
 
+/// Who made the newest change to the spec of the object `resource`
+/// `namespace`/`name` (its creation or an apply that changed the spec), by
+/// the audit trail; `None` when the trail holds none (pruned, or written
+/// before the trail existed).
+pub async fn last_spec_change(
+    store: &dyn PolicyStore,
+    resource: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<String>, StoreError> {
+    let entries = read(store, Some(namespace), 0).await?;
+    Ok(entries
+        .into_iter()
+        .rev()
+        .find(|e| {
+            let r = &e.record;
+            r.resource == resource
+                && r.name == name
+                && r.outcome == Outcome::Allowed
+                && r.changed
+                && (r.message == "created" || r.message.starts_with("updated: spec changed"))
+        })
+        .map(|e| e.record.user))
+}
+
 /// Commits a record alone (a denied or failed call, or one that changed
 /// nothing).
 pub async fn record_alone(store: &dyn PolicyStore, put: Put) -> Result<u64, StoreError> {

@@ -18,6 +18,7 @@ pub mod resolve_loop;
 pub mod resolver;
 pub mod retry;
 pub mod revocation;
+pub mod rollout;
 pub mod secrets;
 pub mod selector;
 pub mod server;

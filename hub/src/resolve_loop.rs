@@ -285,7 +285,20 @@ pub fn resolve_spec(repo: &Repository) -> ResolveSpec {
                 BlockSeverity::None => None,
             },
         }),
-        shipped: resolve_status_of(repo.status.as_ref()).resolved,
+        shipped: {
+            // What ships, and every digest a revision records: each passed
+            // the gate when it was resolved (a pinned Repository keeps its
+            // upstream's digest out of `resolved`, not out of the history).
+            let mut shipped = resolve_status_of(repo.status.as_ref()).resolved;
+            let revisions = repo.status.iter().flat_map(|st| &st.revisions);
+            shipped.extend(revisions.flat_map(|rev| &rev.resolved).map(|t| Resolved {
+                tag: t.tag.clone(),
+                digest: t.digest.clone(),
+                media_type: t.media_type.clone(),
+                scan: t.scan.clone(),
+            }));
+            shipped
+        },
     }
 }
 
@@ -883,12 +896,17 @@ async fn resolve_and_record(
             // A success after failures is news; a periodic re-resolution
             // that finds the same digests is not.
             let previous = resolve_status_of(repo.status.as_ref());
+            // While pinned, what ships is not what the upstream said last.
+            let last_upstream: Vec<&String> = match repo.status.as_ref() {
+                Some(st) if st.pinned_revision.is_some() => {
+                    crate::rollout::latest_upstream(&st.revisions)
+                        .map(|rev| rev.resolved.iter().map(|x| &x.digest).collect())
+                        .unwrap_or_default()
+                }
+                _ => previous.resolved.iter().map(|x| &x.digest).collect(),
+            };
             let same = previous.reason.is_none()
-                && previous
-                    .resolved
-                    .iter()
-                    .map(|x| &x.digest)
-                    .eq(r.iter().map(|x| &x.digest));
+                && last_upstream.into_iter().eq(r.iter().map(|x| &x.digest));
             if same && failures_before == 0 {
                 debug!(repository = %repository, generation, digests = %digests, elapsed_ms, "Resolved tags (unchanged)");
             } else {
@@ -909,7 +927,25 @@ async fn resolve_and_record(
             }
         }
     }
-    let written = write_repo_status(objects, id, &outcome, generation, at).await;
+    // Who changed the spec, for a revision the change makes (read before
+    // the write, which cannot wait on the store inside its retry loop).
+    let editor = match &outcome {
+        Ok(_) if crate::rollout::needs_editor(repo.status.as_ref(), generation) => {
+            crate::audit::last_spec_change(
+                objects.store().as_ref(),
+                Kind::Repository.plural(),
+                &id.0,
+                &id.1,
+            )
+            .await
+            .unwrap_or_else(|e| {
+                debug!(repository = %repository, error = %e, "Could not read who changed the spec");
+                None
+            })
+        }
+        _ => None,
+    };
+    let written = write_repo_status(objects, id, &outcome, generation, at, editor).await;
     let status = match written {
         Ok(s) => s,
         Err(e) => {
@@ -950,6 +986,7 @@ async fn write_repo_status(
     outcome: &Result<Vec<Resolved>, Failure>,
     generation: i64,
     at: SystemTime,
+    editor: Option<String>,
 ) -> Result<ResolveStatus, ObjectError> {
     let mut written = None;
     objects
@@ -963,6 +1000,18 @@ async fn write_repo_status(
             let before = repo.status.clone().unwrap_or_default();
             let mut status = before.clone();
             apply_resolve_status(&mut status, &next, generation);
+            if outcome.is_ok() {
+                // A new revision when the digests moved; while pinned,
+                // `resolved` goes back to the pinned revision's.
+                let upstream = status.resolved.clone();
+                crate::rollout::record(
+                    &mut status,
+                    &upstream,
+                    generation,
+                    to_time(at),
+                    editor.clone(),
+                );
+            }
             // A new digest counts as synced nowhere until clusters report
             // it: recount in the same write, so no reader ever sees the new
             // digest next to the old count.

@@ -353,6 +353,49 @@ async fn scenario(hub: &TestHub) {
         "auditor may not apply repositories in namespace team-a",
     );
 
+    // Rolling back needs the rollback verb (editor and up); reading the
+    // history needs only get.
+    let undo = |ns: &str, name: &str| pb::RolloutUndoRequest {
+        namespace: ns.into(),
+        name: name.into(),
+        to_revision: 0,
+    };
+    denied(
+        v.rollout_undo(undo("team-a", "a-app")).await,
+        "auditor may not rollback repositories in namespace team-a",
+    );
+    denied(
+        a.rollout_undo(undo("team-b", "b-app")).await,
+        "user-a may not rollback repositories in namespace team-b",
+    );
+    denied(
+        a.rollout_resume(pb::RolloutRequest {
+            namespace: "team-b".into(),
+            name: "b-app".into(),
+        })
+        .await,
+        "user-a may not rollback repositories in namespace team-b",
+    );
+    let history = v
+        .rollout_history(pb::RolloutRequest {
+            namespace: "team-a".into(),
+            name: "a-app".into(),
+        })
+        .await
+        .expect("a viewer reads the history")
+        .into_inner();
+    assert!(history.revisions.is_empty(), "{history:?}");
+    // Allowed, but nothing resolved yet: the error says so.
+    let e = a
+        .rollout_undo(undo("team-a", "a-app"))
+        .await
+        .expect_err("no revisions");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(
+        e.message(),
+        "repository team-a/a-app has no revisions yet: its tags have not resolved"
+    );
+
     // Revoking a user refuses every certificate issued to them so far; a
     // new one works.
     admin

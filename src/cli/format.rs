@@ -789,6 +789,85 @@ pub fn to_json(objects: &[Object], single: bool) -> anyhow::Result<String> {
     }))?)
 }
 
+/// `imgfleet rollout history`: one row per revision, oldest first, with
+/// what ships now and where each revision still is; `None` for the
+/// Repository `id` without revisions. Digests are shortened unless `wide`.
+pub fn rollout_history(
+    id: &str,
+    h: &pb::RolloutHistoryResponse,
+    wide: bool,
+    now: Timestamp,
+) -> String {
+    let (ns, name) = id.split_once('/').unwrap_or(("default", id));
+    let mut out = format!("repository {id} ({})\n", h.image);
+    if h.revisions.is_empty() {
+        out.push_str("No revisions yet: its tags have not resolved.\n");
+        return out;
+    }
+    let digest = |d: &str| if wide { d.to_owned() } else { short_digest(d) };
+    let rows: Vec<Vec<String>> = h
+        .revisions
+        .iter()
+        .filter_map(|e| {
+            let r = e.revision.as_ref()?;
+            let tags: Vec<&str> = r.resolved.iter().map(|t| t.tag.as_str()).collect();
+            let digests: Vec<String> = r.resolved.iter().map(|t| digest(&t.digest)).collect();
+            let resolved = r
+                .first_resolved
+                .as_ref()
+                .and_then(imgfleet::convert::time_from_proto);
+            let cause = match pb::RevisionCause::try_from(r.cause) {
+                Ok(pb::RevisionCause::Rollback) => format!("Rollback to {}", r.rollback_to),
+                Ok(pb::RevisionCause::TagMove) => "TagMove".to_owned(),
+                Ok(pb::RevisionCause::Edit) => "Edit".to_owned(),
+                _ => "Created".to_owned(),
+            };
+            let state = if r.revision == h.current_revision {
+                if h.pinned_revision == r.revision {
+                    "shipping (pinned)"
+                } else {
+                    "shipping"
+                }
+            } else if r.held_back {
+                "held back"
+            } else {
+                ""
+            };
+            Some(vec![
+                r.revision.to_string(),
+                list_or_none(&tags.iter().map(|t| t.to_string()).collect::<Vec<_>>()),
+                digests.join(","),
+                match &resolved {
+                    Some(t) => format!("{} ago", age(Some(t), now)),
+                    None => "<unknown>".to_owned(),
+                },
+                cause,
+                if r.user.is_empty() {
+                    "-".to_owned()
+                } else {
+                    r.user.clone()
+                },
+                list_or_none(&e.held_by),
+                state.to_owned(),
+            ])
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "REVISION", "TAGS", "DIGESTS", "RESOLVED", "CAUSE", "USER", "HELD BY", "STATE",
+        ],
+        &rows,
+    ));
+    if h.pinned_revision != 0 {
+        let _ = writeln!(
+            out,
+            "Pinned to revision {}: tag moves are recorded, not shipped, until `imgfleet rollout resume repository {name} -n {ns}`.",
+            h.pinned_revision,
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1079,6 +1158,71 @@ status: {phase: Connected, lastSeen: 2026-01-08T11:59:30Z}
         assert_eq!(
             apply_line("Repository default/x", pb::ApplyOutcome::Updated, true),
             "Repository default/x configured (dry run)"
+        );
+    }
+
+    #[test]
+    fn rollout_history_marks_what_ships_what_is_held_back_and_where_each_is() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let rev = |n: u32, digest: &str, cause: pb::RevisionCause, user: &str| pb::Revision {
+            revision: n,
+            resolved: vec![pb::ResolvedTag {
+                tag: "1.25".into(),
+                digest: digest.to_owned(),
+                ..Default::default()
+            }],
+            first_resolved: Some(prost_types::Timestamp {
+                seconds: now().as_second() - 600,
+                nanos: 0,
+            }),
+            cause: cause as i32,
+            user: user.into(),
+            ..Default::default()
+        };
+        let mut held = rev(3, &d('c'), pb::RevisionCause::TagMove, "");
+        held.held_back = true;
+        let mut rollback = rev(4, &d('a'), pb::RevisionCause::Rollback, "bob");
+        rollback.rollback_to = 1;
+        let h = pb::RolloutHistoryResponse {
+            revisions: vec![
+                pb::RevisionHistory {
+                    revision: Some(rev(1, &d('a'), pb::RevisionCause::Created, "alice")),
+                    held_by: vec!["edge-1".into(), "edge-2".into()],
+                },
+                pb::RevisionHistory {
+                    revision: Some(rev(2, &d('b'), pb::RevisionCause::TagMove, "")),
+                    held_by: vec!["edge-1".into()],
+                },
+                pb::RevisionHistory {
+                    revision: Some(held),
+                    held_by: vec![],
+                },
+                pb::RevisionHistory {
+                    revision: Some(rollback),
+                    held_by: vec!["edge-1".into(), "edge-2".into()],
+                },
+            ],
+            current_revision: 4,
+            pinned_revision: 4,
+            image: "harbor.example.com/library/nginx".into(),
+        };
+        assert_eq!(
+            rollout_history("team-a/nginx", &h, false, now()),
+            "repository team-a/nginx (harbor.example.com/library/nginx)\n\
+             REVISION   TAGS   DIGESTS               RESOLVED   CAUSE           USER    HELD BY         STATE\n\
+             1          1.25   sha256:aaaaaaaaaaaa   10m ago    Created         alice   edge-1,edge-2\n\
+             2          1.25   sha256:bbbbbbbbbbbb   10m ago    TagMove         -       edge-1\n\
+             3          1.25   sha256:cccccccccccc   10m ago    TagMove         -       <none>          held back\n\
+             4          1.25   sha256:aaaaaaaaaaaa   10m ago    Rollback to 1   bob     edge-1,edge-2   shipping (pinned)\n\
+             Pinned to revision 4: tag moves are recorded, not shipped, until `imgfleet rollout resume repository nginx -n team-a`.\n"
+        );
+        let empty = pb::RolloutHistoryResponse {
+            image: "r.example/app".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            rollout_history("default/app", &empty, false, now()),
+            "repository default/app (r.example/app)\nNo revisions yet: its tags have not resolved.\n"
         );
     }
 }

@@ -12,6 +12,7 @@ mod audit;
 mod format;
 mod hub;
 mod rate;
+mod rollout;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -144,6 +145,11 @@ enum Command {
     Auth {
         #[command(subcommand)]
         command: AuthCommand,
+    },
+    /// A Repository's revisions: list them, roll back to one, resume.
+    Rollout {
+        #[command(subcommand)]
+        command: rollout::RolloutCommand,
     },
 }
 
@@ -369,6 +375,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     namespace,
                 },
         } => can_i(&target, &verb, &resource, namespace.as_deref()).await,
+        Command::Rollout { command } => rollout::run(&target, command).await,
         Command::Audit {
             since,
             user,

@@ -674,6 +674,76 @@ pub struct RepositoryStatus {
     /// from pulling it. Computed by the hub when the object is read; never stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementStatus>,
+    /// Every distinct set of digests the Repository resolved to, and every
+    /// rollback, oldest first; the newest [`REVISION_HISTORY_LIMIT`] are kept.
+    /// `imgfleet rollout history` lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<Revision>,
+    /// Set by `imgfleet rollout undo`: the revision that ships, whatever the
+    /// upstream tags say. Tag moves are still recorded as revisions, held
+    /// back, until `imgfleet rollout resume` clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_revision: Option<u32>,
+}
+
+/// How many revisions a Repository keeps (the pinned one is never dropped).
+pub const REVISION_HISTORY_LIMIT: usize = 10;
+
+/// One version of what a Repository ships: the tags and digests it
+/// resolved to, when, and why it changed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    /// Numbered from 1; each new revision takes the next number.
+    pub revision: u32,
+    /// The tags and the digests they pointed to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resolved: Vec<ResolvedTag>,
+    /// When this revision was recorded: when its digests were first resolved,
+    /// or when the rollback was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_resolved: Option<Time>,
+    /// Why the Repository changed.
+    pub cause: RevisionCause,
+    /// Who changed it: for an edit, the user whose apply changed the spec
+    /// (from the audit trail); for a rollback, who ran it. None for a tag
+    /// moved upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The spec generation it was resolved for.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub generation: i64,
+    /// For a rollback: the revision whose digests it restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_to: Option<u32>,
+    /// Resolved while the Repository was pinned: recorded, not shipped.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub held_back: bool,
+}
+
+/// Why a Repository has a new revision.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RevisionCause {
+    /// The first resolution (or the first after an upgrade that added history).
+    #[default]
+    Created,
+    /// A tag moved upstream; the spec did not change.
+    TagMove,
+    /// An apply changed the spec.
+    Edit,
+    /// `imgfleet rollout undo` restored an earlier revision's digests.
+    Rollback,
+}
+
+impl RevisionCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevisionCause::Created => "Created",
+            RevisionCause::TagMove => "TagMove",
+            RevisionCause::Edit => "Edit",
+            RevisionCause::Rollback => "Rollback",
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -884,6 +884,14 @@ status:
   syncedClusters: 0
   targetClusters: 1
   observedGeneration: 3
+  revisions:
+  - {revision: 1, resolved: [{tag: v1, digest: \"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"}],
+     firstResolved: 2026-01-08T09:00:00Z, cause: Created, user: alice, generation: 2}
+  - {revision: 2, resolved: [{tag: v1, digest: \"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\", scan: no findings}],
+     firstResolved: 2026-01-08T10:00:00Z, cause: TagMove, generation: 3, heldBack: true}
+  - {revision: 3, resolved: [{tag: v1, digest: \"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"}],
+     firstResolved: 2026-01-08T10:01:00Z, cause: Rollback, user: bob, generation: 3, rollbackTo: 1}
+  pinnedRevision: 3
 ";
     let cluster = "\
 apiVersion: image.theriseunion.io/v1alpha1

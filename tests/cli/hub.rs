@@ -339,6 +339,27 @@ impl AdminService for MemoryHub {
         Err(Status::unimplemented("not in the in-memory hub"))
     }
 
+    async fn rollout_history(
+        &self,
+        _: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::RolloutHistoryResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
+    async fn rollout_undo(
+        &self,
+        _: Request<pb::RolloutUndoRequest>,
+    ) -> Result<Response<pb::RolloutResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
+    async fn rollout_resume(
+        &self,
+        _: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::RolloutResponse>, Status> {
+        Err(Status::unimplemented("not in the in-memory hub"))
+    }
+
     async fn enroll_cluster(
         &self,
         request: Request<pb::EnrollClusterRequest>,

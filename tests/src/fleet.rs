@@ -690,6 +690,22 @@ impl AgentProcess {
             .transpose()
     }
 
+    /// The digest of the manifest the mirror serves for `repo:reference`
+    /// (the sha256 of the body it sends), `None` on a 404.
+    pub async fn served_digest(&self, repo: &str, reference: &str) -> Result<Option<String>> {
+        use sha2::Digest as _;
+        let path = format!("{repo}/manifests/{reference}");
+        let (status, body) = self.mirror_get(&path).await?;
+        match status {
+            200 => Ok(Some(format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(&body))
+            ))),
+            404 => Ok(None),
+            other => Err(anyhow!("GET /v2/{path} on the mirror: HTTP {other}")),
+        }
+    }
+
     /// `GET /v2/<path>` on the mirror (a manifest or a blob, e.g.
     /// `library/nginx/blobs/sha256:…`): the HTTP status and the body.
     pub async fn mirror_get(&self, path: &str) -> Result<(u16, Vec<u8>)> {
@@ -748,4 +764,40 @@ pub async fn wait_repository_synced(
         Ok(()) => Ok(last),
         Err(e) => Err(e.context(format!("last seen: {last}"))),
     }
+}
+
+/// Waits until every agent's mirror serves `digest` for `repo:tag`.
+pub async fn wait_all_serve(
+    agents: &[AgentProcess],
+    repo: &str,
+    tag: &str,
+    digest: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let what = format!(
+        "{repo}:{tag} served as {digest} by all {} mirrors",
+        agents.len()
+    );
+    wait_until(&what, timeout, || async {
+        for a in agents {
+            if a.served_digest(repo, tag).await?.as_deref() != Some(digest) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await
+}
+
+/// The blob bytes `agents` received from registries so far, summed
+/// (`imgfleet_agent_bytes_received_total`).
+pub async fn bytes_received(agents: &[AgentProcess]) -> Result<f64> {
+    let mut total = 0.0;
+    for a in agents {
+        total += a
+            .metric("imgfleet_agent_bytes_received_total")
+            .await?
+            .context("the agent reports imgfleet_agent_bytes_received_total")?;
+    }
+    Ok(total)
 }
