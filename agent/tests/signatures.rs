@@ -7,6 +7,8 @@ mod common;
 
 use common::*;
 use imgfleet_agent::transfer::TransferError;
+use imgfleet_common::cosign;
+use imgfleet_common::registry::{RegistryClient, RegistryConfig};
 use imgfleet_tests::cosign::{KeyPair, payload, push_signature};
 use imgfleet_tests::images::{ImageSpec, PushTarget};
 use imgfleet_tests::registry::{Registry, RegistryOptions};
@@ -116,4 +118,43 @@ async fn only_validly_signed_images_become_visible() {
             .unwrap();
         assert_eq!(r.status().as_u16(), status, "{repo}");
     }
+
+    // The signature itself is served where cosign looks for it (its
+    // `sha256-<hex>.sig` tag), byte for byte, so a node can verify against
+    // the mirror alone.
+    let sig_tag = cosign::signature_tag(&signed.manifest_digest).unwrap();
+    let upstream = target_client(&reg.addr());
+    let at_mirror = target_client(&mirror.addr.to_string());
+    let want = upstream
+        .get_manifest("demo/signed", &sig_tag)
+        .await
+        .unwrap();
+    let got = at_mirror
+        .get_manifest("demo/signed", &sig_tag)
+        .await
+        .unwrap();
+    assert_eq!(got.digest, want.digest);
+    assert_eq!(got.bytes, want.bytes);
+    let layers = cosign::fetch(&at_mirror, "demo/signed", &signed.manifest_digest)
+        .await
+        .unwrap();
+    let keys = [cosign::Verifier::from_pem("release", &release.public_pem).unwrap()];
+    let accepted = cosign::verify(&keys, &signed.manifest_digest, &layers).unwrap();
+    assert_eq!(accepted.key, "release");
+    // Not under a repository whose content does not reference it.
+    assert!(
+        at_mirror
+            .get_manifest("demo/unsigned", &sig_tag)
+            .await
+            .is_err()
+    );
+}
+
+fn target_client(host: &str) -> RegistryClient {
+    RegistryClient::new(RegistryConfig {
+        host: host.to_owned(),
+        insecure: true,
+        ..Default::default()
+    })
+    .unwrap()
 }

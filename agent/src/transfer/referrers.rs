@@ -13,9 +13,15 @@
 //! is what nodes run, and a missing SBOM must not stop it. It is logged and
 //! left out. Signature verification (which needs the signatures) fetches what
 //! it checks itself and fails the image there.
+//!
+//! A cosign signature kept at its own tag (`sha256-<hex>.sig`, cosign's
+//! classic layout, which neither the API nor the tag schema lists) is
+//! synced the same way and recorded under that tag as well, so the mirror
+//! serves it where `cosign verify` looks.
 
 use std::collections::HashMap;
 
+use imgfleet_common::cosign;
 use imgfleet_common::registry::ReferrerDescriptor;
 use tracing::warn;
 
@@ -63,6 +69,12 @@ impl Engine {
                 return out;
             }
         };
+        // Cosign's classic layout keeps a signature at a tag of its own,
+        // which neither the referrers API nor its tag schema lists.
+        let signature_tag = self.signature_tag(image, &listed, client).await;
+        if let Some((descriptor, _)) = &signature_tag {
+            listed.push(descriptor.clone());
+        }
         if listed.len() > MAX_SYNCED_REFERRERS {
             warn!(
                 found = listed.len(),
@@ -73,7 +85,22 @@ impl Engine {
         }
         for r in listed {
             match self.sync_referrer(image, &r, existing, client, pins).await {
-                Ok(one) => {
+                Ok(mut one) => {
+                    // Served under that tag too, so that `cosign verify`
+                    // against the mirror finds it where cosign looks.
+                    if let Some((d, tag)) = &signature_tag
+                        && d.digest == r.digest
+                        && let Some(root) = one
+                            .records
+                            .iter()
+                            .find(|x| x.digest == r.digest && x.subject.is_some())
+                    {
+                        let tagged = ManifestRecord {
+                            tag: Some(tag.clone()),
+                            ..root.clone()
+                        };
+                        one.records.push(tagged);
+                    }
                     out.records.extend(one.records);
                     out.bytes_fetched += one.bytes_fetched;
                     out.blobs_fetched += one.blobs_fetched;
@@ -86,6 +113,34 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// The manifest at cosign's signature tag (`sha256-<hex>.sig`) of
+    /// `image`, with that tag, when the upstream has one and `listed` does
+    /// not hold it already. A registry that answers anything but the
+    /// manifest's head (no such tag, an error) means none: the image does
+    /// not wait on it, and verification fetches what it checks itself.
+    async fn signature_tag(
+        &self,
+        image: &DesiredImage,
+        listed: &[ReferrerDescriptor],
+        client: &LazyClient<'_>,
+    ) -> Option<(ReferrerDescriptor, String)> {
+        let tag = cosign::signature_tag(&image.digest)?;
+        let client = client.get().await.ok()?;
+        let head = client.head_manifest(&image.repository, &tag).await.ok()?;
+        let (digest, size) = (head.digest?, head.size?);
+        if listed.iter().any(|d| d.digest == digest) {
+            return None;
+        }
+        let descriptor = ReferrerDescriptor {
+            media_type: head.media_type.unwrap_or_default(),
+            digest,
+            size,
+            artifact_type: None,
+            annotations: Default::default(),
+        };
+        Some((descriptor, tag))
     }
 
     /// One referrer: its manifests and missing blobs, and its records.

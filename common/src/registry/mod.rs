@@ -424,7 +424,8 @@ impl RegistryClient {
         Ok(ManifestHead {
             digest: header_str(h, "docker-content-digest").map(str::to_string),
             media_type: header_str(h, "content-type").map(strip_params),
-            size: resp.content_length(),
+            // The header itself: a HEAD has no body for reqwest to size.
+            size: header_str(h, "content-length").and_then(|v| v.trim().parse().ok()),
         })
     }
 
