@@ -4,7 +4,7 @@
 # builds the release binaries and runs imgfleet-bench.
 #
 #   bash scripts/bench.sh                  # all suites, medians of 3 runs
-#   bash scripts/bench.sh transfer         # one suite: transfer | fanout | footprint | mirror | control
+#   bash scripts/bench.sh transfer         # one suite: transfer | fanout | footprint | mirror | control | rollout
 #   bash scripts/bench.sh fanout --agents 2000 --store etcd
 #
 # The results table is printed and written to target/bench/<suite>.md.
