@@ -872,6 +872,7 @@ fn resolved_tag_to_proto(r: &ResolvedTag) -> pb::ResolvedTag {
         digest: r.digest.clone(),
         media_type: r.media_type.clone(),
         scan: r.scan.clone().unwrap_or_default(),
+        verification: r.verification.clone().unwrap_or_default(),
     }
 }
 
@@ -881,6 +882,7 @@ fn resolved_tag_from_proto(r: pb::ResolvedTag) -> ResolvedTag {
         digest: r.digest,
         media_type: r.media_type,
         scan: opt(r.scan),
+        verification: opt(r.verification),
     }
 }
 

@@ -821,6 +821,7 @@ spec: {tenants: [default]}
                 digest: d.to_string(),
                 media_type: String::new(),
                 scan: None,
+                verification: None,
             })
             .collect();
     }

@@ -204,6 +204,7 @@ pub fn resolve_status_of(status: Option<&RepositoryStatus>) -> ResolveStatus {
                 digest: r.digest.clone(),
                 media_type: r.media_type.clone(),
                 scan: r.scan.clone(),
+                verification: r.verification.clone(),
             })
             .collect(),
         last_resolve_time: s.last_resolve_time.as_ref().map(to_system),
@@ -233,6 +234,7 @@ pub fn apply_resolve_status(status: &mut RepositoryStatus, r: &ResolveStatus, ge
             digest: x.digest.clone(),
             media_type: x.media_type.clone(),
             scan: x.scan.clone(),
+            verification: x.verification.clone(),
         })
         .collect();
     status.last_resolve_time = r.last_resolve_time.and_then(to_time);
@@ -296,6 +298,7 @@ pub fn resolve_spec(repo: &Repository) -> ResolveSpec {
                 digest: t.digest.clone(),
                 media_type: t.media_type.clone(),
                 scan: t.scan.clone(),
+                verification: t.verification.clone(),
             }));
             shipped
         },
@@ -1120,6 +1123,7 @@ mod tests {
                 digest: "sha256:a".into(),
                 media_type: String::new(),
                 scan: None,
+                verification: None,
             }],
             last_resolve_time: Some(at),
             ..Default::default()

@@ -69,6 +69,8 @@ pub struct Resolved {
     pub media_type: String,
     /// The scanner gate's report summary, when the digest was scanned.
     pub scan: Option<String>,
+    /// The signature check's outcome, under a verify policy.
+    pub verification: Option<String>,
 }
 
 /// Why a resolution failed, as shown in status.
@@ -291,14 +293,16 @@ pub async fn resolve(
 ) -> Result<Vec<Resolved>, Failure> {
     let mut resolved = resolve_tags(client, spec).await?;
     if let Some(policy) = &spec.verify {
-        let mut checked: Vec<&str> = Vec::new();
-        for r in &resolved {
-            if checked.contains(&r.digest.as_str()) {
+        // Each digest once, in order; its outcome goes on every tag of it.
+        let mut checked: Vec<(String, String)> = Vec::new();
+        for r in &mut resolved {
+            if let Some((_, outcome)) = checked.iter().find(|(d, _)| *d == r.digest) {
+                r.verification = Some(outcome.clone());
                 continue;
             }
-            checked.push(&r.digest);
-            if let Err(message) = verify_digest(client, &spec.repository, &r.digest, policy).await {
-                match policy.mode() {
+            let outcome = match verify_digest(client, &spec.repository, &r.digest, policy).await {
+                Ok(key) => format!("verified (key {key})"),
+                Err(message) => match policy.mode() {
                     VerifyMode::Enforce => {
                         return Err(Failure {
                             reason: FailureReason::VerificationFailed,
@@ -306,14 +310,24 @@ pub async fn resolve(
                             retry_after: None,
                         });
                     }
-                    VerifyMode::Warn => tracing::warn!(
-                        repository = %spec.repository,
-                        digest = %r.digest,
-                        reason = %message,
-                        "Signature verification failed; shipping anyway (verify.mode: warn)"
-                    ),
-                }
-            }
+                    VerifyMode::Warn => {
+                        tracing::warn!(
+                            repository = %spec.repository,
+                            digest = %r.digest,
+                            reason = %message,
+                            "Signature verification failed; shipping anyway (verify.mode: warn)"
+                        );
+                        // The status says it, not only the log: a warn
+                        // policy is how operators find what enforce would stop.
+                        let why = message
+                            .strip_prefix(&format!("{}: ", r.digest))
+                            .unwrap_or(&message);
+                        format!("unverified, shipped under mode warn: {why}")
+                    }
+                },
+            };
+            r.verification = Some(outcome.clone());
+            checked.push((r.digest.clone(), outcome));
         }
     }
     if let Some(gate) = &spec.scan {
@@ -391,7 +405,7 @@ async fn verify_digest(
     repository: &str,
     digest: &str,
     policy: &Verify,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let mut verifiers = Vec::with_capacity(policy.keys.len());
     for k in &policy.keys {
         verifiers.push(
@@ -403,7 +417,7 @@ async fn verify_digest(
         .await
         .map_err(|e| format!("{digest}: cannot read its signatures: {e}"))?;
     cosign::verify(&verifiers, digest, &layers)
-        .map(|_| ())
+        .map(|accepted| accepted.key)
         .map_err(|e| format!("{digest}: {e}"))
 }
 
@@ -467,6 +481,7 @@ async fn resolve_tags(
                 digest: manifest.digest.clone(),
                 media_type: manifest.media_type.clone(),
                 scan: None,
+                verification: None,
             });
         }
         return Ok(out);
@@ -482,6 +497,7 @@ async fn resolve_tags(
             digest: manifest.digest,
             media_type: manifest.media_type,
             scan: None,
+            verification: None,
         });
     }
     Ok(out)
@@ -667,6 +683,7 @@ mod tests {
             digest: digest.into(),
             media_type: OCI_INDEX.into(),
             scan: None,
+            verification: None,
         }]
     }
 

@@ -235,6 +235,10 @@ async fn a_signature_policy_lets_signed_digests_through_and_names_why_others_fai
         .await
         .map_err(|f| anyhow::anyhow!("{f:?}"))?;
     assert_eq!(got[0].digest, signed.manifest_digest);
+    assert_eq!(
+        got[0].verification.as_deref(),
+        Some("verified (key release)")
+    );
 
     // Enforce (the default): an unsigned digest fails the resolution, naming
     // the digest and why.
@@ -267,11 +271,27 @@ async fn a_signature_policy_lets_signed_digests_through_and_names_why_others_fai
         failure.message
     );
 
-    // Warn: it resolves.
-    let got = resolve(&client, &spec(&["unsigned"], Some(VerifyMode::Warn)))
-        .await
-        .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+    // Warn: it resolves, and says why it would not under enforce (in
+    // status and `describe`, not only in the hub's log); a signed digest
+    // beside it still says it verified.
+    let got = resolve(
+        &client,
+        &spec(&["unsigned", "signed"], Some(VerifyMode::Warn)),
+    )
+    .await
+    .map_err(|f| anyhow::anyhow!("{f:?}"))?;
     assert_eq!(got[0].digest, unsigned.manifest_digest);
+    let warned = got[0].verification.as_deref().unwrap_or_default();
+    assert!(
+        warned.starts_with("unverified, shipped under mode warn: ")
+            && warned.contains("key release")
+            && warned.contains("does not verify"),
+        "{warned}"
+    );
+    assert_eq!(
+        got[1].verification.as_deref(),
+        Some("verified (key release)")
+    );
     Ok(())
 }
 

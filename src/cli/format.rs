@@ -633,11 +633,17 @@ fn describe_resolution(out: &mut String, st: &RepositoryStatus, now: Timestamp) 
         out.push_str("  <none yet>\n");
         return;
     }
+    // SCAN and SIGNATURE only when some digest has one.
+    let scanned = st.resolved.iter().any(|t| t.scan.is_some());
+    let verified = st.resolved.iter().any(|t| t.verification.is_some());
+    let mut headers = vec!["TAG", "DIGEST", "MEDIA TYPE"];
+    headers.extend(scanned.then_some("SCAN"));
+    headers.extend(verified.then_some("SIGNATURE"));
     let rows: Vec<Vec<String>> = st
         .resolved
         .iter()
         .map(|t| {
-            vec![
+            let mut row = vec![
                 if t.tag.is_empty() {
                     "<digest>".to_owned()
                 } else {
@@ -645,25 +651,14 @@ fn describe_resolution(out: &mut String, st: &RepositoryStatus, now: Timestamp) 
                 },
                 t.digest.clone(),
                 t.media_type.clone(),
-                t.scan.clone().unwrap_or_else(|| "-".to_owned()),
-            ]
+            ];
+            let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+            row.extend(scanned.then(|| or_dash(&t.scan)));
+            row.extend(verified.then(|| or_dash(&t.verification)));
+            row
         })
         .collect();
-    if st.resolved.iter().any(|t| t.scan.is_some()) {
-        out.push_str(&indent(&table(
-            &["TAG", "DIGEST", "MEDIA TYPE", "SCAN"],
-            &rows,
-        )));
-    } else {
-        let rows: Vec<Vec<String>> = rows
-            .into_iter()
-            .map(|mut r| {
-                r.pop();
-                r
-            })
-            .collect();
-        out.push_str(&indent(&table(&["TAG", "DIGEST", "MEDIA TYPE"], &rows)));
-    }
+    out.push_str(&indent(&table(&headers, &rows)));
 }
 
 /// One row per cluster and image: wanted, held, phase and progress.

@@ -795,6 +795,7 @@ mod tests {
                 digest: format!("sha256:{}", "ab".repeat(32)),
                 media_type: String::new(),
                 scan: None,
+                verification: None,
             }],
             clusters: images,
             synced_clusters: synced,

@@ -544,6 +544,10 @@ pub struct ResolvedTag {
     /// `High: 2, Low: 1` or `no findings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scan: Option<String>,
+    /// The signature check of `spec.verify` for the digest: `verified (key
+    /// release)`, or, under `mode: warn`, why it failed (it shipped anyway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<String>,
 }
 
 /// Phase of one image on one cluster.

@@ -215,6 +215,7 @@ mod tests {
                     digest: (*d).to_owned(),
                     media_type: String::new(),
                     scan: None,
+                    verification: None,
                 })
                 .collect(),
             clusters: entries

@@ -887,7 +887,7 @@ status:
   revisions:
   - {revision: 1, resolved: [{tag: v1, digest: \"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"}],
      firstResolved: 2026-01-08T09:00:00Z, cause: Created, user: alice, generation: 2}
-  - {revision: 2, resolved: [{tag: v1, digest: \"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\", scan: no findings}],
+  - {revision: 2, resolved: [{tag: v1, digest: \"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\", scan: no findings, verification: verified (key release)}],
      firstResolved: 2026-01-08T10:00:00Z, cause: TagMove, generation: 3, heldBack: true}
   - {revision: 3, resolved: [{tag: v1, digest: \"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"}],
      firstResolved: 2026-01-08T10:01:00Z, cause: Rollback, user: bob, generation: 3, rollbackTo: 1}

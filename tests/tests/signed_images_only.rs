@@ -102,6 +102,11 @@ async fn unsigned_and_tampered_images_never_reach_a_mirror() -> Result<()> {
         )
         .await?;
     }
+    let signed_text = cli.ok(&["describe", "repository", "signed"]).await?;
+    assert!(
+        signed_text.contains("SIGNATURE") && signed_text.contains("verified (key release)"),
+        "describe shows the signature check: {signed_text}"
+    );
     let unsigned_text = cli.ok(&["describe", "repository", "unsigned"]).await?;
     assert!(
         unsigned_text.contains(&unsigned.manifest_digest),
