@@ -368,6 +368,19 @@ impl AdminService {
         }
     }
 
+    /// [`Self::draft`] for a call about one Repository, in `namespace`
+    /// (empty: the default one).
+    fn repository_draft<T>(
+        &self,
+        req: &Request<T>,
+        verb: Verb,
+        namespace: &str,
+        name: &str,
+    ) -> Draft {
+        let ns = ns_arg(Kind::Repository, namespace).unwrap_or_default();
+        self.draft(req, verb, Kind::Repository.plural(), ns, name)
+    }
+
     /// Records a refused or failed call: every denial, and every failure of
     /// a call that would have changed something. A record the store cannot
     /// take is logged instead; the caller gets the original error.
@@ -1628,13 +1641,8 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::RolloutRequest>,
     ) -> Result<Response<pb::RolloutHistoryResponse>, Status> {
-        let (ns, name) = (
-            ns_arg(Kind::Repository, &request.get_ref().namespace)
-                .unwrap_or_default()
-                .to_owned(),
-            request.get_ref().name.clone(),
-        );
-        let draft = self.draft(&request, Verb::Get, "repositories", &ns, &name);
+        let r = request.get_ref();
+        let draft = self.repository_draft(&request, Verb::Get, &r.namespace, &r.name);
         let r = AdminService::rollout_history(self, request).await;
         self.audit_failure(&draft, r.as_ref().err(), false).await;
         self.done("RolloutHistory", r).map(Response::new)
@@ -1644,13 +1652,8 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::RolloutUndoRequest>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
-        let (ns, name) = (
-            ns_arg(Kind::Repository, &request.get_ref().namespace)
-                .unwrap_or_default()
-                .to_owned(),
-            request.get_ref().name.clone(),
-        );
-        let draft = self.draft(&request, Verb::Rollback, "repositories", &ns, &name);
+        let r = request.get_ref();
+        let draft = self.repository_draft(&request, Verb::Rollback, &r.namespace, &r.name);
         let r = AdminService::rollout_undo(self, request, &draft).await;
         self.audit_failure(&draft, r.as_ref().err(), true).await;
         self.done("RolloutUndo", r).map(Response::new)
@@ -1660,13 +1663,8 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::RolloutRequest>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
-        let (ns, name) = (
-            ns_arg(Kind::Repository, &request.get_ref().namespace)
-                .unwrap_or_default()
-                .to_owned(),
-            request.get_ref().name.clone(),
-        );
-        let mut draft = self.draft(&request, Verb::Rollback, "repositories", &ns, &name);
+        let r = request.get_ref();
+        let mut draft = self.repository_draft(&request, Verb::Rollback, &r.namespace, &r.name);
         // The permission is rollback's; the record says what was done.
         draft.verb = "resume".to_owned();
         let r = AdminService::rollout_resume(self, request, &draft).await;
