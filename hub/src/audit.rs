@@ -7,6 +7,7 @@
 //! so a namespace's records are one list and sort by time. A record never
 //! holds a secret: a RegistrySecret's new password is "password changed".
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -149,29 +150,61 @@ pub async fn read(
     Ok(out)
 }
 
-/// Who made the newest change to the spec of the object `resource`
-/// `namespace`/`name` (its creation or an apply that changed the spec), by
-/// the audit trail; `None` when the trail holds none (pruned, or written
-/// before the trail existed).
-pub async fn last_spec_change(
-    store: &dyn PolicyStore,
-    resource: &str,
-    namespace: &str,
-    name: &str,
-) -> Result<Option<String>, StoreError> {
-    let entries = read(store, Some(namespace), 0).await?;
-    Ok(entries
-        .into_iter()
-        .rev()
-        .find(|e| {
-            let r = &e.record;
-            r.resource == resource
-                && r.name == name
-                && r.outcome == Outcome::Allowed
-                && r.changed
-                && (r.message == "created" || r.message.starts_with("updated: spec changed"))
-        })
-        .map(|e| e.record.user))
+/// Whether a record is a change of an object's spec: its creation, or an
+/// apply that changed the spec (not only labels, not a status).
+fn is_spec_change(r: &Record) -> bool {
+    r.outcome == Outcome::Allowed
+        && r.changed
+        && (r.message == "created" || r.message.starts_with("updated: spec changed"))
+}
+
+/// Who made the newest change to each object's spec, by the audit trail,
+/// read once per namespace and again only when asked about an object the
+/// last read may not cover: 5,000 Repositories resolving for the first time
+/// after an upgrade cost one read of their namespace's trail, not 5,000.
+#[derive(Clone, Debug, Default)]
+pub struct SpecEditors {
+    by_namespace: Arc<tokio::sync::Mutex<HashMap<String, EditorIndex>>>,
+}
+
+/// One namespace's trail as of a store revision: (resource, name) to user.
+#[derive(Debug)]
+struct EditorIndex {
+    revision: u64,
+    users: HashMap<(String, String), String>,
+}
+
+impl SpecEditors {
+    /// The user whose change of `resource` `namespace`/`name` is the newest
+    /// in the trail; `None` when it holds none (pruned, or written before
+    /// the trail existed). `seen_at` is the object's resourceVersion as the
+    /// caller read it: its spec change, committed with its record, is at or
+    /// before it, so a read at that revision or later covers it.
+    pub async fn last(
+        &self,
+        store: &dyn PolicyStore,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+        seen_at: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let mut map = self.by_namespace.lock().await;
+        if map.get(namespace).is_none_or(|i| i.revision < seen_at) {
+            let (items, revision) = store.list(KIND, Some(namespace)).await?;
+            let mut entries = items.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+            entries.sort_by_key(|e| e.record.time_nanos);
+            let users = entries
+                .into_iter()
+                .filter(|e| is_spec_change(&e.record))
+                .map(|e| ((e.record.resource, e.record.name), e.record.user))
+                .collect();
+            map.insert(namespace.to_owned(), EditorIndex { revision, users });
+        }
+        Ok(map
+            .get(namespace)
+            .and_then(|i| i.users.get(&(resource.to_owned(), name.to_owned())))
+            .cloned())
+    }
 }
 
 /// Commits a record alone (a denied or failed call, or one that changed

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::audit::SpecEditors;
 use crate::config::Config;
 use crate::leader::Election;
 use crate::metrics::HubMetrics;
@@ -614,6 +615,8 @@ async fn lead(objects: &Objects, metrics: &HubMetrics) {
 /// What the leader knows and has going.
 #[derive(Default)]
 struct Leader {
+    /// Who changed each Repository's spec, for the revisions it makes.
+    editors: SpecEditors,
     /// The Repositories and RegistrySecrets as watched.
     cache: Cache,
     /// This leader's last attempt at each Repository.
@@ -671,15 +674,7 @@ impl Leader {
     }
 
     fn schedule(&mut self, objects: &Objects, work: &mut JoinSet<Done>) {
-        schedule(
-            objects,
-            &self.cache,
-            &self.attempts,
-            &self.checks,
-            &mut self.queue,
-            &mut self.in_flight,
-            work,
-        );
+        schedule(objects, self, work);
     }
 }
 
@@ -710,15 +705,15 @@ impl Cache {
 /// Starts what is due, up to [`MAX_CONCURRENT`] at once: registry health
 /// checks (a few secrets, looked at each time), then Repositories, earliest
 /// due first, after working out again when the changed ones are due.
-fn schedule(
-    objects: &Objects,
-    cache: &Cache,
-    attempts: &HashMap<Id, Attempt>,
-    checks: &HashMap<Id, (SystemTime, SecretVersion)>,
-    queue: &mut DueQueue,
-    in_flight: &mut HashSet<(Kind, Id)>,
-    work: &mut JoinSet<Done>,
-) {
+fn schedule(objects: &Objects, leader: &mut Leader, work: &mut JoinSet<Done>) {
+    let Leader {
+        editors,
+        cache,
+        attempts,
+        checks,
+        queue,
+        in_flight,
+    } = leader;
     let now = SystemTime::now();
     for (id, rs) in &cache.secrets {
         if in_flight.len() >= MAX_CONCURRENT {
@@ -776,7 +771,7 @@ fn schedule(
         let rs = cache.secrets.get(&secret_ref(repo)).cloned();
         let secret = rs.as_ref().map(version_of);
         let failures = attempts.get(&id).map_or(0, |a| a.failures);
-        let (objects, repo) = (objects.clone(), repo.clone());
+        let (objects, editors, repo) = (objects.clone(), editors.clone(), repo.clone());
         work.spawn(async move {
             // Continues the trace of the Apply that changed the Repository,
             // if any; the desired-set entries it produces continue this span.
@@ -787,7 +782,15 @@ fn schedule(
             let here = imgfleet_common::telemetry::traceparent(&span);
             objects.traces().resolved(&id.0, &id.1, here);
             let (attempt, result) = tracing::Instrument::instrument(
-                resolve_and_record(&objects, &id, &repo, rs.as_ref(), secret, failures),
+                resolve_and_record(
+                    &objects,
+                    &editors,
+                    &id,
+                    &repo,
+                    rs.as_ref(),
+                    secret,
+                    failures,
+                ),
                 span,
             )
             .await;
@@ -833,6 +836,7 @@ fn client_for(objects: &Objects, rs: &RegistrySecret) -> Result<RegistryClient, 
 
 async fn resolve_and_record(
     objects: &Objects,
+    editors: &SpecEditors,
     id: &Id,
     repo: &Repository,
     rs: Option<&RegistrySecret>,
@@ -934,13 +938,20 @@ async fn resolve_and_record(
     // the write, which cannot wait on the store inside its retry loop).
     let editor = match &outcome {
         Ok(_) if crate::rollout::needs_editor(repo.status.as_ref(), generation) => {
-            crate::audit::last_spec_change(
-                objects.store().as_ref(),
-                Kind::Repository.plural(),
-                &id.0,
-                &id.1,
-            )
-            .await
+            let seen_at = repo
+                .metadata
+                .resource_version
+                .as_deref()
+                .and_then(|r| r.parse().ok());
+            editors
+                .last(
+                    objects.store().as_ref(),
+                    Kind::Repository.plural(),
+                    &id.0,
+                    &id.1,
+                    seen_at.unwrap_or(u64::MAX),
+                )
+                .await
             .unwrap_or_else(|e| {
                 debug!(repository = %repository, error = %e, "Could not read who changed the spec");
                 None

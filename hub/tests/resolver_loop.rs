@@ -299,3 +299,86 @@ async fn resolver_leadership_passes_on_when_the_leader_stops() {
     a.await.expect("election a ends");
     b.await.expect("election b ends");
 }
+
+/// Applies `yaml` as `user` would through the admin API: with its audit
+/// record, which is where a revision finds who made an edit.
+async fn apply_as(objects: &Objects, user: &str, yaml: &str) {
+    for obj in parse_documents(yaml).expect("test YAML is valid") {
+        let draft = imgfleet_hub::audit::Draft {
+            user: user.into(),
+            verb: "apply".into(),
+            resource: obj.kind().plural().into(),
+            namespace: obj.namespace().unwrap_or_default().into(),
+            name: obj.name().into(),
+            ..Default::default()
+        };
+        let audit = imgfleet_hub::objects::Audit {
+            draft: &draft,
+            extra: &[],
+        };
+        objects
+            .apply_audited(obj, false, Some(audit))
+            .await
+            .expect("apply");
+    }
+}
+
+#[tokio::test]
+async fn revisions_name_who_created_and_who_edited() {
+    use imgfleet::model::RevisionCause;
+    let registry = Registry::start(RegistryOptions::plain().with_auth("admin", PASSWORD))
+        .await
+        .expect("registry starts");
+    let v1 = push_image(&registry, "demo/app", "v1", &ImageSpec::random(&[1024], 21))
+        .await
+        .expect("push v1");
+    let v2 = push_image(&registry, "demo/app", "v2", &ImageSpec::random(&[1024], 22))
+        .await
+        .expect("push v2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = start_hub(dir.path()).await;
+    let objects = hub.context.objects.clone();
+    apply_as(
+        &objects,
+        "carol",
+        &secret_yaml("upstream", &registry.addr()),
+    )
+    .await;
+    apply_as(&objects, "alice", &repo_yaml("app", "upstream", "v1", "")).await;
+    let s = wait_status(&objects, "app", "revision 1", |s, _| s.revisions.len() == 1).await;
+    let r = &s.revisions[0];
+    assert_eq!(
+        (
+            r.revision,
+            r.cause,
+            r.user.as_deref(),
+            r.resolved[0].digest.as_str()
+        ),
+        (
+            1,
+            RevisionCause::Created,
+            Some("alice"),
+            v1.manifest_digest.as_str()
+        )
+    );
+    // Another user's edit that moves the digest: revision 2, by them.
+    apply_as(&objects, "bob", &repo_yaml("app", "upstream", "v2", "")).await;
+    let s = wait_status(&objects, "app", "revision 2", |s, _| s.revisions.len() == 2).await;
+    let r = &s.revisions[1];
+    assert_eq!(
+        (
+            r.revision,
+            r.cause,
+            r.user.as_deref(),
+            r.resolved[0].digest.as_str()
+        ),
+        (
+            2,
+            RevisionCause::Edit,
+            Some("bob"),
+            v2.manifest_digest.as_str()
+        )
+    );
+    assert_eq!(s.resolved[0].digest, v2.manifest_digest);
+    hub.stop().await.expect("hub stops");
+}
