@@ -628,6 +628,20 @@ fn describe_resolution(out: &mut String, st: &RepositoryStatus, now: Timestamp) 
             format!("{reason:?}: {}{stale}", st.message.as_deref().unwrap_or("")),
         );
     }
+    if let Some(pinned) = st.pinned_revision {
+        let held_back = st
+            .revisions
+            .iter()
+            .filter(|r| r.held_back && r.revision > pinned)
+            .count();
+        field(
+            out,
+            "Pinned",
+            format!(
+                "revision {pinned} (rollout undo): tag moves are recorded, not shipped ({held_back} held back), until `imgfleet rollout resume`"
+            ),
+        );
+    }
     out.push_str("Resolved:\n");
     if st.resolved.is_empty() {
         out.push_str("  <none yet>\n");
@@ -999,6 +1013,31 @@ status: {phase: Connected, lastSeen: 2026-01-08T11:59:30Z}
             text.contains(
                 "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
             )
+        );
+    }
+
+    #[test]
+    fn describe_says_a_pinned_repository_holds_tag_moves_back() {
+        let mut objects = parse(OBJECTS);
+        assert!(!describe(&objects[1], now()).contains("Pinned:"));
+        let Object::Repository(r) = &mut objects[1] else {
+            panic!("a Repository")
+        };
+        let st = r.status.as_mut().expect("status");
+        st.pinned_revision = Some(4);
+        st.revisions = (1..=5)
+            .map(|n| imgfleet::model::Revision {
+                revision: n,
+                held_back: n == 5,
+                ..Default::default()
+            })
+            .collect();
+        let text = describe(&objects[1], now());
+        assert!(
+            text.contains(
+                "Pinned:         revision 4 (rollout undo): tag moves are recorded, not shipped (1 held back), until `imgfleet rollout resume`"
+            ),
+            "{text}"
         );
     }
 
