@@ -64,10 +64,14 @@ pub fn same_set(a: &[ResolvedTag], b: &[ResolvedTag]) -> bool {
 
 /// The newest revision the upstream resolved to (not a rollback).
 pub fn latest_upstream(revisions: &[Revision]) -> Option<&Revision> {
+    latest_upstream_at(revisions).map(|i| &revisions[i])
+}
+
+/// Where [`latest_upstream`] is in `revisions`.
+fn latest_upstream_at(revisions: &[Revision]) -> Option<usize> {
     revisions
         .iter()
-        .rev()
-        .find(|r| r.cause != RevisionCause::Rollback)
+        .rposition(|r| r.cause != RevisionCause::Rollback)
 }
 
 /// The revision that ships now: the pinned one, else the newest shipped
@@ -131,12 +135,8 @@ pub fn record(
 ) -> Option<u32> {
     let pinned = status.pinned_revision;
     let mut added = None;
-    match status
-        .revisions
-        .iter_mut()
-        .rev()
-        .find(|r| r.cause != RevisionCause::Rollback)
-    {
+    let latest = latest_upstream_at(&status.revisions);
+    match latest.map(|i| &mut status.revisions[i]) {
         Some(last) if same_set(&last.resolved, upstream) => {
             // An edit that changed no digest: remember the generation, so
             // that the next tag move is not taken for an edit.
@@ -254,11 +254,7 @@ pub fn resume(repository: &str, status: &mut RepositoryStatus) -> Result<Outcome
         });
     }
     status.pinned_revision = None;
-    let Some(latest) = status
-        .revisions
-        .iter_mut()
-        .rev()
-        .find(|r| r.cause != RevisionCause::Rollback)
+    let Some(latest) = latest_upstream_at(&status.revisions).map(|i| &mut status.revisions[i])
     else {
         // Only rollbacks left (the rest trimmed): what ships stays.
         let revision = current(status).unwrap_or_default();

@@ -766,6 +766,21 @@ pub async fn wait_repository_synced(
     }
 }
 
+/// Whether every agent's mirror serves `digest` for `repo:tag` now.
+pub async fn all_serve(
+    agents: &[AgentProcess],
+    repo: &str,
+    tag: &str,
+    digest: &str,
+) -> Result<bool> {
+    for a in agents {
+        if a.served_digest(repo, tag).await?.as_deref() != Some(digest) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Waits until every agent's mirror serves `digest` for `repo:tag`.
 pub async fn wait_all_serve(
     agents: &[AgentProcess],
@@ -778,15 +793,7 @@ pub async fn wait_all_serve(
         "{repo}:{tag} served as {digest} by all {} mirrors",
         agents.len()
     );
-    wait_until(&what, timeout, || async {
-        for a in agents {
-            if a.served_digest(repo, tag).await?.as_deref() != Some(digest) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    })
-    .await
+    wait_until(&what, timeout, || all_serve(agents, repo, tag, digest)).await
 }
 
 /// The blob bytes `agents` received from registries so far, summed

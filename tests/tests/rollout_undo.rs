@@ -18,12 +18,7 @@ const REPO: &str = "demo/app";
 const TAG: &str = "1";
 
 async fn all_serve(agents: &[AgentProcess], digest: &str) -> Result<bool> {
-    for a in agents {
-        if a.served_digest(REPO, TAG).await?.as_deref() != Some(digest) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    fleet::all_serve(agents, REPO, TAG, digest).await
 }
 
 async fn wait_all_serve(agents: &[AgentProcess], digest: &str) -> Result<()> {

@@ -24,6 +24,12 @@ use crate::transfer::{Engine, ImageStats, Progress, Pull, TransferError};
 
 /// GC runs at least this often, to catch what changed on disk.
 const GC_EVERY: Duration = Duration::from_secs(60);
+/// How often the store's inventory is read again (when it changed) for the
+/// hub. Each change sends the whole inventory, up to `MAX_HELD` digests, and
+/// a bulk sync changes the store with every image: once per image would
+/// cost a poor link more than the images' progress does. `rollout history`
+/// is not waiting on it.
+const HELD_EVERY: Duration = Duration::from_secs(15);
 /// GC runs again this soon after it failed or had to leave blobs in use.
 const GC_RETRY: Duration = Duration::from_secs(10);
 
@@ -92,6 +98,8 @@ pub struct Reconciler {
     /// The store generation the book's inventory was read at; `None`
     /// before the first read.
     held_generation: Option<u64>,
+    /// When the inventory is next looked at (see [`HELD_EVERY`]).
+    held_at: Instant,
 }
 
 impl Reconciler {
@@ -117,6 +125,7 @@ impl Reconciler {
             next_attempt: 0,
             gc_at: Instant::now(),
             held_generation: None,
+            held_at: Instant::now(),
         }
     }
 
@@ -317,14 +326,18 @@ impl Reconciler {
         self.book.set(report);
         self.book
             .set_storage(storage_report(self.engine.store()).await);
-        self.refresh_held().await;
     }
 
-    /// Puts the store's inventory in the book if the store's records changed
-    /// since it was last read (a transfer recorded an image, GC removed one,
-    /// or another process wrote the store). Reading the generation is
-    /// cheap; the records are read and grouped only when it moved.
+    /// Puts the store's inventory in the book, at most every [`HELD_EVERY`],
+    /// if the store's records changed since it was last read (a transfer
+    /// recorded an image, GC removed one, or another process wrote the
+    /// store). Reading the generation is cheap; the records are read and
+    /// grouped only when it moved.
     async fn refresh_held(&mut self) {
+        if Instant::now() < self.held_at {
+            return;
+        }
+        self.held_at = Instant::now() + HELD_EVERY;
         let store = self.engine.store().clone();
         let last = self.held_generation;
         let read = tokio::task::spawn_blocking(move || {
@@ -389,8 +402,6 @@ impl Reconciler {
             .collect();
         let next_gc = self.collect(wanted).await;
         self.gc_at = Instant::now() + next_gc.min(GC_EVERY);
-        // What GC removed is no longer held.
-        self.refresh_held().await;
     }
 
     /// One GC pass on the blocking pool; returns when the next is due.
